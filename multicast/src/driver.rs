@@ -1,0 +1,682 @@
+//! Drivers: the sans-IO sessions wired to a UDP socket, a file and one
+//! worker thread each (encoding on the sending side, decoding and writing on
+//! the receiving side), so the thread that paces or receives never stalls
+//! behind RaptorQ. They block; run them on a thread of their own (or
+//! `spawn_blocking` under tokio).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, ErrorKind, Read};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+use thiserror::Error;
+
+use crate::codec::{BlockEncoder, Layout, LayoutError, Plan, sha256};
+use crate::fileio;
+use crate::receiver::{
+    BlockResult, DecodeJob, DecodeOutcome, ReceiveFailure, Receiver, ReceiverConfig, ReceiverEvent,
+    ReceiverStats,
+};
+use crate::sender::{
+    EncodeJob, EncodedBatch, Sender, SenderConfig, SenderEvent, SenderObject, SenderStats,
+};
+use crate::socket::{self, BufferReport, SocketError};
+use crate::wire::{Digest, MAX_DATAGRAM};
+
+/// How often progress callbacks run.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Error)]
+pub enum SendError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{path} changed while it was being sent (block {block} no longer matches its hash); send it again once it is stable"
+    )]
+    FileChanged { path: PathBuf, block: u32 },
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error("sending to the group failed: {0}")]
+    Send(#[source] io::Error),
+}
+
+#[derive(Debug, Error)]
+pub enum RecvError {
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("receiving failed: {0}")]
+    Recv(#[source] io::Error),
+    #[error(transparent)]
+    Failed(#[from] ReceiveFailure),
+}
+
+/// Options of [`send_file`].
+#[derive(Clone, Debug)]
+pub struct SendOptions {
+    pub session: SenderConfig,
+    /// Requested block size; rounded up to whole symbols.
+    pub block_size: u32,
+    pub symbol_size: u16,
+    pub ttl: u32,
+    /// Session id; random when `None`.
+    pub session_id: Option<u64>,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        Self {
+            session: SenderConfig::default(),
+            block_size: crate::codec::DEFAULT_BLOCK_SIZE,
+            symbol_size: crate::codec::DEFAULT_SYMBOL_SIZE,
+            ttl: 1,
+            session_id: None,
+        }
+    }
+}
+
+/// Progress of a send, for progress bars.
+#[derive(Clone, Debug)]
+pub struct SendProgress<'a> {
+    pub layout: Layout,
+    pub blocks_sent: u32,
+    pub stats: &'a SenderStats,
+    pub event: Option<&'a SenderEvent>,
+}
+
+/// What a finished send did.
+#[derive(Clone, Debug)]
+pub struct SendReport {
+    pub session: u64,
+    pub layout: Layout,
+    pub file_sha256: Digest,
+    pub elapsed: Duration,
+    /// From the first data symbol to the end.
+    pub data_elapsed: Duration,
+    pub stats: SenderStats,
+}
+
+/// Hashes every block and the whole file in one read.
+pub fn hash_file(file: &File, layout: &Layout) -> io::Result<(Vec<Digest>, Digest)> {
+    let mut whole = Sha256::new();
+    let mut blocks = Vec::with_capacity(layout.block_count() as usize);
+    let mut buf = vec![0u8; layout.block_size() as usize];
+    for b in 0..layout.block_count() {
+        let len = layout.block_len(b);
+        fileio::read_exact_at(file, &mut buf[..len], layout.offset(b))?;
+        blocks.push(sha256(&buf[..len]));
+        whole.update(&buf[..len]);
+    }
+    Ok((blocks, whole.finalize().into()))
+}
+
+/// A random 64-bit id from the OS-seeded hasher keys, without a dependency.
+pub fn random_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+/// Sends `path` to `group` through the interface with address `iface`.
+pub fn send_file(
+    path: &Path,
+    group: SocketAddrV4,
+    iface: Ipv4Addr,
+    opts: &SendOptions,
+    progress: &mut dyn FnMut(SendProgress),
+) -> Result<SendReport, SendError> {
+    let read_err = |source| SendError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::open(path).map_err(read_err)?;
+    let size = file.metadata().map_err(read_err)?.len();
+    let layout = Layout::for_file(size, opts.block_size, opts.symbol_size)?;
+    let (hashes, file_sha256) = hash_file(&file, &layout).map_err(read_err)?;
+    if !group.ip().is_multicast() {
+        return Err(SocketError::NotMulticast(*group.ip()).into());
+    }
+    let socket = socket::open_sender(iface, opts.ttl)?;
+    socket.set_nonblocking(true).map_err(SocketError::Io)?;
+    let port = socket::local_port(&socket).map_err(SocketError::Io)?;
+    let session_id = opts.session_id.unwrap_or_else(random_id);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let start = Instant::now();
+    let mut sender = Sender::new(
+        start,
+        opts.session.clone(),
+        session_id,
+        SenderObject {
+            layout,
+            hashes: hashes.clone(),
+            file_sha256,
+            name,
+        },
+        port,
+    );
+
+    let (job_tx, job_rx) = mpsc::channel::<EncodeJob>();
+    let (batch_tx, batch_rx) = mpsc::channel::<Result<EncodedBatch, SendError>>();
+    let worker_path = path.to_owned();
+    let worker = thread::Builder::new()
+        .name("somcast-encode".into())
+        .spawn(move || encode_worker(file, worker_path, layout, hashes, job_rx, batch_tx))
+        .map_err(SendError::Send)?;
+
+    let dest = SocketAddr::V4(group);
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut last_progress = start;
+    let mut data_start = None;
+    let result = loop {
+        let now = Instant::now();
+        let mut failed = None;
+        while let Ok(batch) = batch_rx.try_recv() {
+            match batch {
+                Ok(batch) => sender.handle_batch(batch),
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Some(e) = failed {
+            break Err(e);
+        }
+        loop {
+            match socket.recv_from(&mut buf) {
+                Ok((n, from)) => sender.handle_datagram(now, from, &buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                // ICMP errors from earlier sends surface here; they are not ours to act on.
+                Err(_) => break,
+            }
+        }
+        sender.handle_timeout(now);
+        while let Some(job) = sender.poll_job() {
+            // The worker only stops when this side drops its sender.
+            let _ = job_tx.send(job);
+        }
+        if let Err(e) = transmit_all(&mut sender, &socket, dest) {
+            break Err(e);
+        }
+        while let Some(event) = sender.poll_event() {
+            if let SenderEvent::DataStarted { .. } = event {
+                data_start = Some(Instant::now());
+            }
+            log_sender_event(&event);
+            progress(SendProgress {
+                layout,
+                blocks_sent: sender.blocks_sent(),
+                stats: sender.stats(),
+                event: Some(&event),
+            });
+        }
+        if sender.is_finished() {
+            break Ok(());
+        }
+        let now = Instant::now();
+        if now >= last_progress + PROGRESS_EVERY {
+            last_progress = now;
+            progress(SendProgress {
+                layout,
+                blocks_sent: sender.blocks_sent(),
+                stats: sender.stats(),
+                event: None,
+            });
+        }
+        // Sleep until the pacer or a timer is due, but wake for the encoder.
+        let wake = sender
+            .poll_timeout()
+            .unwrap_or(now)
+            .min(now + Duration::from_millis(5));
+        if wake > now {
+            match batch_rx.recv_timeout(wake - now) {
+                Ok(Ok(batch)) => sender.handle_batch(batch),
+                Ok(Err(e)) => break Err(e),
+                Err(_) => {}
+            }
+        }
+    };
+    drop(job_tx);
+    let _ = worker.join();
+    result?;
+    let end = Instant::now();
+    Ok(SendReport {
+        session: session_id,
+        layout,
+        file_sha256,
+        elapsed: end - start,
+        data_elapsed: end - data_start.unwrap_or(start),
+        stats: sender.stats().clone(),
+    })
+}
+
+fn transmit_all(
+    sender: &mut Sender,
+    socket: &UdpSocket,
+    dest: SocketAddr,
+) -> Result<(), SendError> {
+    while let Some(bytes) = sender.poll_transmit(Instant::now()) {
+        loop {
+            match socket.send_to(bytes, dest) {
+                Ok(_) => break,
+                // A full send buffer: wait for the kernel to drain it.
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    thread::sleep(Duration::from_micros(200))
+                }
+                // ENOBUFS under a burst on some systems: same remedy.
+                Err(e) if e.raw_os_error() == Some(105) => {
+                    thread::sleep(Duration::from_micros(200))
+                }
+                Err(e) => return Err(SendError::Send(e)),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn log_sender_event(event: &SenderEvent) {
+    match event {
+        SenderEvent::Joined { receiver, from } => {
+            tracing::info!(receiver = format!("{receiver:016x}"), %from, "receiver joined")
+        }
+        SenderEvent::StartedShort { joined, wanted } => {
+            tracing::warn!("only {joined} of {wanted} receivers joined in time; sending anyway")
+        }
+        SenderEvent::ReceiverLost { receiver } => {
+            tracing::warn!(
+                receiver = format!("{receiver:016x}"),
+                "receiver fell silent"
+            )
+        }
+        other => tracing::debug!(?other, "sender event"),
+    }
+}
+
+/// Encodes blocks for the sender. Keeps the two most recent encoders, as
+/// feedback mostly asks for repair of recent blocks.
+fn encode_worker(
+    file: File,
+    path: PathBuf,
+    layout: Layout,
+    hashes: Vec<Digest>,
+    jobs: mpsc::Receiver<EncodeJob>,
+    out: mpsc::Sender<Result<EncodedBatch, SendError>>,
+) {
+    let plan = Plan::new(layout);
+    let mut cache: Vec<(u32, BlockEncoder)> = Vec::with_capacity(2);
+    for job in jobs {
+        let result = (|| {
+            let read = |block: u32| -> Result<Vec<u8>, SendError> {
+                let mut padded = vec![0u8; layout.block_size() as usize];
+                let len = layout.block_len(block);
+                fileio::read_exact_at(&file, &mut padded[..len], layout.offset(block)).map_err(
+                    |source| SendError::Read {
+                        path: path.clone(),
+                        source,
+                    },
+                )?;
+                if sha256(&padded[..len]) != hashes[block as usize] {
+                    return Err(SendError::FileChanged {
+                        path: path.clone(),
+                        block,
+                    });
+                }
+                Ok(padded)
+            };
+            let source = if job.with_source {
+                Some(read(job.block)?)
+            } else {
+                None
+            };
+            let mut repair = Vec::new();
+            if job.repair_count > 0 {
+                if !cache.iter().any(|(b, _)| *b == job.block) {
+                    let padded = match &source {
+                        Some(p) => p.clone(),
+                        None => read(job.block)?,
+                    };
+                    if cache.len() == 2 {
+                        cache.remove(0);
+                    }
+                    cache.push((job.block, plan.encoder(&padded)));
+                }
+                let (_, encoder) = cache
+                    .iter()
+                    .find(|(b, _)| *b == job.block)
+                    .expect("inserted above");
+                repair = encoder.repair(job.repair_first_esi, job.repair_count);
+            }
+            Ok(EncodedBatch {
+                block: job.block,
+                source,
+                repair_first_esi: job.repair_first_esi,
+                repair,
+            })
+        })();
+        let stop = result.is_err();
+        if out.send(result).is_err() || stop {
+            return;
+        }
+    }
+}
+
+/// Options of [`receive_file`].
+#[derive(Clone, Debug)]
+pub struct RecvOptions {
+    pub session: ReceiverConfig,
+    /// Share of datagrams dropped on arrival, for lab loss tests.
+    pub drop_rate: f64,
+    /// Seed of the drop decisions.
+    pub drop_seed: u64,
+}
+
+impl Default for RecvOptions {
+    fn default() -> Self {
+        Self {
+            session: ReceiverConfig::default(),
+            drop_rate: 0.0,
+            drop_seed: 1,
+        }
+    }
+}
+
+/// Progress of a receive, for progress bars.
+#[derive(Clone, Debug)]
+pub struct RecvProgress<'a> {
+    pub layout: Option<Layout>,
+    pub stats: &'a ReceiverStats,
+}
+
+/// What a finished receive did.
+#[derive(Clone, Debug)]
+pub struct RecvReport {
+    pub session: u64,
+    pub layout: Layout,
+    pub file_sha256: Digest,
+    pub elapsed: Duration,
+    /// From the session's first datagram to the end.
+    pub transfer_elapsed: Duration,
+    pub stats: ReceiverStats,
+    /// Datagrams dropped on purpose by `drop_rate`.
+    pub injected_drops: u64,
+    pub rcvbuf: BufferReport,
+}
+
+/// Receives one session from `group` into `out`. The data goes to
+/// `out.somcast-partial` and is renamed only once the whole file matches
+/// its announced SHA-256.
+pub fn receive_file(
+    group: SocketAddrV4,
+    iface: Ipv4Addr,
+    out: &Path,
+    opts: &RecvOptions,
+    progress: &mut dyn FnMut(RecvProgress),
+) -> Result<RecvReport, RecvError> {
+    let (socket, rcvbuf) = socket::open_receiver(group, iface)?;
+    if rcvbuf.capped() {
+        tracing::warn!(
+            "the kernel granted a {} KiB receive buffer of the {} KiB asked for; raise net.core.rmem_max (sysctl -w net.core.rmem_max={}) to avoid losses at high rates",
+            rcvbuf.granted / 1024,
+            rcvbuf.wanted / 1024,
+            rcvbuf.wanted * 2
+        );
+    }
+    receive_on(socket, rcvbuf, out, opts, progress)
+}
+
+/// [`receive_file`] on an already joined socket.
+pub fn receive_on(
+    socket: UdpSocket,
+    rcvbuf: BufferReport,
+    out: &Path,
+    opts: &RecvOptions,
+    progress: &mut dyn FnMut(RecvProgress),
+) -> Result<RecvReport, RecvError> {
+    let start = Instant::now();
+    let mut receiver = Receiver::new(start, opts.session.clone());
+    let partial = partial_path(out);
+    let write_err = |source| RecvError::Write {
+        path: partial.clone(),
+        source,
+    };
+    let mut drops = Dropper::new(opts.drop_rate, opts.drop_seed);
+    let mut file: Option<File> = None;
+    let (job_tx, job_rx) = mpsc::channel::<(DecodeJob, File)>();
+    let (done_tx, done_rx) = mpsc::channel::<Result<BlockResult, io::Error>>();
+    let worker = thread::Builder::new()
+        .name("somcast-decode".into())
+        .spawn(move || decode_worker(job_rx, done_tx))
+        .map_err(RecvError::Recv)?;
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut jobs_out = 0usize;
+    let mut last_progress = start;
+    let mut session_start = None;
+    let result: Result<(), RecvError> = 'run: loop {
+        let now = Instant::now();
+        let wait = receiver
+            .poll_timeout()
+            .map_or(Duration::from_millis(50), |t| {
+                t.saturating_duration_since(now)
+            })
+            .clamp(
+                Duration::from_millis(1),
+                if jobs_out > 0 {
+                    Duration::from_millis(2)
+                } else {
+                    Duration::from_millis(50)
+                },
+            );
+        socket
+            .set_read_timeout(Some(wait))
+            .map_err(RecvError::Recv)?;
+        match socket.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                if !drops.drop() {
+                    receiver.handle_datagram(Instant::now(), from, &buf[..n]);
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            // ICMP port unreachable from a sender that already left.
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+            Err(e) => break Err(RecvError::Recv(e)),
+        }
+        while let Ok(done) = done_rx.try_recv() {
+            jobs_out -= 1;
+            match done {
+                Ok(result) => receiver.handle_decoded(result),
+                Err(e) => break 'run Err(write_err(e)),
+            }
+        }
+        let now = Instant::now();
+        receiver.handle_timeout(now);
+        while let Some(event) = receiver.poll_event() {
+            match event {
+                ReceiverEvent::SessionFound { session, info } => {
+                    session_start = Some(now);
+                    tracing::info!(
+                        session = format!("{session:016x}"),
+                        name = info.name,
+                        size = info.file_size,
+                        "session found"
+                    );
+                    let f = create_partial(&partial, info.file_size).map_err(write_err);
+                    match f {
+                        Ok(f) => file = Some(f),
+                        Err(e) => break 'run Err(e),
+                    }
+                }
+                ReceiverEvent::AllBlocksWritten => {
+                    let expected = receiver.file_sha256().expect("a session is active");
+                    let f = file.as_ref().expect("created at SessionFound");
+                    let ok = match whole_file_matches(f, expected) {
+                        Ok(ok) => ok,
+                        Err(e) => break 'run Err(write_err(e)),
+                    };
+                    receiver.handle_file_verified(Instant::now(), ok);
+                }
+                ReceiverEvent::Complete => break 'run Ok(()),
+                ReceiverEvent::Failed(failure) => break 'run Err(failure.into()),
+            }
+        }
+        while let Some(job) = receiver.poll_job() {
+            let f = file.as_ref().expect("jobs only exist within a session");
+            match f.try_clone() {
+                Ok(f) => {
+                    jobs_out += 1;
+                    let _ = job_tx.send((job, f));
+                }
+                Err(e) => break 'run Err(write_err(e)),
+            }
+        }
+        while let Some((to, bytes)) = receiver.poll_transmit() {
+            // Feedback is best effort: the next report repeats it.
+            let _ = socket.send_to(&bytes, to);
+        }
+        if now >= last_progress + PROGRESS_EVERY {
+            last_progress = now;
+            progress(RecvProgress {
+                layout: receiver.layout(),
+                stats: receiver.stats(),
+            });
+        }
+    };
+    drop(job_tx);
+    let _ = worker.join();
+    if let Err(e) = result {
+        drop(file);
+        let _ = fs::remove_file(&partial);
+        return Err(e);
+    }
+    let file = file.expect("a completed session has a file");
+    file.sync_all().map_err(write_err)?;
+    drop(file);
+    fs::rename(&partial, out).map_err(|source| RecvError::Write {
+        path: out.to_owned(),
+        source,
+    })?;
+    progress(RecvProgress {
+        layout: receiver.layout(),
+        stats: receiver.stats(),
+    });
+    let (session, info) = receiver.session().expect("completed");
+    let end = Instant::now();
+    Ok(RecvReport {
+        session,
+        layout: receiver.layout().expect("completed"),
+        file_sha256: info.file_sha256,
+        elapsed: end - start,
+        transfer_elapsed: end - session_start.unwrap_or(start),
+        stats: receiver.stats().clone(),
+        injected_drops: drops.dropped,
+        rcvbuf,
+    })
+}
+
+/// Where a receive keeps its data until the file is verified.
+pub fn partial_path(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".somcast-partial");
+    out.with_file_name(name)
+}
+
+fn create_partial(path: &Path, size: u64) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    file.set_len(size)?;
+    Ok(file)
+}
+
+fn whole_file_matches(file: &File, expected: Digest) -> io::Result<bool> {
+    let mut hasher = Sha256::new();
+    let mut reader = file.try_clone()?;
+    std::io::Seek::rewind(&mut reader)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let got: Digest = hasher.finalize().into();
+    Ok(got == expected)
+}
+
+fn decode_worker(
+    jobs: mpsc::Receiver<(DecodeJob, File)>,
+    out: mpsc::Sender<Result<BlockResult, io::Error>>,
+) {
+    for (job, file) in jobs {
+        let result = match job.run() {
+            DecodeOutcome::Verified {
+                block,
+                offset,
+                len,
+                data,
+            } => fileio::write_all_at(&file, &data[..len], offset)
+                .map(|()| BlockResult::Written { block }),
+            DecodeOutcome::NeedMore { block, collector } => {
+                Ok(BlockResult::NeedMore { block, collector })
+            }
+            DecodeOutcome::Corrupt { block } => Ok(BlockResult::Corrupt { block }),
+        };
+        if out.send(result).is_err() {
+            return;
+        }
+    }
+}
+
+/// Seeded loss injection (SplitMix64): reproducible lab runs without root.
+struct Dropper {
+    threshold: u64,
+    state: u64,
+    dropped: u64,
+}
+
+impl Dropper {
+    fn new(rate: f64, seed: u64) -> Self {
+        Self {
+            threshold: (rate.clamp(0.0, 1.0) * u64::MAX as f64) as u64,
+            state: seed,
+            dropped: 0,
+        }
+    }
+
+    fn drop(&mut self) -> bool {
+        if self.threshold == 0 {
+            return false;
+        }
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let drop = z < self.threshold;
+        self.dropped += u64::from(drop);
+        drop
+    }
+}

@@ -1,0 +1,23 @@
+//! somcast's data plane: one file to every receiver on a subnet over IP
+//! multicast with RaptorQ fountain coding (RFC 6330).
+//!
+//! - [`wire`]: the datagram format, strictly decoded.
+//! - [`codec`]: blocks, symbols, encoding plan, checked decoding.
+//! - [`sender`] and [`receiver`]: the protocol as sans-IO state machines.
+//! - [`pacer`]: the token bucket that keeps the sender at its rate.
+//! - [`socket`]: socket2 setup for groups; [`driver`]: blocking loops that
+//!   run the sessions over real sockets and files.
+
+pub mod codec;
+pub mod driver;
+mod fileio;
+pub mod pacer;
+pub mod receiver;
+pub mod sender;
+pub mod socket;
+pub mod wire;
+
+pub use codec::{Layout, LayoutError};
+pub use driver::{RecvOptions, SendOptions, receive_file, send_file};
+pub use receiver::{ReceiveFailure, Receiver, ReceiverConfig, ReceiverEvent};
+pub use sender::{Sender, SenderConfig, SenderEvent};

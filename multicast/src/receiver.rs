@@ -1,0 +1,663 @@
+//! Receiver session, sans-IO.
+//!
+//! # Protocol flow
+//!
+//! 1. Waits for a SESSION (of any session, or the one it was told to
+//!    follow), validates its geometry, and sends JOIN to the sender's
+//!    feedback port. Datagrams of other sessions are counted and ignored.
+//! 2. Collects symbols per block, each checked (block index, ESI, length,
+//!    duplicate) before it is kept. At most `max_buffered_bytes` of symbols
+//!    are held: a symbol of a new block beyond that is dropped (and the block
+//!    asked for again later), so memory does not grow with the file.
+//! 3. A block with K + margin symbols, whose hash is known, becomes a
+//!    [`DecodeJob`]: decode and SHA-256 check, off the receiving thread. A
+//!    block that does not decode yet waits for two more symbols; one that
+//!    fails its hash is discarded and collected again.
+//! 4. Every feedback interval it reports NEEDS: blocks it is collecting,
+//!    and blocks the sender has gone past that it lacks (as many as it has
+//!    room to buffer), with its loss rate.
+//! 5. When every block is written, the driver checks the whole file and
+//!    calls [`Receiver::handle_file_verified`]; the receiver says DONE until
+//!    the sender acknowledges (or a short linger ends). A closing END-OF-PASS
+//!    while blocks are still missing fails the session.
+//!
+//! # Driving it
+//!
+//! Feed datagrams from the group to [`Receiver::handle_datagram`], decode
+//! results to [`Receiver::handle_decoded`], and call
+//! [`Receiver::handle_timeout`] when [`Receiver::poll_timeout`] is due. Drain
+//! [`Receiver::poll_job`], [`Receiver::poll_transmit`] (datagrams to the
+//! sender) and [`Receiver::poll_event`] after every call.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::codec::{Collector, DECODE_MARGIN, Layout, sha256};
+use crate::wire::{self, Digest, Feedback, Frame, MAX_NEEDS_PER_FRAME, Need, SessionInfo};
+
+/// Receiver tuning.
+#[derive(Clone, Debug)]
+pub struct ReceiverConfig {
+    /// Random id that tells this receiver apart in feedback.
+    pub receiver_id: u64,
+    /// Follow only this session; `None` follows the first one heard.
+    pub session: Option<u64>,
+    /// Cap on symbols held in partly received blocks.
+    pub max_buffered_bytes: u64,
+    /// Fail when nothing of the session arrives for this long.
+    pub idle_timeout: Duration,
+    /// After DONE, how long to wait for the sender's acknowledgement.
+    pub done_linger: Duration,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        Self {
+            receiver_id: 0,
+            session: None,
+            max_buffered_bytes: 48 << 20,
+            idle_timeout: Duration::from_secs(120),
+            done_linger: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Decode and check one block. Runs anywhere; pure CPU.
+#[derive(Debug)]
+pub struct DecodeJob {
+    pub block: u32,
+    layout: Layout,
+    expected: Digest,
+    collector: Box<Collector>,
+}
+
+/// The outcome of a [`DecodeJob`].
+#[derive(Debug)]
+pub enum DecodeOutcome {
+    /// The block decoded and matched its hash: write `data[..len]` at `offset`.
+    Verified {
+        block: u32,
+        offset: u64,
+        len: usize,
+        data: Vec<u8>,
+    },
+    /// The symbols did not determine the block yet.
+    NeedMore {
+        block: u32,
+        collector: Box<Collector>,
+    },
+    /// It decoded, but not to the announced hash: a corrupt symbol got in.
+    Corrupt { block: u32 },
+}
+
+impl DecodeJob {
+    pub fn run(self) -> DecodeOutcome {
+        let block = self.block;
+        match self.collector.decode(&self.layout) {
+            Err(collector) => DecodeOutcome::NeedMore { block, collector },
+            Ok(data) => {
+                let len = self.layout.block_len(block);
+                if sha256(&data[..len]) == self.expected {
+                    DecodeOutcome::Verified {
+                        block,
+                        offset: self.layout.offset(block),
+                        len,
+                        data,
+                    }
+                } else {
+                    DecodeOutcome::Corrupt { block }
+                }
+            }
+        }
+    }
+}
+
+/// What the driver tells the receiver about a job it ran.
+#[derive(Debug)]
+pub enum BlockResult {
+    Written {
+        block: u32,
+    },
+    NeedMore {
+        block: u32,
+        collector: Box<Collector>,
+    },
+    Corrupt {
+        block: u32,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReceiverEvent {
+    SessionFound {
+        session: u64,
+        info: SessionInfo,
+    },
+    /// Every block is written; the driver should check the whole file.
+    AllBlocksWritten,
+    /// Verified and acknowledged (or the linger ran out): done.
+    Complete,
+    Failed(ReceiveFailure),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReceiveFailure {
+    #[error(
+        "no sender heard within {0:?}: check the group, the interface and that the sender runs"
+    )]
+    NoSender(Duration),
+    #[error("the sender fell silent for {idle:?} with {missing} of {blocks} blocks missing")]
+    SenderSilent {
+        idle: Duration,
+        missing: u32,
+        blocks: u32,
+    },
+    #[error("the sender closed the session with {missing} of {blocks} blocks missing")]
+    SenderClosed { missing: u32, blocks: u32 },
+    #[error("the whole-file SHA-256 does not match the announced one")]
+    FileHashMismatch,
+    #[error("announced session is not valid: {0}")]
+    BadSession(String),
+}
+
+/// Counters for the summary.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReceiverStats {
+    pub datagrams: u64,
+    pub data_symbols: u64,
+    pub repair_symbols: u64,
+    /// Symbols of blocks already done or being decoded.
+    pub redundant_symbols: u64,
+    /// Symbols dropped because the buffer cap was reached.
+    pub dropped_no_buffer: u64,
+    /// Datagrams that did not parse, or failed a check.
+    pub malformed: u64,
+    pub other_session: u64,
+    pub blocks_done: u32,
+    /// Blocks that decoded to the wrong hash and were collected again.
+    pub hash_failures: u32,
+    pub decode_retries: u32,
+    pub feedback_sent: u64,
+    /// Symbols the sender sent for blocks we tracked (ESI gaps included).
+    pub span: u64,
+}
+
+impl ReceiverStats {
+    /// Share of data symbols lost on the way, 0..=1.
+    pub fn loss(&self) -> f64 {
+        if self.span == 0 {
+            return 0.0;
+        }
+        1.0 - (self.data_symbols as f64 / self.span as f64).min(1.0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BlockState {
+    Missing,
+    Collecting,
+    Decoding,
+    Done,
+}
+
+struct Active {
+    session: u64,
+    sender: SocketAddr,
+    layout: Layout,
+    info: SessionInfo,
+    hashes: Vec<Option<Digest>>,
+    state: Vec<BlockState>,
+    collectors: BTreeMap<u32, Box<Collector>>,
+    /// Extra symbols wanted over K+margin, for blocks that failed to decode.
+    extra: HashMap<u32, u32>,
+    max_collectors: usize,
+    highest_block_seen: Option<u32>,
+    pass_over: bool,
+    missing: u32,
+    next_feedback: Instant,
+    feedback_interval: Duration,
+    last_heard: Instant,
+    phase: Phase,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Receiving,
+    Verifying,
+    Done { since: Instant },
+    Over,
+}
+
+/// One multicast transfer from the receiving side. See the module docs.
+pub struct Receiver {
+    cfg: ReceiverConfig,
+    started: Instant,
+    active: Option<Active>,
+    jobs: VecDeque<DecodeJob>,
+    transmits: VecDeque<(SocketAddr, Vec<u8>)>,
+    events: VecDeque<ReceiverEvent>,
+    stats: ReceiverStats,
+}
+
+impl Receiver {
+    pub fn new(now: Instant, cfg: ReceiverConfig) -> Self {
+        Self {
+            cfg,
+            started: now,
+            active: None,
+            jobs: VecDeque::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: ReceiverStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> &ReceiverStats {
+        &self.stats
+    }
+    pub fn layout(&self) -> Option<Layout> {
+        self.active.as_ref().map(|a| a.layout)
+    }
+    pub fn session(&self) -> Option<(u64, &SessionInfo)> {
+        self.active.as_ref().map(|a| (a.session, &a.info))
+    }
+    pub fn is_over(&self) -> bool {
+        self.active.as_ref().is_some_and(|a| a.phase == Phase::Over)
+    }
+
+    /// Takes one datagram from the group.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        self.stats.datagrams += 1;
+        let Ok(dgram) = wire::decode(bytes) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        let Some(active) = self.active.as_mut() else {
+            if let Frame::Session(info) = dgram.frame {
+                if self.cfg.session.is_none_or(|s| s == dgram.session) {
+                    self.start(now, from, dgram.session, info);
+                } else {
+                    self.stats.other_session += 1;
+                }
+            } else {
+                self.stats.other_session += 1;
+            }
+            return;
+        };
+        if dgram.session != active.session {
+            self.stats.other_session += 1;
+            return;
+        }
+        active.last_heard = now;
+        match dgram.frame {
+            Frame::Data(d) => self.handle_data(d.block, d.esi, d.payload),
+            Frame::Hashes {
+                first_block,
+                hashes,
+            } => self.handle_hashes(first_block, &hashes),
+            Frame::EndOfPass { closing, .. } => {
+                active.pass_over = true;
+                if closing && active.phase == Phase::Receiving {
+                    let failure = ReceiveFailure::SenderClosed {
+                        missing: active.missing,
+                        blocks: active.layout.block_count(),
+                    };
+                    self.fail(failure);
+                } else if active.phase == Phase::Receiving {
+                    // Report at once rather than at the next tick.
+                    active.next_feedback = now;
+                }
+            }
+            Frame::DoneAck { receiver } if receiver == self.cfg.receiver_id => {
+                if let Phase::Done { .. } = active.phase {
+                    active.phase = Phase::Over;
+                    self.events.push_back(ReceiverEvent::Complete);
+                }
+            }
+            Frame::Session(_) | Frame::DoneAck { .. } => {}
+            Frame::Feedback { .. } => self.stats.other_session += 1,
+        }
+    }
+
+    fn start(&mut self, now: Instant, from: SocketAddr, session: u64, info: SessionInfo) {
+        let layout = match Layout::from_session(&info) {
+            Ok(l) => l,
+            Err(e) => {
+                // Not ours to follow: a broken or hostile announcement.
+                self.stats.malformed += 1;
+                tracing::debug!("ignoring session {session:x}: {e}");
+                return;
+            }
+        };
+        let blocks = layout.block_count() as usize;
+        let per_block = u64::from(layout.block_size()) + 64;
+        let max_collectors = (self.cfg.max_buffered_bytes / per_block).max(2) as usize;
+        let sender = SocketAddr::new(from.ip(), info.feedback_port);
+        let feedback_interval =
+            Duration::from_millis(u64::from(info.feedback_interval_ms.clamp(5, 5000)));
+        self.events.push_back(ReceiverEvent::SessionFound {
+            session,
+            info: info.clone(),
+        });
+        self.active = Some(Active {
+            session,
+            sender,
+            layout,
+            hashes: vec![None; blocks],
+            state: vec![BlockState::Missing; blocks],
+            collectors: BTreeMap::new(),
+            extra: HashMap::new(),
+            max_collectors,
+            highest_block_seen: None,
+            pass_over: false,
+            missing: layout.block_count(),
+            next_feedback: now + feedback_interval,
+            feedback_interval,
+            last_heard: now,
+            phase: Phase::Receiving,
+            info,
+        });
+        self.send_feedback(Feedback::Join);
+        if blocks == 0 {
+            self.all_written();
+        }
+    }
+
+    fn handle_data(&mut self, block: u32, esi: u32, payload: &[u8]) {
+        let active = self.active.as_mut().expect("called with an active session");
+        let Some(state) = active.state.get(block as usize).copied() else {
+            self.stats.malformed += 1;
+            return;
+        };
+        if payload.len() != usize::from(active.layout.symbol_size()) {
+            self.stats.malformed += 1;
+            return;
+        }
+        active.highest_block_seen = active.highest_block_seen.max(Some(block));
+        match state {
+            BlockState::Done | BlockState::Decoding => {
+                self.stats.redundant_symbols += 1;
+                return;
+            }
+            BlockState::Missing => {
+                if active.collectors.len() >= active.max_collectors {
+                    self.stats.dropped_no_buffer += 1;
+                    return;
+                }
+                active
+                    .collectors
+                    .insert(block, Box::new(Collector::for_block(&active.layout, block)));
+                active.state[block as usize] = BlockState::Collecting;
+            }
+            BlockState::Collecting => {}
+        }
+        let collector = active
+            .collectors
+            .get_mut(&block)
+            .expect("a Collecting block has a collector");
+        let before = collector.highest_esi();
+        if collector.insert(esi, payload).is_err() {
+            // Wrong length was caught above; this is a duplicate (a replay).
+            self.stats.redundant_symbols += 1;
+            return;
+        }
+        self.stats.data_symbols += 1;
+        if esi >= active.layout.k() {
+            self.stats.repair_symbols += 1;
+        }
+        // A gap wider than K is a late join or a forged ESI, not loss.
+        self.stats.span += match before {
+            Some(b) if esi > b => u64::from((esi - b).min(active.layout.k())),
+            Some(_) => 0,
+            None => 1,
+        };
+        self.maybe_dispatch(block);
+    }
+
+    fn handle_hashes(&mut self, first: u32, hashes: &[Digest]) {
+        let active = self.active.as_mut().expect("called with an active session");
+        let mut ready = Vec::new();
+        for (i, h) in hashes.iter().enumerate() {
+            let block = first as usize + i;
+            let Some(slot) = active.hashes.get_mut(block) else {
+                self.stats.malformed += 1;
+                return;
+            };
+            if slot.is_none() {
+                *slot = Some(*h);
+                ready.push(block as u32);
+            }
+        }
+        for block in ready {
+            self.maybe_dispatch(block);
+        }
+    }
+
+    fn maybe_dispatch(&mut self, block: u32) {
+        let active = self.active.as_mut().expect("called with an active session");
+        let Some(expected) = active.hashes[block as usize] else {
+            return;
+        };
+        let Some(c) = active.collectors.get(&block) else {
+            return;
+        };
+        let want =
+            active.layout.k() + DECODE_MARGIN + active.extra.get(&block).copied().unwrap_or(0);
+        if c.held() < want && !c.has_all_source() {
+            return;
+        }
+        let collector = active.collectors.remove(&block).expect("checked above");
+        active.state[block as usize] = BlockState::Decoding;
+        self.jobs.push_back(DecodeJob {
+            block,
+            layout: active.layout,
+            expected,
+            collector,
+        });
+    }
+
+    /// Takes the outcome of a decode job.
+    pub fn handle_decoded(&mut self, result: BlockResult) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        match result {
+            BlockResult::Written { block } => {
+                active.state[block as usize] = BlockState::Done;
+                active.extra.remove(&block);
+                active.missing -= 1;
+                self.stats.blocks_done += 1;
+                if active.missing == 0 {
+                    self.all_written();
+                }
+            }
+            BlockResult::NeedMore { block, collector } => {
+                self.stats.decode_retries += 1;
+                *active.extra.entry(block).or_default() += 2;
+                active.state[block as usize] = BlockState::Collecting;
+                active.collectors.insert(block, collector);
+            }
+            BlockResult::Corrupt { block } => {
+                self.stats.hash_failures += 1;
+                tracing::warn!("block {block} failed its SHA-256 check; collecting it again");
+                active.state[block as usize] = BlockState::Missing;
+                active.extra.remove(&block);
+            }
+        }
+    }
+
+    fn all_written(&mut self) {
+        let active = self.active.as_mut().expect("called with an active session");
+        active.phase = Phase::Verifying;
+        self.events.push_back(ReceiverEvent::AllBlocksWritten);
+    }
+
+    /// The driver's verdict on the whole file, after `AllBlocksWritten`.
+    pub fn handle_file_verified(&mut self, now: Instant, ok: bool) {
+        if !ok {
+            self.fail(ReceiveFailure::FileHashMismatch);
+            return;
+        }
+        if let Some(active) = self.active.as_mut() {
+            active.phase = Phase::Done { since: now };
+            active.next_feedback = now;
+        }
+        self.handle_timeout(now);
+    }
+
+    /// Checks the whole file's expected hash (for drivers).
+    pub fn file_sha256(&self) -> Option<Digest> {
+        self.active.as_ref().map(|a| a.info.file_sha256)
+    }
+
+    fn fail(&mut self, failure: ReceiveFailure) {
+        if let Some(active) = self.active.as_mut() {
+            active.phase = Phase::Over;
+        }
+        self.events.push_back(ReceiverEvent::Failed(failure));
+    }
+
+    /// Periodic work: feedback, DONE repeats, idle checks.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some(active) = self.active.as_mut() else {
+            if now >= self.started + self.cfg.idle_timeout && self.events.is_empty() {
+                self.events
+                    .push_back(ReceiverEvent::Failed(ReceiveFailure::NoSender(
+                        self.cfg.idle_timeout,
+                    )));
+                // Report it once only.
+                self.started = now + Duration::from_secs(365 * 24 * 3600);
+            }
+            return;
+        };
+        match active.phase {
+            Phase::Receiving | Phase::Verifying => {
+                if now >= active.last_heard + self.cfg.idle_timeout {
+                    let failure = ReceiveFailure::SenderSilent {
+                        idle: self.cfg.idle_timeout,
+                        missing: active.missing,
+                        blocks: active.layout.block_count(),
+                    };
+                    self.fail(failure);
+                    return;
+                }
+                if now >= active.next_feedback {
+                    active.next_feedback = now + active.feedback_interval;
+                    if active.phase == Phase::Receiving {
+                        self.send_needs();
+                    } else {
+                        // Checking a large file takes a while: keep the
+                        // sender from giving up on us meanwhile.
+                        self.send_feedback(Feedback::Join);
+                    }
+                }
+            }
+            Phase::Done { since } => {
+                if now >= since + self.cfg.done_linger {
+                    active.phase = Phase::Over;
+                    self.events.push_back(ReceiverEvent::Complete);
+                } else if now >= active.next_feedback {
+                    active.next_feedback = now + active.feedback_interval;
+                    self.send_feedback(Feedback::Done);
+                }
+            }
+            Phase::Over => {}
+        }
+    }
+
+    fn send_needs(&mut self) {
+        let active = self.active.as_ref().expect("called with an active session");
+        let k = active.layout.k();
+        let mut needs = Vec::new();
+        for (&block, c) in &active.collectors {
+            if needs.len() == MAX_NEEDS_PER_FRAME {
+                break;
+            }
+            let want = k + DECODE_MARGIN + active.extra.get(&block).copied().unwrap_or(0);
+            needs.push(Need {
+                block,
+                need: want.saturating_sub(c.held()).max(1),
+                highest_esi: c.highest_esi(),
+            });
+        }
+        // Blocks the sender has gone past that we hold nothing of, as many
+        // as we have room to buffer.
+        let horizon = if active.pass_over {
+            active.layout.block_count()
+        } else {
+            active.highest_block_seen.unwrap_or(0)
+        };
+        let room = active
+            .max_collectors
+            .saturating_sub(active.collectors.len());
+        let missing = active.state[..horizon as usize]
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| **s == BlockState::Missing)
+            .take(room.min(MAX_NEEDS_PER_FRAME - needs.len()));
+        for (block, _) in missing {
+            needs.push(Need {
+                block: block as u32,
+                need: k + DECODE_MARGIN,
+                highest_esi: None,
+            });
+        }
+        if needs.is_empty() {
+            return;
+        }
+        let loss_ppm = (self.stats.loss() * 1e6) as u32;
+        self.send_feedback(Feedback::Needs { loss_ppm, needs });
+    }
+
+    fn send_feedback(&mut self, feedback: Feedback) {
+        let active = self.active.as_ref().expect("called with an active session");
+        let frame = Frame::Feedback {
+            receiver: self.cfg.receiver_id,
+            feedback,
+        };
+        self.stats.feedback_sent += 1;
+        self.transmits
+            .push_back((active.sender, frame.encode(active.session)));
+    }
+
+    pub fn poll_job(&mut self) -> Option<DecodeJob> {
+        self.jobs.pop_front()
+    }
+    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
+        self.transmits.pop_front()
+    }
+    pub fn poll_event(&mut self) -> Option<ReceiverEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let Some(active) = self.active.as_ref() else {
+            return Some(self.started + self.cfg.idle_timeout);
+        };
+        match active.phase {
+            Phase::Receiving => Some(
+                active
+                    .next_feedback
+                    .min(active.last_heard + self.cfg.idle_timeout),
+            ),
+            Phase::Verifying => Some(
+                active
+                    .next_feedback
+                    .min(active.last_heard + self.cfg.idle_timeout),
+            ),
+            Phase::Done { since } => Some(active.next_feedback.min(since + self.cfg.done_linger)),
+            Phase::Over => None,
+        }
+    }
+
+    /// Blocks partly received and held in memory.
+    pub fn buffered_blocks(&self) -> usize {
+        self.active.as_ref().map_or(0, |a| a.collectors.len())
+    }
+
+    /// Blocks still missing.
+    pub fn missing_blocks(&self) -> u32 {
+        self.active.as_ref().map_or(0, |a| a.missing)
+    }
+}

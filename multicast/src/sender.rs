@@ -1,0 +1,754 @@
+//! Sender session, sans-IO.
+//!
+//! # Protocol flow
+//!
+//! 1. *Announcing*: SESSION and every block hash go to the group each
+//!    announce interval. Receivers answer JOIN (unicast, to the feedback
+//!    port). With `min_receivers` the sender waits for that many joins (up to
+//!    `join_timeout`); otherwise for `startup`.
+//! 2. *Sending*: blocks are opened in order, `interleave` at a time, and sent
+//!    round robin one symbol each, so a burst of loss hits many blocks
+//!    lightly. Each block gets its K source symbols plus an overhead share of
+//!    repair symbols (the larger of `--overhead` and what the lossiest
+//!    receiver reports). SESSION and a few hash frames are repeated each
+//!    announce interval for late joiners.
+//! 3. Receivers report NEEDS every feedback interval: per block, how many
+//!    symbols they still need and the highest ESI they saw. ESIs of a block go
+//!    out in increasing order, so every symbol above that ESI is still in
+//!    flight or queued; the sender counts those as arriving (less the
+//!    reported loss) and mints only the shortfall as fresh repair symbols. One
+//!    fresh symbol serves every receiver, so reports are merged by block.
+//! 4. After the first pass: END-OF-PASS, then repairs on demand until every
+//!    receiver that joined has said DONE (each DONE is acknowledged) or gone
+//!    silent for `receiver_timeout`; with nobody joined, after `linger`.
+//!    Then three closing END-OF-PASS frames, and the session is finished.
+//!
+//! # Driving it
+//!
+//! Feed [`Sender::handle_datagram`] with feedback, [`Sender::handle_batch`]
+//! with what the encoder produced for a [`EncodeJob`] taken from
+//! [`Sender::poll_job`], and call [`Sender::handle_timeout`] when
+//! [`Sender::poll_timeout`] is due. Drain [`Sender::poll_transmit`] (each
+//! datagram goes to the group) and [`Sender::poll_event`] after every call.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::codec::Layout;
+use crate::pacer::{Pacer, WIRE_OVERHEAD};
+use crate::wire::{self, Digest, Feedback, Frame, HASHES_PER_FRAME, MAX_ESI, SessionInfo};
+
+/// Sender tuning. Every field has a sensible default.
+#[derive(Clone, Debug)]
+pub struct SenderConfig {
+    /// Bits per second on the wire, headers included; 0 for unpaced.
+    pub rate_bps: u64,
+    /// Least share of repair symbols per block in the first pass, percent.
+    pub overhead_pct: u32,
+    /// Blocks sent interleaved at once.
+    pub interleave: u32,
+    pub announce_interval: Duration,
+    /// Least interval between a receiver's reports; grows with receivers.
+    pub feedback_interval: Duration,
+    /// Joins to wait for before data; 0 to start after `startup`.
+    pub min_receivers: u32,
+    /// Longest wait for `min_receivers`; then data starts anyway.
+    pub join_timeout: Duration,
+    /// Announce-only time before data when not waiting for joins.
+    pub startup: Duration,
+    /// A joined receiver silent this long is given up on.
+    pub receiver_timeout: Duration,
+    /// With nobody joined, how long to wait for feedback after the pass.
+    pub linger: Duration,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        Self {
+            rate_bps: 100_000_000,
+            overhead_pct: 8,
+            interleave: 4,
+            announce_interval: Duration::from_millis(100),
+            feedback_interval: Duration::from_millis(40),
+            min_receivers: 0,
+            join_timeout: Duration::from_secs(60),
+            startup: Duration::from_millis(300),
+            receiver_timeout: Duration::from_secs(10),
+            linger: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What a session carries: the file's geometry and hashes.
+#[derive(Clone, Debug)]
+pub struct SenderObject {
+    pub layout: Layout,
+    /// SHA-256 of each block's file bytes.
+    pub hashes: Vec<Digest>,
+    pub file_sha256: Digest,
+    /// Shown to receivers; cut to `wire::MAX_NAME_LEN` bytes.
+    pub name: String,
+}
+
+/// Work for the encoder: symbols of one block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodeJob {
+    pub block: u32,
+    /// Also return the K source symbols (the padded block).
+    pub with_source: bool,
+    /// First repair ESI (>= K) and how many.
+    pub repair_first_esi: u32,
+    pub repair_count: u32,
+}
+
+/// What the encoder made for a job.
+#[derive(Debug)]
+pub struct EncodedBatch {
+    pub block: u32,
+    /// The padded block, K*T bytes, when the job asked for source symbols.
+    pub source: Option<Vec<u8>>,
+    pub repair_first_esi: u32,
+    /// `repair_count` symbols back to back.
+    pub repair: Vec<u8>,
+}
+
+/// Things a driver may want to show or log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SenderEvent {
+    Joined {
+        receiver: u64,
+        from: SocketAddr,
+    },
+    DataStarted {
+        receivers: u32,
+    },
+    /// `min_receivers` were not all there when `join_timeout` ran out.
+    StartedShort {
+        joined: u32,
+        wanted: u32,
+    },
+    PassDone {
+        pass: u32,
+    },
+    ReceiverDone {
+        receiver: u64,
+    },
+    ReceiverLost {
+        receiver: u64,
+    },
+    Finished,
+}
+
+/// Counters for the summary.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SenderStats {
+    pub datagrams: u64,
+    /// UDP payload bytes sent.
+    pub bytes: u64,
+    /// Bytes including IP, UDP and Ethernet headers.
+    pub wire_bytes: u64,
+    pub source_symbols: u64,
+    pub repair_symbols: u64,
+    /// Repair symbols sent because of feedback, beyond the first pass.
+    pub feedback_repair_symbols: u64,
+    pub feedback_datagrams: u64,
+    /// Datagrams that did not parse or belonged to no session of ours.
+    pub dropped_datagrams: u64,
+    pub receivers_joined: u32,
+    pub receivers_done: u32,
+    pub receivers_lost: u32,
+    /// Largest loss any receiver reported, parts per million.
+    pub max_loss_ppm: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Announcing { since: Instant },
+    Sending,
+    Closing { left: u8 },
+    Finished,
+}
+
+#[derive(Debug)]
+struct Chunk {
+    first_esi: u32,
+    count: u32,
+    next: u32,
+    bytes: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct BlockTx {
+    /// ESIs below this are allocated (sent, queued or being encoded).
+    next_esi: u32,
+    /// ESIs below this have been transmitted (they go out in order).
+    sent_upto: u32,
+    queue: VecDeque<Chunk>,
+    /// In the round-robin list.
+    active: bool,
+    /// Its first-pass symbols are not all sent yet.
+    first_pass: bool,
+    /// When its latest symbol went out.
+    last_sent: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Peer {
+    last_heard: Instant,
+    done: bool,
+    lost: bool,
+    loss_ppm: u32,
+}
+
+/// One multicast transfer from the sending side. See the module docs.
+pub struct Sender {
+    cfg: SenderConfig,
+    session: u64,
+    layout: Layout,
+    info: SessionInfo,
+    hashes: Vec<Digest>,
+    phase: Phase,
+    pacer: Pacer,
+    next_announce: Instant,
+    hash_cursor: usize,
+    blocks: Vec<BlockTx>,
+    next_new_block: u32,
+    first_pass_open: u32,
+    active: VecDeque<u32>,
+    staged: VecDeque<u32>,
+    jobs: VecDeque<EncodeJob>,
+    jobs_out: u32,
+    control: VecDeque<Vec<u8>>,
+    peers: HashMap<u64, Peer>,
+    pass_done_at: Option<Instant>,
+    events: VecDeque<SenderEvent>,
+    stats: SenderStats,
+    buf: Vec<u8>,
+}
+
+impl Sender {
+    /// A session for `object`. Feedback is expected on `feedback_port`.
+    pub fn new(
+        now: Instant,
+        cfg: SenderConfig,
+        session: u64,
+        object: SenderObject,
+        feedback_port: u16,
+    ) -> Self {
+        let SenderObject {
+            layout,
+            hashes,
+            file_sha256,
+            mut name,
+        } = object;
+        assert_eq!(hashes.len(), layout.block_count() as usize);
+        while name.len() > wire::MAX_NAME_LEN {
+            name.pop();
+        }
+
+        let info = SessionInfo {
+            file_size: layout.file_size(),
+            block_size: layout.block_size(),
+            symbol_size: layout.symbol_size(),
+            block_count: layout.block_count(),
+            file_sha256,
+            feedback_port,
+            feedback_interval_ms: cfg.feedback_interval.as_millis() as u32,
+            name,
+        };
+        let blocks = (0..layout.block_count())
+            .map(|_| BlockTx::default())
+            .collect();
+        Self {
+            pacer: Pacer::new(now, cfg.rate_bps),
+            phase: Phase::Announcing { since: now },
+            next_announce: now,
+            cfg,
+            session,
+            layout,
+            info,
+            hashes,
+            hash_cursor: 0,
+            blocks,
+            next_new_block: 0,
+            first_pass_open: 0,
+            active: VecDeque::new(),
+            staged: VecDeque::new(),
+            jobs: VecDeque::new(),
+            jobs_out: 0,
+            control: VecDeque::new(),
+            peers: HashMap::new(),
+            pass_done_at: None,
+            events: VecDeque::new(),
+            stats: SenderStats::default(),
+            buf: Vec::with_capacity(2048),
+        }
+    }
+
+    #[doc(hidden)]
+    pub fn debug_phase(&self) -> String {
+        format!(
+            "{:?} active={:?} staged={:?} jobs_out={} open={} next_new={} pacer={:?} ctl={}",
+            self.phase,
+            self.active,
+            self.staged,
+            self.jobs_out,
+            self.first_pass_open,
+            self.next_new_block,
+            self.pacer,
+            self.control.len()
+        )
+    }
+
+    pub fn session_id(&self) -> u64 {
+        self.session
+    }
+    pub fn stats(&self) -> &SenderStats {
+        &self.stats
+    }
+    pub fn is_finished(&self) -> bool {
+        self.phase == Phase::Finished
+    }
+    /// Blocks whose first pass is fully sent.
+    pub fn blocks_sent(&self) -> u32 {
+        self.next_new_block - self.first_pass_open
+    }
+
+    /// Takes one datagram that arrived on the feedback port.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        let Ok(dgram) = wire::decode(bytes) else {
+            self.stats.dropped_datagrams += 1;
+            return;
+        };
+        let Frame::Feedback { receiver, feedback } = dgram.frame else {
+            self.stats.dropped_datagrams += 1;
+            return;
+        };
+        if dgram.session != self.session {
+            self.stats.dropped_datagrams += 1;
+            return;
+        }
+        self.stats.feedback_datagrams += 1;
+        if !self.peers.contains_key(&receiver) {
+            self.stats.receivers_joined += 1;
+            self.events
+                .push_back(SenderEvent::Joined { receiver, from });
+        }
+        let peer = self.peers.entry(receiver).or_insert(Peer {
+            last_heard: now,
+            done: false,
+            lost: false,
+            loss_ppm: 0,
+        });
+        peer.last_heard = now;
+        if peer.lost {
+            // It came back: count it as live again.
+            peer.lost = false;
+            self.stats.receivers_lost -= 1;
+        }
+        match feedback {
+            Feedback::Join => {}
+            Feedback::Done => {
+                if !peer.done {
+                    peer.done = true;
+                    self.stats.receivers_done += 1;
+                    self.events
+                        .push_back(SenderEvent::ReceiverDone { receiver });
+                }
+                self.queue_control(&Frame::DoneAck { receiver });
+            }
+            Feedback::Needs { loss_ppm, needs } => {
+                peer.loss_ppm = loss_ppm;
+                self.stats.max_loss_ppm = self.stats.max_loss_ppm.max(loss_ppm);
+                if self.phase != Phase::Sending {
+                    return;
+                }
+                let delivery = 1.0 - (f64::from(loss_ppm) / 1e6).min(0.9);
+                for need in needs {
+                    self.handle_need(now, need, delivery);
+                }
+            }
+        }
+    }
+
+    fn handle_need(&mut self, now: Instant, need: wire::Need, delivery: f64) {
+        let k = self.layout.k();
+        let Some(tx) = self.blocks.get(need.block as usize) else {
+            return;
+        };
+        if need.need == 0 || need.need > k + crate::codec::DECODE_MARGIN + 64 {
+            return;
+        }
+        // Symbols the receiver has not seen yet but that are on their way:
+        // those still queued, and, while the block is being sent, those sent
+        // above the receiver's highest ESI (they may still be in a socket
+        // buffer). Once the block has been quiet for a feedback interval,
+        // anything sent and not seen is lost.
+        let queued = tx.next_esi - tx.sent_upto;
+        let sending = tx
+            .last_sent
+            .is_some_and(|at| now < at + self.cfg.feedback_interval);
+        let coming = match need.highest_esi {
+            Some(e) if sending => tx.next_esi.saturating_sub(e.saturating_add(1)).max(queued),
+            _ => queued,
+        };
+        let expected = f64::from(coming) * delivery;
+        let short = f64::from(need.need) - expected;
+        if short <= 0.0 {
+            return;
+        }
+        let count = (short / delivery).ceil() as u32;
+        self.request_repair(need.block, count);
+    }
+
+    fn request_repair(&mut self, block: u32, count: u32) {
+        let tx = &mut self.blocks[block as usize];
+        let first = tx.next_esi.max(self.layout.k());
+        let count = count.min((MAX_ESI + 1).saturating_sub(first));
+        if count == 0 {
+            return;
+        }
+        tx.next_esi = first + count;
+        self.jobs.push_back(EncodeJob {
+            block,
+            with_source: false,
+            repair_first_esi: first,
+            repair_count: count,
+        });
+        self.jobs_out += 1;
+    }
+
+    /// Takes what the encoder made for a job.
+    pub fn handle_batch(&mut self, batch: EncodedBatch) {
+        self.jobs_out = self.jobs_out.saturating_sub(1);
+        let t = usize::from(self.layout.symbol_size());
+        let Some(tx) = self.blocks.get_mut(batch.block as usize) else {
+            return;
+        };
+        if let Some(source) = batch.source {
+            // Zero padding past the file's end is never sent.
+            tx.queue.push_back(Chunk {
+                first_esi: 0,
+                count: self.layout.data_symbols(batch.block),
+                next: 0,
+                bytes: source,
+            });
+        }
+        if !batch.repair.is_empty() {
+            tx.queue.push_back(Chunk {
+                first_esi: batch.repair_first_esi,
+                count: (batch.repair.len() / t) as u32,
+                next: 0,
+                bytes: batch.repair,
+            });
+        }
+        if tx.first_pass {
+            self.staged.push_back(batch.block);
+        } else if !tx.active && !tx.queue.is_empty() {
+            tx.active = true;
+            self.active.push_back(batch.block);
+        }
+    }
+
+    /// Work for the encoder.
+    pub fn poll_job(&mut self) -> Option<EncodeJob> {
+        self.jobs.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<SenderEvent> {
+        self.events.pop_front()
+    }
+
+    /// Advances timers: announcements, phase changes, silent receivers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Announcing { since } => {
+                let joined = self.stats.receivers_joined;
+                let start = if self.cfg.min_receivers > 0 {
+                    if joined >= self.cfg.min_receivers {
+                        true
+                    } else if now >= since + self.cfg.join_timeout {
+                        self.events.push_back(SenderEvent::StartedShort {
+                            joined,
+                            wanted: self.cfg.min_receivers,
+                        });
+                        true
+                    } else {
+                        false
+                    }
+                } else {
+                    now >= since + self.cfg.startup
+                };
+                if start {
+                    self.phase = Phase::Sending;
+                    self.events
+                        .push_back(SenderEvent::DataStarted { receivers: joined });
+                }
+            }
+            Phase::Sending => self.check_finished(now),
+            Phase::Closing { .. } | Phase::Finished => {}
+        }
+        if now >= self.next_announce
+            && matches!(self.phase, Phase::Announcing { .. } | Phase::Sending)
+        {
+            self.announce();
+            self.check_silent_peers(now);
+            self.next_announce = now + self.cfg.announce_interval;
+        }
+        self.open_blocks();
+    }
+
+    fn announce(&mut self) {
+        let peers = self.peers.len() as u32;
+        // Each receiver reports about every interval: scale it with their
+        // number so feedback stays near 500 datagrams a second at most.
+        let interval = self
+            .cfg
+            .feedback_interval
+            .max(Duration::from_millis(2) * peers);
+        self.info.feedback_interval_ms = interval.as_millis() as u32;
+        self.queue_control(&Frame::Session(self.info.clone()));
+        let chunks = self.hashes.len().div_ceil(HASHES_PER_FRAME);
+        let per_tick = match self.phase {
+            Phase::Announcing { .. } => chunks,
+            _ => chunks.min(2),
+        };
+        for _ in 0..per_tick {
+            let first = self.hash_cursor * HASHES_PER_FRAME;
+            let end = (first + HASHES_PER_FRAME).min(self.hashes.len());
+            let frame = Frame::Hashes {
+                first_block: first as u32,
+                hashes: self.hashes[first..end].to_vec(),
+            };
+            self.queue_control(&frame);
+            self.hash_cursor = (self.hash_cursor + 1) % chunks;
+        }
+    }
+
+    fn queue_control(&mut self, frame: &Frame) {
+        self.control.push_back(frame.encode(self.session));
+    }
+
+    fn overhead_pct(&self) -> u32 {
+        let live = self.peers.values().filter(|p| !p.done && !p.lost);
+        let loss = live.map(|p| p.loss_ppm).max().unwrap_or(0);
+        let p = (f64::from(loss) / 1e6).min(0.5);
+        // Enough repair symbols that the lossiest receiver decodes most
+        // blocks in the first pass: its expected loss with 10% headroom, plus
+        // one point for the spread of a binomial at K about 3000.
+        let adaptive = (p / (1.0 - p) * 110.0 + 1.0).ceil() as u32;
+        self.cfg
+            .overhead_pct
+            .max(if loss > 0 { adaptive } else { 0 })
+    }
+
+    /// Starts encoding blocks of the first pass while the window has room.
+    fn open_blocks(&mut self) {
+        if self.phase != Phase::Sending {
+            return;
+        }
+        // Two blocks beyond the window are prepared ahead, so the encoder
+        // runs while the window sends and the link never waits for it.
+        let depth = self.cfg.interleave.max(1) + 2;
+        while self.first_pass_open < depth && self.next_new_block < self.layout.block_count() {
+            let block = self.next_new_block;
+            self.next_new_block += 1;
+            self.first_pass_open += 1;
+            let k = self.layout.k();
+            let data = u64::from(self.layout.data_symbols(block));
+            let repair = (data * u64::from(self.overhead_pct())).div_ceil(100) as u32;
+            let tx = &mut self.blocks[block as usize];
+            tx.first_pass = true;
+            tx.next_esi = k + repair;
+            self.jobs.push_back(EncodeJob {
+                block,
+                with_source: true,
+                repair_first_esi: k,
+                repair_count: repair,
+            });
+            self.jobs_out += 1;
+        }
+        // Move prepared blocks into the round robin while it has room.
+        let in_window = self
+            .active
+            .iter()
+            .filter(|&&b| self.blocks[b as usize].first_pass)
+            .count() as u32;
+        let mut room = self.cfg.interleave.max(1).saturating_sub(in_window);
+        while room > 0 {
+            let Some(block) = self.staged.pop_front() else {
+                break;
+            };
+            let tx = &mut self.blocks[block as usize];
+            if !tx.active {
+                tx.active = true;
+                self.active.push_back(block);
+            }
+            room -= 1;
+        }
+    }
+
+    fn check_silent_peers(&mut self, now: Instant) {
+        for (&id, peer) in self.peers.iter_mut() {
+            if !peer.done && !peer.lost && now >= peer.last_heard + self.cfg.receiver_timeout {
+                peer.lost = true;
+                self.stats.receivers_lost += 1;
+                self.events
+                    .push_back(SenderEvent::ReceiverLost { receiver: id });
+            }
+        }
+    }
+
+    fn check_finished(&mut self, now: Instant) {
+        let first_pass_over =
+            self.next_new_block == self.layout.block_count() && self.first_pass_open == 0;
+        if !first_pass_over {
+            return;
+        }
+        let pass_done_at = *self.pass_done_at.get_or_insert_with(|| {
+            self.events.push_back(SenderEvent::PassDone { pass: 1 });
+            self.control.push_back(
+                Frame::EndOfPass {
+                    pass: 1,
+                    closing: false,
+                }
+                .encode(self.session),
+            );
+            now
+        });
+        let idle = self.active.is_empty() && self.jobs_out == 0 && self.jobs.is_empty();
+        let pending = self.peers.values().any(|p| !p.done && !p.lost);
+        let finished = if self.peers.is_empty() {
+            now >= pass_done_at + self.cfg.linger
+        } else {
+            !pending && idle
+        };
+        if finished {
+            self.phase = Phase::Closing { left: 3 };
+        }
+    }
+
+    /// The next datagram to send to the group, if the pacer allows one now.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<&[u8]> {
+        if self.phase == Phase::Finished || !self.pacer.ready(now) {
+            return None;
+        }
+        if let Some(bytes) = self.control.pop_front() {
+            self.buf = bytes;
+        } else if let Phase::Closing { left } = self.phase {
+            if left == 0 {
+                self.phase = Phase::Finished;
+                self.events.push_back(SenderEvent::Finished);
+                return None;
+            }
+            self.phase = Phase::Closing { left: left - 1 };
+            self.buf = Frame::EndOfPass {
+                pass: 1,
+                closing: true,
+            }
+            .encode(self.session);
+        } else if !self.next_symbol(now) {
+            return None;
+        }
+        self.pacer.spend(self.buf.len());
+        self.stats.datagrams += 1;
+        self.stats.bytes += self.buf.len() as u64;
+        self.stats.wire_bytes += (self.buf.len() + WIRE_OVERHEAD) as u64;
+        Some(&self.buf)
+    }
+
+    /// Puts the next data symbol (round robin over active blocks) in `buf`.
+    fn next_symbol(&mut self, now: Instant) -> bool {
+        let t = usize::from(self.layout.symbol_size());
+        let k = self.layout.k();
+        while let Some(block) = self.active.pop_front() {
+            let tx = &mut self.blocks[block as usize];
+            let Some(chunk) = tx.queue.front_mut() else {
+                tx.active = false;
+                self.close_first_pass(block);
+                continue;
+            };
+            let esi = chunk.first_esi + chunk.next;
+            let at = chunk.next as usize * t;
+            wire::encode_data(
+                self.session,
+                block,
+                esi,
+                &chunk.bytes[at..at + t],
+                &mut self.buf,
+            );
+            chunk.next += 1;
+            if chunk.next == chunk.count {
+                tx.queue.pop_front();
+            }
+            tx.sent_upto = tx.sent_upto.max(esi + 1);
+            tx.last_sent = Some(now);
+            if esi < k {
+                self.stats.source_symbols += 1;
+            } else {
+                self.stats.repair_symbols += 1;
+                if !tx.first_pass {
+                    self.stats.feedback_repair_symbols += 1;
+                }
+            }
+            if tx.queue.is_empty() {
+                tx.active = false;
+                self.close_first_pass(block);
+            } else {
+                self.active.push_back(block);
+            }
+            return true;
+        }
+        false
+    }
+
+    fn close_first_pass(&mut self, block: u32) {
+        let tx = &mut self.blocks[block as usize];
+        if tx.first_pass {
+            tx.first_pass = false;
+            self.first_pass_open -= 1;
+            self.open_blocks();
+        }
+    }
+
+    /// When the driver should call again: the pacer, an announcement, or a
+    /// phase timer. `None` when finished.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.phase == Phase::Finished {
+            return None;
+        }
+        let has_output = !self.control.is_empty()
+            || !self.active.is_empty()
+            || matches!(self.phase, Phase::Closing { .. });
+        let pacing = if has_output {
+            Some(self.pacer.next_ready().unwrap_or(self.pacer.last_seen()))
+        } else {
+            None
+        };
+        let mut t = self.next_announce;
+        if let Some(p) = pacing {
+            t = t.min(p);
+        }
+        match self.phase {
+            Phase::Announcing { since } => {
+                let limit = if self.cfg.min_receivers > 0 {
+                    self.cfg.join_timeout
+                } else {
+                    self.cfg.startup
+                };
+                t = t.min(since + limit);
+            }
+            Phase::Sending => {
+                // Silent receivers are checked at each announcement.
+                if let Some(at) = self.pass_done_at
+                    && self.peers.is_empty()
+                {
+                    t = t.min(at + self.cfg.linger);
+                }
+            }
+            _ => {}
+        }
+        Some(t)
+    }
+}

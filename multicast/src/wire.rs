@@ -1,0 +1,508 @@
+//! Wire format of every somcast datagram.
+//!
+//! ```text
+//! +-------+---------+------+------------+------------------+-----------+
+//! | magic | version | kind | session id | postcard body    | CRC-32    |
+//! | 2 B   | 1 B     | 1 B  | 8 B (LE)   | variable         | 4 B (LE)  |
+//! +-------+---------+------+------------+------------------+-----------+
+//! ```
+//!
+//! The CRC covers everything before it. Decoding is strict: a wrong magic,
+//! version, kind, CRC, a body that does not parse, trailing bytes after the
+//! body or a field outside its limits is an [`WireError`], never a panic.
+//! The limits checked here are those that need no session context (symbol
+//! ESI range, list lengths); the session checks the rest (block index,
+//! payload length against T).
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// "SC": identifies a somcast datagram among whatever else shares the port.
+pub const MAGIC: [u8; 2] = *b"SC";
+/// Bumped on any incompatible change of a body or of the header.
+pub const VERSION: u8 = 1;
+/// magic + version + kind + session id.
+pub const HEADER_LEN: usize = 2 + 1 + 1 + 8;
+/// CRC-32 (IEEE) of header and body.
+pub const TRAILER_LEN: usize = 4;
+/// Largest UDP payload over IPv4; nothing longer can arrive in one datagram.
+pub const MAX_DATAGRAM: usize = 65_507;
+/// RFC 6330 encoding symbol ids are 24 bits wide.
+pub const MAX_ESI: u32 = (1 << 24) - 1;
+/// Block hashes per `Hashes` frame: 40 x 32 B keeps the frame under a
+/// 1500-byte MTU with room for the header.
+pub const HASHES_PER_FRAME: usize = 40;
+/// Entries per `Need` report: keeps a report inside one 1500-byte frame even
+/// with five-byte varints.
+pub const MAX_NEEDS_PER_FRAME: usize = 96;
+/// Longest file name a session may announce.
+pub const MAX_NAME_LEN: usize = 255;
+
+/// A SHA-256 digest.
+pub type Digest = [u8; 32];
+
+/// What a session announces about the object it carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub file_size: u64,
+    /// Bytes per block in the file; a multiple of `symbol_size`.
+    pub block_size: u32,
+    /// T: bytes of every symbol payload.
+    pub symbol_size: u16,
+    /// Redundant with the sizes above, and checked against them.
+    pub block_count: u32,
+    pub file_sha256: Digest,
+    /// UDP port on the sender's address that takes receiver feedback.
+    pub feedback_port: u16,
+    /// How often receivers report what they need, in milliseconds.
+    pub feedback_interval_ms: u32,
+    /// File name for display; may be empty.
+    pub name: String,
+}
+
+/// One symbol of one block.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Data<'a> {
+    pub block: u32,
+    pub esi: u32,
+    #[serde(borrow)]
+    pub payload: &'a [u8],
+}
+
+/// What a receiver still needs of one block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Need {
+    pub block: u32,
+    /// Symbols still needed to decode.
+    pub need: u32,
+    /// Highest ESI of this block seen so far, `None` if none was seen.
+    /// Lets the sender count the symbols still in flight.
+    pub highest_esi: Option<u32>,
+}
+
+/// A receiver's message to the sender (unicast).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Feedback {
+    Join,
+    Needs {
+        /// Share of data symbols lost, in parts per million.
+        loss_ppm: u32,
+        needs: Vec<Need>,
+    },
+    Done,
+}
+
+/// Every datagram somcast sends, by kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    Session(SessionInfo),
+    Hashes {
+        first_block: u32,
+        hashes: Vec<Digest>,
+    },
+    Data(Data<'a>),
+    EndOfPass {
+        pass: u32,
+        closing: bool,
+    },
+    Feedback {
+        receiver: u64,
+        feedback: Feedback,
+    },
+    DoneAck {
+        receiver: u64,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct HashesBody {
+    first_block: u32,
+    hashes: Vec<Digest>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EndOfPassBody {
+    pass: u32,
+    closing: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FeedbackBody {
+    receiver: u64,
+    feedback: Feedback,
+}
+
+mod kind {
+    pub const SESSION: u8 = 1;
+    pub const HASHES: u8 = 2;
+    pub const DATA: u8 = 3;
+    pub const END_OF_PASS: u8 = 4;
+    pub const FEEDBACK: u8 = 5;
+    pub const DONE_ACK: u8 = 6;
+}
+
+/// Why a datagram was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("datagram of {0} bytes is shorter than header and trailer")]
+    TooShort(usize),
+    #[error("datagram of {0} bytes is longer than any UDP datagram")]
+    TooLong(usize),
+    #[error("not a somcast datagram (bad magic)")]
+    BadMagic,
+    #[error("protocol version {0} is not supported (this build speaks {VERSION})")]
+    BadVersion(u8),
+    #[error("unknown frame kind {0}")]
+    BadKind(u8),
+    #[error("CRC mismatch")]
+    BadCrc,
+    #[error("body does not parse: {0}")]
+    BadBody(postcard::Error),
+    #[error("{0} bytes left after the body")]
+    TrailingBytes(usize),
+    #[error("field out of range: {0}")]
+    OutOfRange(&'static str),
+}
+
+/// A decoded datagram: the session it belongs to and its frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Datagram<'a> {
+    pub session: u64,
+    pub frame: Frame<'a>,
+}
+
+impl Frame<'_> {
+    /// Appends the complete datagram for this frame to `out` (cleared first).
+    pub fn encode_into(&self, session: u64, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION);
+        out.push(self.kind());
+        out.extend_from_slice(&session.to_le_bytes());
+        // Serializing into a Vec cannot fail for these plain types; the
+        // `expect`s below hold as long as no body holds a map with non-string
+        // keys or a custom serializer, which none does.
+        let body = match self {
+            Frame::Session(info) => postcard::to_extend(info, std::mem::take(out)),
+            Frame::Hashes {
+                first_block,
+                hashes,
+            } => postcard::to_extend(
+                &HashesBody {
+                    first_block: *first_block,
+                    hashes: hashes.clone(),
+                },
+                std::mem::take(out),
+            ),
+            Frame::Data(data) => postcard::to_extend(data, std::mem::take(out)),
+            Frame::EndOfPass { pass, closing } => postcard::to_extend(
+                &EndOfPassBody {
+                    pass: *pass,
+                    closing: *closing,
+                },
+                std::mem::take(out),
+            ),
+            Frame::Feedback { receiver, feedback } => postcard::to_extend(
+                &FeedbackBody {
+                    receiver: *receiver,
+                    feedback: feedback.clone(),
+                },
+                std::mem::take(out),
+            ),
+            Frame::DoneAck { receiver } => postcard::to_extend(receiver, std::mem::take(out)),
+        };
+        *out = body.expect("postcard serialization into a Vec is infallible for wire types");
+        let crc = crc32fast::hash(out);
+        out.extend_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Convenience for tests and control frames: a fresh buffer.
+    pub fn encode(&self, session: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(session, &mut out);
+        out
+    }
+
+    fn kind(&self) -> u8 {
+        match self {
+            Frame::Session(_) => kind::SESSION,
+            Frame::Hashes { .. } => kind::HASHES,
+            Frame::Data(_) => kind::DATA,
+            Frame::EndOfPass { .. } => kind::END_OF_PASS,
+            Frame::Feedback { .. } => kind::FEEDBACK,
+            Frame::DoneAck { .. } => kind::DONE_ACK,
+        }
+    }
+}
+
+/// Encodes a data frame straight from a payload slice, into a reused buffer:
+/// the hot path of the sender.
+pub fn encode_data(session: u64, block: u32, esi: u32, payload: &[u8], out: &mut Vec<u8>) {
+    Frame::Data(Data {
+        block,
+        esi,
+        payload,
+    })
+    .encode_into(session, out)
+}
+
+/// Strictly decodes one datagram.
+pub fn decode(bytes: &[u8]) -> Result<Datagram<'_>, WireError> {
+    if bytes.len() > MAX_DATAGRAM {
+        return Err(WireError::TooLong(bytes.len()));
+    }
+    if bytes.len() < HEADER_LEN + TRAILER_LEN {
+        return Err(WireError::TooShort(bytes.len()));
+    }
+    let (signed, trailer) = bytes.split_at(bytes.len() - TRAILER_LEN);
+    if signed[0..2] != MAGIC {
+        return Err(WireError::BadMagic);
+    }
+    if signed[2] != VERSION {
+        return Err(WireError::BadVersion(signed[2]));
+    }
+    let kind = signed[3];
+    let mut crc = [0u8; 4];
+    crc.copy_from_slice(trailer);
+    if crc32fast::hash(signed) != u32::from_le_bytes(crc) {
+        return Err(WireError::BadCrc);
+    }
+    let mut session = [0u8; 8];
+    session.copy_from_slice(&signed[4..HEADER_LEN]);
+    let session = u64::from_le_bytes(session);
+    let body = &signed[HEADER_LEN..];
+    let frame = match kind {
+        kind::SESSION => Frame::Session(check_session(strict(body)?)?),
+        kind::HASHES => {
+            let h: HashesBody = strict(body)?;
+            if h.hashes.is_empty() || h.hashes.len() > HASHES_PER_FRAME {
+                return Err(WireError::OutOfRange("hash count"));
+            }
+            Frame::Hashes {
+                first_block: h.first_block,
+                hashes: h.hashes,
+            }
+        }
+        kind::DATA => {
+            let d: Data = strict(body)?;
+            if d.esi > MAX_ESI {
+                return Err(WireError::OutOfRange("encoding symbol id"));
+            }
+            Frame::Data(d)
+        }
+        kind::END_OF_PASS => {
+            let e: EndOfPassBody = strict(body)?;
+            Frame::EndOfPass {
+                pass: e.pass,
+                closing: e.closing,
+            }
+        }
+        kind::FEEDBACK => {
+            let f: FeedbackBody = strict(body)?;
+            if let Feedback::Needs { needs, loss_ppm } = &f.feedback {
+                if needs.len() > MAX_NEEDS_PER_FRAME {
+                    return Err(WireError::OutOfRange("need count"));
+                }
+                if *loss_ppm > 1_000_000 {
+                    return Err(WireError::OutOfRange("loss"));
+                }
+                if needs
+                    .iter()
+                    .any(|n| n.highest_esi.is_some_and(|e| e > MAX_ESI))
+                {
+                    return Err(WireError::OutOfRange("encoding symbol id"));
+                }
+            }
+            Frame::Feedback {
+                receiver: f.receiver,
+                feedback: f.feedback,
+            }
+        }
+        kind::DONE_ACK => Frame::DoneAck {
+            receiver: strict(body)?,
+        },
+        other => return Err(WireError::BadKind(other)),
+    };
+    Ok(Datagram { session, frame })
+}
+
+fn strict<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, WireError> {
+    let (value, rest) = postcard::take_from_bytes(body).map_err(WireError::BadBody)?;
+    if !rest.is_empty() {
+        return Err(WireError::TrailingBytes(rest.len()));
+    }
+    Ok(value)
+}
+
+fn check_session(info: SessionInfo) -> Result<SessionInfo, WireError> {
+    if info.name.len() > MAX_NAME_LEN {
+        return Err(WireError::OutOfRange("name length"));
+    }
+    // The geometry itself is validated by `Layout::from_session`, which the
+    // receiver calls before it trusts any of these numbers.
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample_frames() -> Vec<Frame<'static>> {
+        vec![
+            Frame::Session(SessionInfo {
+                file_size: 10 * 1024 * 1024 + 123,
+                block_size: 1400 * 2996,
+                symbol_size: 1400,
+                block_count: 3,
+                file_sha256: [7; 32],
+                feedback_port: 40_000,
+                feedback_interval_ms: 50,
+                name: "pkg.msi".into(),
+            }),
+            Frame::Hashes {
+                first_block: 40,
+                hashes: vec![[1; 32], [2; 32]],
+            },
+            Frame::Data(Data {
+                block: 2,
+                esi: 3000,
+                payload: &[9; 1400],
+            }),
+            Frame::EndOfPass {
+                pass: 1,
+                closing: false,
+            },
+            Frame::Feedback {
+                receiver: 77,
+                feedback: Feedback::Needs {
+                    loss_ppm: 50_000,
+                    needs: vec![Need {
+                        block: 1,
+                        need: 12,
+                        highest_esi: Some(3100),
+                    }],
+                },
+            },
+            Frame::Feedback {
+                receiver: 78,
+                feedback: Feedback::Join,
+            },
+            Frame::DoneAck { receiver: 78 },
+        ]
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        for frame in sample_frames() {
+            let bytes = frame.encode(0xDEAD_BEEF);
+            let got = decode(&bytes).unwrap();
+            assert_eq!(got.session, 0xDEAD_BEEF);
+            assert_eq!(got.frame, frame);
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_every_bit_flip_is_an_error() {
+        for frame in sample_frames() {
+            let bytes = frame.encode(42);
+            for len in 0..bytes.len() {
+                assert!(decode(&bytes[..len]).is_err(), "truncated to {len}");
+            }
+            for bit in 0..bytes.len() * 8 {
+                let mut flipped = bytes.clone();
+                flipped[bit / 8] ^= 1 << (bit % 8);
+                assert!(decode(&flipped).is_err(), "bit {bit} flipped");
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_inside_the_crc_are_refused() {
+        let mut bytes = Frame::DoneAck { receiver: 5 }.encode(1);
+        bytes.truncate(bytes.len() - TRAILER_LEN);
+        bytes.push(0);
+        let crc = crc32fast::hash(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode(&bytes), Err(WireError::TrailingBytes(1)));
+    }
+
+    #[test]
+    fn an_esi_beyond_24_bits_is_refused() {
+        let bytes = Frame::Data(Data {
+            block: 0,
+            esi: MAX_ESI + 1,
+            payload: &[0; 8],
+        })
+        .encode(1);
+        assert_eq!(
+            decode(&bytes),
+            Err(WireError::OutOfRange("encoding symbol id"))
+        );
+    }
+
+    fn arb_need() -> impl Strategy<Value = Need> {
+        (
+            any::<u32>(),
+            any::<u32>(),
+            proptest::option::of(0..=MAX_ESI),
+        )
+            .prop_map(|(block, need, highest_esi)| Need {
+                block,
+                need,
+                highest_esi,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn data_round_trips(session: u64, block: u32, esi in 0..=MAX_ESI,
+                            payload in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let mut buf = Vec::new();
+            encode_data(session, block, esi, &payload, &mut buf);
+            let got = decode(&buf).unwrap();
+            prop_assert_eq!(got.session, session);
+            prop_assert_eq!(got.frame, Frame::Data(Data { block, esi, payload: &payload }));
+        }
+
+        #[test]
+        fn session_round_trips(file_size: u64, block_size: u32, symbol_size: u16,
+                               block_count: u32, sha: [u8; 32], port: u16, fb: u32,
+                               name in "[a-z.]{0,40}") {
+            let frame = Frame::Session(SessionInfo {
+                file_size, block_size, symbol_size, block_count, file_sha256: sha,
+                feedback_port: port, feedback_interval_ms: fb, name,
+            });
+            let bytes = frame.encode(9);
+            let got = decode(&bytes).unwrap();
+            prop_assert_eq!(got.frame, frame);
+        }
+
+        #[test]
+        fn feedback_round_trips(receiver: u64, loss in 0u32..=1_000_000,
+                                needs in proptest::collection::vec(arb_need(), 0..MAX_NEEDS_PER_FRAME)) {
+            let frame = Frame::Feedback { receiver, feedback: Feedback::Needs { loss_ppm: loss, needs } };
+            let bytes = frame.encode(3);
+            let got = decode(&bytes).unwrap();
+            prop_assert_eq!(got.frame, frame);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn random_bodies_behind_a_valid_header_and_crc_never_panic(
+            kind in 0u8..8, body in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let mut bytes = Vec::from(MAGIC);
+            bytes.push(VERSION);
+            bytes.push(kind);
+            bytes.extend_from_slice(&1u64.to_le_bytes());
+            bytes.extend_from_slice(&body);
+            let crc = crc32fast::hash(&bytes);
+            bytes.extend_from_slice(&crc.to_le_bytes());
+            let _ = decode(&bytes);
+        }
+    }
+}
