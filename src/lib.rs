@@ -1,1 +1,10 @@
-//! somcast
+//! somcast: self-organizing subnet multicast for software packages.
+//!
+//! This crate wires the member crates into the `somcast` command: the data
+//! plane (`multicast`), interfaces and peers (`scanner`) and unicast repair
+//! (`repair`).
+
+pub mod cli;
+pub mod demo;
+pub mod lab;
+pub mod units;

@@ -414,7 +414,7 @@ pub struct RecvReport {
     pub layout: Layout,
     pub file_sha256: Digest,
     pub elapsed: Duration,
-    /// From the session's first datagram to the end.
+    /// From the session's first datagram to the file verified.
     pub transfer_elapsed: Duration,
     pub stats: ReceiverStats,
     /// Datagrams dropped on purpose by `drop_rate`.
@@ -471,6 +471,7 @@ pub fn receive_on(
     let mut jobs_out = 0usize;
     let mut last_progress = start;
     let mut session_start = None;
+    let mut verified_at = None;
     let result: Result<(), RecvError> = 'run: loop {
         let now = Instant::now();
         let wait = receiver
@@ -532,6 +533,9 @@ pub fn receive_on(
                         Ok(ok) => ok,
                         Err(e) => break 'run Err(write_err(e)),
                     };
+                    if ok {
+                        verified_at = Some(Instant::now());
+                    }
                     receiver.handle_file_verified(Instant::now(), ok);
                 }
                 ReceiverEvent::Complete => break 'run Ok(()),
@@ -585,7 +589,7 @@ pub fn receive_on(
         layout: receiver.layout().expect("completed"),
         file_sha256: info.file_sha256,
         elapsed: end - start,
-        transfer_elapsed: end - session_start.unwrap_or(start),
+        transfer_elapsed: verified_at.unwrap_or(end) - session_start.unwrap_or(start),
         stats: receiver.stats().clone(),
         injected_drops: drops.dropped,
         rcvbuf,

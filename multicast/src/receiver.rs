@@ -298,6 +298,12 @@ impl Receiver {
             } => self.handle_hashes(first_block, &hashes),
             Frame::EndOfPass { closing, .. } => {
                 active.pass_over = true;
+                if closing && let Phase::Done { .. } = active.phase {
+                    // The sender is gone; no acknowledgement will come.
+                    active.phase = Phase::Over;
+                    self.events.push_back(ReceiverEvent::Complete);
+                    return;
+                }
                 if closing && active.phase == Phase::Receiving {
                     let failure = ReceiveFailure::SenderClosed {
                         missing: active.missing,
@@ -406,9 +412,14 @@ impl Receiver {
         if esi >= active.layout.k() {
             self.stats.repair_symbols += 1;
         }
-        // A gap wider than K is a late join or a forged ESI, not loss.
+        // Loss is the share of ESIs the sender used that never arrived. The
+        // padding ESIs of a short last block are never sent, so positions
+        // skip them; a gap wider than K is a late join or a forged ESI.
+        let k = active.layout.k();
+        let data = active.layout.data_symbols(block);
+        let pos = |e: u32| if e < data { e } else { e - (k - data) };
         self.stats.span += match before {
-            Some(b) if esi > b => u64::from((esi - b).min(active.layout.k())),
+            Some(b) if esi > b => u64::from((pos(esi) - pos(b)).min(k)),
             Some(_) => 0,
             None => 1,
         };

@@ -1,0 +1,138 @@
+//! Command line: one subcommand per job.
+
+use std::net::SocketAddrV4;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::units::{parse_duration, parse_rate, parse_size};
+
+/// The default lab group: administratively scoped (239.192.0.0/14 is the
+/// organization-local scope of RFC 2365), so it stays inside the site.
+pub const DEFAULT_GROUP: &str = "239.192.0.1:7400";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "somcast",
+    version,
+    about = "Self-organizing subnet multicast for software packages",
+    long_about = "Self-organizing subnet multicast for software packages.\n\n\
+                  Lab commands: `somcast send` and `somcast recv` move one file over \
+                  IP multicast with RaptorQ fountain coding; `somcast demo` shows it on \
+                  loopback with no root and no network."
+)]
+pub struct Cli {
+    /// More log output (-v info, -vv debug); logs go to stderr.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Send one file to a multicast group (lab).
+    Send(SendArgs),
+    /// Receive one file from a multicast group (lab).
+    Recv(RecvArgs),
+    /// A generated file sent to several receivers over loopback multicast.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The file to send.
+    pub file: PathBuf,
+    /// Multicast group and port.
+    #[arg(long, default_value = DEFAULT_GROUP, env = "SOMCAST_GROUP")]
+    pub group: SocketAddrV4,
+    /// Interface name (eth0) or address (10.0.0.5); default: the one with the default route.
+    #[arg(long, env = "SOMCAST_IFACE")]
+    pub iface: Option<String>,
+    /// Rate on the wire, headers included, in bit/s (50M, 200M, 1G; 0 = unpaced).
+    #[arg(long, default_value = "100M", value_parser = parse_rate)]
+    pub rate: u64,
+    /// Least repair symbols per block in the first pass, in percent; raised
+    /// automatically to match the loss receivers report.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=400))]
+    pub overhead: u32,
+    /// Wait for this many receivers to join before sending.
+    #[arg(long, default_value_t = 0)]
+    pub min_receivers: u32,
+    /// Longest wait for --min-receivers; then sending starts anyway.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub join_timeout: Duration,
+    /// Bytes per block (rounded up to whole symbols); at most 64M.
+    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    pub block_size: u64,
+    /// Bytes per symbol; 1400 fits a 1500-byte MTU, up to 8900 for jumbo frames.
+    #[arg(long, default_value_t = 1400)]
+    pub symbol_size: u16,
+    /// Multicast TTL; 1 keeps traffic on the local subnet.
+    #[arg(long, default_value_t = 1)]
+    pub ttl: u32,
+    /// Print one JSON summary object on stdout at the end.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RecvArgs {
+    /// Multicast group and port.
+    #[arg(long, default_value = DEFAULT_GROUP, env = "SOMCAST_GROUP")]
+    pub group: SocketAddrV4,
+    /// Interface name (eth0) or address (10.0.0.5); default: the one with the default route.
+    #[arg(long, env = "SOMCAST_IFACE")]
+    pub iface: Option<String>,
+    /// Where to write the file; it appears only once verified.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Give up when nothing of the session is heard for this long.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Lab feature: drop this share (0..1) of received datagrams, to test
+    /// loss without root.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+    pub drop_rate: f64,
+    /// Seed of --drop-rate's choices.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Most memory for partly received blocks.
+    #[arg(long, default_value = "48M", value_parser = parse_size)]
+    pub buffer: u64,
+    /// Print one JSON summary object on stdout at the end.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Receivers to start.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub receivers: u32,
+    /// Size of the generated file.
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    pub size: u64,
+    /// Loss injected at each receiver (0..1), so repair is seen at work.
+    #[arg(long, default_value_t = 0.05, value_parser = parse_share)]
+    pub loss: f64,
+    /// Sending rate in bit/s.
+    #[arg(long, default_value = "400M", value_parser = parse_rate)]
+    pub rate: u64,
+    /// Print one JSON summary object on stdout at the end.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number between 0 and 1"))?;
+    if !(0.0..1.0).contains(&v) {
+        return Err(format!(
+            "{v} is not between 0 (inclusive) and 1 (exclusive)"
+        ));
+    }
+    Ok(v)
+}
