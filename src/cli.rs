@@ -55,7 +55,7 @@ pub struct SendArgs {
     pub rate: u64,
     /// Least repair symbols per block in the first pass, in percent; raised
     /// automatically to match the loss receivers report.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=400))]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=400))]
     pub overhead: u32,
     /// Wait for this many receivers to join before sending.
     #[arg(long, default_value_t = 0)]

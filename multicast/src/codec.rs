@@ -31,8 +31,9 @@ pub const MIN_SYMBOL_SIZE: u16 = 16;
 pub const MAX_SYMBOL_SIZE: u16 = 65_000;
 /// A block above this slows raptorq sharply and costs receivers memory.
 pub const MAX_BLOCK_SIZE: u32 = 64 << 20;
-/// Bounds the per-block tables a receiver allocates from an announcement.
-pub const MAX_BLOCKS: u32 = 1 << 22;
+/// Bounds the per-block tables a receiver allocates from one announcement
+/// (about 40 bytes a block): 4 TiB at the default block size.
+pub const MAX_BLOCKS: u32 = 1 << 20;
 /// Extra symbols over K before a decode is tried: with K+2 raptorq fails
 /// about once in a million, and a failure only means waiting for more.
 pub const DECODE_MARGIN: u32 = 2;

@@ -212,6 +212,8 @@ struct Active {
     /// Extra symbols wanted over K+margin, for blocks that failed to decode.
     extra: HashMap<u32, u32>,
     max_collectors: usize,
+    /// Blocks handed out as decode jobs and not yet back.
+    decoding: usize,
     highest_block_seen: Option<u32>,
     pass_over: bool,
     missing: u32,
@@ -355,6 +357,7 @@ impl Receiver {
             collectors: BTreeMap::new(),
             extra: HashMap::new(),
             max_collectors,
+            decoding: 0,
             highest_block_seen: None,
             pass_over: false,
             missing: layout.block_count(),
@@ -387,7 +390,8 @@ impl Receiver {
                 return;
             }
             BlockState::Missing => {
-                if active.collectors.len() >= active.max_collectors {
+                // Blocks queued for decoding still hold their symbols.
+                if active.collectors.len() + active.decoding >= active.max_collectors {
                     self.stats.dropped_no_buffer += 1;
                     return;
                 }
@@ -460,6 +464,7 @@ impl Receiver {
         }
         let collector = active.collectors.remove(&block).expect("checked above");
         active.state[block as usize] = BlockState::Decoding;
+        active.decoding += 1;
         self.jobs.push_back(DecodeJob {
             block,
             layout: active.layout,
@@ -473,6 +478,7 @@ impl Receiver {
         let Some(active) = self.active.as_mut() else {
             return;
         };
+        active.decoding -= 1;
         match result {
             BlockResult::Written { block } => {
                 active.state[block as usize] = BlockState::Done;
@@ -601,7 +607,7 @@ impl Receiver {
         };
         let room = active
             .max_collectors
-            .saturating_sub(active.collectors.len());
+            .saturating_sub(active.collectors.len() + active.decoding);
         let missing = active.state[..horizon as usize]
             .iter()
             .enumerate()
@@ -662,9 +668,11 @@ impl Receiver {
         }
     }
 
-    /// Blocks partly received and held in memory.
+    /// Blocks whose symbols are held in memory: being collected or decoded.
     pub fn buffered_blocks(&self) -> usize {
-        self.active.as_ref().map_or(0, |a| a.collectors.len())
+        self.active
+            .as_ref()
+            .map_or(0, |a| a.collectors.len() + a.decoding)
     }
 
     /// Blocks still missing.

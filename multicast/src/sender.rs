@@ -67,7 +67,7 @@ impl Default for SenderConfig {
     fn default() -> Self {
         Self {
             rate_bps: 100_000_000,
-            overhead_pct: 8,
+            overhead_pct: 5,
             interleave: 4,
             announce_interval: Duration::from_millis(100),
             feedback_interval: Duration::from_millis(40),
@@ -364,7 +364,10 @@ impl Sender {
                 if self.phase != Phase::Sending {
                     return;
                 }
-                let delivery = 1.0 - (f64::from(loss_ppm) / 1e6).min(0.9);
+                // A receiver claiming more than half its symbols lost gets
+                // repair as if it lost half: one report cannot make the
+                // sender mint more than about twice a block.
+                let delivery = 1.0 - (f64::from(loss_ppm) / 1e6).min(0.5);
                 for need in needs {
                     self.handle_need(now, need, delivery);
                 }
@@ -530,17 +533,21 @@ impl Sender {
         self.control.push_back(frame.encode(self.session));
     }
 
-    fn overhead_pct(&self) -> u32 {
+    /// Repair symbols per thousand data symbols in the first pass.
+    fn overhead_permille(&self) -> u64 {
         let live = self.peers.values().filter(|p| !p.done && !p.lost);
         let loss = live.map(|p| p.loss_ppm).max().unwrap_or(0);
         let p = (f64::from(loss) / 1e6).min(0.5);
-        // Enough repair symbols that the lossiest receiver decodes most
-        // blocks in the first pass: its expected loss with 10% headroom, plus
-        // one point for the spread of a binomial at K about 3000.
-        let adaptive = (p / (1.0 - p) * 110.0 + 1.0).ceil() as u32;
-        self.cfg
-            .overhead_pct
-            .max(if loss > 0 { adaptive } else { 0 })
+        // Just enough that the lossiest receiver expects K symbols: its loss
+        // with 2% headroom and three symbols in a thousand. Blocks that fall
+        // a few symbols short are topped up by feedback, which costs less
+        // than a larger margin on every block.
+        let adaptive = if loss > 0 {
+            (p / (1.0 - p) * 1020.0 + 3.0).ceil() as u64
+        } else {
+            0
+        };
+        (u64::from(self.cfg.overhead_pct) * 10).max(adaptive)
     }
 
     /// Starts encoding blocks of the first pass while the window has room.
@@ -557,7 +564,7 @@ impl Sender {
             self.first_pass_open += 1;
             let k = self.layout.k();
             let data = u64::from(self.layout.data_symbols(block));
-            let repair = (data * u64::from(self.overhead_pct())).div_ceil(100) as u32;
+            let repair = (data * self.overhead_permille()).div_ceil(1000) as u32;
             let tx = &mut self.blocks[block as usize];
             tx.first_pass = true;
             tx.next_esi = k + repair;

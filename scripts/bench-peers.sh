@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# One file from host 0 to N-1 receivers with somcast, udpcast and uftp, in
+# the same run and the same namespace lab, each tool paced at 95% of the
+# link rate. Prints a Markdown table: wall time (sender start to sender
+# exit; each of the three senders exits only once every receiver has
+# confirmed the file), bytes host 0 put on its link (eth0 tx
+# counter, all headers included), receivers with a byte-identical file,
+# and the ratio to the line-rate floor size*8/rate/(1-loss).
+#
+#   scripts/bench-peers.sh [--hosts 9] [--size 64M] [--rate 200] [--loss 0.05] [--runs 1]
+#                          [--tools "somcast udpcast uftp"]
+#
+# --rate is the link rate in Mbit/s. A sender still running after 60 s
+# (udpcast) or 120 s is killed: its row then shows how many receivers had
+# the file by then (udpcast can stall when a receiver's handshake is lost). Needs root; installs udpcast, uftp,
+# nftables and iproute2 if missing; always removes its namespaces.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lab.sh
+export LAB_PREFIX=scb
+
+HOSTS=9 SIZE=64M RATE=200 LOSS=0.05 RUNS=1 TOOLS="somcast udpcast uftp"
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --hosts) HOSTS=$2; shift 2 ;;
+    --size) SIZE=$2; shift 2 ;;
+    --rate) RATE=$2; shift 2 ;;
+    --loss) LOSS=$2; shift 2 ;;
+    --runs) RUNS=$2; shift 2 ;;
+    --tools) TOOLS=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+    esac
+done
+
+need=()
+command -v udp-sender >/dev/null || need+=(udpcast)
+command -v uftp >/dev/null || need+=(uftp)
+command -v bc >/dev/null || need+=(bc)
+if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+cargo build --release -q
+BIN=$PWD/target/release/somcast
+WORK=$(mktemp -d)
+trap 'lab_down; rm -rf "$WORK"' EXIT
+
+lab_up "$HOSTS" "${RATE}mbit" "$LOSS"
+head -c "$(numfmt --from=iec "$SIZE")" /dev/urandom >"$WORK/src"
+BYTES=$(stat -c %s "$WORK/src")
+PACE=$((RATE * 95 / 100))
+RECEIVERS=$((HOSTS - 1))
+FLOOR=$(echo "scale=4; $BYTES * 8 / ($RATE * 1000000) / (1 - $LOSS)" | bc)
+
+now() { date +%s.%N; }
+
+# Waits up to 10 s for receivers that should be finishing, then kills them.
+reap() {
+    local p deadline=$((SECONDS + 10))
+    for p in "$@"; do
+        while kill -0 "$p" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+        kill "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+}
+tx_bytes() { lab_exec 0 cat /sys/class/net/eth0/statistics/tx_bytes; }
+
+verify() { # dir-pattern: prints how many receivers hold an identical file
+    local ok=0 i
+    for ((i = 1; i < HOSTS; i++)); do
+        cmp -s "$WORK/src" "$(printf "$1" "$i")" && ok=$((ok + 1))
+    done
+    echo "$ok"
+}
+
+run_somcast() {
+    local pids=() i
+    for ((i = 1; i < HOSTS; i++)); do
+        rm -f "$WORK/som$i"
+        lab_exec "$i" "$BIN" recv --iface eth0 --group 239.192.0.1:7400 --out "$WORK/som$i" \
+            --timeout 60s >/dev/null 2>"$WORK/som$i.err" &
+        pids+=($!)
+    done
+    sleep 1
+    local tx0 t0 t1
+    tx0=$(tx_bytes)
+    t0=$(now)
+    timeout -s KILL 120 ip netns exec "${LAB_PREFIX}-h0" "$BIN" send "$WORK/src" --iface eth0 --group 239.192.0.1:7400 --rate "${PACE}M" \
+        --min-receivers "$RECEIVERS" --json >"$WORK/som-send.json" 2>"$WORK/som-send.err" || true
+    t1=$(now)
+    reap "${pids[@]}"
+    echo "$(echo "$t1 - $t0" | bc) $(($(tx_bytes) - tx0)) $(verify "$WORK/som%d")"
+}
+
+# udpcast never repeats a lost connect request, so with loss on every UDP
+# datagram it stalls at rendezvous in most runs. Its rendezvous therefore
+# runs without loss (--min-wait 3 holds the data back), the loss is switched
+# on before data starts, and its time counts from the data start: this
+# favours udpcast.
+run_udpcast() {
+    local pids=() i
+    for ((i = 1; i < HOSTS; i++)); do
+        rm -f "$WORK/udp$i"
+        lab_loss_off "$i"
+        lab_exec "$i" udp-receiver --interface eth0 --file "$WORK/udp$i" --nokbd \
+            --portbase 9000 --mcast-rdv-address 239.192.1.9 >/dev/null 2>"$WORK/udp$i.err" &
+        pids+=($!)
+    done
+    sleep 1
+    local tx0 t0 t1 spid
+    tx0=$(tx_bytes)
+    t0=$(now)
+    timeout -s KILL 60 ip netns exec "${LAB_PREFIX}-h0" udp-sender --interface eth0 --file "$WORK/src" \
+        --nokbd --portbase 9000 --mcast-rdv-address 239.192.1.9 --min-receivers "$RECEIVERS" \
+        --min-wait 3 --max-bitrate "${PACE}m" >/dev/null 2>"$WORK/udp-send.err" &
+    spid=$!
+    while [ "$(grep -c 'New connection' "$WORK/udp-send.err" 2>/dev/null)" -lt "$RECEIVERS" ] &&
+        kill -0 "$spid" 2>/dev/null; do sleep 0.05; done
+    for ((i = 1; i < HOSTS; i++)); do lab_loss_on "$i" "$LOSS"; done
+    wait "$spid" || true
+    t1=$(now)
+    reap "${pids[@]}"
+    # The data starts 3 s (--min-wait) after the first connection.
+    echo "$(echo "$t1 - $t0 - 3" | bc) $(($(tx_bytes) - tx0)) $(verify "$WORK/udp%d")"
+}
+
+run_uftp() {
+    local i
+    for ((i = 1; i < HOSTS; i++)); do
+        rm -rf "$WORK/uftp$i"
+        mkdir -p "$WORK/uftp$i"
+        lab_exec "$i" uftpd -I eth0 -D "$WORK/uftp$i" -L "$WORK/uftpd$i.log" -P "$WORK/uftpd$i.pid"
+    done
+    sleep 1
+    local tx0 t0 t1
+    tx0=$(tx_bytes)
+    t0=$(now)
+    timeout -s KILL 120 ip netns exec "${LAB_PREFIX}-h0" uftp -I eth0 -R "$((PACE * 1000))" -L "$WORK/uftp.log" "$WORK/src" >/dev/null 2>&1 || true
+    t1=$(now)
+    for ((i = 1; i < HOSTS; i++)); do
+        kill "$(cat "$WORK/uftpd$i.pid")" 2>/dev/null || true
+    done
+    echo "$(echo "$t1 - $t0" | bc) $(($(tx_bytes) - tx0)) $(verify "$WORK/uftp%d/src")"
+}
+
+printf '%s receivers, %s (%d bytes), %s Mbit/s links, %s receive loss, tools paced at %s Mbit/s; floor %.2f s\n\n' \
+    "$RECEIVERS" "$SIZE" "$BYTES" "$RATE" "$LOSS" "$PACE" "$FLOOR"
+echo "| tool | run | wall s | sender wire bytes | x file size | receivers identical | x floor |"
+echo "|---|---|---|---|---|---|---|"
+for ((run = 1; run <= RUNS; run++)); do
+    for tool in $TOOLS; do
+        read -r secs wire ok < <("run_$tool")
+        printf '| %s | %d | %.2f | %d | %.3f | %d/%d | %.2f |\n' "$tool" "$run" "$secs" "$wire" \
+            "$(echo "scale=4; $wire / $BYTES" | bc)" "$ok" "$RECEIVERS" "$(echo "scale=4; $secs / $FLOOR" | bc)"
+    done
+done

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# A subnet of N hosts in network namespaces on one bridge, for real
+# multicast with a per-host link rate (tc tbf) and receive loss (nft
+# numgen). Needs root. Touches nothing outside the namespaces it makes.
+#
+#   scripts/lab.sh up N [--rate 200mbit] [--loss 0.05]   build sc-h0 .. sc-h(N-1)
+#   scripts/lab.sh exec I CMD...                          run CMD on host I
+#   scripts/lab.sh down                                   remove everything
+#
+# Host I has address 10.77.0.(I+1)/24 on eth0. The bridge lives in a
+# namespace of its own (sc-sw), with IGMP snooping off so that it floods
+# multicast as a plain switch without a querier would. Loss is applied to
+# UDP arriving at hosts 1..N-1 (the receivers); host 0 is the sender.
+#
+# Sourced (`. scripts/lab.sh`), it defines lab_up, lab_exec and lab_down.
+
+LAB_PREFIX=${LAB_PREFIX:-sc}
+LAB_NET=${LAB_NET:-10.77.0}
+
+lab_need() {
+    local missing=()
+    command -v ip >/dev/null || missing+=(iproute2)
+    command -v nft >/dev/null || missing+=(nftables)
+    command -v tc >/dev/null || missing+=(iproute2)
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "lab: installing ${missing[*]}" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null ||
+            { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; }
+    fi
+}
+
+lab_exec() {
+    local i=$1
+    shift
+    ip netns exec "${LAB_PREFIX}-h${i}" "$@"
+}
+
+lab_hosts() {
+    ip netns list 2>/dev/null | awk '{print $1}' | grep -c "^${LAB_PREFIX}-h[0-9]*$" || true
+}
+
+lab_down() {
+    local ns
+    for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^${LAB_PREFIX}-\(h[0-9]*\|sw\)$"); do
+        ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+        ip netns del "$ns" 2>/dev/null || true
+    done
+}
+
+# lab_loss_on I LOSS: host I drops that share of the UDP it receives.
+lab_loss_on() {
+    local i=$1 loss=$2 per10k
+    lab_loss_off "$i"
+    [ "$loss" = "0" ] && return 0
+    per10k=$(awk -v l="$loss" 'BEGIN { printf "%d", l * 10000 + 0.5 }')
+    ip netns exec "${LAB_PREFIX}-h${i}" nft -f - <<NFT
+table inet lab {
+    chain input {
+        type filter hook input priority 0; policy accept;
+        meta l4proto udp numgen random mod 10000 < $per10k drop
+    }
+}
+NFT
+}
+
+lab_loss_off() {
+    ip netns exec "${LAB_PREFIX}-h$1" nft delete table inet lab 2>/dev/null || true
+}
+
+# lab_up N RATE LOSS
+lab_up() {
+    local n=$1 rate=${2:-200mbit} loss=${3:-0}
+    lab_need
+    lab_down
+    local sw="${LAB_PREFIX}-sw"
+    ip netns add "$sw"
+    ip -n "$sw" link add br0 type bridge
+    ip -n "$sw" link set br0 type bridge mcast_snooping 0
+    ip -n "$sw" link set br0 up
+    ip -n "$sw" link set lo up
+    local i ns
+    for ((i = 0; i < n; i++)); do
+        ns="${LAB_PREFIX}-h${i}"
+        ip netns add "$ns"
+        ip link add "${LAB_PREFIX}v${i}" type veth peer name "${LAB_PREFIX}p${i}"
+        ip link set "${LAB_PREFIX}v${i}" netns "$ns"
+        ip link set "${LAB_PREFIX}p${i}" netns "$sw"
+        ip -n "$ns" link set "${LAB_PREFIX}v${i}" name eth0
+        ip -n "$ns" addr add "${LAB_NET}.$((i + 1))/24" dev eth0
+        ip -n "$ns" link set eth0 up
+        ip -n "$ns" link set lo up
+        # Multicast leaves by eth0 without an explicit interface too.
+        ip -n "$ns" route add 224.0.0.0/4 dev eth0
+        # Limited broadcast (udpcast finds its peers so) needs a route; the
+        # switch namespace has no uplink, so nothing leaves the lab.
+        ip -n "$ns" route add default dev eth0
+        ip -n "$sw" link set "${LAB_PREFIX}p${i}" master br0
+        ip -n "$sw" link set "${LAB_PREFIX}p${i}" up
+        if [ "$rate" != "0" ] && [ -n "$rate" ]; then
+            # The host's uplink and its downlink from the switch.
+            ip netns exec "$ns" tc qdisc add dev eth0 root tbf rate "$rate" burst 64kb latency 50ms
+            ip netns exec "$sw" tc qdisc add dev "${LAB_PREFIX}p${i}" root tbf rate "$rate" burst 64kb latency 50ms
+        fi
+        if [ "$i" -gt 0 ]; then
+            lab_loss_on "$i" "$loss"
+        fi
+        # Bigger socket buffers, as a tuned lab host would have.
+        ip netns exec "$ns" sysctl -qw net.core.rmem_max=8388608 net.core.wmem_max=8388608 2>/dev/null || true
+    done
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    set -euo pipefail
+    cmd=${1:-}
+    shift || true
+    case "$cmd" in
+    up)
+        n=${1:?usage: lab.sh up N [--rate R] [--loss P]}
+        shift
+        rate=200mbit loss=0
+        while [ $# -gt 0 ]; do
+            case "$1" in
+            --rate) rate=$2; shift 2 ;;
+            --loss) loss=$2; shift 2 ;;
+            *) echo "unknown option $1" >&2; exit 2 ;;
+            esac
+        done
+        lab_up "$n" "$rate" "$loss"
+        echo "lab: $n hosts ${LAB_NET}.1..${LAB_NET}.$n, rate $rate, receive loss $loss"
+        ;;
+    exec) lab_exec "$@" ;;
+    down) lab_down ;;
+    *) echo "usage: lab.sh up N [--rate R] [--loss P] | exec I CMD... | down" >&2; exit 2 ;;
+    esac
+fi
