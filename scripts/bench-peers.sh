@@ -8,7 +8,7 @@
 # and the ratio to the line-rate floor size*8/rate/(1-loss).
 #
 #   scripts/bench-peers.sh [--hosts 9] [--size 64M] [--rate 200] [--loss 0.05] [--runs 1]
-#                          [--tools "somcast udpcast uftp"]
+#                          [--tools "somcast udpcast uftp"] [--somcast-args "--block-size 1M"]
 #
 # --rate is the link rate in Mbit/s. A sender still running after 60 s
 # (udpcast) or 120 s is killed: its row then shows how many receivers had
@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 . scripts/lab.sh
 export LAB_PREFIX=scb
 
-HOSTS=9 SIZE=64M RATE=200 LOSS=0.05 RUNS=1 TOOLS="somcast udpcast uftp"
+HOSTS=9 SIZE=64M RATE=200 LOSS=0.05 RUNS=1 TOOLS="somcast udpcast uftp" SOMCAST_ARGS=""
 while [ $# -gt 0 ]; do
     case "$1" in
     --hosts) HOSTS=$2; shift 2 ;;
@@ -28,6 +28,7 @@ while [ $# -gt 0 ]; do
     --loss) LOSS=$2; shift 2 ;;
     --runs) RUNS=$2; shift 2 ;;
     --tools) TOOLS=$2; shift 2 ;;
+    --somcast-args) SOMCAST_ARGS=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -86,7 +87,7 @@ run_somcast() {
     tx0=$(tx_bytes)
     t0=$(now)
     timeout -s KILL 120 ip netns exec "${LAB_PREFIX}-h0" "$BIN" send "$WORK/src" --iface eth0 --group 239.192.0.1:7400 --rate "${PACE}M" \
-        --min-receivers "$RECEIVERS" --json >"$WORK/som-send.json" 2>"$WORK/som-send.err" || true
+        --min-receivers "$RECEIVERS" $SOMCAST_ARGS --json >"$WORK/som-send.json" 2>"$WORK/som-send.err" || true
     t1=$(now)
     reap "${pids[@]}"
     echo "$(echo "$t1 - $t0" | bc) $(($(tx_bytes) - tx0)) $(verify "$WORK/som%d")"

@@ -5,7 +5,7 @@
 //! `spawn_blocking` under tokio).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, ErrorKind, Read};
+use std::io::{self, ErrorKind};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -468,8 +468,8 @@ pub fn receive_on(
     };
     let mut drops = Dropper::new(opts.drop_rate, opts.drop_seed);
     let mut file: Option<File> = None;
-    let (job_tx, job_rx) = mpsc::channel::<(DecodeJob, File)>();
-    let (done_tx, done_rx) = mpsc::channel::<Result<BlockResult, io::Error>>();
+    let (job_tx, job_rx) = mpsc::channel::<Work>();
+    let (done_tx, done_rx) = mpsc::channel::<WorkDone>();
     let worker = thread::Builder::new()
         .name("somcast-decode".into())
         .spawn(move || decode_worker(job_rx, done_tx))
@@ -523,10 +523,14 @@ pub fn receive_on(
             });
         }
         while let Ok(done) = done_rx.try_recv() {
-            jobs_out -= 1;
             match done {
-                Ok(result) => receiver.handle_decoded(result),
-                Err(e) => break 'run Err(write_err(e)),
+                WorkDone::Block(Ok(result)) => {
+                    jobs_out -= 1;
+                    receiver.handle_decoded(result);
+                }
+                WorkDone::Block(Err(e)) => break 'run Err(write_err(e)),
+                // Only sent in answer to Finish, which waits for it.
+                WorkDone::FileHash(_) => {}
             }
         }
         let now = Instant::now();
@@ -549,9 +553,23 @@ pub fn receive_on(
                 }
                 ReceiverEvent::AllBlocksWritten => {
                     let expected = receiver.file_sha256().expect("a session is active");
+                    let layout = receiver.layout().expect("a session is active");
                     let f = file.as_ref().expect("created at SessionFound");
-                    let ok = match whole_file_matches(f, expected) {
-                        Ok(ok) => ok,
+                    let clone = match f.try_clone() {
+                        Ok(c) => c,
+                        Err(e) => break 'run Err(write_err(e)),
+                    };
+                    let _ = job_tx.send(Work::Finish(clone, layout));
+                    // Every block result is in, so the next message is the hash.
+                    let got = loop {
+                        match done_rx.recv() {
+                            Ok(WorkDone::FileHash(h)) => break h,
+                            Ok(WorkDone::Block(_)) => continue,
+                            Err(_) => break Err(io::Error::other("decode thread ended")),
+                        }
+                    };
+                    let ok = match got {
+                        Ok(digest) => digest == expected,
                         Err(e) => break 'run Err(write_err(e)),
                     };
                     if ok {
@@ -568,7 +586,7 @@ pub fn receive_on(
             match f.try_clone() {
                 Ok(f) => {
                     jobs_out += 1;
-                    let _ = job_tx.send((job, f));
+                    let _ = job_tx.send(Work::Decode(job, f));
                 }
                 Err(e) => break 'run Err(write_err(e)),
             }
@@ -635,41 +653,89 @@ fn create_partial(path: &Path, size: u64) -> io::Result<File> {
     Ok(file)
 }
 
-fn whole_file_matches(file: &File, expected: Digest) -> io::Result<bool> {
-    let mut hasher = Sha256::new();
-    let mut reader = file.try_clone()?;
-    std::io::Seek::rewind(&mut reader)?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    let got: Digest = hasher.finalize().into();
-    Ok(got == expected)
+/// Work for the decode thread.
+enum Work {
+    Decode(DecodeJob, File),
+    /// Every block is written: finish the whole-file hash.
+    Finish(File, Layout),
 }
 
-fn decode_worker(
-    jobs: mpsc::Receiver<(DecodeJob, File)>,
-    out: mpsc::Sender<Result<BlockResult, io::Error>>,
-) {
-    for (job, file) in jobs {
-        let result = match job.run() {
-            DecodeOutcome::Verified {
-                block,
-                offset,
-                len,
-                data,
-            } => fileio::write_all_at(&file, &data[..len], offset)
-                .map(|()| BlockResult::Written { block }),
-            DecodeOutcome::NeedMore { block, collector } => {
-                Ok(BlockResult::NeedMore { block, collector })
+/// What the decode thread sends back.
+enum WorkDone {
+    Block(io::Result<BlockResult>),
+    FileHash(io::Result<Digest>),
+}
+
+/// Hashes the whole file as blocks complete in order, from the decoded data
+/// already in memory; blocks that completed early are read back once their
+/// turn comes. Saves re-reading the whole file at the end.
+#[derive(Default)]
+struct FileHasher {
+    hasher: Sha256,
+    next: u32,
+    written: Vec<bool>,
+}
+
+impl FileHasher {
+    fn written(&mut self, layout: &Layout, file: &File, block: u32, data: &[u8]) -> io::Result<()> {
+        if self.written.is_empty() {
+            self.written = vec![false; layout.block_count() as usize];
+        }
+        self.written[block as usize] = true;
+        if block == self.next {
+            self.hasher.update(data);
+            self.next += 1;
+        }
+        self.catch_up(layout, file, false)
+    }
+
+    /// Hashes written blocks from `next` on, reading them back; with `all`,
+    /// every remaining block.
+    fn catch_up(&mut self, layout: &Layout, file: &File, all: bool) -> io::Result<()> {
+        let mut buf = Vec::new();
+        while self.next < layout.block_count()
+            && (all || self.written.get(self.next as usize) == Some(&true))
+        {
+            let len = layout.block_len(self.next);
+            buf.resize(len, 0);
+            fileio::read_exact_at(file, &mut buf, layout.offset(self.next))?;
+            self.hasher.update(&buf);
+            self.next += 1;
+        }
+        Ok(())
+    }
+}
+
+fn decode_worker(jobs: mpsc::Receiver<Work>, out: mpsc::Sender<WorkDone>) {
+    let mut hasher = FileHasher::default();
+    for work in jobs {
+        let done = match work {
+            Work::Decode(job, file) => {
+                let layout = job.layout();
+                WorkDone::Block(match job.run() {
+                    DecodeOutcome::Verified {
+                        block,
+                        offset,
+                        len,
+                        data,
+                    } => fileio::write_all_at(&file, &data[..len], offset)
+                        .and_then(|()| hasher.written(&layout, &file, block, &data[..len]))
+                        .map(|()| BlockResult::Written { block }),
+                    DecodeOutcome::NeedMore { block, collector } => {
+                        Ok(BlockResult::NeedMore { block, collector })
+                    }
+                    DecodeOutcome::Corrupt { block } => Ok(BlockResult::Corrupt { block }),
+                })
             }
-            DecodeOutcome::Corrupt { block } => Ok(BlockResult::Corrupt { block }),
+            Work::Finish(file, layout) => {
+                let mut h = std::mem::take(&mut hasher);
+                WorkDone::FileHash(
+                    h.catch_up(&layout, &file, true)
+                        .map(|()| h.hasher.finalize().into()),
+                )
+            }
         };
-        if out.send(result).is_err() {
+        if out.send(done).is_err() {
             return;
         }
     }

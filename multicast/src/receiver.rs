@@ -92,6 +92,10 @@ pub enum DecodeOutcome {
 }
 
 impl DecodeJob {
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
     pub fn run(self) -> DecodeOutcome {
         let block = self.block;
         match self.collector.decode(&self.layout) {

@@ -6,7 +6,8 @@
 //!    announce interval. Receivers answer JOIN (unicast, to the feedback
 //!    port). With `min_receivers` the sender waits for that many joins (up to
 //!    `join_timeout`); otherwise for `startup`.
-//! 2. *Sending*: blocks are opened in order, `interleave` at a time, and sent
+//! 2. *Sending*: blocks are opened in order, as many at a time as fit in
+//!    `interleave_bytes` (at least one, at most 16), and sent
 //!    round robin one symbol each, so a burst of loss hits many blocks
 //!    lightly. Each block gets its K source symbols plus an overhead share of
 //!    repair symbols (the larger of `--overhead` and what the lossiest
@@ -46,8 +47,9 @@ pub struct SenderConfig {
     pub rate_bps: u64,
     /// Least share of repair symbols per block in the first pass, percent.
     pub overhead_pct: u32,
-    /// Blocks sent interleaved at once.
-    pub interleave: u32,
+    /// Bytes of blocks sent interleaved at once. Receivers buffer about
+    /// this much (their default cap is 48 MiB), so keep it well below that.
+    pub interleave_bytes: u64,
     pub announce_interval: Duration,
     /// Least interval between a receiver's reports; grows with receivers.
     pub feedback_interval: Duration,
@@ -68,7 +70,7 @@ impl Default for SenderConfig {
         Self {
             rate_bps: 100_000_000,
             overhead_pct: 5,
-            interleave: 4,
+            interleave_bytes: 16 << 20,
             announce_interval: Duration::from_millis(100),
             feedback_interval: Duration::from_millis(40),
             min_receivers: 0,
@@ -550,6 +552,13 @@ impl Sender {
         (u64::from(self.cfg.overhead_pct) * 10).max(adaptive)
     }
 
+    /// Blocks sent interleaved: as many as fit in `interleave_bytes`, so a
+    /// burst of loss spreads over them, within what receivers buffer.
+    fn interleave(&self) -> u32 {
+        let blocks = self.cfg.interleave_bytes / u64::from(self.layout.block_size());
+        blocks.clamp(1, 16) as u32
+    }
+
     /// Starts encoding blocks of the first pass while the window has room.
     fn open_blocks(&mut self) {
         if self.phase != Phase::Sending {
@@ -557,7 +566,7 @@ impl Sender {
         }
         // Two blocks beyond the window are prepared ahead, so the encoder
         // runs while the window sends and the link never waits for it.
-        let depth = self.cfg.interleave.max(1) + 2;
+        let depth = self.interleave() + 2;
         while self.first_pass_open < depth && self.next_new_block < self.layout.block_count() {
             let block = self.next_new_block;
             self.next_new_block += 1;
@@ -582,7 +591,7 @@ impl Sender {
             .iter()
             .filter(|&&b| self.blocks[b as usize].first_pass)
             .count() as u32;
-        let mut room = self.cfg.interleave.max(1).saturating_sub(in_window);
+        let mut room = self.interleave().saturating_sub(in_window);
         while room > 0 {
             let Some(block) = self.staged.pop_front() else {
                 break;
