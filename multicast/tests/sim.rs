@@ -2,12 +2,14 @@
 //! seeded loss: the protocol logic without sockets, deterministically.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use multicast::codec::{Layout, Plan, pad_block, sha256};
-use multicast::receiver::{BlockResult, DecodeOutcome, Receiver, ReceiverConfig, ReceiverEvent};
+use multicast::receiver::{
+    BlockResult, DecodeJob, DecodeOutcome, Receiver, ReceiverConfig, ReceiverEvent,
+};
 use multicast::sender::{EncodedBatch, Sender, SenderConfig, SenderObject};
 use multicast::wire::{self, Frame};
 
@@ -39,6 +41,9 @@ struct SimReceiver {
     joins_at: Instant,
     outcome: Option<Result<(), String>>,
     max_buffered: usize,
+    /// How long a decode job takes, in virtual time: a slow CPU.
+    decode_delay: Duration,
+    decoding: VecDeque<(Instant, DecodeJob)>,
 }
 
 /// What the subnet carries in flight: (deliver at, seq, to, bytes); `to`
@@ -114,6 +119,8 @@ impl Sim {
             joins_at: self.now + joins_after,
             outcome: None,
             max_buffered: 0,
+            decode_delay: Duration::ZERO,
+            decoding: VecDeque::new(),
         });
         self.receivers.len() - 1
     }
@@ -182,6 +189,10 @@ impl Sim {
                 let mut feedback = Vec::new();
                 loop {
                     while let Some(job) = r.rx.poll_job() {
+                        r.decoding.push_back((now + r.decode_delay, job));
+                    }
+                    while r.decoding.front().is_some_and(|(t, _)| *t <= now) {
+                        let (_, job) = r.decoding.pop_front().unwrap();
                         let result = match job.run() {
                             DecodeOutcome::Verified {
                                 block,
@@ -235,6 +246,9 @@ impl Sim {
                 if r.outcome.is_none() {
                     let t = r.rx.poll_timeout().unwrap_or(next).max(r.joins_at);
                     next = next.min(t);
+                    if let Some((t, _)) = r.decoding.front() {
+                        next = next.min(*t);
+                    }
                 }
             }
             if let Some(Reverse((t, ..))) = self.net.peek() {
@@ -386,6 +400,23 @@ fn receiver_memory_stays_within_its_buffer_cap() {
         "{}",
         sim.receivers[r].max_buffered
     );
+}
+
+#[test]
+fn blocks_waiting_for_a_slow_decoder_count_against_the_buffer_cap() {
+    let data = file_bytes(3_000_000, 8);
+    let mut sim = Sim::new(data, 100_000, 500, cfg(), 8);
+    let r = sim.add_receiver(0.05, Duration::ZERO, 4 * 100_100);
+    // Each decode takes 20 ms while a block arrives every 8 ms or so.
+    sim.receivers[r].decode_delay = Duration::from_millis(20);
+    sim.run(Duration::from_secs(60));
+    sim.assert_all_verified();
+    assert!(
+        sim.receivers[r].max_buffered <= 4,
+        "{}",
+        sim.receivers[r].max_buffered
+    );
+    assert!(sim.receivers[r].rx.stats().dropped_no_buffer > 0);
 }
 
 #[test]
