@@ -38,6 +38,8 @@ pub enum Command {
     Recv(RecvArgs),
     /// A generated file sent to several receivers over loopback multicast.
     Demo(DemoArgs),
+    /// This host's interfaces, subnets, multicast interface and kernel limits.
+    Scan(ScanArgs),
 }
 
 #[derive(Debug, Args)]
@@ -121,6 +123,16 @@ pub struct DemoArgs {
     #[arg(long, default_value = "400M", value_parser = parse_rate)]
     pub rate: u64,
     /// Print one JSON summary object on stdout at the end.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ScanArgs {
+    /// Interface name (eth0) or address to report as the multicast interface.
+    #[arg(long, env = "SOMCAST_IFACE")]
+    pub iface: Option<String>,
+    /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
 }

@@ -7,4 +7,5 @@
 pub mod cli;
 pub mod demo;
 pub mod lab;
+pub mod scan;
 pub mod units;

@@ -326,3 +326,27 @@ fn a_killed_sender_leaves_no_file_behind() {
     assert!(!out.exists());
     assert!(!multicast::driver::partial_path(&out).exists());
 }
+
+#[test]
+fn scan_json_lists_loopback_with_string_addresses() {
+    let o = Command::new(BIN).args(["scan", "--json"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = json(&o.stdout);
+    let ifaces = s["interfaces"].as_array().unwrap();
+    let lo = ifaces
+        .iter()
+        .find(|i| i["loopback"] == true)
+        .expect("a loopback interface");
+    let addrs = lo["addresses"].as_array().unwrap();
+    assert!(
+        addrs
+            .iter()
+            .any(|a| a["address"] == "127.0.0.1" && a["subnet"] == "127.0.0.0/8"),
+        "{lo}"
+    );
+    let o = Command::new(BIN)
+        .args(["scan", "--iface", "127.0.0.1", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(json(&o.stdout)["multicast_interface"], lo["name"]);
+}

@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         Command::Send(a) => somcast::lab::send(a),
         Command::Recv(a) => somcast::lab::recv(a),
         Command::Demo(a) => somcast::demo::run(a),
+        Command::Scan(a) => somcast::scan::run(a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
