@@ -290,8 +290,7 @@ fn transmit_all(
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     thread::sleep(Duration::from_micros(200))
                 }
-                // ENOBUFS under a burst on some systems: same remedy.
-                Err(e) if e.raw_os_error() == Some(105) => {
+                Err(e) if socket::is_no_buffer_space(&e) => {
                     thread::sleep(Duration::from_micros(200))
                 }
                 Err(e) => return Err(SendError::Send(e)),

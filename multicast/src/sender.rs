@@ -415,12 +415,16 @@ impl Sender {
             return;
         }
         tx.next_esi = first + count;
-        self.jobs.push_back(EncodeJob {
+        self.queue_job(EncodeJob {
             block,
             with_source: false,
             repair_first_esi: first,
             repair_count: count,
         });
+    }
+
+    fn queue_job(&mut self, job: EncodeJob) {
+        self.jobs.push_back(job);
         self.jobs_out += 1;
     }
 
@@ -577,13 +581,12 @@ impl Sender {
             let tx = &mut self.blocks[block as usize];
             tx.first_pass = true;
             tx.next_esi = k + repair;
-            self.jobs.push_back(EncodeJob {
+            self.queue_job(EncodeJob {
                 block,
                 with_source: true,
                 repair_first_esi: k,
                 repair_count: repair,
             });
-            self.jobs_out += 1;
         }
         // Move prepared blocks into the round robin while it has room.
         let in_window = self

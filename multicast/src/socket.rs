@@ -2,7 +2,7 @@
 //! about socket options.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use thiserror::Error;
@@ -132,7 +132,30 @@ pub fn local_port(socket: &UdpSocket) -> io::Result<u16> {
     socket.local_addr().map(|a| a.port())
 }
 
-/// A unicast address of `socket`'s peer for display.
-pub fn display_addr(addr: &SocketAddr) -> String {
-    addr.to_string()
+/// ENOBUFS: the interface queue is full for a moment (Linux and the BSDs
+/// report it on UDP sends under a burst); waiting is the remedy.
+pub fn is_no_buffer_space(e: &io::Error) -> bool {
+    #[cfg(target_os = "linux")]
+    const ENOBUFS: i32 = 105;
+    #[cfg(any(target_os = "macos", target_os = "freebsd", target_os = "openbsd"))]
+    const ENOBUFS: i32 = 55;
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "macos",
+        target_os = "freebsd",
+        target_os = "openbsd"
+    ))]
+    {
+        e.raw_os_error() == Some(ENOBUFS)
+    }
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "macos",
+        target_os = "freebsd",
+        target_os = "openbsd"
+    )))]
+    {
+        let _ = e;
+        false
+    }
 }
