@@ -328,7 +328,10 @@ impl Receiver {
                 }
             }
             Frame::Session(_) | Frame::DoneAck { .. } => {}
-            Frame::Feedback { .. } => self.stats.other_session += 1,
+            Frame::Feedback { .. }
+            | Frame::Presence(_)
+            | Frame::Probe { .. }
+            | Frame::Bye { .. } => self.stats.other_session += 1,
         }
     }
 

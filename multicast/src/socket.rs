@@ -112,6 +112,11 @@ pub fn open_receiver(
 /// `iface`, bound to an ephemeral port of that interface that takes
 /// feedback. Loopback stays on so receivers on the same host hear it.
 pub fn open_sender(iface: Ipv4Addr, ttl: u32) -> Result<UdpSocket, SocketError> {
+    open_unicast(iface, 0, ttl)
+}
+
+/// Like [`open_sender`], bound to `port` of `iface` (0: any free port).
+pub fn open_unicast(iface: Ipv4Addr, port: u16, ttl: u32) -> Result<UdpSocket, SocketError> {
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     let _ = socket.set_send_buffer_size(WANTED_SNDBUF);
     let _ = socket.set_recv_buffer_size(WANTED_RCVBUF / 4);
@@ -120,10 +125,10 @@ pub fn open_sender(iface: Ipv4Addr, ttl: u32) -> Result<UdpSocket, SocketError> 
         .map_err(|source| SocketError::MulticastIf { iface, source })?;
     socket.set_multicast_loop_v4(true)?;
     socket.set_multicast_ttl_v4(ttl)?;
-    let bind = SocketAddrV4::new(iface, 0);
+    let bind = SocketAddrV4::new(iface, port);
     socket
         .bind(&SockAddr::from(bind))
-        .map_err(|source| SocketError::Bind { port: 0, source })?;
+        .map_err(|source| SocketError::Bind { port, source })?;
     Ok(socket.into())
 }
 

@@ -37,6 +37,17 @@ pub const HASHES_PER_FRAME: usize = 40;
 pub const MAX_NEEDS_PER_FRAME: usize = 96;
 /// Longest file name a session may announce.
 pub const MAX_NAME_LEN: usize = 255;
+/// Addresses one presence announcement may list.
+pub const MAX_ADDRS: usize = 8;
+/// Contents one presence announcement may summarize: the newest first; the
+/// rest is for repair's HAVE exchange, not for presence.
+pub const MAX_HELD: usize = 16;
+/// Longest version string an agent may announce.
+pub const MAX_VERSION_LEN: usize = 32;
+/// Shortest and longest presence interval an agent may announce: peers
+/// expire it after three of them, so both ends must stay sane.
+pub const MIN_INTERVAL_MS: u32 = 100;
+pub const MAX_INTERVAL_MS: u32 = 600_000;
 
 /// A SHA-256 digest.
 pub type Digest = [u8; 32];
@@ -92,6 +103,58 @@ pub enum Feedback {
     Done,
 }
 
+/// The inputs of a representative election, as an agent announces them.
+/// Better first: preference, then (in the election) share held, then wired,
+/// free disk, uptime.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rank {
+    /// Operator preference: higher wins; 0 = no preference.
+    pub preference: u8,
+    /// Wired (`Some(true)`), wireless (`Some(false)`), or not known.
+    pub wired: Option<bool>,
+    /// Free space where the cache lives, in MiB.
+    pub free_disk_mib: u64,
+    /// Seconds since the agent started.
+    pub uptime_s: u64,
+}
+
+/// How much of one content an agent holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    /// The first 8 bytes of the content id (its SHA-256).
+    pub content: [u8; 8],
+    pub blocks_done: u32,
+    pub block_count: u32,
+}
+
+/// An IPv4 address with its prefix length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddrV4 {
+    pub addr: [u8; 4],
+    pub prefix: u8,
+}
+
+/// An agent's presence announcement, on the control group every interval,
+/// or unicast as the answer to a probe.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announce {
+    /// Survives restarts (stored in the agent's cache directory).
+    pub node: u64,
+    /// Random per start: a new one means the node restarted.
+    pub incarnation: u32,
+    pub seq: u32,
+    /// How often this agent announces; peers expire it after three.
+    pub interval_ms: u32,
+    pub version: String,
+    pub addrs: Vec<AddrV4>,
+    /// Port of the control API, 0 if it has none.
+    pub api_port: u16,
+    pub rank: Rank,
+    pub held: Vec<Held>,
+    /// The probe this announcement answers, if any.
+    pub reply_to: Option<u64>,
+}
+
 /// Every datagram somcast sends, by kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
@@ -112,6 +175,23 @@ pub enum Frame<'a> {
     DoneAck {
         receiver: u64,
     },
+    /// Control group: an agent is here.
+    Presence(Announce),
+    /// Control group or unicast: "who is there?" `from_node` is `None` when
+    /// the prober is not an agent (`somcast scan --probe`). With
+    /// `unicast_reply` the answer goes back to the prober alone; without, the
+    /// agent announces itself to the group early instead, so one announcement
+    /// answers every agent that asked at about the same time.
+    Probe {
+        nonce: u64,
+        from_node: Option<u64>,
+        unicast_reply: bool,
+    },
+    /// Control group: an agent leaves (clean shutdown).
+    Bye {
+        node: u64,
+        incarnation: u32,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -127,6 +207,19 @@ struct EndOfPassBody {
 }
 
 #[derive(Serialize, Deserialize)]
+struct ProbeBody {
+    nonce: u64,
+    from_node: Option<u64>,
+    unicast_reply: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ByeBody {
+    node: u64,
+    incarnation: u32,
+}
+
+#[derive(Serialize, Deserialize)]
 struct FeedbackBody {
     receiver: u64,
     feedback: Feedback,
@@ -139,6 +232,9 @@ mod kind {
     pub const END_OF_PASS: u8 = 4;
     pub const FEEDBACK: u8 = 5;
     pub const DONE_ACK: u8 = 6;
+    pub const PRESENCE: u8 = 7;
+    pub const PROBE: u8 = 8;
+    pub const BYE: u8 = 9;
 }
 
 /// Why a datagram was refused.
@@ -210,6 +306,26 @@ impl Frame<'_> {
                 std::mem::take(out),
             ),
             Frame::DoneAck { receiver } => postcard::to_extend(receiver, std::mem::take(out)),
+            Frame::Presence(announce) => postcard::to_extend(announce, std::mem::take(out)),
+            Frame::Probe {
+                nonce,
+                from_node,
+                unicast_reply,
+            } => postcard::to_extend(
+                &ProbeBody {
+                    nonce: *nonce,
+                    from_node: *from_node,
+                    unicast_reply: *unicast_reply,
+                },
+                std::mem::take(out),
+            ),
+            Frame::Bye { node, incarnation } => postcard::to_extend(
+                &ByeBody {
+                    node: *node,
+                    incarnation: *incarnation,
+                },
+                std::mem::take(out),
+            ),
         };
         *out = body.expect("postcard serialization into a Vec is infallible for wire types");
         let crc = crc32fast::hash(out);
@@ -231,6 +347,9 @@ impl Frame<'_> {
             Frame::EndOfPass { .. } => kind::END_OF_PASS,
             Frame::Feedback { .. } => kind::FEEDBACK,
             Frame::DoneAck { .. } => kind::DONE_ACK,
+            Frame::Presence(_) => kind::PRESENCE,
+            Frame::Probe { .. } => kind::PROBE,
+            Frame::Bye { .. } => kind::BYE,
         }
     }
 }
@@ -321,6 +440,22 @@ pub fn decode(bytes: &[u8]) -> Result<Datagram<'_>, WireError> {
         kind::DONE_ACK => Frame::DoneAck {
             receiver: strict(body)?,
         },
+        kind::PRESENCE => Frame::Presence(check_announce(strict(body)?)?),
+        kind::PROBE => {
+            let p: ProbeBody = strict(body)?;
+            Frame::Probe {
+                nonce: p.nonce,
+                from_node: p.from_node,
+                unicast_reply: p.unicast_reply,
+            }
+        }
+        kind::BYE => {
+            let b: ByeBody = strict(body)?;
+            Frame::Bye {
+                node: b.node,
+                incarnation: b.incarnation,
+            }
+        }
         other => return Err(WireError::BadKind(other)),
     };
     Ok(Datagram { session, frame })
@@ -341,6 +476,26 @@ fn check_session(info: SessionInfo) -> Result<SessionInfo, WireError> {
     // The geometry itself is validated by `Layout::from_session`, which the
     // receiver calls before it trusts any of these numbers.
     Ok(info)
+}
+
+fn check_announce(a: Announce) -> Result<Announce, WireError> {
+    if !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&a.interval_ms) {
+        return Err(WireError::OutOfRange("presence interval"));
+    }
+    if a.version.len() > MAX_VERSION_LEN {
+        return Err(WireError::OutOfRange("version length"));
+    }
+    if a.addrs.len() > MAX_ADDRS || a.addrs.iter().any(|x| x.prefix > 32) {
+        return Err(WireError::OutOfRange("addresses"));
+    }
+    if a.held.len() > MAX_HELD
+        || a.held
+            .iter()
+            .any(|h| h.blocks_done > h.block_count || h.block_count == 0)
+    {
+        return Err(WireError::OutOfRange("held contents"));
+    }
+    Ok(a)
 }
 
 #[cfg(test)]
@@ -389,7 +544,71 @@ mod tests {
                 feedback: Feedback::Join,
             },
             Frame::DoneAck { receiver: 78 },
+            Frame::Presence(sample_announce()),
+            Frame::Probe {
+                nonce: 99,
+                from_node: Some(3),
+                unicast_reply: false,
+            },
+            Frame::Probe {
+                nonce: 100,
+                from_node: None,
+                unicast_reply: true,
+            },
+            Frame::Bye {
+                node: 3,
+                incarnation: 7,
+            },
         ]
+    }
+
+    fn sample_announce() -> Announce {
+        Announce {
+            node: 0x0123_4567_89AB_CDEF,
+            incarnation: 17,
+            seq: 4,
+            interval_ms: 5000,
+            version: "0.1.0".into(),
+            addrs: vec![AddrV4 {
+                addr: [10, 99, 0, 2],
+                prefix: 24,
+            }],
+            api_port: 7480,
+            rank: Rank {
+                preference: 0,
+                wired: Some(true),
+                free_disk_mib: 120_000,
+                uptime_s: 3600,
+            },
+            held: vec![Held {
+                content: [1; 8],
+                blocks_done: 3,
+                block_count: 16,
+            }],
+            reply_to: None,
+        }
+    }
+
+    #[test]
+    fn announcements_outside_their_limits_are_refused() {
+        type Spoil = fn(&mut Announce);
+        let cases: Vec<(Spoil, &str)> = vec![
+            (|a| a.interval_ms = 0, "presence interval"),
+            (|a| a.interval_ms = MAX_INTERVAL_MS + 1, "presence interval"),
+            (
+                |a| a.version = "x".repeat(MAX_VERSION_LEN + 1),
+                "version length",
+            ),
+            (|a| a.addrs[0].prefix = 33, "addresses"),
+            (|a| a.held[0].blocks_done = 17, "held contents"),
+            (|a| a.held[0].block_count = 0, "held contents"),
+        ];
+        for (spoil, what) in cases {
+            let mut a = sample_announce();
+            spoil(&mut a);
+            let bytes = Frame::Presence(a).encode(0);
+            assert_eq!(decode(&bytes), Err(WireError::OutOfRange(what)));
+        }
     }
 
     #[test]
@@ -494,7 +713,7 @@ mod tests {
 
         #[test]
         fn random_bodies_behind_a_valid_header_and_crc_never_panic(
-            kind in 0u8..8, body in proptest::collection::vec(any::<u8>(), 0..400)) {
+            kind in 0u8..12, body in proptest::collection::vec(any::<u8>(), 0..400)) {
             let mut bytes = Vec::from(MAGIC);
             bytes.push(VERSION);
             bytes.push(kind);
