@@ -11,6 +11,8 @@ use crate::units::{parse_duration, parse_rate, parse_size};
 /// The default lab group: administratively scoped (239.192.0.0/14 is the
 /// organization-local scope of RFC 2365), so it stays inside the site.
 pub const DEFAULT_GROUP: &str = "239.192.0.1:7400";
+/// The control group agents announce themselves on (same scope).
+pub const DEFAULT_CONTROL_GROUP: &str = "239.192.0.2:7479";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,8 +40,11 @@ pub enum Command {
     Recv(RecvArgs),
     /// A generated file sent to several receivers over loopback multicast.
     Demo(DemoArgs),
-    /// This host's interfaces, subnets, multicast interface and kernel limits.
+    /// This host's interfaces, subnets, multicast interface and kernel
+    /// limits; with --probe, the agents that answer on this subnet.
     Scan(ScanArgs),
+    /// The daemon on every endpoint: presence on the subnet, control API.
+    Agent(AgentArgs),
 }
 
 #[derive(Debug, Args)]
@@ -132,9 +137,50 @@ pub struct ScanArgs {
     /// Interface name (eth0) or address to report as the multicast interface.
     #[arg(long, env = "SOMCAST_IFACE")]
     pub iface: Option<String>,
+    /// Probe the control group and list every agent that answers.
+    #[arg(long)]
+    pub probe: bool,
+    /// How long to wait for answers to --probe.
+    #[arg(long, default_value = "1500ms", value_parser = parse_duration)]
+    pub wait: Duration,
+    /// The agents' control group.
+    #[arg(long, default_value = DEFAULT_CONTROL_GROUP, env = "SOMCAST_CONTROL_GROUP")]
+    pub control_group: SocketAddrV4,
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `somcast agent`. Every flag also comes from a SOMCAST_* variable and
+/// from the config file; a flag beats the variable, which beats the file.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// TOML file with any of the settings below (iface, cache, api, token,
+    /// control_group, presence_interval, preference).
+    #[arg(long, env = "SOMCAST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Interface name (eth0) or address; default: the one with the default route.
+    #[arg(long, env = "SOMCAST_IFACE")]
+    pub iface: Option<String>,
+    /// Cache directory: node id, API token, packages.
+    #[arg(long, env = "SOMCAST_CACHE")]
+    pub cache: Option<PathBuf>,
+    /// Address of the control API (default 127.0.0.1:7480; port 0 picks one).
+    #[arg(long, env = "SOMCAST_API")]
+    pub api: Option<std::net::SocketAddr>,
+    /// Bearer token the control API requires; default: one generated and
+    /// kept in <cache>/api-token.
+    #[arg(long, env = "SOMCAST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The control group agents announce themselves on.
+    #[arg(long, env = "SOMCAST_CONTROL_GROUP")]
+    pub control_group: Option<SocketAddrV4>,
+    /// How often this agent announces itself (peers drop it after three).
+    #[arg(long, env = "SOMCAST_PRESENCE_INTERVAL", value_parser = parse_duration)]
+    pub presence_interval: Option<Duration>,
+    /// Operator preference in elections: higher wins (0-255).
+    #[arg(long, env = "SOMCAST_PREFERENCE")]
+    pub preference: Option<u8>,
 }
 
 fn parse_share(s: &str) -> Result<f64, String> {

@@ -4,6 +4,7 @@
 //! plane (`multicast`), interfaces and peers (`scanner`) and unicast repair
 //! (`repair`).
 
+pub mod agent;
 pub mod cli;
 pub mod demo;
 pub mod lab;

@@ -1,8 +1,12 @@
 //! `somcast scan`: this host's interfaces, subnets, the interface multicast
 //! would use, and the kernel limits that matter for it.
 
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
 use anyhow::Context;
 use scanner::inventory::{Interface, Inventory};
+use scanner::neighbours::neighbours;
+use scanner::probe::{Answer, ProbeReport};
 use serde_json::json;
 
 use crate::cli::ScanArgs;
@@ -46,12 +50,107 @@ pub fn run(args: &ScanArgs) -> anyhow::Result<bool> {
         )),
         Some(_) => {}
     }
+    let probe = if args.probe {
+        Some(run_probe(args, chosen, &mut advice)?)
+    } else {
+        None
+    };
     if args.json {
-        println!("{}", to_json(&inv, chosen, &advice));
+        let mut v = to_json(&inv, chosen, &advice);
+        if let Some((via, report)) = &probe {
+            v["probe"] = probe_json(args, *via, report);
+        }
+        println!("{v}");
     } else {
         print_text(&inv, chosen, &advice);
+        if let Some((via, report)) = &probe {
+            print_probe(args, *via, report);
+        }
     }
-    Ok(true)
+    // A probe nobody answered is a failed check, for scripts.
+    Ok(probe.is_none_or(|(_, r)| !r.answers.is_empty()))
+}
+
+fn run_probe(
+    args: &ScanArgs,
+    chosen: Option<&Interface>,
+    advice: &mut Vec<String>,
+) -> anyhow::Result<(Ipv4Addr, ProbeReport)> {
+    let via = crate::lab::pick_iface(args.iface.as_deref())?;
+    let port = args.control_group.port();
+    let hints: Vec<SocketAddr> = neighbours(chosen.map(|i| i.name.as_str()))
+        .into_iter()
+        .filter(|ip| *ip != via)
+        .map(|ip| SocketAddrV4::new(ip, port).into())
+        .collect();
+    let nonce = multicast::driver::random_id();
+    let report = scanner::probe::probe(args.control_group, via, &hints, args.wait, nonce)
+        .with_context(|| format!("probing {} via {via}", args.control_group))?;
+    if report.answers.is_empty() {
+        advice.push(format!(
+            "no agent answered on {} via {via} within {:?}: check that agents run there \
+             (somcast agent) with the same control group, that no firewall drops UDP port {port} \
+             (in and out, on this host and theirs), that the switch's IGMP snooping has a querier \
+             or is off, and that Wi-Fi client isolation is off",
+            args.control_group, args.wait
+        ));
+    }
+    Ok((via, report))
+}
+
+fn answer_json(a: &Answer) -> serde_json::Value {
+    let an = &a.announce;
+    json!({
+        "node": format!("{:016x}", an.node),
+        "address": a.from.ip().to_string(),
+        "port": a.from.port(),
+        "rtt_ms": a.rtt.as_secs_f64() * 1000.0,
+        "version": an.version,
+        "api_port": an.api_port,
+        "addresses": an.addrs.iter()
+            .map(|x| format!("{}/{}", Ipv4Addr::from(x.addr), x.prefix))
+            .collect::<Vec<_>>(),
+        "rank": {
+            "preference": an.rank.preference,
+            "wired": an.rank.wired,
+            "free_disk_mib": an.rank.free_disk_mib,
+            "uptime_s": an.rank.uptime_s,
+        },
+        "contents_held": an.held.len(),
+    })
+}
+
+fn probe_json(args: &ScanArgs, via: Ipv4Addr, r: &ProbeReport) -> serde_json::Value {
+    json!({
+        "control_group": args.control_group.to_string(),
+        "via": via.to_string(),
+        "wait_ms": args.wait.as_millis() as u64,
+        "agents": r.answers.iter().map(answer_json).collect::<Vec<_>>(),
+        "ignored_datagrams": r.ignored,
+    })
+}
+
+fn print_probe(args: &ScanArgs, via: Ipv4Addr, r: &ProbeReport) {
+    println!(
+        "probe of {} via {via}: {} agent(s) answered within {:?}",
+        args.control_group,
+        r.answers.len(),
+        args.wait
+    );
+    if r.answers.is_empty() {
+        return; // the advice above says what to check
+    }
+    println!("node              address                rtt       version  api");
+    for a in &r.answers {
+        println!(
+            "{:016x}  {:<21}  {:>6.2} ms  {:<7}  {}",
+            a.announce.node,
+            a.from.to_string(),
+            a.rtt.as_secs_f64() * 1000.0,
+            a.announce.version,
+            a.announce.api_port
+        );
+    }
 }
 
 fn iface_json(i: &Interface) -> serde_json::Value {

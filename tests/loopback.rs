@@ -12,25 +12,9 @@ use std::time::Duration;
 
 use somcast::demo::{generate_file, private_group};
 
-const BIN: &str = env!("CARGO_BIN_EXE_somcast");
+mod common;
 
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!(
-            "somcast-test-{tag}-{}-{:x}",
-            std::process::id(),
-            multicast::driver::random_id()
-        ));
-        fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+use common::{BIN, TempDir, json};
 
 fn spawn_recv(group: SocketAddrV4, out: &Path, drop_rate: f64, seed: u64) -> Child {
     Command::new(BIN)
@@ -61,12 +45,6 @@ fn send(group: SocketAddrV4, file: &Path, min_receivers: u32) -> Output {
         .arg(file)
         .output()
         .unwrap()
-}
-
-fn json(out: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(out).unwrap_or_else(|e| {
-        panic!("not JSON ({e}): {}", String::from_utf8_lossy(out));
-    })
 }
 
 /// Sends a file of `size` bytes to two receivers losing `loss` each, and

@@ -1,3 +1,4 @@
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -6,8 +7,14 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The agent is a daemon: its events are its output.
+    let quiet = if matches!(cli.command, Command::Agent(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     let default = match cli.verbose {
-        0 => "warn",
+        0 => quiet,
         1 => "info",
         _ => "debug",
     };
@@ -16,12 +23,14 @@ fn main() -> ExitCode {
             EnvFilter::try_from_env("SOMCAST_LOG").unwrap_or_else(|_| EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match &cli.command {
         Command::Send(a) => somcast::lab::send(a),
         Command::Recv(a) => somcast::lab::recv(a),
         Command::Demo(a) => somcast::demo::run(a),
         Command::Scan(a) => somcast::scan::run(a),
+        Command::Agent(a) => somcast::agent::main(a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

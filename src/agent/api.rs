@@ -1,0 +1,142 @@
+//! The control API: HTTP + JSON behind a bearer token.
+//!
+//! `GET /v1/status`: the agent, its interface and subnet, and its peer table.
+//! Every other route answers 404 in JSON; a request without the token, 401.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use super::Agent;
+use crate::lab::hex;
+
+/// A JSON error with its status: `{"error": "..."}`.
+pub struct ApiError(pub StatusCode, pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(agent.clone(), require_token))
+        .with_state(agent)
+}
+
+/// Serves the API on `listener` until `stop` turns true.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    agent: Arc<Agent>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    axum::serve(listener, router(agent))
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await?;
+    Ok(())
+}
+
+async fn require_token(
+    State(agent): State<Arc<Agent>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if same(t.trim().as_bytes(), agent.token.as_bytes()) => next.run(req).await,
+        _ => {
+            let mut r = ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token: send `Authorization: Bearer <token>` (the agent's --token, or <cache>/api-token)".into(),
+            )
+            .into_response();
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r
+        }
+    }
+}
+
+/// Compares in time that does not depend on where the inputs differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {} {}", req.method(), req.uri().path()),
+    )
+}
+
+async fn status(State(agent): State<Arc<Agent>>) -> Json<Value> {
+    let p = agent.presence();
+    let now = std::time::Instant::now();
+    let peer = |peer: &scanner::Peer| {
+        let a = &peer.announce;
+        json!({
+            "node": format!("{:016x}", a.node),
+            "addr": peer.addr.to_string(),
+            "version": a.version,
+            "api_port": a.api_port,
+            "last_heard_ms": now.saturating_duration_since(peer.last_heard).as_millis() as u64,
+            "rank": {
+                "preference": a.rank.preference,
+                "wired": a.rank.wired,
+                "free_disk_mib": a.rank.free_disk_mib,
+                "uptime_s": a.rank.uptime_s,
+            },
+            "held": a.held.iter().map(|h| json!({
+                "content": hex(&h.content),
+                "blocks_done": h.blocks_done,
+                "block_count": h.block_count,
+            })).collect::<Vec<_>>(),
+        })
+    };
+    let mut peers: Vec<Value> = p.peers().map(peer).collect();
+    peers.sort_by(|a, b| a["addr"].as_str().cmp(&b["addr"].as_str()));
+    let foreign: Vec<Value> = p.foreign_peers().map(peer).collect();
+    let s = p.stats();
+    Json(json!({
+        "node": format!("{:016x}", agent.node),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": agent.started.elapsed().as_secs(),
+        "iface": { "name": agent.iface_name, "addr": agent.iface_addr.to_string() },
+        "subnet": agent.subnet.map(|s| s.to_string()),
+        "control_group": agent.config.control_group.to_string(),
+        "rank": {
+            "preference": p.local().rank.preference,
+            "wired": p.local().rank.wired,
+            "free_disk_mib": p.local().rank.free_disk_mib,
+            "uptime_s": p.local().rank.uptime_s,
+        },
+        "peers": peers,
+        "foreign_peers": foreign,
+        "presence": {
+            "datagrams_in": s.datagrams_in,
+            "malformed": s.malformed,
+            "not_presence": s.not_presence,
+            "announcements_sent": s.announcements_sent,
+            "probes_sent": s.probes_sent,
+            "answers_sent": s.answers_sent,
+            "answers_limited": s.answers_limited,
+            "bytes_sent": s.bytes_sent,
+        },
+    }))
+}

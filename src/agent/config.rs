@@ -1,0 +1,191 @@
+//! The agent's settings: defaults, then the config file, then SOMCAST_*
+//! variables, then flags (clap merges the last two).
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::cli::{AgentArgs, DEFAULT_CONTROL_GROUP};
+use crate::units::parse_duration;
+
+/// Where the control API listens unless told otherwise: this host only, so
+/// a fresh install exposes nothing.
+pub const DEFAULT_API: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7480));
+/// Default presence interval: at 5 s an agent sends about 17 B/s.
+pub const DEFAULT_PRESENCE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The config file, every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    iface: Option<String>,
+    cache: Option<PathBuf>,
+    api: Option<SocketAddr>,
+    token: Option<String>,
+    control_group: Option<SocketAddrV4>,
+    presence_interval: Option<String>,
+    preference: Option<u8>,
+}
+
+/// Settings the agent runs with, validated.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Interface spec (name or address); `None` = the default route's.
+    pub iface: Option<String>,
+    pub cache: PathBuf,
+    pub api: SocketAddr,
+    /// `None`: generate one and keep it in the cache directory.
+    pub token: Option<String>,
+    pub control_group: SocketAddrV4,
+    pub presence_interval: Duration,
+    pub preference: u8,
+}
+
+impl AgentConfig {
+    pub fn load(args: &AgentArgs) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let presence_interval = match (&args.presence_interval, &file.presence_interval) {
+            (Some(d), _) => *d,
+            (None, Some(s)) => parse_duration(s)
+                .map_err(|e| anyhow::anyhow!("presence_interval in the config file: {e}"))?,
+            (None, None) => DEFAULT_PRESENCE_INTERVAL,
+        };
+        let min = Duration::from_millis(u64::from(multicast::wire::MIN_INTERVAL_MS));
+        let max = Duration::from_millis(u64::from(multicast::wire::MAX_INTERVAL_MS));
+        if !(min..=max).contains(&presence_interval) {
+            bail!("presence interval {presence_interval:?} is outside {min:?}..={max:?}");
+        }
+        let control_group = args
+            .control_group
+            .or(file.control_group)
+            .unwrap_or_else(|| DEFAULT_CONTROL_GROUP.parse().expect("constant parses"));
+        if !control_group.ip().is_multicast() {
+            bail!(
+                "control group {control_group} is not a multicast address (use 224.0.0.0/4, e.g. {DEFAULT_CONTROL_GROUP})"
+            );
+        }
+        let token = args.token.clone().or(file.token);
+        if let Some(t) = &token
+            && (t.len() < 8 || !t.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            bail!("the API token must be at least 8 printable characters without spaces");
+        }
+        Ok(Self {
+            iface: args.iface.clone().or(file.iface),
+            cache: args
+                .cache
+                .clone()
+                .or(file.cache)
+                .unwrap_or_else(default_cache_dir),
+            api: args.api.or(file.api).unwrap_or(DEFAULT_API),
+            token,
+            control_group,
+            presence_interval,
+            preference: args.preference.or(file.preference).unwrap_or(0),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+}
+
+/// The platform's place for a machine-wide cache, or the user's when not
+/// running as a service account.
+fn default_cache_dir() -> PathBuf {
+    #[cfg(windows)]
+    {
+        let base = std::env::var_os("ProgramData").unwrap_or_else(|| "C:\\ProgramData".into());
+        PathBuf::from(base).join("somcast")
+    }
+    #[cfg(target_os = "macos")]
+    {
+        PathBuf::from("/Library/Caches/somcast")
+    }
+    #[cfg(not(any(windows, target_os = "macos")))]
+    {
+        if Path::new("/var/cache").is_dir() && is_root() {
+            PathBuf::from("/var/cache/somcast")
+        } else if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+            PathBuf::from(x).join("somcast")
+        } else if let Some(h) = std::env::var_os("HOME") {
+            PathBuf::from(h).join(".cache").join("somcast")
+        } else {
+            PathBuf::from("somcast-cache")
+        }
+    }
+}
+
+#[cfg(not(any(windows, target_os = "macos")))]
+fn is_root() -> bool {
+    // /proc/self/status carries the real uid; no libc call needed.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> AgentArgs {
+        let mut argv = vec!["somcast", "agent"];
+        argv.extend_from_slice(extra);
+        match crate::cli::Cli::parse_from(argv).command {
+            crate::cli::Command::Agent(a) => a,
+            _ => unreachable!("parsed an agent command"),
+        }
+    }
+
+    #[test]
+    fn flags_beat_the_file_which_beats_the_defaults() {
+        let dir = std::env::temp_dir().join(format!("somcast-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("somcast.toml");
+        std::fs::write(
+            &file,
+            "iface = \"eth7\"\ncache = \"/srv/c\"\npresence_interval = \"2s\"\npreference = 9\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let c = AgentConfig::load(&args(&["--config", f, "--iface", "lo"])).unwrap();
+        assert_eq!(c.iface.as_deref(), Some("lo"));
+        assert_eq!(c.cache, PathBuf::from("/srv/c"));
+        assert_eq!(c.presence_interval, Duration::from_secs(2));
+        assert_eq!(c.preference, 9);
+        assert_eq!(c.api, DEFAULT_API);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_bad_config_file_is_refused_with_its_reason() {
+        let dir = std::env::temp_dir().join(format!("somcast-badcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("somcast.toml");
+        std::fs::write(&file, "ifcae = \"eth0\"\n").unwrap();
+        let err = AgentConfig::load(&args(&["--config", file.to_str().unwrap()])).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("unknown field `ifcae`"),
+            "{err:#}"
+        );
+        let err = AgentConfig::load(&args(&["--token", "short"])).unwrap_err();
+        assert!(err.to_string().contains("at least 8"));
+        let err = AgentConfig::load(&args(&["--control-group", "10.0.0.1:7479"])).unwrap_err();
+        assert!(err.to_string().contains("not a multicast address"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,207 @@
+//! `somcast agent`: the daemon on every endpoint. For now it runs presence
+//! on the subnet's control group and serves the control API; distribution
+//! tasks build on both.
+
+pub mod api;
+pub mod config;
+mod presence;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context;
+use multicast::wire::AddrV4;
+use scanner::inventory::Inventory;
+use scanner::{LocalNode, Presence, PresenceConfig, Subnet};
+use tokio::sync::watch;
+
+use crate::cli::AgentArgs;
+pub use config::AgentConfig;
+
+/// What the agent's tasks share.
+pub struct Agent {
+    pub node: u64,
+    pub started: Instant,
+    pub iface_name: Option<String>,
+    pub iface_addr: Ipv4Addr,
+    pub subnet: Option<Subnet>,
+    pub config: AgentConfig,
+    pub token: String,
+    pub presence: Mutex<Presence>,
+}
+
+impl Agent {
+    /// Locks the presence machine. A panic while it was held cannot leave
+    /// it half-updated in a way that matters more than stopping would, so a
+    /// poisoned lock is taken over.
+    pub fn presence(&self) -> std::sync::MutexGuard<'_, Presence> {
+        self.presence
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Parses settings, then runs the agent until SIGINT or SIGTERM.
+pub fn main(args: &AgentArgs) -> anyhow::Result<bool> {
+    let config = AgentConfig::load(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("somcast-agent")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(config, shutdown_signal()))?;
+    Ok(true)
+}
+
+/// Runs the agent until `shutdown` resolves: then it says goodbye to the
+/// subnet and stops.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.cache)
+        .with_context(|| format!("creating cache directory {}", config.cache.display()))?;
+    let (node, note) = scanner::node::load_or_create(&config.cache, multicast::driver::random_id)
+        .with_context(|| format!("node id in {}", config.cache.display()))?;
+    if let Some(note) = note {
+        tracing::warn!("{note}");
+    }
+    let token = load_token(&config)?;
+    let iface_addr = crate::lab::pick_iface(config.iface.as_deref())?;
+    let (iface_name, prefix) = describe_iface(iface_addr);
+    let subnet = prefix.map(|p| Subnet::of(iface_addr, p));
+    let me = LocalNode {
+        node,
+        version: env!("CARGO_PKG_VERSION").into(),
+        addrs: vec![AddrV4 {
+            addr: iface_addr.octets(),
+            prefix: prefix.unwrap_or(32),
+        }],
+        api_port: config.api.port(),
+        rank: Default::default(),
+        held: Vec::new(),
+    };
+    let presence_cfg = PresenceConfig {
+        interval: config.presence_interval,
+        ..PresenceConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind(config.api)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the control API to {} (is another agent running?)",
+                config.api
+            )
+        })?;
+    let api_addr: SocketAddr = listener.local_addr()?;
+    let mut me = me;
+    me.api_port = api_addr.port();
+    let agent = Arc::new(Agent {
+        node,
+        started: Instant::now(),
+        iface_name: iface_name.clone(),
+        iface_addr,
+        subnet,
+        presence: Mutex::new(Presence::new(
+            presence_cfg,
+            me,
+            subnet,
+            Instant::now(),
+            multicast::driver::random_id(),
+        )),
+        config,
+        token,
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let sockets = presence::open(&agent)?;
+    tracing::info!(
+        "agent {node:016x} on {} ({iface_addr}{}), control group {}, control API on http://{api_addr}",
+        iface_name.as_deref().unwrap_or("?"),
+        subnet.map(|s| format!(", subnet {s}")).unwrap_or_default(),
+        agent.config.control_group,
+    );
+    let presence_task = tokio::spawn(presence::run(agent.clone(), sockets, stop_rx.clone()));
+    let api_task = tokio::spawn(api::serve(listener, agent.clone(), stop_rx));
+    shutdown.await;
+    tracing::info!("agent {node:016x} stopping");
+    let _ = stop_tx.send(true);
+    presence_task.await.context("presence task")??;
+    api_task.await.context("API task")??;
+    Ok(())
+}
+
+/// The interface's name and prefix length, where the inventory knows them.
+fn describe_iface(addr: Ipv4Addr) -> (Option<String>, Option<u8>) {
+    let Ok(inv) = Inventory::scan() else {
+        return (None, None);
+    };
+    for i in &inv.interfaces {
+        for a in &i.addresses {
+            if a.addr == std::net::IpAddr::V4(addr) {
+                return (Some(i.name.clone()), Some(a.prefix_len));
+            }
+        }
+    }
+    (None, None)
+}
+
+/// The configured token, or the one kept in `<cache>/api-token`, created on
+/// first start (readable by its owner only).
+fn load_token(config: &AgentConfig) -> anyhow::Result<String> {
+    if let Some(t) = &config.token {
+        return Ok(t.clone());
+    }
+    let path = config.cache.join("api-token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_string();
+        if t.len() >= 8 {
+            return Ok(t);
+        }
+    }
+    let t = format!(
+        "{:016x}{:016x}",
+        multicast::driver::random_id(),
+        multicast::driver::random_id()
+    );
+    write_private(&path, &t).with_context(|| format!("writing {}", path.display()))?;
+    tracing::warn!(
+        "no --token given: the control API token is in {}",
+        path.display()
+    );
+    Ok(t)
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    scanner::node::write_atomically(path, format!("{text}\n").as_bytes())?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT, and on SIGTERM where there is one.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

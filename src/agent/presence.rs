@@ -1,0 +1,159 @@
+//! The thin tokio side of presence: two sockets, a timer, and the rank
+//! inputs refreshed now and then. All decisions are the state machine's.
+
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use multicast::wire::Rank;
+use scanner::{Dest, PresenceEvent};
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+
+use super::Agent;
+
+/// The control group socket (multicast in) and the agent's own unicast
+/// socket (everything out, probes and answers in).
+pub struct Sockets {
+    group: UdpSocket,
+    unicast: UdpSocket,
+}
+
+pub fn open(agent: &Agent) -> anyhow::Result<Sockets> {
+    let group_addr = agent.config.control_group;
+    let (group, report) = multicast::socket::open_receiver(group_addr, agent.iface_addr)
+        .with_context(|| format!("joining the control group {group_addr}"))?;
+    if report.capped() {
+        tracing::debug!("control socket buffer capped at {} bytes", report.granted);
+    }
+    // TTL 1: presence is about this subnet only. The unicast socket takes
+    // the control port on the interface's own address, where neighbour-cache
+    // probes look for it; a second agent on one host (labs, tests) cannot,
+    // and takes any port: its announcements say where it is.
+    let unicast = match multicast::socket::open_unicast(agent.iface_addr, group_addr.port(), 1) {
+        Ok(s) => s,
+        Err(_) => multicast::socket::open_sender(agent.iface_addr, 1)?,
+    };
+    group.set_nonblocking(true)?;
+    unicast.set_nonblocking(true)?;
+    Ok(Sockets {
+        group: UdpSocket::from_std(group)?,
+        unicast: UdpSocket::from_std(unicast)?,
+    })
+}
+
+/// How often rank inputs (free disk, uptime) and neighbour hints are
+/// refreshed, in presence intervals.
+const REFRESH_INTERVALS: u32 = 6;
+
+pub async fn run(
+    agent: Arc<Agent>,
+    sockets: Sockets,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let group: SocketAddr = agent.config.control_group.into();
+    let mut gbuf = vec![0u8; multicast::wire::MAX_DATAGRAM];
+    let mut ubuf = vec![0u8; multicast::wire::MAX_DATAGRAM];
+    let mut refresh = tokio::time::interval(agent.config.presence_interval * REFRESH_INTERVALS);
+    loop {
+        let wake = agent.presence().poll_timeout();
+        tokio::select! {
+            r = sockets.group.recv_from(&mut gbuf) => {
+                if let Some((n, from)) = received(r) {
+                    agent.presence().handle_datagram(Instant::now(), from, &gbuf[..n]);
+                }
+            }
+            r = sockets.unicast.recv_from(&mut ubuf) => {
+                if let Some((n, from)) = received(r) {
+                    agent.presence().handle_datagram(Instant::now(), from, &ubuf[..n]);
+                }
+            }
+            _ = tokio::time::sleep_until(wake.into()) => {
+                agent.presence().handle_timeout(Instant::now());
+            }
+            _ = refresh.tick() => refresh_local(&agent),
+            _ = stop.changed() => {
+                agent.presence().leave();
+                flush(&agent, &sockets.unicast, group).await;
+                return Ok(());
+            }
+        }
+        flush(&agent, &sockets.unicast, group).await;
+    }
+}
+
+fn received(r: std::io::Result<(usize, SocketAddr)>) -> Option<(usize, SocketAddr)> {
+    match r {
+        Ok(x) => Some(x),
+        Err(e) => {
+            // ICMP errors from earlier unicast sends surface here on some
+            // systems; nothing to do but go on.
+            tracing::debug!("control socket: {e}");
+            None
+        }
+    }
+}
+
+async fn flush(agent: &Agent, socket: &UdpSocket, group: SocketAddr) {
+    let (out, events) = {
+        let mut p = agent.presence();
+        let out: Vec<_> = std::iter::from_fn(|| p.poll_transmit()).collect();
+        let events: Vec<_> = std::iter::from_fn(|| p.poll_event()).collect();
+        (out, events)
+    };
+    for t in out {
+        let to = match t.dest {
+            Dest::Group => group,
+            Dest::To(a) => a,
+        };
+        if let Err(e) = socket.send_to(&t.bytes, to).await {
+            tracing::debug!("presence send to {to}: {e}");
+        }
+    }
+    for ev in events {
+        match ev {
+            PresenceEvent::Joined { node, addr } => {
+                tracing::info!("peer {node:016x} joined from {addr}")
+            }
+            PresenceEvent::Restarted { node, addr } => {
+                tracing::info!("peer {node:016x} restarted, now at {addr}")
+            }
+            PresenceEvent::Left { node, because } => {
+                tracing::info!("peer {node:016x} left ({because:?})")
+            }
+            PresenceEvent::Foreign { node, addr } => {
+                tracing::info!("agent {node:016x} heard from another subnet ({addr}); kept apart")
+            }
+        }
+    }
+}
+
+/// Rank inputs and neighbour hints, read again now and then.
+fn refresh_local(agent: &Agent) {
+    let free = fs4::available_space(&agent.config.cache).unwrap_or(0);
+    let wired = agent
+        .iface_name
+        .as_deref()
+        .and_then(|n| {
+            let inv = scanner::inventory::Inventory::scan().ok()?;
+            inv.interfaces.into_iter().find(|i| i.name == n)?.wireless
+        })
+        .map(|wireless| !wireless);
+    let port = agent.config.control_group.port();
+    let hints: Vec<SocketAddr> = scanner::neighbours::neighbours(agent.iface_name.as_deref())
+        .into_iter()
+        .filter(|ip| *ip != agent.iface_addr)
+        .map(|ip| SocketAddrV4::new(ip, port).into())
+        .collect();
+    let mut p = agent.presence();
+    let mut me = p.local().clone();
+    me.rank = Rank {
+        preference: agent.config.preference,
+        wired,
+        free_disk_mib: free / (1024 * 1024),
+        uptime_s: agent.started.elapsed().as_secs(),
+    };
+    p.set_local(me);
+    p.add_candidates(hints);
+}
