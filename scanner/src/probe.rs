@@ -26,8 +26,12 @@ pub struct ProbeReport {
     pub ignored: u64,
 }
 
+/// Probes sent per scan, spread over the first half of the wait: one lost
+/// probe must not hide an agent (at 20% loss, three leave 0.8% unseen).
+const ROUNDS: u64 = 3;
+
 /// Sends a probe from an ephemeral port of `iface` to `group` and to each of
-/// `unicast`, and collects answers for `wait`.
+/// `unicast`, repeated [`ROUNDS`] times, and collects answers for `wait`.
 pub fn probe(
     group: SocketAddrV4,
     iface: Ipv4Addr,
@@ -37,26 +41,43 @@ pub fn probe(
 ) -> Result<ProbeReport, multicast::socket::SocketError> {
     // TTL 1: the probe asks this subnet only, as agents announce.
     let socket: UdpSocket = multicast::socket::open_sender(iface, 1)?;
-    let probe = Frame::Probe {
-        nonce,
-        from_node: None,
-        unicast_reply: true,
-    }
-    .encode(0);
-    let sent = Instant::now();
-    socket.send_to(&probe, group)?;
-    for to in unicast {
-        // A neighbour that is gone is no reason to stop.
-        let _ = socket.send_to(&probe, to);
-    }
+    let start = Instant::now();
+    let deadline = start + wait;
+    let mut sent_at: Vec<Instant> = Vec::new();
     let mut best: HashMap<u64, Answer> = HashMap::new();
     let mut ignored = 0;
     let mut buf = vec![0u8; wire::MAX_DATAGRAM];
-    let deadline = sent + wait;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let round = sent_at.len() as u64;
+        let next_send = start + wait.mul_f64(round as f64 / (2 * ROUNDS) as f64);
+        if round < ROUNDS && Instant::now() >= next_send {
+            // Each round has its own nonce, so an answer's round trip is
+            // measured from the probe it answers.
+            let probe = Frame::Probe {
+                nonce: nonce.wrapping_add(round),
+                from_node: None,
+                unicast_reply: true,
+            }
+            .encode(0);
+            sent_at.push(Instant::now());
+            socket.send_to(&probe, group)?;
+            for to in unicast {
+                // A neighbour that is gone is no reason to stop.
+                let _ = socket.send_to(&probe, to);
+            }
+            continue;
+        }
+        let until = if round < ROUNDS {
+            next_send.min(deadline)
+        } else {
+            deadline
+        };
+        let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            break;
+            if Instant::now() >= deadline {
+                break;
+            }
+            continue;
         }
         socket.set_read_timeout(Some(left))?;
         let (n, from) = match socket.recv_from(&mut buf) {
@@ -65,20 +86,31 @@ pub fn probe(
                 if e.kind() == std::io::ErrorKind::WouldBlock
                     || e.kind() == std::io::ErrorKind::TimedOut =>
             {
-                break;
+                continue;
             }
             // ICMP port unreachable from a unicast hint: not an agent.
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
             Err(e) => return Err(e.into()),
         };
-        let rtt = sent.elapsed();
+        let now = Instant::now();
+        let round_of = |reply: Option<u64>| {
+            let r = reply?.wrapping_sub(nonce);
+            sent_at.get(usize::try_from(r).ok()?).copied()
+        };
         match wire::decode(&buf[..n]).map(|d| d.frame) {
-            Ok(Frame::Presence(a)) if a.reply_to == Some(nonce) => {
-                best.entry(a.node).or_insert(Answer {
-                    from,
-                    rtt,
-                    announce: a,
-                });
+            Ok(Frame::Presence(a)) if round_of(a.reply_to).is_some() => {
+                let rtt = now - round_of(a.reply_to).expect("checked just above");
+                let keep = best.get(&a.node).is_none_or(|b| rtt < b.rtt);
+                if keep {
+                    best.insert(
+                        a.node,
+                        Answer {
+                            from,
+                            rtt,
+                            announce: a,
+                        },
+                    );
+                }
             }
             _ => ignored += 1,
         }
