@@ -62,7 +62,7 @@ pub fn send(args: &SendArgs) -> anyhow::Result<bool> {
         block_size,
         symbol_size: args.symbol_size,
         ttl: args.ttl,
-        session_id: None,
+        ..SendOptions::default()
     };
     let bar = progress_bar(0, args.json);
     let mut on_progress = |p: SendProgress| {

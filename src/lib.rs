@@ -7,6 +7,8 @@
 pub mod agent;
 pub mod cli;
 pub mod demo;
+pub mod election;
 pub mod lab;
+pub mod manifest;
 pub mod scan;
 pub mod units;

@@ -8,7 +8,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -55,6 +56,10 @@ pub enum SendError {
     Socket(#[from] SocketError),
     #[error("sending to the group failed: {0}")]
     Send(#[source] io::Error),
+    #[error("the known block hashes do not match the file's block count")]
+    HashCount,
+    #[error("stopped")]
+    Stopped,
 }
 
 #[derive(Debug, Error)]
@@ -71,6 +76,28 @@ pub enum RecvError {
     Recv(#[source] io::Error),
     #[error(transparent)]
     Failed(#[from] ReceiveFailure),
+    #[error(
+        "the session on this group carries another object (SHA-256 or size differ from the manifest)"
+    )]
+    WrongSession,
+    #[error("stopped")]
+    Stopped,
+}
+
+/// A download to resume: a full-size file in which some blocks are already
+/// present and verified. It is kept when the receive fails and is never
+/// renamed: its owner verifies and moves it.
+pub struct ResumeInto<'a> {
+    pub file: &'a File,
+    pub path: &'a Path,
+    pub done: &'a [bool],
+    pub block_hashes: &'a [Digest],
+    pub file_sha256: Digest,
+    pub file_size: u64,
+    /// Called with each block as it is written and verified.
+    pub on_block: &'a mut dyn FnMut(u32),
+    /// Set to stop receiving; the receive then fails with `Stopped`.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// Options of [`send_file`].
@@ -83,6 +110,14 @@ pub struct SendOptions {
     pub ttl: u32,
     /// Session id; random when `None`.
     pub session_id: Option<u64>,
+    /// Block hashes and file hash known beforehand (from a manifest): the
+    /// file is then not read up front, so it may still be arriving.
+    pub known_hashes: Option<(Vec<Digest>, Digest)>,
+    /// How many leading blocks of the file are present; `None` = all. The
+    /// first pass waits for blocks beyond it (fetch and multicast pipelined).
+    pub available: Option<Arc<AtomicU32>>,
+    /// Set to stop sending (a cancelled task); the send then fails.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl Default for SendOptions {
@@ -93,6 +128,9 @@ impl Default for SendOptions {
             symbol_size: crate::codec::DEFAULT_SYMBOL_SIZE,
             ttl: 1,
             session_id: None,
+            known_hashes: None,
+            available: None,
+            stop: None,
         }
     }
 }
@@ -159,7 +197,11 @@ pub fn send_file(
     let file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
     let layout = Layout::for_file(size, opts.block_size, opts.symbol_size)?;
-    let (hashes, file_sha256) = hash_file(&file, &layout).map_err(read_err)?;
+    let (hashes, file_sha256) = match &opts.known_hashes {
+        Some((h, f)) if h.len() == layout.block_count() as usize => (h.clone(), *f),
+        Some(_) => return Err(SendError::HashCount),
+        None => hash_file(&file, &layout).map_err(read_err)?,
+    };
     if !group.ip().is_multicast() {
         return Err(SocketError::NotMulticast(*group.ip()).into());
     }
@@ -199,6 +241,16 @@ pub fn send_file(
     let mut data_start = None;
     let result = loop {
         let now = Instant::now();
+        if opts
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
+        {
+            break Err(SendError::Stopped);
+        }
+        if let Some(a) = &opts.available {
+            sender.set_available(a.load(Ordering::Acquire));
+        }
         let mut failed = None;
         while let Ok(batch) = batch_rx.try_recv() {
             match batch {
@@ -458,9 +510,36 @@ pub fn receive_on(
     opts: &RecvOptions,
     progress: &mut dyn FnMut(RecvProgress),
 ) -> Result<RecvReport, RecvError> {
+    receive_core(socket, rcvbuf, out, None, opts, progress)
+}
+
+/// Receives into a download in progress (see [`ResumeInto`]) on a joined
+/// socket.
+pub fn receive_resume(
+    socket: UdpSocket,
+    rcvbuf: BufferReport,
+    into: ResumeInto,
+    opts: &RecvOptions,
+    progress: &mut dyn FnMut(RecvProgress),
+) -> Result<RecvReport, RecvError> {
+    let out = into.path.to_owned();
+    receive_core(socket, rcvbuf, &out, Some(into), opts, progress)
+}
+
+fn receive_core(
+    socket: UdpSocket,
+    rcvbuf: BufferReport,
+    out: &Path,
+    mut resume: Option<ResumeInto>,
+    opts: &RecvOptions,
+    progress: &mut dyn FnMut(RecvProgress),
+) -> Result<RecvReport, RecvError> {
     let start = Instant::now();
     let mut receiver = Receiver::new(start, opts.session.clone());
-    let partial = partial_path(out);
+    let partial = match &resume {
+        Some(r) => r.path.to_owned(),
+        None => partial_path(out),
+    };
     let write_err = |source| RecvError::Write {
         path: partial.clone(),
         source,
@@ -485,6 +564,13 @@ pub fn receive_on(
         .set_read_timeout(Some(Duration::from_millis(5)))
         .map_err(RecvError::Recv)?;
     let result: Result<(), RecvError> = 'run: loop {
+        if resume
+            .as_ref()
+            .and_then(|r| r.stop.as_ref())
+            .is_some_and(|s| s.load(Ordering::Relaxed))
+        {
+            break 'run Err(RecvError::Stopped);
+        }
         // While traffic flows, drain whatever the socket holds and then
         // sleep a millisecond: one wakeup per millisecond instead of one per
         // datagram (at 200 Mbit/s that is 25 KB of a multi-megabyte
@@ -525,6 +611,9 @@ pub fn receive_on(
             match done {
                 WorkDone::Block(Ok(result)) => {
                     jobs_out -= 1;
+                    if let (BlockResult::Written { block }, Some(r)) = (&result, resume.as_mut()) {
+                        (r.on_block)(*block);
+                    }
                     receiver.handle_decoded(result);
                 }
                 WorkDone::Block(Err(e)) => break 'run Err(write_err(e)),
@@ -544,6 +633,17 @@ pub fn receive_on(
                         size = info.file_size,
                         "session found"
                     );
+                    if let Some(r) = &resume {
+                        if info.file_sha256 != r.file_sha256 || info.file_size != r.file_size {
+                            break 'run Err(RecvError::WrongSession);
+                        }
+                        receiver.preset(r.block_hashes, r.done);
+                        match r.file.try_clone() {
+                            Ok(f) => file = Some(f),
+                            Err(e) => break 'run Err(write_err(e)),
+                        }
+                        continue;
+                    }
                     let f = create_partial(&partial, info.file_size).map_err(write_err);
                     match f {
                         Ok(f) => file = Some(f),
@@ -606,16 +706,20 @@ pub fn receive_on(
     let _ = worker.join();
     if let Err(e) = result {
         drop(file);
-        let _ = fs::remove_file(&partial);
+        if resume.is_none() {
+            let _ = fs::remove_file(&partial);
+        }
         return Err(e);
     }
     let file = file.expect("a completed session has a file");
     file.sync_all().map_err(write_err)?;
     drop(file);
-    fs::rename(&partial, out).map_err(|source| RecvError::Write {
-        path: out.to_owned(),
-        source,
-    })?;
+    if resume.is_none() {
+        fs::rename(&partial, out).map_err(|source| RecvError::Write {
+            path: out.to_owned(),
+            source,
+        })?;
+    }
     progress(RecvProgress {
         layout: receiver.layout(),
         stats: receiver.stats(),

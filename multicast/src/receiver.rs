@@ -331,7 +331,9 @@ impl Receiver {
             Frame::Feedback { .. }
             | Frame::Presence(_)
             | Frame::Probe { .. }
-            | Frame::Bye { .. } => self.stats.other_session += 1,
+            | Frame::Bye { .. }
+            | Frame::Claim(_)
+            | Frame::Offer(_) => self.stats.other_session += 1,
         }
     }
 
@@ -478,6 +480,33 @@ impl Receiver {
             expected,
             collector,
         });
+    }
+
+    /// For a resumed download, right after `SessionFound`: the block hashes
+    /// known from a manifest (trusted over the sender's) and the blocks
+    /// already held and verified, which are then neither collected nor
+    /// asked for.
+    pub fn preset(&mut self, hashes: &[Digest], done: &[bool]) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        if hashes.len() == active.hashes.len() {
+            for (slot, h) in active.hashes.iter_mut().zip(hashes) {
+                *slot = Some(*h);
+            }
+        }
+        let mut changed = false;
+        for (block, _) in done.iter().enumerate().filter(|(_, d)| **d) {
+            if active.state.get(block) == Some(&BlockState::Missing) {
+                active.state[block] = BlockState::Done;
+                active.collectors.remove(&(block as u32));
+                active.missing -= 1;
+                changed = true;
+            }
+        }
+        if changed && active.missing == 0 && active.phase == Phase::Receiving {
+            self.all_written();
+        }
     }
 
     /// Takes the outcome of a decode job.

@@ -216,6 +216,8 @@ pub struct Sender {
     hash_cursor: usize,
     blocks: Vec<BlockTx>,
     next_new_block: u32,
+    /// Blocks 0..available may be read; the rest is still being fetched.
+    available: u32,
     first_pass_open: u32,
     active: VecDeque<u32>,
     staged: VecDeque<u32>,
@@ -274,6 +276,7 @@ impl Sender {
             hash_cursor: 0,
             blocks,
             next_new_block: 0,
+            available: layout.block_count(),
             first_pass_open: 0,
             active: VecDeque::new(),
             staged: VecDeque::new(),
@@ -313,6 +316,13 @@ impl Sender {
         self.phase == Phase::Finished
     }
     /// Blocks whose first pass is fully sent.
+    /// Sends only blocks below `blocks` in the first pass until told more:
+    /// the representative multicasts a package while it is still fetching
+    /// it, in order. All blocks are available unless this is called.
+    pub fn set_available(&mut self, blocks: u32) {
+        self.available = blocks.min(self.layout.block_count());
+    }
+
     pub fn blocks_sent(&self) -> u32 {
         self.next_new_block - self.first_pass_open
     }
@@ -571,7 +581,7 @@ impl Sender {
         // Two blocks beyond the window are prepared ahead, so the encoder
         // runs while the window sends and the link never waits for it.
         let depth = self.interleave() + 2;
-        while self.first_pass_open < depth && self.next_new_block < self.layout.block_count() {
+        while self.first_pass_open < depth && self.next_new_block < self.available {
             let block = self.next_new_block;
             self.next_new_block += 1;
             self.first_pass_open += 1;

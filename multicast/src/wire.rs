@@ -155,6 +155,47 @@ pub struct Announce {
     pub reply_to: Option<u64>,
 }
 
+/// What an agent stands on in a representative election, frozen when the
+/// election starts so that every agent compares the same numbers. Ordered
+/// best last (derive order: field by field, as listed).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Standing {
+    pub preference: u8,
+    /// Share of the content already held, in permille.
+    pub held_permille: u16,
+    pub wired: bool,
+    /// Free disk in GiB: finer differences are noise.
+    pub free_disk_gib: u32,
+    /// Uptime in hours, for the same reason.
+    pub uptime_h: u32,
+    /// The tie-break.
+    pub node: u64,
+}
+
+/// "I volunteer to be the representative for this content."
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    pub content: Digest,
+    pub standing: Standing,
+}
+
+/// "I am the representative for this content": where and when it will be
+/// multicast.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    pub content: Digest,
+    pub standing: Standing,
+    /// The data-plane session id the multicast will carry.
+    pub session: u64,
+    pub data_group: [u8; 4],
+    pub data_port: u16,
+    /// Milliseconds from this datagram to the start of the multicast (0:
+    /// started).
+    pub start_in_ms: u32,
+}
+
 /// Every datagram somcast sends, by kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
@@ -192,6 +233,10 @@ pub enum Frame<'a> {
         node: u64,
         incarnation: u32,
     },
+    /// Control group: election.
+    Claim(Claim),
+    /// Control group: the representative's session announcement.
+    Offer(Offer),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -235,6 +280,8 @@ mod kind {
     pub const PRESENCE: u8 = 7;
     pub const PROBE: u8 = 8;
     pub const BYE: u8 = 9;
+    pub const CLAIM: u8 = 10;
+    pub const OFFER: u8 = 11;
 }
 
 /// Why a datagram was refused.
@@ -326,6 +373,8 @@ impl Frame<'_> {
                 },
                 std::mem::take(out),
             ),
+            Frame::Claim(c) => postcard::to_extend(c, std::mem::take(out)),
+            Frame::Offer(o) => postcard::to_extend(o, std::mem::take(out)),
         };
         *out = body.expect("postcard serialization into a Vec is infallible for wire types");
         let crc = crc32fast::hash(out);
@@ -350,6 +399,8 @@ impl Frame<'_> {
             Frame::Presence(_) => kind::PRESENCE,
             Frame::Probe { .. } => kind::PROBE,
             Frame::Bye { .. } => kind::BYE,
+            Frame::Claim(_) => kind::CLAIM,
+            Frame::Offer(_) => kind::OFFER,
         }
     }
 }
@@ -456,6 +507,14 @@ pub fn decode(bytes: &[u8]) -> Result<Datagram<'_>, WireError> {
                 incarnation: b.incarnation,
             }
         }
+        kind::CLAIM => Frame::Claim(strict(body)?),
+        kind::OFFER => {
+            let o: Offer = strict(body)?;
+            if o.standing.held_permille > 1000 {
+                return Err(WireError::OutOfRange("held share"));
+            }
+            Frame::Offer(o)
+        }
         other => return Err(WireError::BadKind(other)),
     };
     Ok(Datagram { session, frame })
@@ -559,6 +618,25 @@ mod tests {
                 node: 3,
                 incarnation: 7,
             },
+            Frame::Claim(Claim {
+                content: [5; 32],
+                standing: Standing {
+                    preference: 1,
+                    held_permille: 250,
+                    wired: true,
+                    free_disk_gib: 100,
+                    uptime_h: 30,
+                    node: 9,
+                },
+            }),
+            Frame::Offer(Offer {
+                content: [5; 32],
+                standing: Standing::default(),
+                session: 77,
+                data_group: [239, 192, 1, 2],
+                data_port: 7400,
+                start_in_ms: 60_000,
+            }),
         ]
     }
 
@@ -713,7 +791,7 @@ mod tests {
 
         #[test]
         fn random_bodies_behind_a_valid_header_and_crc_never_panic(
-            kind in 0u8..12, body in proptest::collection::vec(any::<u8>(), 0..400)) {
+            kind in 0u8..14, body in proptest::collection::vec(any::<u8>(), 0..400)) {
             let mut bytes = Vec::from(MAGIC);
             bytes.push(VERSION);
             bytes.push(kind);

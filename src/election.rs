@@ -1,0 +1,412 @@
+//! Electing one representative per content id per subnet, as a sans-IO
+//! state machine.
+//!
+//! Protocol flow (one machine per agent per content id)
+//!
+//! 1. Discover: listen on the control group for a discovery window (plus
+//!    up to half of it in random jitter, so agents started together do not
+//!    all claim at once). An `Offer` for the content makes this agent a
+//!    receiver of that representative. A `Claim` better than ours makes it
+//!    defer.
+//! 2. Claim: send a `Claim` with our standing four times over the contention
+//!    window (one lost datagram must not make two winners). A better claim
+//!    or offer heard meanwhile: defer. The window over with no better one
+//!    heard: representative.
+//! 3. Defer: wait for the better agent's `Offer`; none within the
+//!    contention window plus two announce intervals (it died, or its claims
+//!    reached us but nothing else): discover again.
+//! 4. Representative: announce an `Offer` (session, data group, time left to
+//!    the start) at once, twice more within half an interval, then every
+//!    interval. Hearing a better representative's offer (a healed
+//!    partition): step down and follow it. Since the start lies at least
+//!    the startup delay ahead, two representatives resolve before either
+//!    sends, unless the delay is shorter than an interval.
+//! 5. Follow: a representative's offers keep coming; silence for three
+//!    intervals means it is gone, and the election starts again (with a
+//!    short discovery window: everyone is already waiting).
+//!
+//! Standings are frozen when the machine starts, so every agent compares
+//! the same numbers. Call order: [`Election::handle_frame`] for each claim
+//! or offer for this content, [`Election::handle_timeout`] at
+//! [`Election::poll_timeout`], then drain [`Election::poll_transmit`] and
+//! [`Election::poll_event`].
+
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use multicast::wire::{Claim, Digest, Frame, Offer, Standing};
+
+/// Timing of an election.
+#[derive(Clone, Debug)]
+pub struct ElectionConfig {
+    /// How long to listen for a representative before claiming.
+    pub discovery: Duration,
+    /// How long claims run before the best claimant takes the role.
+    pub contention: Duration,
+    /// How often a representative announces its offer.
+    pub announce: Duration,
+    /// From winning to the start of the multicast.
+    pub startup_delay: Duration,
+}
+
+impl Default for ElectionConfig {
+    fn default() -> Self {
+        Self {
+            discovery: Duration::from_secs(2),
+            contention: Duration::from_secs(1),
+            announce: Duration::from_secs(1),
+            startup_delay: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where this agent stands in the election.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Discovering,
+    Claiming,
+    Deferring,
+    Representative,
+    Receiver,
+}
+
+/// What the election decided; the agent acts on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ElectionEvent {
+    /// This agent is the representative: fetch, then multicast `session` to
+    /// `group` from `start`.
+    Elected {
+        session: u64,
+        group: SocketAddrV4,
+        start: Instant,
+    },
+    /// Another agent is (or became) the representative: receive `session`
+    /// on `group`; it starts at `start`.
+    Follow {
+        representative: u64,
+        session: u64,
+        group: SocketAddrV4,
+        start: Instant,
+    },
+    /// This agent was representative and a better one took over.
+    SteppedDown,
+    /// The representative fell silent; a new election runs.
+    RepresentativeLost { representative: u64 },
+}
+
+#[derive(Clone, Copy, Debug)]
+enum State {
+    Discover {
+        until: Instant,
+    },
+    Claim {
+        until: Instant,
+        next: Instant,
+    },
+    Defer {
+        until: Instant,
+    },
+    Represent {
+        start: Instant,
+        next: Instant,
+        sent: u32,
+        last_offer: Instant,
+    },
+    Follow {
+        rep: Standing,
+        last_heard: Instant,
+        next_query: Option<Instant>,
+    },
+}
+
+/// The election for one content id, on one agent.
+pub struct Election {
+    cfg: ElectionConfig,
+    content: Digest,
+    me: Standing,
+    session: u64,
+    group: SocketAddrV4,
+    state: State,
+    rng: u64,
+    out: VecDeque<Vec<u8>>,
+    events: VecDeque<ElectionEvent>,
+    /// The session of the representative followed last, to tell a new
+    /// offer from a repeated one.
+    following: Option<(u64, u64)>,
+}
+
+impl Election {
+    /// `session` and `group` are what this agent would announce if it won.
+    pub fn new(
+        cfg: ElectionConfig,
+        content: Digest,
+        me: Standing,
+        session: u64,
+        group: SocketAddrV4,
+        now: Instant,
+        seed: u64,
+    ) -> Self {
+        let mut rng = seed ^ me.node ^ 0x2545_F491_4F6C_DD1D;
+        let until = now + cfg.discovery + cfg.discovery.mul_f64(unit(&mut rng) / 2.0);
+        Self {
+            cfg,
+            content,
+            me,
+            session,
+            group,
+            state: State::Discover { until },
+            rng,
+            out: VecDeque::new(),
+            events: VecDeque::new(),
+            following: None,
+        }
+    }
+
+    pub fn content(&self) -> Digest {
+        self.content
+    }
+
+    pub fn role(&self) -> Role {
+        match self.state {
+            State::Discover { .. } => Role::Discovering,
+            State::Claim { .. } => Role::Claiming,
+            State::Defer { .. } => Role::Deferring,
+            State::Represent { .. } => Role::Representative,
+            State::Follow { .. } => Role::Receiver,
+        }
+    }
+
+    /// The multicast start, when this agent is the representative.
+    pub fn start(&self) -> Option<Instant> {
+        match self.state {
+            State::Represent { start, .. } => Some(start),
+            _ => None,
+        }
+    }
+
+    /// Takes a claim or offer heard on the control group (any content; other
+    /// contents are ignored).
+    pub fn handle_frame(&mut self, now: Instant, frame: &Frame<'_>) {
+        match frame {
+            Frame::Claim(c) if c.content == self.content && c.standing != self.me => {
+                self.heard_claim(now, c.standing)
+            }
+            Frame::Offer(o) if o.content == self.content && o.standing != self.me => {
+                self.heard_offer(now, o)
+            }
+            _ => {}
+        }
+    }
+
+    fn heard_claim(&mut self, now: Instant, other: Standing) {
+        if let State::Represent { last_offer, .. } = self.state {
+            // Someone lost track of us (or just arrived): answer at once, so
+            // it follows instead of becoming a second representative; one
+            // answer serves every claim within an eighth of an interval.
+            if now >= last_offer + self.cfg.announce / 8 {
+                self.send_offer(now);
+            }
+            return;
+        }
+        if other < self.me {
+            return; // we would beat it; our own claims will tell it
+        }
+        match self.state {
+            State::Discover { .. } | State::Claim { .. } => {
+                self.state = State::Defer {
+                    until: now + self.cfg.contention + self.cfg.announce * 2,
+                };
+            }
+            State::Defer { .. } | State::Represent { .. } | State::Follow { .. } => {}
+        }
+    }
+
+    fn heard_offer(&mut self, now: Instant, o: &Offer) {
+        let start = now + Duration::from_millis(u64::from(o.start_in_ms));
+        let group = SocketAddrV4::new(Ipv4Addr::from(o.data_group), o.data_port);
+        match self.state {
+            State::Represent { .. } if o.standing < self.me => {
+                // A worse representative (a healed partition): answer at
+                // once so it steps down within this interval.
+                self.send_offer(now);
+                return;
+            }
+            State::Represent { .. } => {
+                self.events.push_back(ElectionEvent::SteppedDown);
+            }
+            State::Follow { rep, .. } if o.standing < rep => {
+                return; // a worse representative that has not yet heard of ours
+            }
+            _ => {}
+        }
+        self.state = State::Follow {
+            rep: o.standing,
+            last_heard: now,
+            next_query: None,
+        };
+        let key = (o.standing.node, o.session);
+        if self.following != Some(key) {
+            self.following = Some(key);
+            self.events.push_back(ElectionEvent::Follow {
+                representative: o.standing.node,
+                session: o.session,
+                group,
+                start,
+            });
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::Discover { until } if now >= until => {
+                self.state = State::Claim {
+                    until: now + self.cfg.contention,
+                    next: now,
+                };
+                self.handle_timeout(now);
+            }
+            State::Claim { until, .. } if now >= until => {
+                let start = now + self.cfg.startup_delay;
+                self.state = State::Represent {
+                    start,
+                    next: now,
+                    sent: 0,
+                    last_offer: now,
+                };
+                self.events.push_back(ElectionEvent::Elected {
+                    session: self.session,
+                    group: self.group,
+                    start,
+                });
+                self.handle_timeout(now);
+            }
+            State::Claim { until, next } if now >= next => {
+                self.queue(&Frame::Claim(Claim {
+                    content: self.content,
+                    standing: self.me,
+                }));
+                self.state = State::Claim {
+                    until,
+                    next: now + self.cfg.contention / 4,
+                };
+            }
+            State::Defer { until } if now >= until => self.rediscover(now, false),
+            State::Represent { next, .. } if now >= next => self.send_offer(now),
+            State::Follow {
+                rep, last_heard, ..
+            } if now >= last_heard + self.silence() => {
+                self.events.push_back(ElectionEvent::RepresentativeLost {
+                    representative: rep.node,
+                });
+                self.following = None;
+                self.rediscover(now, true);
+            }
+            State::Follow {
+                rep,
+                last_heard,
+                next_query,
+            } if now >= next_query.unwrap_or(last_heard + self.suspect()) => {
+                // Two offers missed: ask (a claim makes the representative
+                // answer with an offer) before declaring it gone, so that
+                // loss alone does not start an election.
+                self.queue(&Frame::Claim(Claim {
+                    content: self.content,
+                    standing: self.me,
+                }));
+                self.state = State::Follow {
+                    rep,
+                    last_heard,
+                    next_query: Some(now + self.cfg.announce / 4),
+                };
+            }
+            _ => {}
+        }
+    }
+
+    /// Two announce intervals and a margin: time to ask.
+    fn suspect(&self) -> Duration {
+        self.cfg.announce * 2 + self.cfg.announce / 4
+    }
+
+    /// Three announce intervals, and half of one for the third offer to
+    /// arrive: silence beyond it means the representative is gone.
+    fn silence(&self) -> Duration {
+        self.cfg.announce * 3 + self.cfg.announce / 2
+    }
+
+    fn rediscover(&mut self, now: Instant, short: bool) {
+        let base = if short {
+            self.cfg.announce
+        } else {
+            self.cfg.discovery
+        };
+        let until = now + base + base.mul_f64(unit(&mut self.rng) / 2.0);
+        self.state = State::Discover { until };
+    }
+
+    fn send_offer(&mut self, now: Instant) {
+        let State::Represent { start, sent, .. } = self.state else {
+            return;
+        };
+        let start_in = start.saturating_duration_since(now).as_millis();
+        self.queue(&Frame::Offer(Offer {
+            content: self.content,
+            standing: self.me,
+            session: self.session,
+            data_group: self.group.ip().octets(),
+            data_port: self.group.port(),
+            start_in_ms: start_in.min(u128::from(u32::MAX)) as u32,
+        }));
+        // Three offers in the first half interval: a new representative is
+        // heard at once even at high loss.
+        let gap = if sent < 2 {
+            self.cfg.announce / 4
+        } else {
+            self.cfg.announce
+        };
+        self.state = State::Represent {
+            start,
+            next: now + gap,
+            sent: sent + 1,
+            last_offer: now,
+        };
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        Some(match self.state {
+            State::Discover { until } => until,
+            State::Claim { until, next } => until.min(next),
+            State::Defer { until } => until,
+            State::Represent { next, .. } => next,
+            State::Follow {
+                last_heard,
+                next_query,
+                ..
+            } => {
+                (last_heard + self.silence()).min(next_query.unwrap_or(last_heard + self.suspect()))
+            }
+        })
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.out.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<ElectionEvent> {
+        self.events.pop_front()
+    }
+
+    fn queue(&mut self, frame: &Frame<'_>) {
+        self.out.push_back(frame.encode(0));
+    }
+}
+
+fn unit(state: &mut u64) -> f64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}

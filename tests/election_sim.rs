@@ -1,0 +1,271 @@
+//! Representative election over a simulated subnet with a virtual clock.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use multicast::wire::{self, Standing};
+use somcast::election::{Election, ElectionConfig, ElectionEvent, Role};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+const CONTENT: [u8; 32] = [0xC0; 32];
+
+fn config() -> ElectionConfig {
+    ElectionConfig {
+        startup_delay: Duration::from_secs(3),
+        ..ElectionConfig::default()
+    }
+}
+
+struct Subnet {
+    agents: Vec<Election>,
+    /// Which side of a partition each agent is on; frames cross only
+    /// within a side while `partitioned`.
+    side: Vec<u8>,
+    partitioned: bool,
+    loss: f64,
+    rng: Rng,
+    now: Instant,
+    queue: BinaryHeap<Reverse<(Instant, u64, usize, usize)>>,
+    frames: Vec<Vec<u8>>,
+    seq: u64,
+    /// Longest stretch with two or more representatives past their start.
+    worst_overlap: Duration,
+    overlap_since: Option<Instant>,
+    events: Vec<(usize, ElectionEvent)>,
+}
+
+const TIMER: usize = usize::MAX;
+
+impl Subnet {
+    fn new(n: usize, loss: f64, seed: u64, spread: Duration) -> Self {
+        let mut rng = Rng(seed);
+        let t0 = Instant::now();
+        let mut s = Subnet {
+            agents: Vec::new(),
+            side: vec![0; n],
+            partitioned: false,
+            loss,
+            rng: Rng(seed ^ 0xABCD),
+            now: t0,
+            queue: BinaryHeap::new(),
+            frames: Vec::new(),
+            seq: 0,
+            worst_overlap: Duration::ZERO,
+            overlap_since: None,
+            events: Vec::new(),
+        };
+        for i in 0..n {
+            let standing = Standing {
+                preference: 0,
+                held_permille: 0,
+                wired: rng.next() % 4 != 0,
+                free_disk_gib: (rng.next() % 500) as u32,
+                uptime_h: (rng.next() % 100) as u32,
+                node: rng.next(),
+            };
+            let start = t0 + spread.mul_f64(rng.unit());
+            let group = SocketAddrV4::new(Ipv4Addr::new(239, 192, 9, 9), 7400);
+            let e = Election::new(
+                config(),
+                CONTENT,
+                standing,
+                i as u64,
+                group,
+                start,
+                rng.next(),
+            );
+            s.agents.push(e);
+            s.push(start, i, TIMER);
+        }
+        s
+    }
+
+    fn push(&mut self, at: Instant, agent: usize, frame: usize) {
+        self.seq += 1;
+        self.queue.push(Reverse((at, self.seq, agent, frame)));
+    }
+
+    fn run_for(&mut self, d: Duration) {
+        let until = self.now + d;
+        while let Some(Reverse((at, _, i, frame))) = self.queue.peek().copied() {
+            if at > until {
+                break;
+            }
+            self.queue.pop();
+            self.now = at;
+            if frame == TIMER {
+                if self.agents[i].poll_timeout().is_some_and(|t| t <= at) {
+                    self.agents[i].handle_timeout(at);
+                }
+            } else {
+                let bytes = self.frames[frame].clone();
+                let f = wire::decode(&bytes).unwrap().frame;
+                self.agents[i].handle_frame(at, &f);
+            }
+            self.after(i);
+            self.track_overlap();
+        }
+        self.now = until;
+        self.track_overlap();
+    }
+
+    fn after(&mut self, i: usize) {
+        while let Some(ev) = self.agents[i].poll_event() {
+            self.events.push((i, ev));
+        }
+        while let Some(bytes) = self.agents[i].poll_transmit() {
+            self.frames.push(bytes);
+            let f = self.frames.len() - 1;
+            for j in 0..self.agents.len() {
+                if j == i || (self.partitioned && self.side[i] != self.side[j]) {
+                    continue;
+                }
+                if self.rng.unit() < self.loss {
+                    continue;
+                }
+                let at = self.now + Duration::from_micros(200 + self.rng.next() % 1800);
+                self.push(at, j, f);
+            }
+        }
+        if let Some(t) = self.agents[i].poll_timeout() {
+            self.push(t.max(self.now), i, TIMER);
+        }
+    }
+
+    fn sending(&self) -> usize {
+        self.agents
+            .iter()
+            .filter(|a| a.start().is_some_and(|s| s <= self.now))
+            .count()
+    }
+
+    fn track_overlap(&mut self) {
+        if self.sending() >= 2 {
+            let since = *self.overlap_since.get_or_insert(self.now);
+            self.worst_overlap = self.worst_overlap.max(self.now - since);
+        } else {
+            self.overlap_since = None;
+        }
+    }
+
+    fn representatives(&self) -> Vec<usize> {
+        (0..self.agents.len())
+            .filter(|&i| self.agents[i].role() == Role::Representative)
+            .collect()
+    }
+}
+
+#[test]
+fn fifty_agents_at_20_percent_loss_elect_one_representative_in_1000_runs() {
+    let announce = config().announce;
+    let mut one = 0;
+    let mut worst = Duration::ZERO;
+    for seed in 0..1000u64 {
+        // Half the runs start every agent at the same instant, half spread
+        // over two seconds (a task reaching agents one by one).
+        let spread = if seed % 2 == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(2)
+        };
+        let mut s = Subnet::new(50, 0.20, seed, spread);
+        s.run_for(Duration::from_secs(12));
+        let reps = s.representatives();
+        let followers = (0..50)
+            .filter(|&i| s.agents[i].role() == Role::Receiver)
+            .count();
+        if reps.len() == 1 && followers == 49 {
+            one += 1;
+        }
+        worst = worst.max(s.worst_overlap);
+    }
+    eprintln!("one representative in {one} of 1000 runs; longest double sending {worst:?}");
+    assert!(one >= 990, "one representative in only {one} of 1000 runs");
+    assert!(
+        worst <= announce,
+        "two representatives sent at once for {worst:?}"
+    );
+}
+
+#[test]
+fn the_best_standing_wins_without_loss() {
+    let mut s = Subnet::new(50, 0.0, 7, Duration::ZERO);
+    s.run_for(Duration::from_secs(6));
+    let reps = s.representatives();
+    assert_eq!(reps.len(), 1);
+    // Every other agent follows it, and the winner has the best standing.
+    let elected = s
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, ElectionEvent::Elected { .. }))
+        .count();
+    assert_eq!(elected, 1, "nobody else ever thought it had won");
+}
+
+#[test]
+fn a_healed_partition_resolves_to_the_better_representative_within_one_interval() {
+    let mut s = Subnet::new(20, 0.0, 11, Duration::ZERO);
+    for i in 10..20 {
+        s.side[i] = 1;
+    }
+    s.partitioned = true;
+    s.run_for(Duration::from_secs(8));
+    let reps = s.representatives();
+    assert_eq!(reps.len(), 2, "one per side while partitioned");
+    s.partitioned = false;
+    s.worst_overlap = Duration::ZERO;
+    s.overlap_since = None;
+    s.run_for(config().announce + Duration::from_millis(10));
+    assert_eq!(s.representatives().len(), 1, "still two after one interval");
+    let stepped = s
+        .events
+        .iter()
+        .filter(|(_, e)| *e == ElectionEvent::SteppedDown)
+        .count();
+    assert_eq!(stepped, 1);
+    s.run_for(Duration::from_secs(3));
+    assert_eq!(s.representatives().len(), 1);
+    let followers = (0..20)
+        .filter(|&i| s.agents[i].role() == Role::Receiver)
+        .count();
+    assert_eq!(followers, 19);
+}
+
+#[test]
+fn a_silent_representative_is_replaced_after_three_intervals() {
+    let mut s = Subnet::new(10, 0.0, 3, Duration::ZERO);
+    s.run_for(Duration::from_secs(6));
+    let reps = s.representatives();
+    assert_eq!(reps.len(), 1);
+    let dead = reps[0];
+    // Cut it off: none of its frames arrive any more.
+    s.side[dead] = 1;
+    s.partitioned = true;
+    s.run_for(Duration::from_secs(8));
+    let alive: Vec<usize> = s
+        .representatives()
+        .into_iter()
+        .filter(|&i| i != dead)
+        .collect();
+    assert_eq!(alive.len(), 1, "the others elected a new representative");
+    assert!(
+        s.events
+            .iter()
+            .any(|(_, e)| matches!(e, ElectionEvent::RepresentativeLost { .. }))
+    );
+}
