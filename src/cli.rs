@@ -43,8 +43,111 @@ pub enum Command {
     /// This host's interfaces, subnets, multicast interface and kernel
     /// limits; with --probe, the agents that answer on this subnet.
     Scan(ScanArgs),
-    /// The daemon on every endpoint: presence on the subnet, control API.
+    /// The daemon on every endpoint: presence, tasks, control API.
     Agent(AgentArgs),
+    /// Describe a package for distribution.
+    #[command(subcommand)]
+    Manifest(ManifestCommand),
+    /// Start, watch and cancel distribution tasks on agents (console).
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// A lab origin: serves a directory over HTTP with Range support.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ManifestCommand {
+    /// Hash FILE and write its manifest (FILE.somcast.json unless -o).
+    Create {
+        file: PathBuf,
+        /// Origin URL(s) the package can be fetched from.
+        #[arg(long, required = true)]
+        url: Vec<String>,
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// Which agents a console command talks to.
+#[derive(Debug, Args)]
+pub struct Targets {
+    /// Agent API URL (http://10.0.0.5:7480); repeat for more.
+    #[arg(long = "agent")]
+    pub agents: Vec<String>,
+    /// File with one agent URL per line (# comments allowed).
+    #[arg(long = "agents")]
+    pub agents_file: Option<PathBuf>,
+    /// The agents' API token.
+    #[arg(long, env = "SOMCAST_TOKEN", hide_env_values = true)]
+    pub token: String,
+}
+
+/// Borrowed view of [`Targets`].
+pub struct TargetsRef<'a> {
+    pub agents: &'a [String],
+    pub agents_file: Option<&'a PathBuf>,
+    pub token: &'a str,
+}
+
+impl Targets {
+    pub fn as_ref(&self) -> TargetsRef<'_> {
+        TargetsRef {
+            agents: &self.agents,
+            agents_file: self.agents_file.as_ref(),
+            token: &self.token,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Hand a task to every target agent; prints the task id.
+    Start {
+        #[command(flatten)]
+        targets: Targets,
+        /// Manifest file or URL.
+        #[arg(long)]
+        manifest: String,
+        /// Stage the package in the cache only (pinned), run nothing.
+        #[arg(long)]
+        cache_only: bool,
+        /// Command run with the verified file's path ($1, SOMCAST_FILE).
+        #[arg(long)]
+        run: Option<String>,
+        /// From election to multicast start.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        delay: Duration,
+        /// Multicast rate of the representative (default: the agent's).
+        #[arg(long, value_parser = parse_rate)]
+        rate: Option<u64>,
+        /// Wait and show progress; exit 0 only when every agent succeeded.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// The task's state on every target agent.
+    Status {
+        id: String,
+        #[command(flatten)]
+        targets: Targets,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel the task on every target agent.
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        targets: Targets,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    pub dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Args)]
@@ -181,6 +284,15 @@ pub struct AgentArgs {
     /// Operator preference in elections: higher wins (0-255).
     #[arg(long, env = "SOMCAST_PREFERENCE")]
     pub preference: Option<u8>,
+    /// Multicast rate as representative, bit/s on the wire (default 100M).
+    #[arg(long, env = "SOMCAST_RATE", value_parser = parse_rate)]
+    pub rate: Option<u64>,
+    /// Cache size cap for eviction (default 20G).
+    #[arg(long, env = "SOMCAST_CACHE_MAX", value_parser = parse_size)]
+    pub cache_max: Option<u64>,
+    /// Free disk the cache leaves (default 2G).
+    #[arg(long, env = "SOMCAST_CACHE_MIN_FREE", value_parser = parse_size)]
+    pub cache_min_free: Option<u64>,
 }
 
 fn parse_share(s: &str) -> Result<f64, String> {

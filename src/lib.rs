@@ -5,10 +5,14 @@
 //! (`repair`).
 
 pub mod agent;
+pub mod cache;
 pub mod cli;
+pub mod console;
 pub mod demo;
 pub mod election;
+pub mod fetch;
 pub mod lab;
 pub mod manifest;
 pub mod scan;
+pub mod serve;
 pub mod units;

@@ -18,6 +18,8 @@ use thiserror::Error;
 
 use crate::codec::{BlockEncoder, Layout, LayoutError, Plan, sha256};
 use crate::fileio;
+/// Positional file I/O on every OS (used by the agent's cache as well).
+pub use crate::fileio::{read_exact_at, write_all_at};
 use crate::receiver::{
     BlockResult, DecodeJob, DecodeOutcome, ReceiveFailure, Receiver, ReceiverConfig, ReceiverEvent,
     ReceiverStats,

@@ -1,20 +1,27 @@
 //! The control API: HTTP + JSON behind a bearer token.
 //!
-//! `GET /v1/status`: the agent, its interface and subnet, and its peer table.
+//! - `GET /v1/status`: the agent, its interface and subnet, its peer table.
+//! - `POST /v1/tasks`: start a task (a [`TaskSpec`] in JSON); 201 with its
+//!   status, 400 with the reason for a bad one, 409 for an id in use.
+//! - `GET /v1/tasks`, `GET /v1/tasks/{id}`: statuses.
+//! - `POST /v1/tasks/{id}/cancel`.
+//!
 //! Every other route answers 404 in JSON; a request without the token, 401.
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::Agent;
+use super::task::{self, SpecError, TaskSpec};
 use crate::lab::hex;
 
 /// A JSON error with its status: `{"error": "..."}`.
@@ -29,6 +36,9 @@ impl IntoResponse for ApiError {
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
+        .route("/v1/tasks", get(list_tasks).post(start_task))
+        .route("/v1/tasks/{id}", get(get_task))
+        .route("/v1/tasks/{id}/cancel", post(cancel_task))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(agent.clone(), require_token))
         .with_state(agent)
@@ -83,6 +93,46 @@ async fn not_found(req: Request) -> ApiError {
         StatusCode::NOT_FOUND,
         format!("no such endpoint: {} {}", req.method(), req.uri().path()),
     )
+}
+
+async fn start_task(State(agent): State<Arc<Agent>>, body: Bytes) -> Response {
+    let spec: TaskSpec = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            return ApiError(StatusCode::BAD_REQUEST, format!("bad task: {e}")).into_response();
+        }
+    };
+    match task::submit(&agent, spec) {
+        Ok(status) => (StatusCode::CREATED, Json(status)).into_response(),
+        Err(e @ SpecError::Conflict(_)) => {
+            ApiError(StatusCode::CONFLICT, e.to_string()).into_response()
+        }
+        Err(e) => ApiError(StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
+}
+
+async fn list_tasks(State(agent): State<Arc<Agent>>) -> Json<Value> {
+    Json(json!({ "tasks": task::list(&agent) }))
+}
+
+async fn get_task(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Response {
+    let status = agent.tasks().get(&id).map(|t| t.status.clone());
+    match status {
+        Some(s) => Json(s).into_response(),
+        None => ApiError(StatusCode::NOT_FOUND, format!("no task {id}")).into_response(),
+    }
+}
+
+async fn cancel_task(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Response {
+    match task::cancel(&agent, &id) {
+        Some(s) if s.state.is_terminal() => ApiError(
+            StatusCode::CONFLICT,
+            format!("task {id} already ended ({:?})", s.state),
+        )
+        .into_response(),
+        Some(s) => Json(s).into_response(),
+        None => ApiError(StatusCode::NOT_FOUND, format!("no task {id}")).into_response(),
+    }
 }
 
 async fn status(State(agent): State<Arc<Agent>>) -> Json<Value> {

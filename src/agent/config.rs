@@ -9,7 +9,11 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 
 use crate::cli::{AgentArgs, DEFAULT_CONTROL_GROUP};
-use crate::units::parse_duration;
+use crate::units::{parse_duration, parse_rate, parse_size};
+
+/// Multicast rate when neither task nor agent sets one: a tenth of a
+/// gigabit link, a quarter of a 400 Mbit/s one.
+pub const DEFAULT_RATE: u64 = 100_000_000;
 
 /// Where the control API listens unless told otherwise: this host only, so
 /// a fresh install exposes nothing.
@@ -28,6 +32,9 @@ struct FileConfig {
     control_group: Option<SocketAddrV4>,
     presence_interval: Option<String>,
     preference: Option<u8>,
+    rate: Option<String>,
+    cache_max: Option<String>,
+    cache_min_free: Option<String>,
 }
 
 /// Settings the agent runs with, validated.
@@ -42,6 +49,11 @@ pub struct AgentConfig {
     pub control_group: SocketAddrV4,
     pub presence_interval: Duration,
     pub preference: u8,
+    /// Multicast rate of tasks that do not set one, bit/s on the wire.
+    pub rate_bps: u64,
+    /// Cache size cap and free-disk floor for eviction.
+    pub cache_max: u64,
+    pub cache_min_free: u64,
 }
 
 impl AgentConfig {
@@ -76,7 +88,30 @@ impl AgentConfig {
         {
             bail!("the API token must be at least 8 printable characters without spaces");
         }
+        let from_file = |v: &Option<String>, what: &str, parse: fn(&str) -> Result<u64, String>| {
+            v.as_deref()
+                .map(parse)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("{what} in the config file: {e}"))
+        };
+        let rate_bps = match args.rate {
+            Some(r) => r,
+            None => from_file(&file.rate, "rate", parse_rate)?.unwrap_or(DEFAULT_RATE),
+        };
+        let cache_max = match args.cache_max {
+            Some(r) => r,
+            None => from_file(&file.cache_max, "cache_max", parse_size)?.unwrap_or(20 << 30),
+        };
+        let cache_min_free = match args.cache_min_free {
+            Some(r) => r,
+            None => {
+                from_file(&file.cache_min_free, "cache_min_free", parse_size)?.unwrap_or(2 << 30)
+            }
+        };
         Ok(Self {
+            rate_bps,
+            cache_max,
+            cache_min_free,
             iface: args.iface.clone().or(file.iface),
             cache: args
                 .cache

@@ -4,7 +4,8 @@
 
 pub mod api;
 pub mod config;
-mod presence;
+mod control;
+pub mod task;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -12,11 +13,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
-use multicast::wire::AddrV4;
+use std::collections::HashMap;
+
+use multicast::wire::{AddrV4, Held};
 use scanner::inventory::Inventory;
 use scanner::{LocalNode, Presence, PresenceConfig, Subnet};
 use tokio::sync::watch;
 
+use crate::cache::{Cache, CacheLimits};
 use crate::cli::AgentArgs;
 pub use config::AgentConfig;
 
@@ -30,6 +34,12 @@ pub struct Agent {
     pub config: AgentConfig,
     pub token: String,
     pub presence: Mutex<Presence>,
+    pub cache: Cache,
+    pub http: reqwest::Client,
+    pub tasks: Mutex<task::Tasks>,
+    pub elections: Mutex<HashMap<String, task::ElectionSlot>>,
+    /// Wakes the control loop when an election is added.
+    pub control_wake: tokio::sync::Notify,
 }
 
 impl Agent {
@@ -40,6 +50,50 @@ impl Agent {
         self.presence
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn tasks(&self) -> std::sync::MutexGuard<'_, task::Tasks> {
+        self.tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn elections(&self) -> std::sync::MutexGuard<'_, HashMap<String, task::ElectionSlot>> {
+        self.elections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The contents this agent holds, for its presence announcements: the
+    /// newest tasks first.
+    pub fn held(&self) -> Vec<Held> {
+        let mut v: Vec<(u64, Held)> = self
+            .tasks()
+            .values()
+            .filter(|t| t.status.blocks_done > 0 && t.status.block_count > 0)
+            .filter_map(|t| {
+                let id = t.status.content_id.as_bytes();
+                let mut content = [0u8; 8];
+                for (i, c) in content.iter_mut().enumerate() {
+                    let pair = std::str::from_utf8(id.get(2 * i..2 * i + 2)?).ok()?;
+                    *c = u8::from_str_radix(pair, 16).ok()?;
+                }
+                Some((
+                    t.status.created,
+                    Held {
+                        content,
+                        blocks_done: t.status.blocks_done.min(t.status.block_count),
+                        block_count: t.status.block_count,
+                    },
+                ))
+            })
+            .collect();
+        v.sort_by_key(|x| std::cmp::Reverse(x.0));
+        v.dedup_by_key(|x| x.1.content);
+        v.into_iter()
+            .map(|x| x.1)
+            .take(multicast::wire::MAX_HELD)
+            .collect()
     }
 }
 
@@ -111,18 +165,31 @@ pub async fn run(
             Instant::now(),
             multicast::driver::random_id(),
         )),
+        cache: Cache::open(
+            &config.cache,
+            CacheLimits {
+                max_bytes: config.cache_max,
+                min_free_bytes: config.cache_min_free,
+            },
+        )
+        .with_context(|| format!("opening the cache in {}", config.cache.display()))?,
+        http: crate::fetch::client(),
+        tasks: Mutex::new(HashMap::new()),
+        elections: Mutex::new(HashMap::new()),
+        control_wake: tokio::sync::Notify::new(),
         config,
         token,
     });
+    task::restore(&agent);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let sockets = presence::open(&agent)?;
+    let sockets = control::open(&agent)?;
     tracing::info!(
         "agent {node:016x} on {} ({iface_addr}{}), control group {}, control API on http://{api_addr}",
         iface_name.as_deref().unwrap_or("?"),
         subnet.map(|s| format!(", subnet {s}")).unwrap_or_default(),
         agent.config.control_group,
     );
-    let presence_task = tokio::spawn(presence::run(agent.clone(), sockets, stop_rx.clone()));
+    let presence_task = tokio::spawn(control::run(agent.clone(), sockets, stop_rx.clone()));
     let api_task = tokio::spawn(api::serve(listener, agent.clone(), stop_rx));
     shutdown.await;
     tracing::info!("agent {node:016x} stopping");

@@ -31,6 +31,9 @@ fn main() -> ExitCode {
         Command::Demo(a) => somcast::demo::run(a),
         Command::Scan(a) => somcast::scan::run(a),
         Command::Agent(a) => somcast::agent::main(a),
+        Command::Manifest(m) => somcast::console::manifest(m),
+        Command::Task(t) => somcast::console::task(t),
+        Command::Serve(s) => somcast::serve::main(&s.dir, s.listen),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

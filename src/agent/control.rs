@@ -1,12 +1,13 @@
-//! The thin tokio side of presence: two sockets, a timer, and the rank
-//! inputs refreshed now and then. All decisions are the state machine's.
+//! The thin tokio side of the control group: two sockets, one timer, the
+//! presence machine and one election machine per running task, and the rank
+//! inputs refreshed now and then. All decisions are the state machines'.
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use multicast::wire::Rank;
+use multicast::wire::{self, Frame, Rank};
 use scanner::{Dest, PresenceEvent};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
@@ -57,21 +58,28 @@ pub async fn run(
     let mut ubuf = vec![0u8; multicast::wire::MAX_DATAGRAM];
     let mut refresh = tokio::time::interval(agent.config.presence_interval * REFRESH_INTERVALS);
     loop {
-        let wake = agent.presence().poll_timeout();
+        let wake = next_wake(&agent);
         tokio::select! {
             r = sockets.group.recv_from(&mut gbuf) => {
                 if let Some((n, from)) = received(r) {
-                    agent.presence().handle_datagram(Instant::now(), from, &gbuf[..n]);
+                    handle(&agent, from, &gbuf[..n]);
                 }
             }
             r = sockets.unicast.recv_from(&mut ubuf) => {
                 if let Some((n, from)) = received(r) {
-                    agent.presence().handle_datagram(Instant::now(), from, &ubuf[..n]);
+                    handle(&agent, from, &ubuf[..n]);
                 }
             }
             _ = tokio::time::sleep_until(wake.into()) => {
-                agent.presence().handle_timeout(Instant::now());
+                let now = Instant::now();
+                agent.presence().handle_timeout(now);
+                for slot in agent.elections().values_mut() {
+                    if slot.election.poll_timeout().is_some_and(|t| t <= now) {
+                        slot.election.handle_timeout(now);
+                    }
+                }
             }
+            _ = agent.control_wake.notified() => {}
             _ = refresh.tick() => refresh_local(&agent),
             _ = stop.changed() => {
                 agent.presence().leave();
@@ -80,6 +88,30 @@ pub async fn run(
             }
         }
         flush(&agent, &sockets.unicast, group).await;
+    }
+}
+
+fn next_wake(agent: &Agent) -> Instant {
+    let mut wake = agent.presence().poll_timeout();
+    for slot in agent.elections().values() {
+        if let Some(t) = slot.election.poll_timeout() {
+            wake = wake.min(t);
+        }
+    }
+    wake
+}
+
+/// One datagram from the control group or the unicast socket: presence
+/// frames to presence, claims and offers to every running election.
+fn handle(agent: &Agent, from: SocketAddr, bytes: &[u8]) {
+    let now = Instant::now();
+    agent.presence().handle_datagram(now, from, bytes);
+    if let Ok(d) = wire::decode(bytes)
+        && matches!(d.frame, Frame::Claim(_) | Frame::Offer(_))
+    {
+        for slot in agent.elections().values_mut() {
+            slot.election.handle_frame(now, &d.frame);
+        }
     }
 }
 
@@ -96,12 +128,24 @@ fn received(r: std::io::Result<(usize, SocketAddr)>) -> Option<(usize, SocketAdd
 }
 
 async fn flush(agent: &Agent, socket: &UdpSocket, group: SocketAddr) {
-    let (out, events) = {
+    let (mut out, events) = {
         let mut p = agent.presence();
         let out: Vec<_> = std::iter::from_fn(|| p.poll_transmit()).collect();
         let events: Vec<_> = std::iter::from_fn(|| p.poll_event()).collect();
         (out, events)
     };
+    for slot in agent.elections().values_mut() {
+        while let Some(bytes) = slot.election.poll_transmit() {
+            out.push(scanner::Transmit {
+                dest: Dest::Group,
+                bytes,
+            });
+        }
+        while let Some(ev) = slot.election.poll_event() {
+            // The task may have ended; its slot goes with it.
+            let _ = slot.events.send(ev);
+        }
+    }
     for t in out {
         let to = match t.dest {
             Dest::Group => group,
@@ -148,6 +192,7 @@ fn refresh_local(agent: &Agent) {
         .collect();
     let mut p = agent.presence();
     let mut me = p.local().clone();
+    me.held = agent.held();
     me.rank = Rank {
         preference: agent.config.preference,
         wired,

@@ -1,0 +1,360 @@
+//! The content-addressed cache.
+//!
+//! ```text
+//! <cache>/objects/<id>              complete, verified, read-only
+//! <cache>/objects/<id>.meta.json    size, last use, pin expiry
+//! <cache>/partial/<id>.data         a download in progress, full size
+//! <cache>/partial/<id>.state.json   the manifest and which blocks are done
+//! ```
+//!
+//! State files are rewritten atomically (temporary file, fsync, rename), so
+//! a killed agent finds either the old or the new state, and resumes
+//! without fetching a finished block again. On resume every block the state
+//! calls done is hashed again: a block that does not match (the data never
+//! reached the disk before a power cut) is fetched again, never trusted.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use multicast::Layout;
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{Checked, Manifest};
+
+/// Limits the cache keeps to when it evicts.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheLimits {
+    /// Most bytes of complete objects.
+    pub max_bytes: u64,
+    /// Least free bytes left on the cache's file system.
+    pub min_free_bytes: u64,
+}
+
+impl Default for CacheLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 20 << 30,
+            min_free_bytes: 2 << 30,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ObjectMeta {
+    pub size: u64,
+    pub name: String,
+    /// Unix seconds.
+    pub last_used: u64,
+    /// Unix seconds; pinned (never evicted) until then.
+    pub pinned_until: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PartialState {
+    manifest: Manifest,
+    /// One character per block: '1' done, '0' not.
+    done: String,
+}
+
+/// The cache directory of one agent.
+pub struct Cache {
+    root: PathBuf,
+    limits: CacheLimits,
+    /// Objects that running tasks use: never evicted.
+    in_use: Mutex<HashSet<String>>,
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Cache {
+    pub fn open(root: &Path, limits: CacheLimits) -> io::Result<Self> {
+        fs::create_dir_all(root.join("objects"))?;
+        fs::create_dir_all(root.join("partial"))?;
+        Ok(Self {
+            root: root.to_owned(),
+            limits,
+            in_use: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn object_path(&self, id: &str) -> PathBuf {
+        self.root.join("objects").join(id)
+    }
+
+    fn meta_path(&self, id: &str) -> PathBuf {
+        self.root.join("objects").join(format!("{id}.meta.json"))
+    }
+
+    /// The verified object, if the cache holds it; marks it used.
+    pub fn get(&self, id: &str) -> Option<PathBuf> {
+        let path = self.object_path(id);
+        if !path.is_file() {
+            return None;
+        }
+        let mut meta = self.meta(id).unwrap_or_default();
+        meta.last_used = now_unix();
+        let _ = self.write_meta(id, &meta);
+        Some(path)
+    }
+
+    pub fn meta(&self, id: &str) -> Option<ObjectMeta> {
+        let text = fs::read_to_string(self.meta_path(id)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn write_meta(&self, id: &str, meta: &ObjectMeta) -> io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
+        scanner::node::write_atomically(&self.meta_path(id), &bytes)
+    }
+
+    /// Pins an object until `until` (unix seconds); a later pin wins.
+    pub fn pin(&self, id: &str, until: u64) -> io::Result<()> {
+        let mut meta = self.meta(id).unwrap_or_default();
+        meta.pinned_until = Some(meta.pinned_until.unwrap_or(0).max(until));
+        self.write_meta(id, &meta)
+    }
+
+    /// Keeps `id` from eviction until [`Cache::release`].
+    pub fn hold(&self, id: &str) {
+        self.in_use
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.to_owned());
+    }
+
+    pub fn release(&self, id: &str) {
+        self.in_use
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
+    }
+
+    /// Opens the download of `m`, resuming a previous one when its state
+    /// matches the manifest.
+    pub fn partial(&self, m: &Checked) -> io::Result<Partial> {
+        let id = m.id();
+        let data = self.root.join("partial").join(format!("{id}.data"));
+        let state = self.root.join("partial").join(format!("{id}.state.json"));
+        let blocks = m.layout.block_count() as usize;
+        let previous: Option<Vec<bool>> = fs::read_to_string(&state)
+            .ok()
+            .and_then(|t| serde_json::from_str::<PartialState>(&t).ok())
+            .filter(|s| s.manifest.content_id == m.raw.content_id && s.done.len() == blocks)
+            .map(|s| s.done.chars().map(|c| c == '1').collect());
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&data)?;
+        let size_ok = file.metadata()?.len() == m.layout.file_size();
+        let mut done = match previous {
+            Some(d) if size_ok => d,
+            _ => vec![false; blocks],
+        };
+        if !size_ok {
+            file.set_len(0)?;
+            file.set_len(m.layout.file_size())?;
+        }
+        // Trust nothing the state says without its hash.
+        let mut rechecked = 0;
+        let mut buf = Vec::new();
+        for (b, d) in done.iter_mut().enumerate() {
+            if !*d {
+                continue;
+            }
+            let len = m.layout.block_len(b as u32);
+            buf.resize(len, 0);
+            let ok = read_at(&file, &mut buf, m.layout.offset(b as u32)).is_ok()
+                && multicast::codec::sha256(&buf) == m.block_hashes[b];
+            if !ok {
+                *d = false;
+                rechecked += 1;
+            }
+        }
+        if rechecked > 0 {
+            tracing::warn!(
+                "{id}: {rechecked} block(s) marked done failed their hash; fetching them again"
+            );
+        }
+        let p = Partial {
+            manifest: m.clone(),
+            data,
+            state,
+            file,
+            done,
+        };
+        p.persist()?;
+        Ok(p)
+    }
+
+    /// Moves a finished download into `objects/` once its whole-file hash
+    /// matches; returns the object's path.
+    pub fn commit(&self, p: Partial) -> io::Result<PathBuf> {
+        let m = &p.manifest;
+        if !p.is_complete() {
+            return Err(io::Error::other("download is not complete"));
+        }
+        p.file.sync_all()?;
+        let (_, whole) = multicast::driver::hash_file(&p.file, &m.layout)?;
+        if whole != m.content {
+            // Every block matched its hash, so this needs a bad manifest
+            // (block hashes that do not make up the content id).
+            let _ = fs::remove_file(&p.state);
+            let _ = fs::remove_file(&p.data);
+            return Err(io::Error::other(
+                "the whole file does not match the content id although every block matched: the manifest is inconsistent",
+            ));
+        }
+        let id = m.id();
+        let target = self.object_path(&id);
+        let mut perms = p.file.metadata()?.permissions();
+        perms.set_readonly(true);
+        fs::set_permissions(&p.data, perms)?;
+        drop(p.file);
+        fs::rename(&p.data, &target)?;
+        let _ = fs::remove_file(&p.state);
+        let mut meta = self.meta(&id).unwrap_or_default();
+        meta.size = m.layout.file_size();
+        meta.name = m.name.clone();
+        meta.last_used = now_unix();
+        self.write_meta(&id, &meta)?;
+        Ok(target)
+    }
+
+    /// Complete objects with their metadata.
+    pub fn objects(&self) -> Vec<(String, ObjectMeta)> {
+        let Ok(dir) = fs::read_dir(self.root.join("objects")) else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.len() != 64 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return None;
+                }
+                let size = e.metadata().ok()?.len();
+                let mut meta = self.meta(&name).unwrap_or_default();
+                meta.size = size;
+                Some((name, meta))
+            })
+            .collect()
+    }
+
+    /// Evicts least recently used objects until the cache is within its
+    /// size cap and the disk keeps its free floor; pinned and in-use
+    /// objects stay. Returns the ids evicted.
+    pub fn evict(&self) -> Vec<String> {
+        let now = now_unix();
+        let in_use = self
+            .in_use
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let mut objects = self.objects();
+        objects.sort_by_key(|(_, m)| m.last_used);
+        let mut total: u64 = objects.iter().map(|(_, m)| m.size).sum();
+        let mut free = fs4::available_space(&self.root).unwrap_or(u64::MAX);
+        let mut evicted = Vec::new();
+        for (id, meta) in objects {
+            if total <= self.limits.max_bytes && free >= self.limits.min_free_bytes {
+                break;
+            }
+            let pinned = meta.pinned_until.is_some_and(|t| t > now);
+            if pinned || in_use.contains(&id) {
+                continue;
+            }
+            let path = self.object_path(&id);
+            // Read-only objects need their permission back on Windows.
+            if let Ok(m) = fs::metadata(&path) {
+                let mut p = m.permissions();
+                #[allow(clippy::permissions_set_readonly_false)]
+                p.set_readonly(false);
+                let _ = fs::set_permissions(&path, p);
+            }
+            if fs::remove_file(&path).is_ok() {
+                let _ = fs::remove_file(self.meta_path(&id));
+                total -= meta.size;
+                free = free.saturating_add(meta.size);
+                tracing::info!("evicted {id} ({} bytes)", meta.size);
+                evicted.push(id);
+            }
+        }
+        evicted
+    }
+}
+
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    multicast::driver::read_exact_at(file, buf, offset)
+}
+
+/// A download in progress.
+pub struct Partial {
+    pub manifest: Checked,
+    pub data: PathBuf,
+    state: PathBuf,
+    pub file: File,
+    pub done: Vec<bool>,
+}
+
+impl Partial {
+    pub fn layout(&self) -> Layout {
+        self.manifest.layout
+    }
+
+    pub fn done_count(&self) -> u32 {
+        self.done.iter().filter(|d| **d).count() as u32
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.done.iter().all(|d| *d)
+    }
+
+    /// Leading blocks that are all done (what a pipelined sender may read).
+    pub fn done_prefix(&self) -> u32 {
+        self.done.iter().take_while(|d| **d).count() as u32
+    }
+
+    /// Records a block as written and verified, durably.
+    pub fn mark_done(&mut self, block: u32) -> io::Result<()> {
+        if let Some(d) = self.done.get_mut(block as usize) {
+            *d = true;
+        }
+        self.persist()
+    }
+
+    fn persist(&self) -> io::Result<()> {
+        let state = PartialState {
+            manifest: self.manifest.raw.clone(),
+            done: self
+                .done
+                .iter()
+                .map(|d| if *d { '1' } else { '0' })
+                .collect(),
+        };
+        let bytes = serde_json::to_vec(&state).map_err(io::Error::other)?;
+        scanner::node::write_atomically(&self.state, &bytes)
+    }
+
+    /// Writes block `b` (already hash-checked by the caller) and records it.
+    pub fn write_block(&mut self, block: u32, data: &[u8]) -> io::Result<()> {
+        let layout = self.layout();
+        if data.len() != layout.block_len(block) {
+            return Err(io::Error::other("block of the wrong length"));
+        }
+        multicast::driver::write_all_at(&self.file, data, layout.offset(block))?;
+        self.mark_done(block)
+    }
+}

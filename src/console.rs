@@ -1,0 +1,322 @@
+//! The console: `somcast manifest create` and `somcast task start | status
+//! | cancel`, talking to agents' control APIs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use crate::cli::{ManifestCommand, TargetsRef, TaskCommand};
+use crate::manifest::Manifest;
+
+pub fn manifest(cmd: &ManifestCommand) -> anyhow::Result<bool> {
+    let ManifestCommand::Create { file, url, out } = cmd;
+    let m = Manifest::create(file, url.clone())?;
+    let out = out.clone().unwrap_or_else(|| {
+        let mut name = file.file_name().unwrap_or_default().to_os_string();
+        name.push(".somcast.json");
+        file.with_file_name(name)
+    });
+    let json = serde_json::to_vec_pretty(&m)?;
+    std::fs::write(&out, json).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!(
+        "{}: content {} ({} bytes, {} blocks) -> {}",
+        file.display(),
+        m.content_id,
+        m.size,
+        m.block_hashes.len(),
+        out.display()
+    );
+    Ok(true)
+}
+
+pub fn task(cmd: &TaskCommand) -> anyhow::Result<bool> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(task_async(cmd))
+}
+
+struct Console {
+    http: reqwest::Client,
+    token: String,
+    agents: Vec<String>,
+}
+
+impl Console {
+    fn new(t: TargetsRef<'_>) -> anyhow::Result<Self> {
+        let mut agents: Vec<String> = t.agents.to_vec();
+        if let Some(f) = t.agents_file {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("reading the agent list {}", f.display()))?;
+            agents.extend(
+                text.lines()
+                    .map(|l| l.split('#').next().unwrap_or("").trim())
+                    .filter(|l| !l.is_empty())
+                    .map(String::from),
+            );
+        }
+        if agents.is_empty() {
+            bail!("no agents: give --agent URL (repeatable) or --agents FILE");
+        }
+        for a in &mut agents {
+            if !a.starts_with("http://") && !a.starts_with("https://") {
+                *a = format!("http://{a}");
+            }
+            while a.ends_with('/') {
+                a.pop();
+            }
+        }
+        Ok(Self {
+            http: crate::fetch::client(),
+            token: t.token.to_string(),
+            agents,
+        })
+    }
+
+    async fn call(
+        &self,
+        agent: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut req = self
+            .http
+            .request(method, format!("{agent}{path}"))
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(15));
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(serde_json::to_vec(b)?);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("{agent}: no answer"))?;
+        let code = resp.status().as_u16();
+        let bytes = resp.bytes().await?;
+        let v = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes) }));
+        Ok((code, v))
+    }
+}
+
+async fn load_manifest(http: &reqwest::Client, src: &str) -> anyhow::Result<Manifest> {
+    let bytes = if src.starts_with("http://") || src.starts_with("https://") {
+        let r = http
+            .get(src)
+            .send()
+            .await
+            .with_context(|| format!("fetching {src}"))?;
+        if !r.status().is_success() {
+            bail!("fetching {src}: HTTP {}", r.status());
+        }
+        r.bytes().await?.to_vec()
+    } else {
+        std::fs::read(Path::new(src)).with_context(|| format!("reading {src}"))?
+    };
+    let m: Manifest =
+        serde_json::from_slice(&bytes).with_context(|| format!("{src} is not a manifest"))?;
+    m.check().with_context(|| src.to_string())?;
+    Ok(m)
+}
+
+async fn task_async(cmd: &TaskCommand) -> anyhow::Result<bool> {
+    match cmd {
+        TaskCommand::Start {
+            targets,
+            manifest,
+            cache_only,
+            run,
+            delay,
+            rate,
+            wait,
+            timeout,
+        } => {
+            let c = Console::new(targets.as_ref())?;
+            let m = load_manifest(&c.http, manifest).await?;
+            let id = format!("{:016x}", multicast::driver::random_id());
+            let mut spec = json!({
+                "id": id,
+                "manifest": m,
+                "cache_only": cache_only,
+                "delay_ms": delay.as_millis() as u64,
+            });
+            if let Some(r) = run {
+                spec["run"] = json!(r);
+            }
+            if let Some(r) = rate {
+                spec["rate_bps"] = json!(r);
+            }
+            let mut refused = 0;
+            for a in &c.agents {
+                match c
+                    .call(a, reqwest::Method::POST, "/v1/tasks", Some(&spec))
+                    .await
+                {
+                    Ok((201, _)) => {}
+                    Ok((code, v)) => {
+                        refused += 1;
+                        eprintln!(
+                            "{a}: refused ({code}): {}",
+                            v["error"].as_str().unwrap_or("?")
+                        );
+                    }
+                    Err(e) => {
+                        refused += 1;
+                        eprintln!("{a}: {e:#}");
+                    }
+                }
+            }
+            println!("{id}");
+            if refused == c.agents.len() {
+                bail!("no agent took the task");
+            }
+            if !wait {
+                return Ok(refused == 0);
+            }
+            let ok = watch(&c, &id, *timeout).await?;
+            Ok(ok && refused == 0)
+        }
+        TaskCommand::Status { id, targets, json } => {
+            let c = Console::new(targets.as_ref())?;
+            let statuses = poll(&c, id).await;
+            if *json {
+                let v: Vec<Value> = statuses
+                    .iter()
+                    .map(|(a, s)| json!({ "agent": a, "status": s }))
+                    .collect();
+                println!("{}", Value::Array(v));
+            } else {
+                print_table(&statuses);
+            }
+            Ok(statuses.values().all(|s| s["state"] == "done"))
+        }
+        TaskCommand::Cancel { id, targets } => {
+            let c = Console::new(targets.as_ref())?;
+            let mut ok = true;
+            for a in &c.agents {
+                match c
+                    .call(
+                        a,
+                        reqwest::Method::POST,
+                        &format!("/v1/tasks/{id}/cancel"),
+                        None,
+                    )
+                    .await
+                {
+                    Ok((200, _)) => println!("{a}: cancelling"),
+                    Ok((code, v)) => {
+                        ok = false;
+                        println!("{a}: {code} {}", v["error"].as_str().unwrap_or("?"));
+                    }
+                    Err(e) => {
+                        ok = false;
+                        println!("{a}: {e:#}");
+                    }
+                }
+            }
+            Ok(ok)
+        }
+    }
+}
+
+/// Every agent's status of task `id` (an error object for agents that do
+/// not answer).
+async fn poll(c: &Console, id: &str) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for a in &c.agents {
+        let v = match c
+            .call(a, reqwest::Method::GET, &format!("/v1/tasks/{id}"), None)
+            .await
+        {
+            Ok((200, v)) => v,
+            Ok((code, v)) => {
+                json!({ "state": "unknown", "error": format!("{code}: {}", v["error"].as_str().unwrap_or("?")) })
+            }
+            Err(e) => json!({ "state": "unreachable", "error": format!("{e:#}") }),
+        };
+        out.insert(a.clone(), v);
+    }
+    out
+}
+
+fn terminal(s: &Value) -> bool {
+    matches!(
+        s["state"].as_str(),
+        Some("done" | "failed" | "cancelled" | "unknown")
+    )
+}
+
+async fn watch(c: &Console, id: &str, timeout: Duration) -> anyhow::Result<bool> {
+    let t0 = Instant::now();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_line = String::new();
+    loop {
+        let statuses = poll(c, id).await;
+        let done = statuses.values().filter(|s| terminal(s)).count();
+        let line = summary(&statuses);
+        if line != last_line || tty {
+            eprintln!(
+                "[{:>6.1}s] {done}/{} finished: {line}",
+                t0.elapsed().as_secs_f64(),
+                statuses.len()
+            );
+            last_line = line;
+        }
+        if done == statuses.len() {
+            print_table(&statuses);
+            return Ok(statuses.values().all(|s| s["state"] == "done"));
+        }
+        if t0.elapsed() > timeout {
+            print_table(&statuses);
+            bail!("not finished within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn summary(statuses: &BTreeMap<String, Value>) -> String {
+    let mut by_state: BTreeMap<String, usize> = BTreeMap::new();
+    for s in statuses.values() {
+        *by_state
+            .entry(s["state"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
+    }
+    by_state
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn print_table(statuses: &BTreeMap<String, Value>) {
+    println!(
+        "{:<28} {:<15} {:<11} {:>9} {:>12} {:>12} {:>12} {:>8}  error",
+        "agent", "role", "state", "blocks", "multicast", "peers", "origin", "seconds"
+    );
+    for (a, s) in statuses {
+        println!(
+            "{:<28} {:<15} {:<11} {:>9} {:>12} {:>12} {:>12} {:>8}  {}",
+            a,
+            s["role"].as_str().unwrap_or("-"),
+            s["state"].as_str().unwrap_or("?"),
+            format!(
+                "{}/{}",
+                s["blocks_done"].as_u64().unwrap_or(0),
+                s["block_count"].as_u64().unwrap_or(0)
+            ),
+            s["bytes"]["multicast"].as_u64().unwrap_or(0),
+            s["bytes"]["peers"].as_u64().unwrap_or(0),
+            s["bytes"]["origin"].as_u64().unwrap_or(0),
+            s["seconds"]
+                .as_f64()
+                .map_or("-".into(), |x| format!("{x:.1}")),
+            s["error"].as_str().unwrap_or("")
+        );
+    }
+}

@@ -1,0 +1,181 @@
+//! `somcast serve DIR --listen ADDR`: a lab origin. Serves the files of one
+//! directory with Range support and counts what it sent (`GET /stats`), so
+//! a test or benchmark can tell WAN bytes from package size.
+
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::Context;
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+/// What the origin counted.
+#[derive(Default)]
+pub struct Stats {
+    pub bytes_served: AtomicU64,
+    pub requests: AtomicU64,
+    pub range_requests: AtomicU64,
+}
+
+struct Origin {
+    dir: PathBuf,
+    stats: Stats,
+}
+
+pub fn router(dir: &Path) -> Router {
+    let origin = Arc::new(Origin {
+        dir: dir.to_owned(),
+        stats: Stats::default(),
+    });
+    Router::new()
+        .route("/stats", get(stats_handler))
+        .route("/{*path}", get(file_handler))
+        .with_state(origin)
+}
+
+/// Runs the origin until the process ends.
+pub fn main(dir: &Path, listen: SocketAddr) -> anyhow::Result<bool> {
+    if !dir.is_dir() {
+        anyhow::bail!("{} is not a directory", dir.display());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        let addr = listener.local_addr()?;
+        eprintln!(
+            "somcast serve: {} on http://{addr}/ (GET /stats for bytes served)",
+            dir.display()
+        );
+        axum::serve(listener, router(dir)).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(true)
+}
+
+async fn stats_handler(State(o): State<Arc<Origin>>) -> Json<serde_json::Value> {
+    Json(json!({
+        "bytes_served": o.stats.bytes_served.load(Ordering::Relaxed),
+        "requests": o.stats.requests.load(Ordering::Relaxed),
+        "range_requests": o.stats.range_requests.load(Ordering::Relaxed),
+    }))
+}
+
+fn error(status: StatusCode, msg: String) -> Response {
+    (status, Json(json!({ "error": msg }))).into_response()
+}
+
+async fn file_handler(
+    State(o): State<Arc<Origin>>,
+    UrlPath(path): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    o.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let rel = Path::new(&path);
+    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return error(StatusCode::BAD_REQUEST, format!("bad path {path:?}"));
+    }
+    let full = o.dir.join(rel);
+    let mut file = match tokio::fs::File::open(&full).await {
+        Ok(f) => f,
+        Err(_) => return error(StatusCode::NOT_FOUND, format!("no such file: {path}")),
+    };
+    let size = match file.metadata().await {
+        Ok(m) if m.is_file() => m.len(),
+        _ => return error(StatusCode::NOT_FOUND, format!("no such file: {path}")),
+    };
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(|r| parse_range(r, size));
+    let (status, start, len) = match range {
+        None => (StatusCode::OK, 0, size),
+        Some(Some((a, b))) => {
+            o.stats.range_requests.fetch_add(1, Ordering::Relaxed);
+            (StatusCode::PARTIAL_CONTENT, a, b - a + 1)
+        }
+        Some(None) => {
+            let mut r = error(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                format!("range not satisfiable for {size} bytes"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return r;
+        }
+    };
+    if file.seek(std::io::SeekFrom::Start(start)).await.is_err() {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "seek failed".into());
+    }
+    let origin = o.clone();
+    let stream =
+        tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 * 1024).map(move |chunk| {
+            if let Ok(c) = &chunk {
+                origin
+                    .stats
+                    .bytes_served
+                    .fetch_add(c.len() as u64, Ordering::Relaxed);
+            }
+            chunk
+        });
+    let mut r = Response::new(Body::from_stream(stream));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{size}", start, start + len - 1))
+    {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+    r
+}
+
+/// One range of `bytes=a-b`, `bytes=a-` or `bytes=-n`, clamped to the size;
+/// `None` when it cannot be satisfied (or is malformed, or a multi-range).
+fn parse_range(value: &str, size: u64) -> Option<(u64, u64)> {
+    let spec = value.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') || size == 0 {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: u64 = n.parse().ok()?;
+            (size.saturating_sub(n), size - 1)
+        }
+        (a, "") => (a.parse().ok()?, size - 1),
+        (a, b) => (a.parse().ok()?, b.parse::<u64>().ok()?.min(size - 1)),
+    };
+    (start <= end && start < size).then_some((start, end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges_parse_and_clamp() {
+        assert_eq!(parse_range("bytes=0-99", 1000), Some((0, 99)));
+        assert_eq!(parse_range("bytes=900-", 1000), Some((900, 999)));
+        assert_eq!(parse_range("bytes=-100", 1000), Some((900, 999)));
+        assert_eq!(parse_range("bytes=990-2000", 1000), Some((990, 999)));
+        assert_eq!(parse_range("bytes=1000-", 1000), None);
+        assert_eq!(parse_range("bytes=5-1", 1000), None);
+        assert_eq!(parse_range("bytes=0-1,5-6", 1000), None);
+        assert_eq!(parse_range("items=0-1", 1000), None);
+    }
+}
