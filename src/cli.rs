@@ -148,6 +148,9 @@ pub struct ServeArgs {
     pub dir: PathBuf,
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
+    /// Lab WAN link: bits per second shared by all downloads (0 = unlimited).
+    #[arg(long, default_value = "0", value_parser = parse_rate)]
+    pub rate: u64,
 }
 
 #[derive(Debug, Args)]

@@ -29,12 +29,19 @@ pub struct Stats {
 struct Origin {
     dir: PathBuf,
     stats: Stats,
+    /// Bits per second shared by every response (0 = unlimited): a lab's
+    /// WAN link without tc.
+    rate_bps: u64,
+    /// When the shared link is free again.
+    link_free: tokio::sync::Mutex<tokio::time::Instant>,
 }
 
-pub fn router(dir: &Path) -> Router {
+pub fn router(dir: &Path, rate_bps: u64) -> Router {
     let origin = Arc::new(Origin {
         dir: dir.to_owned(),
         stats: Stats::default(),
+        rate_bps,
+        link_free: tokio::sync::Mutex::new(tokio::time::Instant::now()),
     });
     Router::new()
         .route("/stats", get(stats_handler))
@@ -43,7 +50,7 @@ pub fn router(dir: &Path) -> Router {
 }
 
 /// Runs the origin until the process ends.
-pub fn main(dir: &Path, listen: SocketAddr) -> anyhow::Result<bool> {
+pub fn main(dir: &Path, listen: SocketAddr, rate_bps: u64) -> anyhow::Result<bool> {
     if !dir.is_dir() {
         anyhow::bail!("{} is not a directory", dir.display());
     }
@@ -59,10 +66,27 @@ pub fn main(dir: &Path, listen: SocketAddr) -> anyhow::Result<bool> {
             "somcast serve: {} on http://{addr}/ (GET /stats for bytes served)",
             dir.display()
         );
-        axum::serve(listener, router(dir)).await?;
+        axum::serve(listener, router(dir, rate_bps)).await?;
         anyhow::Ok(())
     })?;
     Ok(true)
+}
+
+impl Origin {
+    /// Waits for `bytes` worth of time on the shared link.
+    async fn throttle(&self, bytes: usize) {
+        if self.rate_bps == 0 {
+            return;
+        }
+        let cost = std::time::Duration::from_secs_f64(bytes as f64 * 8.0 / self.rate_bps as f64);
+        let until = {
+            let mut free = self.link_free.lock().await;
+            let start = (*free).max(tokio::time::Instant::now());
+            *free = start + cost;
+            *free
+        };
+        tokio::time::sleep_until(until).await;
+    }
 }
 
 async fn stats_handler(State(o): State<Arc<Origin>>) -> Json<serde_json::Value> {
@@ -121,16 +145,26 @@ async fn file_handler(
         return error(StatusCode::INTERNAL_SERVER_ERROR, "seek failed".into());
     }
     let origin = o.clone();
-    let stream =
-        tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 * 1024).map(move |chunk| {
-            if let Ok(c) = &chunk {
-                origin
-                    .stats
-                    .bytes_served
-                    .fetch_add(c.len() as u64, Ordering::Relaxed);
+    let chunk_size = if o.rate_bps > 0 {
+        64 * 1024
+    } else {
+        256 * 1024
+    };
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), chunk_size).then(
+        move |chunk| {
+            let origin = origin.clone();
+            async move {
+                if let Ok(c) = &chunk {
+                    origin.throttle(c.len()).await;
+                    origin
+                        .stats
+                        .bytes_served
+                        .fetch_add(c.len() as u64, Ordering::Relaxed);
+                }
+                chunk
             }
-            chunk
-        });
+        },
+    );
     let mut r = Response::new(Body::from_stream(stream));
     *r.status_mut() = status;
     let h = r.headers_mut();

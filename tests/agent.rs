@@ -3,75 +3,21 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::net::SocketAddrV4;
+use std::process::Command;
+use std::time::Duration;
 
-use common::{BIN, TempDir, json};
+use common::{BIN, Proc, TOKEN, TempDir, get, json, start_agent, wait_for};
 use somcast::demo::private_group;
 
-const TOKEN: &str = "test-token-123";
+type Agent = Proc;
 
-struct Agent {
-    child: Child,
-    api: SocketAddr,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts an agent and waits for the log line that names its API address.
-fn start_agent(cache: &std::path::Path, group: SocketAddrV4) -> Agent {
-    let mut child = Command::new(BIN)
-        .args(["agent", "--iface", "127.0.0.1", "--api", "127.0.0.1:0"])
-        .args(["--token", TOKEN, "--presence-interval", "300ms"])
-        .arg("--cache")
-        .arg(cache)
-        .arg("--control-group")
-        .arg(group.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let api = loop {
-        let line = lines
-            .next()
-            .expect("agent exited before naming its API")
-            .unwrap();
-        if let Some(i) = line.find("control API on http://") {
-            let addr = &line[i + "control API on http://".len()..];
-            break addr.trim().parse().unwrap();
-        }
-    };
-    // Keep draining the log so the agent never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Agent { child, api }
-}
-
-/// A bare HTTP/1.1 GET: status code and body.
-fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: agent\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_string();
-    (status, body)
+fn start(cache: &std::path::Path, group: SocketAddrV4) -> Agent {
+    start_agent(cache, group, &[])
 }
 
 fn status(a: &Agent) -> serde_json::Value {
-    let (code, body) = get(a.api, "/v1/status", Some(TOKEN));
+    let (code, body) = get(a.addr, "/v1/status", Some(TOKEN));
     assert_eq!(code, 200, "{body}");
     json(body.as_bytes())
 }
@@ -85,14 +31,6 @@ fn peer_nodes(a: &Agent) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !ok() {
-        assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn scan_probe(group: SocketAddrV4) -> std::process::Output {
@@ -116,7 +54,7 @@ fn scan_probe(group: SocketAddrV4) -> std::process::Output {
 fn agents_on_loopback_find_each_other_and_scan_probe_lists_them() {
     let group = private_group();
     let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("agent")).collect();
-    let agents: Vec<Agent> = dirs.iter().map(|d| start_agent(&d.0, group)).collect();
+    let agents: Vec<Agent> = dirs.iter().map(|d| start(&d.0, group)).collect();
     let nodes: Vec<String> = agents
         .iter()
         .map(|a| status(a)["node"].as_str().unwrap().to_string())
@@ -156,8 +94,8 @@ fn agents_on_loopback_find_each_other_and_scan_probe_lists_them() {
 #[test]
 fn the_api_wants_its_token_and_names_unknown_endpoints() {
     let dir = TempDir::new("api");
-    let a = start_agent(&dir.0, private_group());
-    let (code, body) = get(a.api, "/v1/status", None);
+    let a = start(&dir.0, private_group());
+    let (code, body) = get(a.addr, "/v1/status", None);
     assert_eq!(code, 401);
     assert!(
         json(body.as_bytes())["error"]
@@ -165,8 +103,8 @@ fn the_api_wants_its_token_and_names_unknown_endpoints() {
             .unwrap()
             .contains("bearer token")
     );
-    assert_eq!(get(a.api, "/v1/status", Some("wrong-token-xx")).0, 401);
-    let (code, body) = get(a.api, "/v1/nothing", Some(TOKEN));
+    assert_eq!(get(a.addr, "/v1/status", Some("wrong-token-xx")).0, 401);
+    let (code, body) = get(a.addr, "/v1/nothing", Some(TOKEN));
     assert_eq!(code, 404);
     assert!(body.contains("no such endpoint"), "{body}");
 }
@@ -175,8 +113,8 @@ fn the_api_wants_its_token_and_names_unknown_endpoints() {
 fn a_killed_agent_leaves_the_table_and_comes_back_with_its_node_id() {
     let group = private_group();
     let (da, db) = (TempDir::new("stay"), TempDir::new("killed"));
-    let a = start_agent(&da.0, group);
-    let mut b = start_agent(&db.0, group);
+    let a = start(&da.0, group);
+    let mut b = start(&db.0, group);
     let b_node = status(&b)["node"].as_str().unwrap().to_string();
     wait_for("a sees b", Duration::from_secs(5), || {
         peer_nodes(&a) == [b_node.clone()]
@@ -187,7 +125,7 @@ fn a_killed_agent_leaves_the_table_and_comes_back_with_its_node_id() {
     wait_for("a drops the killed b", Duration::from_secs(4), || {
         peer_nodes(&a).is_empty()
     });
-    b = start_agent(&db.0, group);
+    b = start(&db.0, group);
     assert_eq!(
         status(&b)["node"],
         b_node.as_str(),

@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         Command::Agent(a) => somcast::agent::main(a),
         Command::Manifest(m) => somcast::console::manifest(m),
         Command::Task(t) => somcast::console::task(t),
-        Command::Serve(s) => somcast::serve::main(&s.dir, s.listen),
+        Command::Serve(s) => somcast::serve::main(&s.dir, s.listen, s.rate),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

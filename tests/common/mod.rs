@@ -33,3 +33,128 @@ pub fn json(out: &[u8]) -> serde_json::Value {
         panic!("not JSON ({e}): {}", String::from_utf8_lossy(out));
     })
 }
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const TOKEN: &str = "test-token-123";
+
+/// A child process (agent, origin) killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawns `somcast ARGS` and waits for the stderr line holding `marker`
+/// followed by an address; the rest of stderr is drained in the background.
+fn spawn_until(args: &[&str], extra: &[&std::ffi::OsStr], marker: &str) -> Proc {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("{args:?} exited before printing {marker:?}"))
+            .unwrap();
+        if let Some(i) = line.find(marker) {
+            let rest = &line[i + marker.len()..];
+            let end = rest
+                .find(|c: char| c.is_whitespace() || c == '/')
+                .unwrap_or(rest.len());
+            break rest[..end].parse().unwrap();
+        }
+    };
+    let log = std::env::var_os("SOMCAST_TEST_LOG").is_some();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            if log {
+                eprintln!("{l}");
+            }
+        }
+    });
+    Proc { child, addr }
+}
+
+/// An agent on loopback with a private control group.
+pub fn start_agent(cache: &Path, group: SocketAddrV4, extra: &[&str]) -> Proc {
+    let mut args = vec!["agent", "--iface", "127.0.0.1", "--api", "127.0.0.1:0"];
+    args.extend_from_slice(&["--token", TOKEN, "--presence-interval", "300ms"]);
+    args.extend_from_slice(extra);
+    let g = group.to_string();
+    spawn_until(
+        &args,
+        &[
+            "--cache".as_ref(),
+            cache.as_os_str(),
+            "--control-group".as_ref(),
+            g.as_ref(),
+        ],
+        "control API on http://",
+    )
+}
+
+/// `somcast serve DIR` on a free port.
+pub fn start_origin(dir: &Path, rate: &str) -> Proc {
+    spawn_until(
+        &["serve", "--listen", "127.0.0.1:0", "--rate", rate],
+        &[dir.as_os_str()],
+        " on http://",
+    )
+}
+
+/// A bare HTTP/1.1 request: status code and body.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_string();
+    (status, body)
+}
+
+pub fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    http(addr, "GET", path, token, None)
+}
+
+pub fn get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let (code, body) = get(addr, path, Some(TOKEN));
+    assert_eq!(code, 200, "{path}: {body}");
+    json(body.as_bytes())
+}
+
+pub fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !ok() {
+        assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

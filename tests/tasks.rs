@@ -1,0 +1,279 @@
+//! Distribution tasks end to end on loopback: real agents (processes), a
+//! real origin (`somcast serve`), real multicast.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{
+    Proc, TOKEN, TempDir, get, get_json, http, json, start_agent, start_origin, wait_for,
+};
+use serde_json::{Value, json};
+use somcast::demo::{generate_file, private_group};
+use somcast::manifest::Manifest;
+
+const SIZE: u64 = 10 * 1024 * 1024 + 123;
+
+/// A package of `size` bytes in `dir/origin`, and its manifest for `origin`.
+fn package(dir: &Path, size: u64, seed: u64, origin: SocketAddr) -> (Manifest, Vec<u8>) {
+    let file = dir.join("origin").join("pkg.bin");
+    generate_file(&file, size, seed).unwrap();
+    let m = Manifest::create(&file, vec![format!("http://{origin}/pkg.bin")]).unwrap();
+    (m, std::fs::read(&file).unwrap())
+}
+
+fn origin_dir(dir: &TempDir) -> std::path::PathBuf {
+    let d = dir.0.join("origin");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn post_task(agent: &Proc, spec: &Value) -> (u16, Value) {
+    let (code, body) = http(
+        agent.addr,
+        "POST",
+        "/v1/tasks",
+        Some(TOKEN),
+        Some(&spec.to_string()),
+    );
+    (code, json(body.as_bytes()))
+}
+
+fn task(agent: &Proc, id: &str) -> Value {
+    get_json(agent.addr, &format!("/v1/tasks/{id}"))
+}
+
+fn wait_done(agent: &Proc, id: &str, limit: Duration) -> Value {
+    let mut last = Value::Null;
+    wait_for(&format!("task {id} on {}", agent.addr), limit, || {
+        last = task(agent, id);
+        matches!(
+            last["state"].as_str(),
+            Some("done" | "failed" | "cancelled")
+        )
+    });
+    last
+}
+
+fn origin_bytes(origin: &Proc) -> u64 {
+    let (_, body) = get(origin.addr, "/stats", None);
+    json(body.as_bytes())["bytes_served"].as_u64().unwrap()
+}
+
+fn cached(cache: &Path, id: &str) -> Option<Vec<u8>> {
+    std::fs::read(cache.join("objects").join(id)).ok()
+}
+
+#[test]
+fn five_agents_share_one_origin_download_and_all_verify() {
+    let dir = TempDir::new("fleet");
+    let origin = start_origin(&origin_dir(&dir), "0");
+    let (m, bytes) = package(&dir.0, SIZE, 1, origin.addr);
+    let group = private_group();
+    let caches: Vec<TempDir> = (0..5).map(|_| TempDir::new("fleet-agent")).collect();
+    let agents: Vec<Proc> = caches
+        .iter()
+        .map(|c| start_agent(&c.0, group, &[]))
+        .collect();
+    let spec = json!({ "id": "fleet-1", "manifest": m, "delay_ms": 1500 });
+    for a in &agents {
+        let (code, v) = post_task(a, &spec);
+        assert_eq!(code, 201, "{v}");
+    }
+    let mut roles = Vec::new();
+    for a in &agents {
+        let s = wait_done(a, "fleet-1", Duration::from_secs(60));
+        assert_eq!(s["state"], "done", "{s}");
+        roles.push(s["role"].as_str().unwrap().to_string());
+    }
+    for c in &caches {
+        assert_eq!(cached(&c.0, &m.content_id).as_deref(), Some(&bytes[..]));
+    }
+    let reps = roles.iter().filter(|r| *r == "representative").count();
+    assert_eq!(reps, 1, "{roles:?}");
+    let served = origin_bytes(&origin);
+    assert!(
+        served as f64 <= 1.05 * SIZE as f64,
+        "origin sent {served} for {SIZE}"
+    );
+
+    // The same content again: every agent has it cached, so it completes at
+    // once without the origin (which is gone).
+    drop(origin);
+    let again = json!({ "id": "fleet-2", "manifest": m, "delay_ms": 60_000 });
+    for a in &agents {
+        assert_eq!(post_task(a, &again).0, 201);
+        let s = wait_done(a, "fleet-2", Duration::from_secs(10));
+        assert_eq!(s["state"], "done", "{s}");
+        assert_eq!(s["role"], "cached");
+        assert_eq!(s["bytes"]["origin"], 0);
+        assert_eq!(s["bytes"]["multicast"], 0);
+    }
+}
+
+#[test]
+fn cache_only_pins_the_object_and_runs_nothing() {
+    let dir = TempDir::new("precache");
+    let origin = start_origin(&origin_dir(&dir), "0");
+    let (m, bytes) = package(&dir.0, 3 * 1024 * 1024, 2, origin.addr);
+    let cache = TempDir::new("precache-agent");
+    let agent = start_agent(&cache.0, private_group(), &[]);
+    let spec = json!({ "id": "stage", "manifest": m, "cache_only": true, "delay_ms": 0 });
+    assert_eq!(post_task(&agent, &spec).0, 201);
+    let s = wait_done(&agent, "stage", Duration::from_secs(30));
+    assert_eq!(s["state"], "done", "{s}");
+    assert!(
+        s["install"].is_null(),
+        "a cache-only task ran something: {s}"
+    );
+    assert!(s["pinned_until"].as_u64().unwrap() > somcast::cache::now_unix() + 86_400);
+    assert_eq!(cached(&cache.0, &m.content_id).as_deref(), Some(&bytes[..]));
+    let meta: Value = json(
+        &std::fs::read(
+            cache
+                .0
+                .join("objects")
+                .join(format!("{}.meta.json", m.content_id)),
+        )
+        .unwrap(),
+    );
+    assert_eq!(meta["pinned_until"], s["pinned_until"]);
+}
+
+#[test]
+fn the_install_command_gets_the_verified_path_and_its_status_is_reported() {
+    let dir = TempDir::new("install");
+    let origin = start_origin(&origin_dir(&dir), "0");
+    let (m, bytes) = package(&dir.0, 100_000, 3, origin.addr);
+    let cache = TempDir::new("install-agent");
+    let agent = start_agent(&cache.0, private_group(), &[]);
+    let copy = dir.0.join("installed.bin");
+    let ok = json!({
+        "id": "inst-ok", "manifest": m, "delay_ms": 0,
+        "run": format!("cp \"$1\" '{}' && echo installed from \"$SOMCAST_FILE\"", copy.display()),
+    });
+    assert_eq!(post_task(&agent, &ok).0, 201);
+    let s = wait_done(&agent, "inst-ok", Duration::from_secs(30));
+    assert_eq!(s["state"], "done", "{s}");
+    assert_eq!(s["install"]["exit_code"], 0);
+    assert!(
+        s["install"]["output_tail"]
+            .as_str()
+            .unwrap()
+            .contains("installed from")
+    );
+    assert_eq!(std::fs::read(&copy).unwrap(), bytes);
+    let bad =
+        json!({ "id": "inst-bad", "manifest": m, "delay_ms": 0, "run": "echo nope >&2; exit 3" });
+    assert_eq!(post_task(&agent, &bad).0, 201);
+    let s = wait_done(&agent, "inst-bad", Duration::from_secs(30));
+    assert_eq!(s["state"], "failed");
+    assert_eq!(s["install"]["exit_code"], 3);
+    assert!(s["error"].as_str().unwrap().contains("status 3"), "{s}");
+    assert!(
+        s["install"]["output_tail"]
+            .as_str()
+            .unwrap()
+            .contains("nope")
+    );
+}
+
+#[test]
+fn an_agent_killed_mid_download_resumes_without_fetching_finished_blocks_again() {
+    let dir = TempDir::new("resume");
+    // 40 Mbit/s: 5 blocks of 4 MiB take about 4 s.
+    let origin = start_origin(&origin_dir(&dir), "40M");
+    let size = 20 * 1024 * 1024;
+    let (m, bytes) = package(&dir.0, size, 4, origin.addr);
+    let cache = TempDir::new("resume-agent");
+    let group = private_group();
+    let mut agent = start_agent(&cache.0, group, &[]);
+    let spec = json!({ "id": "resume", "manifest": m, "delay_ms": 500 });
+    assert_eq!(post_task(&agent, &spec).0, 201);
+    wait_for("two blocks fetched", Duration::from_secs(30), || {
+        task(&agent, "resume")["blocks_done"].as_u64().unwrap() >= 2
+    });
+    agent.child.kill().unwrap(); // SIGKILL
+    agent.child.wait().unwrap();
+    let before = task_file_blocks(&cache.0);
+    assert!(before >= 2);
+    agent = start_agent(&cache.0, group, &[]);
+    let s = wait_done(&agent, "resume", Duration::from_secs(60));
+    assert_eq!(s["state"], "done", "{s}");
+    assert_eq!(cached(&cache.0, &m.content_id).as_deref(), Some(&bytes[..]));
+    // Finished blocks are not fetched again: at most the block in flight
+    // when it was killed comes twice.
+    let served = origin_bytes(&origin);
+    assert!(
+        served <= size + 4 * 1024 * 1024,
+        "origin sent {served} for {size} ({before} blocks were done at the kill)"
+    );
+}
+
+/// Blocks the persisted partial state of the only download calls done.
+fn task_file_blocks(cache: &Path) -> usize {
+    let dir = cache.join("partial");
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_name().to_string_lossy().ends_with(".state.json") {
+            let v: Value = json(&std::fs::read(e.path()).unwrap());
+            return v["done"]
+                .as_str()
+                .unwrap()
+                .chars()
+                .filter(|c| *c == '1')
+                .count();
+        }
+    }
+    0
+}
+
+#[test]
+fn bad_manifests_and_requests_are_refused_with_their_reason_and_change_nothing() {
+    let dir = TempDir::new("refuse");
+    origin_dir(&dir);
+    let fake_origin: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let (m, _) = package(&dir.0, 5 * 1024 * 1024, 5, fake_origin);
+    let cache = TempDir::new("refuse-agent");
+    let agent = start_agent(&cache.0, private_group(), &[]);
+    let mut short = serde_json::to_value(&m).unwrap();
+    short["block_hashes"].as_array_mut().unwrap().pop();
+    let mut bad_url = serde_json::to_value(&m).unwrap();
+    bad_url["urls"] = json!(["file:///etc/passwd"]);
+    let cases = [
+        ("{not json".to_string(), "bad task"),
+        (json!({ "manifest": short }).to_string(), "block hashes for"),
+        (json!({ "manifest": bad_url }).to_string(), "not an http"),
+        (
+            json!({ "manifest": m, "cache_only": true, "run": "x" }).to_string(),
+            "never runs",
+        ),
+        (
+            json!({ "manifest": m, "id": "../x" }).to_string(),
+            "task id",
+        ),
+        (
+            json!({ "manifest": m, "surprise": 1 }).to_string(),
+            "unknown field",
+        ),
+    ];
+    for (body, reason) in cases {
+        let (code, text) = http(agent.addr, "POST", "/v1/tasks", Some(TOKEN), Some(&body));
+        assert_eq!(code, 400, "{body}: {text}");
+        let err = json(text.as_bytes())["error"].as_str().unwrap().to_string();
+        assert!(err.contains(reason), "{err:?} lacks {reason:?}");
+    }
+    assert_eq!(
+        http(agent.addr, "POST", "/v1/tasks", None, Some("{}")).0,
+        401,
+        "no token, no task"
+    );
+    let tasks = get_json(agent.addr, "/v1/tasks");
+    assert_eq!(tasks["tasks"].as_array().unwrap().len(), 0);
+    let partial: Vec<_> = std::fs::read_dir(cache.0.join("partial"))
+        .unwrap()
+        .collect();
+    assert!(partial.is_empty(), "a refused task left files behind");
+    assert_eq!(get(agent.addr, "/v1/tasks/nope", Some(TOKEN)).0, 404);
+}
