@@ -219,20 +219,31 @@ pub struct RecvArgs {
     pub json: bool,
 }
 
+/// `somcast demo`: the whole flow on loopback (an origin, agents, one
+/// task), or with --lab the bare data plane (send to receivers).
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Receivers to start.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=32))]
-    pub receivers: u32,
-    /// Size of the generated file.
-    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    /// Agents to start (the whole flow).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub agents: u32,
+    /// Size of the generated package.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub size: u64,
-    /// Loss injected at each receiver (0..1), so repair is seen at work.
-    #[arg(long, default_value_t = 0.05, value_parser = parse_share)]
-    pub loss: f64,
-    /// Sending rate in bit/s.
+    /// Startup delay between election and multicast.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub delay: Duration,
+    /// Multicast rate in bit/s.
     #[arg(long, default_value = "400M", value_parser = parse_rate)]
     pub rate: u64,
+    /// The data plane only: `send` to --receivers with --loss injected.
+    #[arg(long)]
+    pub lab: bool,
+    /// Receivers of --lab.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub receivers: u32,
+    /// Loss injected at each --lab receiver (0..1), so repair is seen at work.
+    #[arg(long, default_value_t = 0.05, value_parser = parse_share)]
+    pub loss: f64,
     /// Print one JSON summary object on stdout at the end.
     #[arg(long)]
     pub json: bool,

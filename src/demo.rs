@@ -51,7 +51,11 @@ pub fn generate_file(path: &Path, size: u64, seed: u64) -> std::io::Result<()> {
 pub fn run(args: &DemoArgs) -> anyhow::Result<bool> {
     let dir = std::env::temp_dir().join(format!("somcast-demo-{}", std::process::id()));
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let result = run_in(&dir, args);
+    let result = if args.lab {
+        run_in(&dir, args)
+    } else {
+        crate::demo_flow::run(&dir, args)
+    };
     let _ = fs::remove_dir_all(&dir);
     result
 }

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod cli;
 pub mod console;
 pub mod demo;
+pub mod demo_flow;
 pub mod election;
 pub mod fetch;
 pub mod lab;

@@ -190,7 +190,15 @@ fn hostile_datagrams_mid_transfer_do_not_break_the_receiver() {
 #[test]
 fn demo_delivers_identical_files() {
     let o = Command::new(BIN)
-        .args(["demo", "--size", "3M", "--receivers", "2", "--json"])
+        .args([
+            "demo",
+            "--lab",
+            "--size",
+            "3M",
+            "--receivers",
+            "2",
+            "--json",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -277,3 +277,29 @@ fn bad_manifests_and_requests_are_refused_with_their_reason_and_change_nothing()
     assert!(partial.is_empty(), "a refused task left files behind");
     assert_eq!(get(agent.addr, "/v1/tasks/nope", Some(TOKEN)).0, 404);
 }
+
+#[test]
+fn the_demo_runs_the_whole_flow_with_one_origin_download() {
+    let o = std::process::Command::new(common::BIN)
+        .args([
+            "demo", "--agents", "3", "--size", "9M", "--delay", "1s", "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = json(&o.stdout);
+    assert_eq!(s["ok"], true, "{s}");
+    assert_eq!(s["identical"], 3);
+    assert!(s["origin_ratio"].as_f64().unwrap() <= 1.05, "{s}");
+    let roles: Vec<&str> = s["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        roles.iter().filter(|r| **r == "representative").count(),
+        1,
+        "{roles:?}"
+    );
+}

@@ -115,6 +115,33 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let running = start(config).await?;
+    shutdown.await;
+    running.stop().await
+}
+
+/// A started agent: its state, its API address, and how to stop it.
+pub struct Running {
+    pub agent: Arc<Agent>,
+    pub api: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    /// Says goodbye to the subnet and stops the control loop and the API.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        tracing::info!("agent {:016x} stopping", self.agent.node);
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            t.await.context("agent task")??;
+        }
+        Ok(())
+    }
+}
+
+/// Starts an agent on the current tokio runtime.
+pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&config.cache)
         .with_context(|| format!("creating cache directory {}", config.cache.display()))?;
     let (node, note) = scanner::node::load_or_create(&config.cache, multicast::driver::random_id)
@@ -189,14 +216,14 @@ pub async fn run(
         subnet.map(|s| format!(", subnet {s}")).unwrap_or_default(),
         agent.config.control_group,
     );
-    let presence_task = tokio::spawn(control::run(agent.clone(), sockets, stop_rx.clone()));
+    let control_task = tokio::spawn(control::run(agent.clone(), sockets, stop_rx.clone()));
     let api_task = tokio::spawn(api::serve(listener, agent.clone(), stop_rx));
-    shutdown.await;
-    tracing::info!("agent {node:016x} stopping");
-    let _ = stop_tx.send(true);
-    presence_task.await.context("presence task")??;
-    api_task.await.context("API task")??;
-    Ok(())
+    Ok(Running {
+        agent,
+        api: api_addr,
+        stop: stop_tx,
+        tasks: vec![control_task, api_task],
+    })
 }
 
 /// The interface's name and prefix length, where the inventory knows them.

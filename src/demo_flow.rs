@@ -1,0 +1,184 @@
+//! `somcast demo`: the whole flow on loopback, in one process and without
+//! root: an origin (`somcast serve`), N agents with caches of their own on a
+//! private control group, one task to all of them. Prints each agent's role
+//! and time, and the origin's bytes against the package size.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::json;
+
+use crate::agent::task::{self, State, TaskSpec};
+use crate::agent::{AgentConfig, Running};
+use crate::cli::DemoArgs;
+use crate::demo::{generate_file, private_group};
+use crate::manifest::Manifest;
+use crate::units::human_bytes;
+
+pub fn run(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(flow(dir, args))
+}
+
+async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
+    let origin_dir = dir.join("origin");
+    std::fs::create_dir_all(&origin_dir)?;
+    let file = origin_dir.join("package.msi");
+    generate_file(&file, args.size, 42).context("generating the demo package")?;
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let origin = listener.local_addr()?;
+    let origin_task =
+        tokio::spawn(
+            async move { axum::serve(listener, crate::serve::router(&origin_dir, 0)).await },
+        );
+    let url = format!("http://{origin}/package.msi");
+    let manifest = {
+        let file = file.clone();
+        tokio::task::spawn_blocking(move || Manifest::create(&file, vec![url])).await??
+    };
+    let group = private_group();
+    let control = std::net::SocketAddrV4::new(*group.ip(), group.port().wrapping_add(1).max(1024));
+    if !args.json {
+        eprintln!(
+            "demo: origin http://{origin}/, {} agents on loopback (control group {control}), a {} package, startup delay {:?}",
+            args.agents,
+            human_bytes(args.size),
+            args.delay
+        );
+    }
+    let mut agents: Vec<Running> = Vec::new();
+    for i in 0..args.agents {
+        let config = AgentConfig {
+            iface: Some("127.0.0.1".into()),
+            cache: dir.join(format!("agent-{i}")),
+            api: "127.0.0.1:0".parse()?,
+            token: Some(format!("demo-token-{}", multicast::driver::random_id())),
+            control_group: control,
+            presence_interval: Duration::from_secs(1),
+            preference: 0,
+            rate_bps: args.rate,
+            cache_max: u64::MAX,
+            cache_min_free: 0,
+        };
+        agents.push(crate::agent::start(config).await?);
+    }
+    let t0 = Instant::now();
+    let spec = TaskSpec {
+        id: Some("demo".into()),
+        manifest: manifest.clone(),
+        cache_only: false,
+        run: None,
+        delay_ms: Some(args.delay.as_millis() as u64),
+        pin_days: None,
+        rate_bps: Some(args.rate),
+        run_timeout_s: None,
+    };
+    for a in &agents {
+        task::submit(&a.agent, spec.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let deadline = t0 + Duration::from_secs(120) + args.delay;
+    let statuses = loop {
+        let statuses: Vec<task::TaskStatus> = agents
+            .iter()
+            .filter_map(|a| a.agent.tasks().get("demo").map(|t| t.status.clone()))
+            .collect();
+        if statuses.iter().all(|s| s.state.is_terminal()) || Instant::now() > deadline {
+            break statuses;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let served = origin_bytes(origin).await.unwrap_or(0);
+    let mut identical = 0;
+    for s in &statuses {
+        if let Some(p) = &s.path
+            && files_equal(Path::new(p), &file)?
+        {
+            identical += 1;
+        }
+    }
+    let ok = statuses.len() == agents.len()
+        && statuses.iter().all(|s| s.state == State::Done)
+        && identical == statuses.len();
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "agents": statuses,
+                "package_bytes": args.size,
+                "origin_bytes": served,
+                "origin_ratio": served as f64 / args.size.max(1) as f64,
+                "identical": identical,
+                "ok": ok,
+            })
+        );
+    } else {
+        println!("agent             role             state     seconds   multicast      origin");
+        for s in &statuses {
+            println!(
+                "{:<16}  {:<15}  {:<8}  {:>7.1}  {:>10}  {:>10}",
+                s.node,
+                s.role.as_deref().unwrap_or("-"),
+                format!("{:?}", s.state).to_lowercase(),
+                s.seconds.unwrap_or(f64::NAN),
+                human_bytes(s.bytes.multicast),
+                human_bytes(s.bytes.origin),
+            );
+        }
+        println!(
+            "origin sent {} for a {} package ({:.2}x): one download for {} agents; {identical}/{} caches hold a byte-identical copy",
+            human_bytes(served),
+            human_bytes(args.size),
+            served as f64 / args.size.max(1) as f64,
+            statuses.len(),
+            statuses.len()
+        );
+        if !ok {
+            for s in statuses.iter().filter(|s| s.state != State::Done) {
+                println!(
+                    "{}: {}",
+                    s.node,
+                    s.error.as_deref().unwrap_or("not finished")
+                );
+            }
+        }
+    }
+    for a in agents {
+        a.stop().await?;
+    }
+    origin_task.abort();
+    Ok(ok)
+}
+
+async fn origin_bytes(origin: std::net::SocketAddr) -> anyhow::Result<u64> {
+    let body = crate::fetch::client()
+        .get(format!("http://{origin}/stats"))
+        .send()
+        .await?
+        .bytes()
+        .await?;
+    let v: serde_json::Value = serde_json::from_slice(&body)?;
+    Ok(v["bytes_served"].as_u64().unwrap_or(0))
+}
+
+fn files_equal(a: &Path, b: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+    }
+}
