@@ -303,3 +303,42 @@ fn the_demo_runs_the_whole_flow_with_one_origin_download() {
         "{roles:?}"
     );
 }
+
+#[test]
+fn a_fetch_slower_than_the_delay_is_multicast_as_it_arrives() {
+    let dir = TempDir::new("pipeline");
+    // 30 Mbit/s: 12 MiB take over 3 s, the delay is 0.3 s.
+    let origin = start_origin(&origin_dir(&dir), "30M");
+    let size = 12 * 1024 * 1024 + 7;
+    let (m, bytes) = package(&dir.0, size, 6, origin.addr);
+    let group = private_group();
+    let caches: Vec<TempDir> = (0..3).map(|_| TempDir::new("pipe-agent")).collect();
+    let agents: Vec<Proc> = caches
+        .iter()
+        .map(|c| start_agent(&c.0, group, &[]))
+        .collect();
+    let spec = json!({ "id": "pipe", "manifest": m, "delay_ms": 300 });
+    for a in &agents {
+        assert_eq!(post_task(a, &spec).0, 201);
+    }
+    // While the representative is still fetching, receivers already hold
+    // blocks from the multicast.
+    let mut overlapped = false;
+    wait_for("all done", Duration::from_secs(60), || {
+        let st: Vec<Value> = agents.iter().map(|a| task(a, "pipe")).collect();
+        let rep_fetching = st.iter().any(|s| {
+            s["role"] == "representative"
+                && s["blocks_done"].as_u64().unwrap() < s["block_count"].as_u64().unwrap()
+        });
+        let rx_has = st
+            .iter()
+            .any(|s| s["role"] == "receiver" && s["bytes"]["multicast"].as_u64().unwrap() > 0);
+        overlapped |= rep_fetching && rx_has;
+        st.iter().all(|s| s["state"] == "done")
+    });
+    assert!(overlapped, "receivers got nothing before the fetch ended");
+    for c in &caches {
+        assert_eq!(cached(&c.0, &m.content_id).as_deref(), Some(&bytes[..]));
+    }
+    assert!(origin_bytes(&origin) as f64 <= 1.05 * size as f64);
+}
