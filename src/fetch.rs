@@ -31,6 +31,7 @@ pub enum FetchError {
 pub fn client() -> reqwest::Client {
     // rustls needs a process-wide crypto provider; ring is the one built
     // in. Installing it twice is harmless (the second call reports it).
+    #[cfg(not(windows))]
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
