@@ -257,7 +257,7 @@ pub enum SymbolError {
 ///
 /// Payloads are stored back to back, so a block costs about K*T bytes
 /// however its symbols arrived.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Collector {
     k: u32,
     t: usize,

@@ -1,1 +1,23 @@
-//! Unicast repair between peers (NEED/HAVE over TCP); see the peer-repair issue.
+//! Unicast repair between peers. A receiver that still lacks block b asks
+//! a peer that holds it decoded: "block b, I hold k of K, highest ESI e".
+//! The peer answers with symbols: the block's source symbols when the
+//! requester holds none (that is the block itself), otherwise fresh repair
+//! symbols at ESIs far above anything a multicast sender mints, so no
+//! bookkeeping of who holds which symbol is needed. The requester stops the
+//! stream as soon as the block decodes and checks its SHA-256; a peer whose
+//! symbols do not decode to the right block is dropped.
+//!
+//! - [`frame`]: length-prefixed postcard frames with a size cap.
+//! - [`serve`]: the answering side, sans-IO.
+//! - [`fetch`]: the asking side for one block, sans-IO.
+//! - [`choose`]: which peer to ask, spread by load, with a per-peer limit.
+
+pub mod choose;
+pub mod fetch;
+pub mod frame;
+pub mod serve;
+
+pub use choose::Chooser;
+pub use fetch::{BlockFetch, FetchStep};
+pub use frame::{Frame, FrameError};
+pub use serve::{Serving, Want};

@@ -1,0 +1,160 @@
+//! The asking side for one block: build the request, check every symbol
+//! before it reaches the collector, decode once enough are in, and accept
+//! the block only when its SHA-256 matches.
+
+use multicast::codec::{Collector, DECODE_MARGIN, Layout, sha256};
+use multicast::wire::{Digest, MAX_ESI};
+
+use crate::frame::{Frame, SYMBOLS_PER_FRAME};
+
+/// What the caller does next.
+#[derive(Debug)]
+pub enum FetchStep {
+    /// Keep reading frames.
+    More,
+    /// Enough symbols: call [`BlockFetch::decode`] (on a worker if it is slow).
+    Decode,
+    /// The peer does not hold the block (or is busy): ask another.
+    Elsewhere,
+    /// The peer sent something malformed for this block: drop the peer.
+    Misbehaved(String),
+}
+
+/// Why a fetched block was not accepted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// The symbols do not decode yet: keep reading (the peer sends extra).
+    NeedMore,
+    /// They decoded to the wrong bytes: the peer sent bad symbols.
+    Corrupt,
+}
+
+/// Fetching one block from one peer.
+pub struct BlockFetch {
+    layout: Layout,
+    block: u32,
+    expected: Digest,
+    collector: Option<Box<Collector>>,
+    /// Payload bytes received, for the status's bytes-by-source.
+    pub bytes: u64,
+    extra_wanted: u32,
+}
+
+impl BlockFetch {
+    /// `collector`: symbols already held (from the multicast), if any.
+    pub fn new(
+        layout: Layout,
+        block: u32,
+        expected: Digest,
+        collector: Option<Box<Collector>>,
+    ) -> Self {
+        let collector = collector.unwrap_or_else(|| Box::new(Collector::for_block(&layout, block)));
+        Self {
+            layout,
+            block,
+            expected,
+            collector: Some(collector),
+            bytes: 0,
+            extra_wanted: 0,
+        }
+    }
+
+    pub fn block(&self) -> u32 {
+        self.block
+    }
+
+    /// Symbols held that came from a sender (not the zero padding).
+    fn held_from_senders(&self) -> u32 {
+        let c = self.collector.as_ref().expect("present until decoded");
+        let padding = self.layout.k() - self.layout.data_symbols(self.block);
+        c.held().saturating_sub(padding)
+    }
+
+    fn wanted(&self) -> u32 {
+        self.layout.k() + DECODE_MARGIN + self.extra_wanted
+    }
+
+    /// The request for this block.
+    pub fn request(&self, content: Digest) -> Frame {
+        let c = self.collector.as_ref().expect("present until decoded");
+        Frame::Need {
+            content,
+            block: self.block,
+            held: self.held_from_senders(),
+            need: self.wanted().saturating_sub(c.held()),
+            highest_esi: c.highest_esi(),
+        }
+    }
+
+    /// Takes one frame from the peer.
+    pub fn handle(&mut self, frame: Frame) -> FetchStep {
+        match frame {
+            Frame::Symbols {
+                block,
+                first_esi,
+                payload,
+            } => {
+                if block != self.block {
+                    return FetchStep::Misbehaved(format!(
+                        "symbols of block {block}, asked for {}",
+                        self.block
+                    ));
+                }
+                let t = usize::from(self.layout.symbol_size());
+                let n = payload.len() / t;
+                if payload.len() % t != 0 || n == 0 || n as u32 > SYMBOLS_PER_FRAME {
+                    return FetchStep::Misbehaved(format!(
+                        "a payload of {} bytes for T = {t}",
+                        payload.len()
+                    ));
+                }
+                if first_esi
+                    .checked_add(n as u32 - 1)
+                    .is_none_or(|last| last > MAX_ESI)
+                {
+                    return FetchStep::Misbehaved("ESIs beyond 24 bits".into());
+                }
+                self.bytes += payload.len() as u64;
+                let c = self.collector.as_mut().expect("present until decoded");
+                for (i, sym) in payload.chunks_exact(t).enumerate() {
+                    // A duplicate (a symbol already held) is harmless.
+                    let _ = c.insert(first_esi + i as u32, sym);
+                }
+                let ready = c.has_all_source() || c.held() >= self.wanted();
+                if ready {
+                    FetchStep::Decode
+                } else {
+                    FetchStep::More
+                }
+            }
+            Frame::NotHeld { .. } | Frame::Busy => FetchStep::Elsewhere,
+            Frame::Need { .. } | Frame::Stop { .. } => {
+                FetchStep::Misbehaved("a requester's frame from the serving side".into())
+            }
+        }
+    }
+
+    /// Decodes and checks the block: its bytes (without padding) when they
+    /// match the expected SHA-256.
+    pub fn decode(&mut self) -> Result<Vec<u8>, Rejected> {
+        let c = self.collector.take().expect("present until decoded");
+        match c.decode(&self.layout) {
+            Ok(padded) => {
+                let len = self.layout.block_len(self.block);
+                if sha256(&padded[..len]) == self.expected {
+                    let mut data = padded;
+                    data.truncate(len);
+                    Ok(data)
+                } else {
+                    self.collector = Some(Box::new(Collector::for_block(&self.layout, self.block)));
+                    Err(Rejected::Corrupt)
+                }
+            }
+            Err(back) => {
+                self.collector = Some(back);
+                self.extra_wanted += 2;
+                Err(Rejected::NeedMore)
+            }
+        }
+    }
+}

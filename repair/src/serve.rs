@@ -1,0 +1,134 @@
+//! The answering side: a peer that holds block b decoded (and verified)
+//! streams symbols for it until the requester stops it or the planned
+//! count is sent.
+
+use multicast::codec::{BlockEncoder, Layout, Plan, pad_block};
+use multicast::wire::MAX_ESI;
+
+use crate::frame::{Frame, SYMBOLS_PER_FRAME};
+
+/// Repair ESIs start at or above this: a multicast sender mints upward from
+/// K (at most 56 403 plus its repair), so symbols from peers never repeat
+/// what the requester may already hold.
+pub const PEER_ESI_BASE: u32 = 1 << 23;
+/// Symbols sent beyond the stated need (which already has the decode
+/// margin), so a rare failed decode does not cost a round trip.
+pub const EXTRA: u32 = 1;
+
+enum Source {
+    /// The block's own symbols, for a requester that holds none.
+    Systematic {
+        padded: Vec<u8>,
+        next: u32,
+        end: u32,
+    },
+    /// Fresh repair symbols.
+    Repair {
+        encoder: Box<BlockEncoder>,
+        next: u32,
+        end: u32,
+    },
+}
+
+/// What the requester said of the block it lacks.
+#[derive(Clone, Copy, Debug)]
+pub struct Want {
+    pub block: u32,
+    /// Symbols it holds.
+    pub held: u32,
+    /// Symbols it still needs.
+    pub need: u32,
+    /// Highest ESI it has seen.
+    pub highest_esi: Option<u32>,
+}
+
+/// One block being served.
+pub struct Serving {
+    block: u32,
+    t: usize,
+    source: Source,
+}
+
+impl Serving {
+    /// Plans the answer to `want` from the verified `block_bytes`. `salt`
+    /// spreads different peers' repair ESIs apart.
+    pub fn new(layout: &Layout, plan: &Plan, want: Want, block_bytes: &[u8], salt: u32) -> Self {
+        let Want {
+            block,
+            held,
+            need,
+            highest_esi: highest,
+        } = want;
+        let padded = pad_block(layout, block, block_bytes);
+        let t = usize::from(layout.symbol_size());
+        let data = layout.data_symbols(block);
+        let source = if held == 0 {
+            // Padding symbols past the data are zeros the requester fills in.
+            Source::Systematic {
+                padded,
+                next: 0,
+                end: data,
+            }
+        } else {
+            let count = need.clamp(1, layout.k()) + EXTRA;
+            let floor = highest.map_or(PEER_ESI_BASE, |e| e.saturating_add(1).max(PEER_ESI_BASE));
+            let room = MAX_ESI - floor - count;
+            let start = floor + salt % room.max(1);
+            Source::Repair {
+                encoder: Box::new(plan.encoder(&padded)),
+                next: start,
+                end: start + count,
+            }
+        };
+        Self { block, t, source }
+    }
+
+    pub fn block(&self) -> u32 {
+        self.block
+    }
+
+    /// The next frame to send, or `None` when the plan is spent.
+    pub fn next_frame(&mut self) -> Option<Frame> {
+        let t = self.t;
+        match &mut self.source {
+            Source::Systematic { padded, next, end } => {
+                if *next >= *end {
+                    return None;
+                }
+                let n = SYMBOLS_PER_FRAME.min(*end - *next);
+                let from = *next as usize * t;
+                let payload = padded[from..from + n as usize * t].to_vec();
+                let first_esi = *next;
+                *next += n;
+                Some(Frame::Symbols {
+                    block: self.block,
+                    first_esi,
+                    payload,
+                })
+            }
+            Source::Repair { encoder, next, end } => {
+                if *next >= *end {
+                    return None;
+                }
+                let n = SYMBOLS_PER_FRAME.min(*end - *next);
+                let payload = encoder.repair(*next, n);
+                let first_esi = *next;
+                *next += n;
+                Some(Frame::Symbols {
+                    block: self.block,
+                    first_esi,
+                    payload,
+                })
+            }
+        }
+    }
+
+    /// Asks for more after a decode that needed more (rare): `n` further
+    /// repair symbols.
+    pub fn extend(&mut self, n: u32) {
+        match &mut self.source {
+            Source::Systematic { .. } => {}
+            Source::Repair { end, .. } => *end = end.saturating_add(n).min(MAX_ESI),
+        }
+    }
+}
