@@ -163,6 +163,13 @@ impl Election {
         }
     }
 
+    /// Replaces this agent's standing (it holds more of the content than
+    /// when the election began); used when a lost representative starts a
+    /// new election, before any claim of it goes out.
+    pub fn set_standing(&mut self, me: Standing) {
+        self.me = me;
+    }
+
     pub fn content(&self) -> Digest {
         self.content
     }

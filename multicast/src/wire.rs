@@ -42,6 +42,8 @@ pub const MAX_ADDRS: usize = 8;
 /// Contents one presence announcement may summarize: the newest first; the
 /// rest is for repair's HAVE exchange, not for presence.
 pub const MAX_HELD: usize = 16;
+/// HAVE ranges per held content.
+pub const MAX_RANGES: usize = 32;
 /// Longest version string an agent may announce.
 pub const MAX_VERSION_LEN: usize = 32;
 /// Shortest and longest presence interval an agent may announce: peers
@@ -119,12 +121,22 @@ pub struct Rank {
 }
 
 /// How much of one content an agent holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Held {
     /// The first 8 bytes of the content id (its SHA-256).
     pub content: [u8; 8],
     pub blocks_done: u32,
     pub block_count: u32,
+    /// HAVE: the blocks held decoded, as [start, end) ranges in order; empty
+    /// with `blocks_done > 0` when they do not fit (ask, the peer may say no).
+    pub have: Vec<[u32; 2]>,
+}
+
+impl Held {
+    /// Whether the ranges say block `b` is held.
+    pub fn has(&self, b: u32) -> bool {
+        self.blocks_done == self.block_count || self.have.iter().any(|r| (r[0]..r[1]).contains(&b))
+    }
 }
 
 /// An IPv4 address with its prefix length.
@@ -149,6 +161,8 @@ pub struct Announce {
     pub addrs: Vec<AddrV4>,
     /// Port of the control API, 0 if it has none.
     pub api_port: u16,
+    /// TCP port of peer repair, 0 if it serves none.
+    pub repair_port: u16,
     pub rank: Rank,
     pub held: Vec<Held>,
     /// The probe this announcement answers, if any.
@@ -652,6 +666,7 @@ mod tests {
                 prefix: 24,
             }],
             api_port: 7480,
+            repair_port: 7481,
             rank: Rank {
                 preference: 0,
                 wired: Some(true),
@@ -662,6 +677,7 @@ mod tests {
                 content: [1; 8],
                 blocks_done: 3,
                 block_count: 16,
+                have: vec![[0, 2], [5, 6]],
             }],
             reply_to: None,
         }
@@ -680,6 +696,9 @@ mod tests {
             (|a| a.addrs[0].prefix = 33, "addresses"),
             (|a| a.held[0].blocks_done = 17, "held contents"),
             (|a| a.held[0].block_count = 0, "held contents"),
+            (|a| a.held[0].have = vec![[5, 6], [0, 2]], "held contents"),
+            (|a| a.held[0].have = vec![[3, 3]], "held contents"),
+            (|a| a.held[0].have = vec![[0, 17]], "held contents"),
         ];
         for (spoil, what) in cases {
             let mut a = sample_announce();

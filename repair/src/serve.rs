@@ -50,9 +50,22 @@ pub struct Serving {
 }
 
 impl Serving {
+    /// Whether answering `want` takes an encoding plan (repair symbols); a
+    /// requester that holds nothing gets the block's own symbols.
+    pub fn needs_plan(want: &Want) -> bool {
+        want.held > 0
+    }
+
     /// Plans the answer to `want` from the verified `block_bytes`. `salt`
-    /// spreads different peers' repair ESIs apart.
-    pub fn new(layout: &Layout, plan: &Plan, want: Want, block_bytes: &[u8], salt: u32) -> Self {
+    /// spreads different peers' repair ESIs apart. Without a plan the
+    /// block's source symbols are sent whatever the requester holds.
+    pub fn new(
+        layout: &Layout,
+        plan: Option<&Plan>,
+        want: Want,
+        block_bytes: &[u8],
+        salt: u32,
+    ) -> Self {
         let Want {
             block,
             held,
@@ -62,7 +75,7 @@ impl Serving {
         let padded = pad_block(layout, block, block_bytes);
         let t = usize::from(layout.symbol_size());
         let data = layout.data_symbols(block);
-        let source = if held == 0 {
+        let source = if held == 0 || plan.is_none() {
             // Padding symbols past the data are zeros the requester fills in.
             Source::Systematic {
                 padded,
@@ -74,6 +87,7 @@ impl Serving {
             let floor = highest.map_or(PEER_ESI_BASE, |e| e.saturating_add(1).max(PEER_ESI_BASE));
             let room = MAX_ESI - floor - count;
             let start = floor + salt % room.max(1);
+            let plan = plan.expect("checked just above");
             Source::Repair {
                 encoder: Box::new(plan.encoder(&padded)),
                 next: start,

@@ -74,6 +74,7 @@ pub struct LocalNode {
     pub version: String,
     pub addrs: Vec<AddrV4>,
     pub api_port: u16,
+    pub repair_port: u16,
     pub rank: Rank,
     pub held: Vec<Held>,
 }
@@ -523,8 +524,9 @@ impl Presence {
                 .copied()
                 .collect(),
             api_port: self.me.api_port,
+            repair_port: self.me.repair_port,
             rank: self.me.rank,
-            held: self.me.held.iter().take(wire::MAX_HELD).copied().collect(),
+            held: self.me.held.iter().take(wire::MAX_HELD).cloned().collect(),
             reply_to,
         }
     }

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod config;
 mod control;
+pub mod repair;
 pub mod task;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -70,7 +71,7 @@ impl Agent {
         let mut v: Vec<(u64, Held)> = self
             .tasks()
             .values()
-            .filter(|t| t.status.blocks_done > 0 && t.status.block_count > 0)
+            .filter(|t| t.data.is_some() && t.have.iter().any(|h| *h))
             .filter_map(|t| {
                 let id = t.status.content_id.as_bytes();
                 let mut content = [0u8; 8];
@@ -82,8 +83,9 @@ impl Agent {
                     t.status.created,
                     Held {
                         content,
-                        blocks_done: t.status.blocks_done.min(t.status.block_count),
-                        block_count: t.status.block_count,
+                        blocks_done: t.have.iter().filter(|h| **h).count() as u32,
+                        block_count: t.have.len() as u32,
+                        have: ranges(&t.have),
                     },
                 ))
             })
@@ -95,6 +97,25 @@ impl Agent {
             .take(multicast::wire::MAX_HELD)
             .collect()
     }
+}
+
+/// HAVE ranges of a bitmap; none when they do not fit in an announcement.
+fn ranges(have: &[bool]) -> Vec<[u32; 2]> {
+    let mut out: Vec<[u32; 2]> = Vec::new();
+    for (b, h) in have.iter().enumerate() {
+        if !*h {
+            continue;
+        }
+        let b = b as u32;
+        match out.last_mut() {
+            Some(r) if r[1] == b => r[1] = b + 1,
+            _ => out.push([b, b + 1]),
+        }
+    }
+    if out.len() > multicast::wire::MAX_RANGES {
+        out.clear();
+    }
+    out
 }
 
 /// Parses settings, then runs the agent until SIGINT or SIGTERM.
@@ -161,6 +182,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
             prefix: prefix.unwrap_or(32),
         }],
         api_port: config.api.port(),
+        repair_port: 0,
         rank: Default::default(),
         held: Vec::new(),
     };
@@ -177,8 +199,19 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
             )
         })?;
     let api_addr: SocketAddr = listener.local_addr()?;
+    // Peer repair listens on the interface's address, on the API port + 1
+    // when free (predictable for firewalls), else on any port: presence
+    // announces which.
+    let repair_listener =
+        match tokio::net::TcpListener::bind((iface_addr, api_addr.port().wrapping_add(1))).await {
+            Ok(l) => l,
+            Err(_) => tokio::net::TcpListener::bind((iface_addr, 0))
+                .await
+                .context("binding the peer repair port")?,
+        };
     let mut me = me;
     me.api_port = api_addr.port();
+    me.repair_port = repair_listener.local_addr()?.port();
     let agent = Arc::new(Agent {
         node,
         started: Instant::now(),
@@ -217,12 +250,17 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         agent.config.control_group,
     );
     let control_task = tokio::spawn(control::run(agent.clone(), sockets, stop_rx.clone()));
+    let repair_task = tokio::spawn(repair::serve(
+        repair_listener,
+        agent.clone(),
+        stop_rx.clone(),
+    ));
     let api_task = tokio::spawn(api::serve(listener, agent.clone(), stop_rx));
     Ok(Running {
         agent,
         api: api_addr,
         stop: stop_tx,
-        tasks: vec![control_task, api_task],
+        tasks: vec![control_task, repair_task, api_task],
     })
 }
 

@@ -11,7 +11,7 @@
 //! task's command runs with its path.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -94,6 +94,9 @@ pub struct Bytes {
     pub multicast: u64,
     pub peers: u64,
     pub origin: u64,
+    /// Repair bytes by the node id of the peer that served them.
+    #[serde(default)]
+    pub by_peer: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -137,6 +140,10 @@ struct Stored {
 pub struct TaskEntry {
     pub spec: TaskSpec,
     pub status: TaskStatus,
+    /// Blocks held decoded and verified (HAVE), and the file they are in:
+    /// what peer repair may serve.
+    pub have: Vec<bool>,
+    pub data: Option<PathBuf>,
     cancel: Arc<AtomicBool>,
     cancel_notify: Arc<Notify>,
     started: Instant,
@@ -237,6 +244,8 @@ fn insert(agent: &Agent, spec: TaskSpec, status: TaskStatus) {
         TaskEntry {
             spec,
             status,
+            have: Vec::new(),
+            data: None,
             cancel: Arc::new(AtomicBool::new(false)),
             cancel_notify: Arc::new(Notify::new()),
             started: Instant::now(),
@@ -273,7 +282,17 @@ pub fn restore(agent: &Arc<Agent>) {
             status.state = State::Queued;
             status.error = None;
         }
+        let done_object = (status.state == State::Done)
+            .then(|| agent.cache.object_path(&status.content_id))
+            .filter(|p| p.is_file());
+        let blocks = status.block_count as usize;
         insert(agent, stored.spec, status);
+        if let Some(path) = done_object
+            && let Some(t) = agent.tasks().get_mut(&id)
+        {
+            t.have = vec![true; blocks];
+            t.data = Some(path);
+        }
         if resume {
             tracing::info!("task {id}: resuming after a restart");
             tokio::spawn(run(agent.clone(), id));
@@ -327,6 +346,20 @@ fn update(agent: &Agent, id: &str, f: impl FnOnce(&mut TaskStatus)) {
     }
 }
 
+/// Records the blocks a download holds: the count in the status, the
+/// bitmap and file for HAVE and peer repair.
+fn note_blocks(agent: &Agent, id: &str, p: &Partial) {
+    let done = p.done_count();
+    {
+        let mut tasks = agent.tasks();
+        if let Some(t) = tasks.get_mut(id) {
+            t.have.clone_from(&p.done);
+            t.data = Some(p.data.clone());
+        }
+    }
+    update(agent, id, |s| s.blocks_done = done);
+}
+
 fn set_state(agent: &Agent, id: &str, state: State) {
     update(agent, id, |s| s.state = state);
 }
@@ -362,12 +395,9 @@ impl Run {
     }
 
     fn progress(&self, partial: &Mutex<Partial>) {
-        let done = lock(partial).done_count();
+        note_blocks(&self.agent, &self.id, &lock(partial));
         let origin = self.origin.load(Ordering::Relaxed);
-        update(&self.agent, &self.id, |s| {
-            s.blocks_done = done;
-            s.bytes.origin = origin;
-        });
+        update(&self.agent, &self.id, |s| s.bytes.origin = origin);
     }
 }
 
@@ -455,6 +485,9 @@ async fn drive(r: &Run) -> anyhow::Result<()> {
     r.progress(&partial);
     if !lock(&partial).is_complete() {
         acquire(r, &partial).await?;
+    }
+    if let Some(t) = r.agent.tasks().get_mut(&r.id) {
+        t.data = None; // moving into the cache
     }
     let cache_agent = r.agent.clone();
     let p = Arc::try_unwrap(partial)
@@ -548,11 +581,130 @@ async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<()> {
                     Received::Interrupted(next) => pending = next,
                 }
             }
-            ElectionEvent::SteppedDown | ElectionEvent::RepresentativeLost { .. } => {
+            ElectionEvent::SteppedDown => r.state(State::Electing),
+            ElectionEvent::RepresentativeLost { representative } => {
+                tracing::info!(
+                    "task {}: representative {representative:016x} fell silent; electing again",
+                    r.id
+                );
                 r.state(State::Electing);
+                // Stand on what is held now: the agent with most of the
+                // content should take over.
+                let held_permille = {
+                    let p = lock(partial);
+                    (u64::from(p.done_count()) * 1000 / u64::from(p.layout().block_count().max(1)))
+                        as u16
+                };
+                let standing = r.agent.standing(held_permille);
+                if let Some(slot) = r.agent.elections().get_mut(&r.id) {
+                    slot.election.set_standing(standing);
+                }
             }
         }
     }
+}
+
+/// Fetches every missing block that a peer on the subnet holds, from
+/// those peers (spread by load, a few at a time); what no peer could
+/// deliver is left for the origin.
+async fn peer_repair(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<()> {
+    /// Blocks fetched from peers at once.
+    const PARALLEL: usize = 4;
+    let prefix: [u8; 8] = r.m.content[..8].try_into().expect("a digest has 32 bytes");
+    let holders_of = |b: u32| -> Vec<(u64, SocketAddr)> {
+        let p = r.agent.presence();
+        let mut v: Vec<(u64, SocketAddr)> = p
+            .peers()
+            .filter(|peer| peer.announce.repair_port != 0)
+            .filter(|peer| {
+                peer.announce
+                    .held
+                    .iter()
+                    .any(|h| h.content == prefix && h.has(b))
+            })
+            .map(|peer| {
+                (
+                    peer.node(),
+                    SocketAddr::new(peer.addr.ip(), peer.announce.repair_port),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let mut queue: std::collections::VecDeque<u32> = {
+        let p = lock(partial);
+        (0..p.layout().block_count())
+            .filter(|&b| !p.done[b as usize])
+            .collect()
+    };
+    let mut chooser: repair::Chooser<u64> = repair::Chooser::new(2);
+    let mut running = tokio::task::JoinSet::new();
+    let mut waiting: Vec<u32> = Vec::new();
+    // A peer that said it does not hold a block (stale HAVE) or was busy is
+    // not asked for that block again.
+    let mut declined: std::collections::HashSet<(u32, u64)> = Default::default();
+    loop {
+        while running.len() < PARALLEL {
+            let Some(b) = queue.pop_front() else { break };
+            let mut holders = holders_of(b);
+            holders.retain(|h| !declined.contains(&(b, h.0)));
+            let nodes: Vec<u64> = holders.iter().map(|h| h.0).collect();
+            match chooser.pick(&nodes) {
+                Some(node) => {
+                    let addr = holders
+                        .iter()
+                        .find(|h| h.0 == node)
+                        .expect("picked among them")
+                        .1;
+                    let (content, layout, hash) =
+                        (r.m.content, r.m.layout, r.m.block_hashes[b as usize]);
+                    running.spawn(async move {
+                        let res = super::repair::fetch_block(addr, content, layout, b, hash).await;
+                        (b, node, res)
+                    });
+                }
+                // Holders at their limit: try again when one finishes.
+                None if chooser.any_usable(&nodes) => waiting.push(b),
+                None => {} // nobody (left) to ask: the origin's
+            }
+        }
+        if r.cancelled() {
+            running.abort_all();
+            bail!("cancelled");
+        }
+        let Some(done) = running.join_next().await else {
+            break;
+        };
+        let (b, node, res) = done.context("repair task")?;
+        queue.extend(waiting.drain(..));
+        match res {
+            Ok((data, bytes)) => {
+                chooser.succeeded(node, bytes);
+                {
+                    let mut p = lock(partial);
+                    p.write_block(b, &data)
+                        .context("writing a repaired block")?;
+                    note_blocks(&r.agent, &r.id, &p);
+                }
+                update(&r.agent, &r.id, |s| {
+                    s.bytes.peers += bytes;
+                    *s.bytes.by_peer.entry(format!("{node:016x}")).or_default() += bytes;
+                });
+            }
+            Err(super::repair::PeerError::Declined) => {
+                chooser.declined(node);
+                declined.insert((b, node));
+                queue.push_back(b);
+            }
+            Err(super::repair::PeerError::Failed(why)) => {
+                tracing::warn!("task {}: peer {node:016x} dropped: {why}", r.id);
+                chooser.failed(node);
+                queue.push_back(b);
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn origin_fetch(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<()> {
@@ -560,10 +712,7 @@ async fn origin_fetch(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<
     let agent = r.agent.clone();
     let id = r.id.clone();
     let p2 = partial.clone();
-    let on_block = move |_b: u32| {
-        let done = lock(&p2).done_count();
-        update(&agent, &id, |s| s.blocks_done = done);
-    };
+    let on_block = move |_b: u32| note_blocks(&agent, &id, &lock(&p2));
     fetch_blocks(
         &r.agent.http,
         partial,
@@ -588,6 +737,11 @@ async fn represent(
     start: Instant,
     rx: &mut mpsc::UnboundedReceiver<ElectionEvent>,
 ) -> anyhow::Result<Option<ElectionEvent>> {
+    // What the subnet already holds comes from peers (a representative that
+    // took over, or one elected after an earlier pass); only the rest
+    // crosses the WAN.
+    r.state(State::Repairing);
+    peer_repair(r, partial).await?;
     let available = Arc::new(AtomicU32::new(lock(partial).done_prefix()));
     let stop = Arc::new(AtomicBool::new(false));
     r.state(State::Fetching);
@@ -604,12 +758,9 @@ async fn represent(
             let p2 = p.clone();
             let agent2 = agent.clone();
             let on_block = move |_b: u32| {
-                let (done, prefix) = {
-                    let g = lock(&p2);
-                    (g.done_count(), g.done_prefix())
-                };
-                avail.store(prefix, Ordering::Release);
-                update(&agent2, &id, |s| s.blocks_done = done);
+                let g = lock(&p2);
+                avail.store(g.done_prefix(), Ordering::Release);
+                note_blocks(&agent2, &id, &g);
             };
             fetch_blocks(
                 &agent.http,
@@ -756,12 +907,11 @@ async fn receive(
                 if let Err(e) = g.mark_done(b) {
                     tracing::warn!("task {id}: cannot record block {b}: {e}");
                 }
-                let done = g.done_count();
+                note_blocks(&agent, &id, &g);
                 drop(g);
                 let len = m.layout.block_len(b) as u64;
                 update(&agent, &id, |s| {
                     s.state = State::Receiving;
-                    s.blocks_done = done;
                     s.bytes.multicast += len;
                 });
             };
@@ -832,6 +982,10 @@ async fn receive(
 /// The object is in the cache: pin it, or run the command.
 async fn finish(r: &Run, path: &Path) -> anyhow::Result<()> {
     let path_s = path.display().to_string();
+    if let Some(t) = r.agent.tasks().get_mut(&r.id) {
+        t.have = vec![true; r.m.layout.block_count() as usize];
+        t.data = Some(path.to_owned());
+    }
     update(&r.agent, &r.id, |s| {
         s.path = Some(path_s.clone());
         s.blocks_done = s.block_count;

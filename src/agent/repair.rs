@@ -1,0 +1,236 @@
+//! Peer repair over TCP, the thin tokio side of the `repair` crate: a
+//! server that answers NEED for blocks this agent holds verified, under a
+//! concurrency limit and an upload rate cap, and a client that fetches one
+//! block from one peer with timeouts.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use multicast::codec::{Layout, Plan};
+use multicast::wire::Digest;
+use repair::fetch::Rejected;
+use repair::frame::{self, Frame};
+use repair::{BlockFetch, FetchStep, Serving, Want};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+
+use super::Agent;
+use crate::lab::hex;
+
+/// Blocks served at once; more requests get `Busy` and ask another peer.
+const MAX_UPLOADS: usize = 4;
+/// Upload cap of the repair server, bit/s.
+const UPLOAD_BPS: f64 = 400e6;
+/// A peer that sends nothing for this long is given up.
+const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+struct Limits {
+    slots: Semaphore,
+    link_free: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Limits {
+    async fn throttle(&self, bytes: usize) {
+        let cost = Duration::from_secs_f64(bytes as f64 * 8.0 / UPLOAD_BPS);
+        let until = {
+            let mut free = self.link_free.lock().await;
+            let start = (*free).max(tokio::time::Instant::now());
+            *free = start + cost;
+            *free
+        };
+        tokio::time::sleep_until(until).await;
+    }
+}
+
+/// Serves repair requests until `stop` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    agent: Arc<Agent>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let limits = Arc::new(Limits {
+        slots: Semaphore::new(MAX_UPLOADS),
+        link_free: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+    });
+    loop {
+        tokio::select! {
+            r = listener.accept() => {
+                let Ok((stream, from)) = r else { continue };
+                let (agent, limits) = (agent.clone(), limits.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = connection(agent, stream, limits).await {
+                        tracing::debug!("repair connection from {from}: {e}");
+                    }
+                });
+            }
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+    }
+}
+
+/// What this agent can serve of a block: the file it is in, its place and
+/// its hash.
+fn lookup(
+    agent: &Agent,
+    content: &Digest,
+    block: u32,
+) -> Option<(Layout, Digest, std::path::PathBuf)> {
+    let id = hex(content);
+    let tasks = agent.tasks();
+    tasks.values().find_map(|t| {
+        if t.status.content_id != id || !t.have.get(block as usize).copied().unwrap_or(false) {
+            return None;
+        }
+        let m = t.spec.manifest.check().ok()?;
+        Some((m.layout, m.block_hashes[block as usize], t.data.clone()?))
+    })
+}
+
+async fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<Option<Frame>> {
+    loop {
+        if let Some((f, used)) = frame::decode(buf)? {
+            buf.drain(..used);
+            return Ok(Some(f));
+        }
+        let mut chunk = [0u8; 64 * 1024];
+        let n = tokio::time::timeout(PEER_TIMEOUT, stream.read(&mut chunk)).await??;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+async fn write_frame(stream: &mut TcpStream, f: &Frame) -> anyhow::Result<()> {
+    let mut out = Vec::new();
+    frame::encode(f, &mut out);
+    tokio::time::timeout(PEER_TIMEOUT, stream.write_all(&out)).await??;
+    Ok(())
+}
+
+async fn connection(
+    agent: Arc<Agent>,
+    mut stream: TcpStream,
+    limits: Arc<Limits>,
+) -> anyhow::Result<()> {
+    let mut buf = Vec::new();
+    while let Some(f) = read_frame(&mut stream, &mut buf).await? {
+        let Frame::Need {
+            content,
+            block,
+            held,
+            need,
+            highest_esi,
+        } = f
+        else {
+            continue; // a Stop for a block already finished, or noise
+        };
+        let Some((layout, hash, path)) = lookup(&agent, &content, block) else {
+            write_frame(&mut stream, &Frame::NotHeld { block }).await?;
+            continue;
+        };
+        let Ok(_slot) = limits.slots.try_acquire() else {
+            write_frame(&mut stream, &Frame::Busy).await?;
+            continue;
+        };
+        let want = Want {
+            block,
+            held,
+            need,
+            highest_esi,
+        };
+        // Read and check the block, and plan the answer, off the runtime.
+        let serving = tokio::task::spawn_blocking(move || -> Option<Serving> {
+            let f = std::fs::File::open(&path).ok()?;
+            let mut data = vec![0u8; layout.block_len(block)];
+            multicast::driver::read_exact_at(&f, &mut data, layout.offset(block)).ok()?;
+            if multicast::codec::sha256(&data) != hash {
+                tracing::warn!("repair: block {block} on disk fails its hash; not serving it");
+                return None;
+            }
+            let plan = Serving::needs_plan(&want).then(|| Plan::new(layout));
+            Some(Serving::new(
+                &layout,
+                plan.as_ref(),
+                want,
+                &data,
+                multicast::driver::random_id() as u32,
+            ))
+        })
+        .await?;
+        let Some(mut serving) = serving else {
+            write_frame(&mut stream, &Frame::NotHeld { block }).await?;
+            continue;
+        };
+        while let Some(f) = serving.next_frame() {
+            if let Frame::Symbols { payload, .. } = &f {
+                limits.throttle(payload.len()).await;
+            }
+            // A requester that has decoded closes the connection: the write
+            // fails and this block is over.
+            write_frame(&mut stream, &f).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Why a peer did not deliver a block.
+#[derive(Debug)]
+pub enum PeerError {
+    /// It does not hold it or is busy: ask another, keep it.
+    Declined,
+    /// Timeout, connection error, malformed or corrupt symbols: drop it.
+    Failed(String),
+}
+
+/// Fetches block `block` from the repair server at `addr`: the verified
+/// bytes and the payload bytes received.
+pub async fn fetch_block(
+    addr: SocketAddr,
+    content: Digest,
+    layout: Layout,
+    block: u32,
+    hash: Digest,
+) -> Result<(Vec<u8>, u64), PeerError> {
+    let fail = |e: String| PeerError::Failed(e);
+    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            fail(format!(
+                "no connection to {addr} within {CONNECT_TIMEOUT:?}"
+            ))
+        })?
+        .map_err(|e| fail(format!("{addr}: {e}")))?;
+    let mut fetch = BlockFetch::new(layout, block, hash, None);
+    write_frame(&mut stream, &fetch.request(content))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let mut buf = Vec::new();
+    loop {
+        let f = match read_frame(&mut stream, &mut buf).await {
+            Ok(Some(f)) => f,
+            Ok(None) => return Err(fail(format!("{addr} closed before the block decoded"))),
+            Err(e) => return Err(fail(format!("{addr}: {e}"))),
+        };
+        match fetch.handle(f) {
+            FetchStep::More => {}
+            FetchStep::Elsewhere => return Err(PeerError::Declined),
+            FetchStep::Misbehaved(why) => return Err(fail(format!("{addr}: {why}"))),
+            FetchStep::Decode => match fetch.decode() {
+                Ok(data) => {
+                    let _ = write_frame(&mut stream, &Frame::Stop { block }).await;
+                    return Ok((data, fetch.bytes));
+                }
+                Err(Rejected::NeedMore) => {}
+                Err(Rejected::Corrupt) => {
+                    return Err(fail(format!(
+                        "{addr} served block {block} that fails its SHA-256"
+                    )));
+                }
+            },
+        }
+    }
+}
