@@ -75,24 +75,26 @@ impl Serving {
         let padded = pad_block(layout, block, block_bytes);
         let t = usize::from(layout.symbol_size());
         let data = layout.data_symbols(block);
-        let source = if held == 0 || plan.is_none() {
+        let count = need.clamp(1, layout.k()) + EXTRA;
+        let floor = highest.map_or(PEER_ESI_BASE, |e| e.saturating_add(1).max(PEER_ESI_BASE));
+        // Room for `count` fresh ESIs above everything the requester saw; a
+        // requester claiming ESIs near the top gets the source symbols.
+        let room = MAX_ESI.saturating_sub(floor).saturating_sub(count);
+        let source = match plan {
+            Some(plan) if held > 0 && room > 0 => {
+                let start = floor + salt % room;
+                Source::Repair {
+                    encoder: Box::new(plan.encoder(&padded)),
+                    next: start,
+                    end: start + count,
+                }
+            }
             // Padding symbols past the data are zeros the requester fills in.
-            Source::Systematic {
+            _ => Source::Systematic {
                 padded,
                 next: 0,
                 end: data,
-            }
-        } else {
-            let count = need.clamp(1, layout.k()) + EXTRA;
-            let floor = highest.map_or(PEER_ESI_BASE, |e| e.saturating_add(1).max(PEER_ESI_BASE));
-            let room = MAX_ESI - floor - count;
-            let start = floor + salt % room.max(1);
-            let plan = plan.expect("checked just above");
-            Source::Repair {
-                encoder: Box::new(plan.encoder(&padded)),
-                next: start,
-                end: start + count,
-            }
+            },
         };
         Self { block, t, source }
     }
@@ -142,7 +144,38 @@ impl Serving {
     pub fn extend(&mut self, n: u32) {
         match &mut self.source {
             Source::Systematic { .. } => {}
-            Source::Repair { end, .. } => *end = end.saturating_add(n).min(MAX_ESI),
+            Source::Repair { end, .. } => *end = end.saturating_add(n).min(MAX_ESI + 1),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hostile_highest_esi_cannot_overflow_the_plan() {
+        let layout = Layout::for_file(10_000, 5000, 1000).unwrap();
+        let plan = Plan::new(layout);
+        let data = vec![5u8; 5000];
+        for highest in [Some(MAX_ESI), Some(MAX_ESI - 3), Some(u32::MAX)] {
+            let want = Want {
+                block: 0,
+                held: 3,
+                need: 1_000_000,
+                highest_esi: highest,
+            };
+            let mut s = Serving::new(&layout, Some(&plan), want, &data, u32::MAX);
+            let mut n = 0;
+            while let Some(Frame::Symbols {
+                first_esi, payload, ..
+            }) = s.next_frame()
+            {
+                assert!(first_esi + (payload.len() / 1000) as u32 - 1 <= MAX_ESI);
+                n += 1;
+                assert!(n < 100, "an endless plan");
+            }
+            assert!(n > 0);
         }
     }
 }
