@@ -126,6 +126,9 @@ pub struct TaskStatus {
     pub seconds: Option<f64>,
     pub error: Option<String>,
     pub install: Option<InstallResult>,
+    /// Time spent fetching from peers (wall clock of the repair rounds).
+    #[serde(default)]
+    pub repair_seconds: f64,
     pub path: Option<String>,
     pub pinned_until: Option<u64>,
 }
@@ -228,6 +231,7 @@ pub fn submit(agent: &Arc<Agent>, mut spec: TaskSpec) -> Result<TaskStatus, Spec
         seconds: None,
         error: None,
         install: None,
+        repair_seconds: 0.0,
         path: None,
         pinned_until: None,
     };
@@ -639,6 +643,8 @@ async fn peer_repair(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<(
             .collect()
     };
     let mut chooser: repair::Chooser<u64> = repair::Chooser::new(2);
+    let t0 = Instant::now();
+    let mut fetched = false;
     let mut running = tokio::task::JoinSet::new();
     let mut waiting: Vec<u32> = Vec::new();
     // A peer that said it does not hold a block (stale HAVE) or was busy is
@@ -680,6 +686,7 @@ async fn peer_repair(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<(
         queue.extend(waiting.drain(..));
         match res {
             Ok((data, bytes)) => {
+                fetched = true;
                 chooser.succeeded(node, bytes);
                 {
                     let mut p = lock(partial);
@@ -703,6 +710,10 @@ async fn peer_repair(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<(
                 queue.push_back(b);
             }
         }
+    }
+    if fetched {
+        let secs = t0.elapsed().as_secs_f64();
+        update(&r.agent, &r.id, |s| s.repair_seconds += secs);
     }
     Ok(())
 }

@@ -1,0 +1,196 @@
+//! Peer repair and failover end to end on loopback: real agents, a real
+//! origin with a rate-limited link, real multicast and TCP repair.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{
+    Proc, TOKEN, TempDir, get, get_json, http, json, start_agent, start_origin, wait_for,
+};
+use serde_json::{Value, json};
+use somcast::demo::{generate_file, private_group};
+use somcast::manifest::Manifest;
+
+fn package(dir: &Path, size: u64, seed: u64, origin: SocketAddr) -> (Manifest, Vec<u8>) {
+    let d = dir.join("origin");
+    std::fs::create_dir_all(&d).unwrap();
+    let file = d.join("pkg.bin");
+    generate_file(&file, size, seed).unwrap();
+    let m = Manifest::create(&file, vec![format!("http://{origin}/pkg.bin")]).unwrap();
+    (m, std::fs::read(&file).unwrap())
+}
+
+fn post(agent: &Proc, spec: &Value) {
+    let (code, body) = http(
+        agent.addr,
+        "POST",
+        "/v1/tasks",
+        Some(TOKEN),
+        Some(&spec.to_string()),
+    );
+    assert_eq!(code, 201, "{body}");
+}
+
+fn task(agent: &Proc, id: &str) -> Value {
+    get_json(agent.addr, &format!("/v1/tasks/{id}"))
+}
+
+fn finished(s: &Value) -> bool {
+    matches!(s["state"].as_str(), Some("done" | "failed" | "cancelled"))
+}
+
+fn origin_bytes(origin: &Proc) -> u64 {
+    let (_, body) = get(origin.addr, "/stats", None);
+    json(body.as_bytes())["bytes_served"].as_u64().unwrap()
+}
+
+fn cached(cache: &Path, id: &str) -> Option<Vec<u8>> {
+    std::fs::read(cache.join("objects").join(id)).ok()
+}
+
+#[test]
+fn a_late_joiner_completes_from_peers_without_extra_origin_bytes() {
+    let dir = TempDir::new("late");
+    let origin_dir = dir.0.join("origin");
+    std::fs::create_dir_all(&origin_dir).unwrap();
+    // 40 Mbit/s: the pipelined pass of 24 MiB lasts about 5 s.
+    let origin = start_origin(&origin_dir, "40M");
+    let size = 24 * 1024 * 1024;
+    let (m, bytes) = package(&dir.0, size, 11, origin.addr);
+    let group = private_group();
+    let caches: Vec<TempDir> = (0..5).map(|_| TempDir::new("late-agent")).collect();
+    let agents: Vec<Proc> = caches
+        .iter()
+        .map(|c| start_agent(&c.0, group, &[]))
+        .collect();
+    let spec = json!({ "id": "late", "manifest": m, "delay_ms": 300 });
+    for a in &agents[..3] {
+        post(a, &spec);
+    }
+    // The fourth gets the task once the others hold half the package.
+    wait_for("half the pass", Duration::from_secs(60), || {
+        agents[..3]
+            .iter()
+            .map(|a| task(a, "late"))
+            .filter(|s| s["role"] == "receiver")
+            .any(|s| s["blocks_done"].as_u64().unwrap() >= 3)
+    });
+    post(&agents[3], &spec);
+    for a in &agents[..4] {
+        wait_for("done", Duration::from_secs(90), || {
+            finished(&task(a, "late"))
+        });
+    }
+    // The fifth gets it after the pass is over: nobody multicasts any more,
+    // so it takes the role and fetches from its peers, not the origin.
+    post(&agents[4], &spec);
+    wait_for("done", Duration::from_secs(90), || {
+        finished(&task(&agents[4], "late"))
+    });
+    let statuses: Vec<Value> = agents.iter().map(|a| task(a, "late")).collect();
+    for s in &statuses {
+        assert_eq!(s["state"], "done", "{s}");
+    }
+    for c in &caches {
+        assert_eq!(cached(&c.0, &m.content_id).as_deref(), Some(&bytes[..]));
+    }
+    // Joined mid-pass: the rest of the pass plus repair for what it missed.
+    let mid = &statuses[3];
+    assert_eq!(
+        mid["bytes"]["origin"], 0,
+        "the mid-pass joiner went to the origin: {mid}"
+    );
+    let after = &statuses[4];
+    assert_eq!(
+        after["bytes"]["origin"], 0,
+        "the late joiner went to the origin: {after}"
+    );
+    // Whole blocks as source symbols: the last symbol of each block is
+    // padded to T, nothing else is extra.
+    let peers = after["bytes"]["peers"].as_u64().unwrap();
+    assert!(
+        peers >= size && peers as f64 <= size as f64 * 1.001,
+        "{after}"
+    );
+    assert!(
+        after["bytes"]["by_peer"].as_object().unwrap().len() >= 2,
+        "load not spread: {after}"
+    );
+    let served = origin_bytes(&origin);
+    assert!(
+        served as f64 <= 1.05 * size as f64,
+        "origin sent {served} for {size}"
+    );
+}
+
+#[test]
+fn the_representative_killed_mid_pass_costs_nobody_a_restart() {
+    let dir = TempDir::new("failover");
+    let origin_dir = dir.0.join("origin");
+    std::fs::create_dir_all(&origin_dir).unwrap();
+    let origin = start_origin(&origin_dir, "40M");
+    let size = 24 * 1024 * 1024;
+    let (m, bytes) = package(&dir.0, size, 12, origin.addr);
+    let group = private_group();
+    let caches: Vec<TempDir> = (0..4).map(|_| TempDir::new("failover-agent")).collect();
+    let mut agents: Vec<Proc> = caches
+        .iter()
+        .map(|c| start_agent(&c.0, group, &[]))
+        .collect();
+    let spec = json!({ "id": "fo", "manifest": m, "delay_ms": 300 });
+    for a in &agents {
+        post(a, &spec);
+    }
+    let mut rep = None;
+    wait_for("half the pass", Duration::from_secs(60), || {
+        let st: Vec<Value> = agents.iter().map(|a| task(a, "fo")).collect();
+        rep = st.iter().position(|s| s["role"] == "representative");
+        st.iter()
+            .any(|s| s["role"] == "receiver" && s["blocks_done"].as_u64().unwrap() >= 3)
+    });
+    let rep = rep.expect("a representative");
+    let mut dead = agents.remove(rep);
+    dead.child.kill().unwrap(); // SIGKILL: no goodbye
+    dead.child.wait().unwrap();
+    let held_before: Vec<u64> = agents
+        .iter()
+        .map(|a| task(a, "fo")["blocks_done"].as_u64().unwrap())
+        .collect();
+    for a in &agents {
+        wait_for("done after failover", Duration::from_secs(120), || {
+            finished(&task(a, "fo"))
+        });
+        let s = task(a, "fo");
+        assert_eq!(s["state"], "done", "{s}");
+    }
+    for (i, c) in caches.iter().enumerate().filter(|(i, _)| *i != rep) {
+        assert_eq!(
+            cached(&c.0, &m.content_id).as_deref(),
+            Some(&bytes[..]),
+            "agent {i}"
+        );
+    }
+    // Nobody started over: multicast + peer + origin bytes of each survivor
+    // cover what it lacked at the kill, not the whole package again.
+    for (a, before) in agents.iter().zip(held_before) {
+        let s = task(a, "fo");
+        let got = s["bytes"]["multicast"].as_u64().unwrap()
+            + s["bytes"]["peers"].as_u64().unwrap()
+            + s["bytes"]["origin"].as_u64().unwrap();
+        assert!(before > 0);
+        assert!(got <= size + 5 * 1024 * 1024, "{s}");
+    }
+    let served = origin_bytes(&origin);
+    for a in &agents {
+        let s = task(a, "fo");
+        eprintln!("survivor: role {} bytes {}", s["role"], s["bytes"]);
+    }
+    eprintln!(
+        "origin sent {served} for {size} ({:.2}x)",
+        served as f64 / size as f64
+    );
+    assert!(served <= 2 * size, "origin sent {served} for {size}");
+}
