@@ -301,6 +301,9 @@ pub struct AgentArgs {
     /// Multicast rate as representative, bit/s on the wire (default 100M).
     #[arg(long, env = "SOMCAST_RATE", value_parser = parse_rate)]
     pub rate: Option<u64>,
+    /// Upload cap of peer repair, bit/s (default 800M; 0 = none).
+    #[arg(long, env = "SOMCAST_REPAIR_RATE", value_parser = parse_rate)]
+    pub repair_rate: Option<u64>,
     /// Cache size cap for eviction (default 20G).
     #[arg(long, env = "SOMCAST_CACHE_MAX", value_parser = parse_size)]
     pub cache_max: Option<u64>,

@@ -61,6 +61,7 @@ async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
             presence_interval: Duration::from_secs(1),
             preference: 0,
             rate_bps: args.rate,
+            repair_rate_bps: crate::agent::config::DEFAULT_REPAIR_RATE,
             cache_max: u64::MAX,
             cache_min_free: 0,
         };

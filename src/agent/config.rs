@@ -14,6 +14,9 @@ use crate::units::{parse_duration, parse_rate, parse_size};
 /// Multicast rate when neither task nor agent sets one: a tenth of a
 /// gigabit link, a quarter of a 400 Mbit/s one.
 pub const DEFAULT_RATE: u64 = 100_000_000;
+/// Peer repair upload cap: most of a gigabit link, so repair never starves
+/// the endpoint's own traffic entirely.
+pub const DEFAULT_REPAIR_RATE: u64 = 800_000_000;
 
 /// Where the control API listens unless told otherwise: this host only, so
 /// a fresh install exposes nothing.
@@ -33,6 +36,7 @@ struct FileConfig {
     presence_interval: Option<String>,
     preference: Option<u8>,
     rate: Option<String>,
+    repair_rate: Option<String>,
     cache_max: Option<String>,
     cache_min_free: Option<String>,
 }
@@ -51,6 +55,8 @@ pub struct AgentConfig {
     pub preference: u8,
     /// Multicast rate of tasks that do not set one, bit/s on the wire.
     pub rate_bps: u64,
+    /// Upload cap of peer repair, bit/s (0 = none).
+    pub repair_rate_bps: u64,
     /// Cache size cap and free-disk floor for eviction.
     pub cache_max: u64,
     pub cache_min_free: u64,
@@ -98,6 +104,11 @@ impl AgentConfig {
             Some(r) => r,
             None => from_file(&file.rate, "rate", parse_rate)?.unwrap_or(DEFAULT_RATE),
         };
+        let repair_rate_bps = match args.repair_rate {
+            Some(r) => r,
+            None => from_file(&file.repair_rate, "repair_rate", parse_rate)?
+                .unwrap_or(DEFAULT_REPAIR_RATE),
+        };
         let cache_max = match args.cache_max {
             Some(r) => r,
             None => from_file(&file.cache_max, "cache_max", parse_size)?.unwrap_or(20 << 30),
@@ -110,6 +121,7 @@ impl AgentConfig {
         };
         Ok(Self {
             rate_bps,
+            repair_rate_bps,
             cache_max,
             cache_min_free,
             iface: args.iface.clone().or(file.iface),

@@ -72,7 +72,16 @@ pub async fn run(
             }
             _ = tokio::time::sleep_until(wake.into()) => {
                 let now = Instant::now();
-                agent.presence().handle_timeout(now);
+                // HAVE goes out with every announcement, as fresh as it is.
+                let held = agent.held();
+                let mut p = agent.presence();
+                if p.local().held != held {
+                    let mut me = p.local().clone();
+                    me.held = held;
+                    p.set_local(me);
+                }
+                p.handle_timeout(now);
+                drop(p);
                 for slot in agent.elections().values_mut() {
                     if slot.election.poll_timeout().is_some_and(|t| t <= now) {
                         slot.election.handle_timeout(now);

@@ -21,20 +21,23 @@ use crate::lab::hex;
 
 /// Blocks served at once; more requests get `Busy` and ask another peer.
 const MAX_UPLOADS: usize = 4;
-/// Upload cap of the repair server, bit/s.
-const UPLOAD_BPS: f64 = 400e6;
 /// A peer that sends nothing for this long is given up.
 const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 struct Limits {
     slots: Semaphore,
+    /// Upload cap of the repair server, bit/s (0 = none).
+    rate_bps: u64,
     link_free: tokio::sync::Mutex<tokio::time::Instant>,
 }
 
 impl Limits {
     async fn throttle(&self, bytes: usize) {
-        let cost = Duration::from_secs_f64(bytes as f64 * 8.0 / UPLOAD_BPS);
+        if self.rate_bps == 0 {
+            return;
+        }
+        let cost = Duration::from_secs_f64(bytes as f64 * 8.0 / self.rate_bps as f64);
         let until = {
             let mut free = self.link_free.lock().await;
             let start = (*free).max(tokio::time::Instant::now());
@@ -53,6 +56,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let limits = Arc::new(Limits {
         slots: Semaphore::new(MAX_UPLOADS),
+        rate_bps: agent.config.repair_rate_bps,
         link_free: tokio::sync::Mutex::new(tokio::time::Instant::now()),
     });
     loop {
