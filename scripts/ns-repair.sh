@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Peer repair and failover across network namespaces, one subnet: the
+# origin on host 0 behind a 100 Mbit/s link, agents on hosts 1..N with 1%
+# UDP loss.
+#   1. Late joiner: N-1 agents get a task; the last agent gets it once the
+#      others hold half the package. Everyone completes; the origin sent at
+#      most 1.05x the size.
+#   2. Failover: a second package to all N agents; the representative is
+#      SIGKILLed at half of its pass. Every other agent completes; the
+#      origin sent at most 2x the size.
+#
+#   scripts/ns-repair.sh [--agents 6] [--size 48M]
+#
+# Needs root; installs what it needs; always cleans up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lab.sh
+export LAB_PREFIX=scp
+
+agents=6 size=48M
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --agents) agents=$2; shift 2 ;;
+    --size) size=$2; shift 2 ;;
+    *) echo "usage: $0 [--agents N] [--size 48M]" >&2; exit 2 ;;
+    esac
+done
+cargo build --release -q
+BIN=$PWD/target/release/somcast
+WORK=$(mktemp -d)
+trap 'lab_down; rm -rf "$WORK"' EXIT
+TOKEN=repair-token-$$
+command -v curl >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
+
+lab_up $((agents + 1)) 1gbit 0.01
+ip netns exec "${LAB_PREFIX}-h0" tc qdisc replace dev eth0 root tbf rate 100mbit burst 64kb latency 50ms
+ip netns exec "${LAB_PREFIX}-sw" tc qdisc replace dev "${LAB_PREFIX}p0" root tbf rate 100mbit burst 64kb latency 50ms
+bytes=$(numfmt --from=iec "$size")
+mkdir -p "$WORK/origin"
+head -c "$bytes" /dev/urandom >"$WORK/origin/late.bin"
+head -c "$bytes" /dev/urandom >"$WORK/origin/failover.bin"
+lab_exec 0 "$BIN" serve "$WORK/origin" --listen "$LAB_NET.1:8080" 2>/dev/null &
+for f in late failover; do
+    "$BIN" manifest create "$WORK/origin/$f.bin" --url "http://$LAB_NET.1:8080/$f.bin" -o "$WORK/$f.json" 2>/dev/null
+done
+for ((i = 1; i <= agents; i++)); do
+    lab_exec "$i" "$BIN" agent --iface eth0 --cache "$WORK/cache$i" --api "$LAB_NET.$((i + 1)):7480" \
+        --token "$TOKEN" --rate 100M >"$WORK/agent$i.log" 2>&1 &
+done
+sleep 1.5
+
+api() { lab_exec 0 curl -s -H "Authorization: Bearer $TOKEN" "http://$LAB_NET.$(($1 + 1)):7480$2"; }
+field() { python3 -c 'import json,sys; s=json.loads(sys.argv[1]); print(eval(sys.argv[2], {"s": s}))' "$1" "$2"; }
+served() { lab_exec 0 curl -s "http://$LAB_NET.1:8080/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_served"])'; }
+# Waits until agent $1's task $2 satisfies the python expression $3 on s.
+wait_until() {
+    local t0=$SECONDS s
+    while true; do
+        s=$(api "$1" "/v1/tasks/$2" || true)
+        [ -n "$s" ] && [ "$(field "$s" "$3" 2>/dev/null || echo False)" = True ] && return 0
+        [ $((SECONDS - t0)) -gt 180 ] && { echo "FAIL: agent $1 task $2: $s"; exit 1; }
+        sleep 0.3
+    done
+}
+start_task() { # manifest, agents...
+    local m=$1 i targets=()
+    shift
+    for i in "$@"; do targets+=(--agent "http://$LAB_NET.$((i + 1)):7480"); done
+    lab_exec 0 "$BIN" task start "${targets[@]}" --token "$TOKEN" --manifest "$m" --delay 2s >"$WORK/id.out"
+    head -1 "$WORK/id.out"
+}
+all_but_last=$(seq 1 $((agents - 1)))
+
+# 1. Late joiner.
+before=$(served)
+id=$(start_task "$WORK/late.json" $all_but_last)
+wait_until 1 "$id" 's["blocks_done"] * 2 >= s["block_count"] and s["role"] == "receiver"' 2>/dev/null ||
+    wait_until 2 "$id" 's["blocks_done"] * 2 >= s["block_count"]'
+lab_exec 0 "$BIN" task start --agent "http://$LAB_NET.$((agents + 1)):7480" --token "$TOKEN" \
+    --manifest "$WORK/late.json" --delay 2s >/dev/null
+# The console made a new id for the late agent; find it.
+late_id=$(api "$agents" /v1/tasks | python3 -c 'import json,sys; print(json.load(sys.stdin)["tasks"][0]["id"])')
+for i in $all_but_last; do wait_until "$i" "$id" 's["state"] == "done"'; done
+wait_until "$agents" "$late_id" 's["state"] == "done"'
+late=$(api "$agents" "/v1/tasks/$late_id")
+used=$(( $(served) - before ))
+python3 -c "import sys; sys.exit(0 if $used <= 1.05 * $bytes else 1)" ||
+    { echo "FAIL: late joiner: origin sent $used for $bytes"; exit 1; }
+echo "ok: late joiner: bytes $(field "$late" 's["bytes"]'); origin sent $used for $bytes ($(python3 -c "print(round($used / $bytes, 3))")x)"
+
+# 2. Failover.
+before=$(served)
+id=$(start_task "$WORK/failover.json" $(seq 1 "$agents"))
+rep=
+while [ -z "$rep" ]; do
+    for ((i = 1; i <= agents; i++)); do
+        s=$(api "$i" "/v1/tasks/$id" || true)
+        [ -n "$s" ] && [ "$(field "$s" 's["role"]')" = representative ] && rep=$i
+    done
+    sleep 0.3
+done
+other=$((rep == 1 ? 2 : 1))
+wait_until "$other" "$id" 's["blocks_done"] * 2 >= s["block_count"]'
+ip netns pids "${LAB_PREFIX}-h$rep" | xargs -r kill -9
+echo "killed the representative (agent $rep) at half of its pass"
+for ((i = 1; i <= agents; i++)); do
+    [ "$i" = "$rep" ] && continue
+    wait_until "$i" "$id" 's["state"] == "done"'
+done
+used=$(( $(served) - before ))
+python3 -c "import sys; sys.exit(0 if $used <= 2 * $bytes else 1)" ||
+    { echo "FAIL: failover: origin sent $used for $bytes"; exit 1; }
+echo "ok: failover: $((agents - 1)) agents completed; origin sent $used for $bytes ($(python3 -c "print(round($used / $bytes, 3))")x)"
