@@ -35,6 +35,7 @@ use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
+use multicast::rng::SplitMix64;
 use multicast::wire::{Claim, Digest, Frame, Offer, Standing};
 
 /// Timing of an election.
@@ -128,7 +129,7 @@ pub struct Election {
     session: u64,
     group: SocketAddrV4,
     state: State,
-    rng: u64,
+    rng: SplitMix64,
     out: VecDeque<Vec<u8>>,
     events: VecDeque<ElectionEvent>,
     /// The session of the representative followed last, to tell a new
@@ -147,8 +148,8 @@ impl Election {
         now: Instant,
         seed: u64,
     ) -> Self {
-        let mut rng = seed ^ me.node ^ 0x2545_F491_4F6C_DD1D;
-        let until = now + cfg.discovery + cfg.discovery.mul_f64(unit(&mut rng) / 2.0);
+        let mut rng = SplitMix64(seed ^ me.node ^ 0x2545_F491_4F6C_DD1D);
+        let until = now + cfg.discovery + cfg.discovery.mul_f64(rng.unit() / 2.0);
         Self {
             cfg,
             content,
@@ -348,7 +349,7 @@ impl Election {
         } else {
             self.cfg.discovery
         };
-        let until = now + base + base.mul_f64(unit(&mut self.rng) / 2.0);
+        let until = now + base + base.mul_f64(self.rng.unit() / 2.0);
         self.state = State::Discover { until };
     }
 
@@ -407,13 +408,4 @@ impl Election {
     fn queue(&mut self, frame: &Frame<'_>) {
         self.out.push_back(frame.encode(0));
     }
-}
-
-fn unit(state: &mut u64) -> f64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64
 }

@@ -8,19 +8,7 @@ use std::time::{Duration, Instant};
 use multicast::wire::{self, Standing};
 use somcast::election::{Election, ElectionConfig, ElectionEvent, Role};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+use multicast::rng::SplitMix64 as Rng;
 
 const CONTENT: [u8; 32] = [0xC0; 32];
 
@@ -73,10 +61,10 @@ impl Subnet {
             let standing = Standing {
                 preference: 0,
                 held_permille: 0,
-                wired: rng.next() % 4 != 0,
-                free_disk_gib: (rng.next() % 500) as u32,
-                uptime_h: (rng.next() % 100) as u32,
-                node: rng.next(),
+                wired: rng.next_u64() % 4 != 0,
+                free_disk_gib: (rng.next_u64() % 500) as u32,
+                uptime_h: (rng.next_u64() % 100) as u32,
+                node: rng.next_u64(),
             };
             let start = t0 + spread.mul_f64(rng.unit());
             let group = SocketAddrV4::new(Ipv4Addr::new(239, 192, 9, 9), 7400);
@@ -87,7 +75,7 @@ impl Subnet {
                 i as u64,
                 group,
                 start,
-                rng.next(),
+                rng.next_u64(),
             );
             s.agents.push(e);
             s.push(start, i, TIMER);
@@ -138,7 +126,7 @@ impl Subnet {
                 if self.rng.unit() < self.loss {
                     continue;
                 }
-                let at = self.now + Duration::from_micros(200 + self.rng.next() % 1800);
+                let at = self.now + Duration::from_micros(200 + self.rng.next_u64() % 1800);
                 self.push(at, j, f);
             }
         }

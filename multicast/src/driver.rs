@@ -849,7 +849,7 @@ fn decode_worker(jobs: mpsc::Receiver<Work>, out: mpsc::Sender<WorkDone>) {
 /// Seeded loss injection (SplitMix64): reproducible lab runs without root.
 struct Dropper {
     threshold: u64,
-    state: u64,
+    state: crate::rng::SplitMix64,
     dropped: u64,
 }
 
@@ -857,7 +857,7 @@ impl Dropper {
     fn new(rate: f64, seed: u64) -> Self {
         Self {
             threshold: (rate.clamp(0.0, 1.0) * u64::MAX as f64) as u64,
-            state: seed,
+            state: crate::rng::SplitMix64(seed),
             dropped: 0,
         }
     }
@@ -866,12 +866,7 @@ impl Dropper {
         if self.threshold == 0 {
             return false;
         }
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        let drop = z < self.threshold;
+        let drop = self.state.next_u64() < self.threshold;
         self.dropped += u64::from(drop);
         drop
     }

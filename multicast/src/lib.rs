@@ -13,6 +13,7 @@ pub mod driver;
 mod fileio;
 pub mod pacer;
 pub mod receiver;
+pub mod rng;
 pub mod sender;
 pub mod socket;
 pub mod wire;

@@ -128,7 +128,8 @@ pub struct Held {
     pub blocks_done: u32,
     pub block_count: u32,
     /// HAVE: the blocks held decoded, as [start, end) ranges in order; empty
-    /// with `blocks_done > 0` when they do not fit (ask, the peer may say no).
+    /// with `blocks_done > 0` when they do not fit (then only an agent that
+    /// holds every block is asked).
     pub have: Vec<[u32; 2]>,
 }
 
@@ -561,10 +562,16 @@ fn check_announce(a: Announce) -> Result<Announce, WireError> {
     if a.addrs.len() > MAX_ADDRS || a.addrs.iter().any(|x| x.prefix > 32) {
         return Err(WireError::OutOfRange("addresses"));
     }
+    // HAVE ranges: few, non-empty, inside the block count, in order.
+    let bad_ranges = |h: &Held| {
+        h.have.len() > MAX_RANGES
+            || h.have.iter().any(|r| r[0] >= r[1] || r[1] > h.block_count)
+            || h.have.windows(2).any(|w| w[0][1] > w[1][0])
+    };
     if a.held.len() > MAX_HELD
         || a.held
             .iter()
-            .any(|h| h.blocks_done > h.block_count || h.block_count == 0)
+            .any(|h| h.blocks_done > h.block_count || h.block_count == 0 || bad_ranges(h))
     {
         return Err(WireError::OutOfRange("held contents"));
     }

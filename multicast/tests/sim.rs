@@ -15,23 +15,21 @@ use multicast::wire::{self, Frame};
 
 const LINK_DELAY: Duration = Duration::from_micros(200);
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
+use multicast::rng::SplitMix64 as Rng;
+
+trait Chance {
+    fn chance(&mut self, p: f64) -> bool;
+}
+
+impl Chance for Rng {
     fn chance(&mut self, p: f64) -> bool {
-        (self.next() as f64 / u64::MAX as f64) < p
+        self.unit() < p
     }
 }
 
 fn file_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut rng = Rng(seed);
-    (0..len).map(|_| rng.next() as u8).collect()
+    (0..len).map(|_| rng.next_u64() as u8).collect()
 }
 
 struct SimReceiver {
@@ -423,15 +421,19 @@ fn hostile_datagrams_do_not_stop_or_corrupt_the_transfer() {
     let mut forged = 0u32;
     sim.tamper = Box::new(move |rng, bytes| {
         let mut extra = Vec::new();
-        match rng.next() % 20 {
+        match rng.next_u64() % 20 {
             // Garbage.
-            0 => extra.push((0..rng.next() % 1500).map(|_| rng.next() as u8).collect()),
+            0 => extra.push(
+                (0..rng.next_u64() % 1500)
+                    .map(|_| rng.next_u64() as u8)
+                    .collect(),
+            ),
             // Truncated.
             1 => extra.push(bytes[..bytes.len() / 2].to_vec()),
             // A bit flipped.
             2 => {
                 let mut b = bytes.to_vec();
-                let bit = rng.next() as usize % (b.len() * 8);
+                let bit = rng.next_u64() as usize % (b.len() * 8);
                 b[bit / 8] ^= 1 << (bit % 8);
                 extra.push(b);
             }

@@ -7,19 +7,7 @@ use multicast::wire::Digest;
 use repair::fetch::Rejected;
 use repair::{BlockFetch, Chooser, FetchStep, Frame, Serving, Want};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+use multicast::rng::SplitMix64 as Rng;
 
 struct Peer {
     holds: Vec<bool>,
@@ -40,7 +28,7 @@ impl World {
     fn new(size: usize, block: u32, seed: u64) -> Self {
         let layout = Layout::for_file(size as u64, block, 1000).unwrap();
         let mut rng = Rng(seed);
-        let file: Vec<u8> = (0..size).map(|_| rng.next() as u8).collect();
+        let file: Vec<u8> = (0..size).map(|_| rng.next_u64() as u8).collect();
         let hashes = (0..layout.block_count())
             .map(|b| {
                 let o = layout.offset(b) as usize;

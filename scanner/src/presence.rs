@@ -37,6 +37,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use multicast::rng::SplitMix64;
 use multicast::wire::{self, AddrV4, Announce, Frame, Held, Rank};
 
 /// Tunables of the presence protocol.
@@ -210,7 +211,7 @@ pub struct Presence {
     greeted: bool,
     tokens: f64,
     tokens_at: Instant,
-    rng: u64,
+    rng: SplitMix64,
     out: VecDeque<Transmit>,
     events: VecDeque<PresenceEvent>,
     stats: PresenceStats,
@@ -227,9 +228,9 @@ impl Presence {
         now: Instant,
         seed: u64,
     ) -> Self {
-        let mut rng = seed ^ me.node.rotate_left(17) ^ 0x5DEE_CE66_D1CE_B00C;
-        let incarnation = splitmix(&mut rng) as u32;
-        let first = now + cfg.interval.mul_f64(unit(&mut rng) / 10.0);
+        let mut rng = SplitMix64(seed ^ me.node.rotate_left(17) ^ 0x5DEE_CE66_D1CE_B00C);
+        let incarnation = rng.next_u64() as u32;
+        let first = now + cfg.interval.mul_f64(rng.unit() / 10.0);
         Self {
             tokens: f64::from(cfg.answer_burst),
             tokens_at: now,
@@ -349,11 +350,11 @@ impl Presence {
             self.announce(now);
             if !self.greeted {
                 self.greeted = true;
-                let nonce = splitmix(&mut self.rng);
+                let nonce = self.rng.next_u64();
                 self.queue(Dest::Group, &self.probe_frame(nonce, false));
                 self.stats.probes_sent += 1;
             }
-            let jitter = 0.9 + unit(&mut self.rng) * 0.2;
+            let jitter = 0.9 + self.rng.unit() * 0.2;
             self.next_announce = now + self.cfg.interval.mul_f64(jitter);
         }
         self.check_peers(now);
@@ -363,7 +364,7 @@ impl Presence {
                 let Some(addr) = self.candidates.pop_front() else {
                     break;
                 };
-                let nonce = splitmix(&mut self.rng);
+                let nonce = self.rng.next_u64();
                 self.queue(Dest::To(addr), &self.probe_frame(nonce, true));
                 self.stats.probes_sent += 1;
             }
@@ -474,7 +475,7 @@ impl Presence {
         let recent = self
             .last_announce
             .is_some_and(|t| now.saturating_duration_since(t) < self.cfg.interval / 8);
-        let soon = now + self.cfg.interval.mul_f64(unit(&mut self.rng) / 20.0);
+        let soon = now + self.cfg.interval.mul_f64(self.rng.unit() / 20.0);
         if !recent && soon < self.next_announce {
             self.next_announce = soon;
         }
@@ -559,7 +560,7 @@ impl Presence {
             });
         }
         for addr in probes {
-            let nonce = splitmix(&mut self.rng);
+            let nonce = self.rng.next_u64();
             self.queue(Dest::To(addr), &self.probe_frame(nonce, true));
             self.stats.probes_sent += 1;
         }
@@ -573,20 +574,6 @@ impl Presence {
         self.stats.bytes_sent += bytes.len() as u64;
         self.out.push_back(Transmit { dest, bytes });
     }
-}
-
-/// SplitMix64: small, seedable, good enough for jitter and nonces.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// A uniform number in [0, 1).
-fn unit(state: &mut u64) -> f64 {
-    (splitmix(state) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]

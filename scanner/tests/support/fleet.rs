@@ -36,7 +36,7 @@ pub struct Fleet {
     queue: BinaryHeap<Reverse<(Instant, u64)>>,
     wakes: std::collections::HashMap<u64, Wake>,
     next_id: u64,
-    rng: u64,
+    rng: multicast::rng::SplitMix64,
 }
 
 pub fn addr_of(i: usize) -> SocketAddr {
@@ -68,7 +68,7 @@ impl Fleet {
             queue: BinaryHeap::new(),
             wakes: std::collections::HashMap::new(),
             next_id: 0,
-            rng: seed ^ 0xA076_1D64_78BD_642F,
+            rng: multicast::rng::SplitMix64(seed ^ 0xA076_1D64_78BD_642F),
         };
         for i in 0..n {
             let me = LocalNode {
@@ -93,11 +93,7 @@ impl Fleet {
     }
 
     fn next_random(&mut self) -> u64 {
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.rng.next_u64()
     }
 
     fn lost(&mut self) -> bool {
