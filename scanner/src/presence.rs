@@ -300,16 +300,21 @@ impl Presence {
     /// Takes one datagram received on the control group or the unicast
     /// control socket.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
-        self.stats.datagrams_in += 1;
-        let dgram = match wire::decode(bytes) {
-            Ok(d) => d,
+        match wire::decode(bytes) {
+            Ok(d) => self.handle_frame(now, from, d.frame),
             Err(e) => {
+                self.stats.datagrams_in += 1;
                 self.stats.malformed += 1;
                 tracing::trace!("presence: dropped datagram from {from}: {e}");
-                return;
             }
-        };
-        match dgram.frame {
+        }
+    }
+
+    /// Takes one frame already decoded (the agent decodes each control
+    /// datagram once and hands out its frames).
+    pub fn handle_frame(&mut self, now: Instant, from: SocketAddr, frame: Frame<'_>) {
+        self.stats.datagrams_in += 1;
+        match frame {
             Frame::Presence(a) => self.heard(now, from, a),
             Frame::Probe {
                 nonce,

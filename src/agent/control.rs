@@ -114,13 +114,15 @@ fn next_wake(agent: &Agent) -> Instant {
 /// frames to presence, claims and offers to every running election.
 fn handle(agent: &Agent, from: SocketAddr, bytes: &[u8]) {
     let now = Instant::now();
-    agent.presence().handle_datagram(now, from, bytes);
-    if let Ok(d) = wire::decode(bytes)
-        && matches!(d.frame, Frame::Claim(_) | Frame::Offer(_))
-    {
-        for slot in agent.elections().values_mut() {
-            slot.election.handle_frame(now, &d.frame);
+    match wire::decode(bytes) {
+        Ok(d) if matches!(d.frame, Frame::Claim(_) | Frame::Offer(_)) => {
+            for slot in agent.elections().values_mut() {
+                slot.election.handle_frame(now, &d.frame);
+            }
         }
+        Ok(d) => agent.presence().handle_frame(now, from, d.frame),
+        // Presence counts what does not decode.
+        Err(_) => agent.presence().handle_datagram(now, from, bytes),
     }
 }
 
