@@ -301,6 +301,10 @@ pub struct AgentArgs {
     /// Multicast rate as representative, bit/s on the wire (default 100M).
     #[arg(long, env = "SOMCAST_RATE", value_parser = parse_rate)]
     pub rate: Option<u64>,
+    /// Lab fault injection: flip a bit in every repair symbol this agent
+    /// serves, to see peers detect and bypass it. Never in production.
+    #[arg(long, hide = true, env = "SOMCAST_LAB_CORRUPT_REPAIR")]
+    pub lab_corrupt_repair: bool,
     /// Upload cap of peer repair, bit/s (default 800M; 0 = none).
     #[arg(long, env = "SOMCAST_REPAIR_RATE", value_parser = parse_rate)]
     pub repair_rate: Option<u64>,

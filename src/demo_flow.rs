@@ -62,6 +62,7 @@ async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
             preference: 0,
             rate_bps: args.rate,
             repair_rate_bps: crate::agent::config::DEFAULT_REPAIR_RATE,
+            lab_corrupt_repair: false,
             cache_max: u64::MAX,
             cache_min_free: 0,
         };

@@ -194,3 +194,50 @@ fn the_representative_killed_mid_pass_costs_nobody_a_restart() {
     );
     assert!(served <= 2 * size, "origin sent {served} for {size}");
 }
+
+#[test]
+fn a_peer_serving_corrupted_symbols_is_detected_and_bypassed() {
+    let dir = TempDir::new("corrupt");
+    let origin_dir = dir.0.join("origin");
+    std::fs::create_dir_all(&origin_dir).unwrap();
+    let origin = start_origin(&origin_dir, "0");
+    let size = 12 * 1024 * 1024 + 5;
+    let (m, bytes) = package(&dir.0, size, 13, origin.addr);
+    let group = private_group();
+    let caches: Vec<TempDir> = (0..3).map(|_| TempDir::new("corrupt-agent")).collect();
+    let bad = start_agent(&caches[0].0, group, &["--lab-corrupt-repair"]);
+    let good = start_agent(&caches[1].0, group, &[]);
+    let spec = json!({ "id": "c", "manifest": m, "delay_ms": 200 });
+    post(&bad, &spec);
+    post(&good, &spec);
+    for a in [&bad, &good] {
+        wait_for("done", Duration::from_secs(60), || finished(&task(a, "c")));
+    }
+    let before = origin_bytes(&origin);
+    // The third agent comes after the pass: both hold the package; the
+    // corrupting one is found out by the block hash and dropped.
+    let late = start_agent(&caches[2].0, group, &[]);
+    std::thread::sleep(Duration::from_millis(800)); // presence brings their HAVE
+    post(&late, &spec);
+    wait_for("done", Duration::from_secs(60), || {
+        finished(&task(&late, "c"))
+    });
+    let s = task(&late, "c");
+    assert_eq!(s["state"], "done", "{s}");
+    assert_eq!(
+        cached(&caches[2].0, &m.content_id).as_deref(),
+        Some(&bytes[..])
+    );
+    let bad_node = task(&bad, "c")["node"].as_str().unwrap().to_string();
+    let by_peer = s["bytes"]["by_peer"].as_object().unwrap();
+    assert!(
+        !by_peer.contains_key(&bad_node),
+        "blocks accepted from the corrupting peer: {s}"
+    );
+    assert_eq!(s["bytes"]["origin"], 0, "{s}");
+    assert_eq!(
+        origin_bytes(&origin),
+        before,
+        "the origin was asked although a good peer holds it all"
+    );
+}

@@ -57,6 +57,8 @@ pub struct AgentConfig {
     pub rate_bps: u64,
     /// Upload cap of peer repair, bit/s (0 = none).
     pub repair_rate_bps: u64,
+    /// Lab fault injection: serve corrupted repair symbols.
+    pub lab_corrupt_repair: bool,
     /// Cache size cap and free-disk floor for eviction.
     pub cache_max: u64,
     pub cache_min_free: u64,
@@ -119,9 +121,13 @@ impl AgentConfig {
                 from_file(&file.cache_min_free, "cache_min_free", parse_size)?.unwrap_or(2 << 30)
             }
         };
+        if args.lab_corrupt_repair {
+            tracing::warn!("lab fault injection: this agent serves corrupted repair symbols");
+        }
         Ok(Self {
             rate_bps,
             repair_rate_bps,
+            lab_corrupt_repair: args.lab_corrupt_repair,
             cache_max,
             cache_min_free,
             iface: args.iface.clone().or(file.iface),

@@ -169,9 +169,14 @@ async fn connection(
             write_frame(&mut stream, &Frame::NotHeld { block }).await?;
             continue;
         };
-        while let Some(f) = serving.next_frame() {
-            if let Frame::Symbols { payload, .. } = &f {
+        while let Some(mut f) = serving.next_frame() {
+            if let Frame::Symbols { payload, .. } = &mut f {
                 limits.throttle(payload.len()).await;
+                if agent.config.lab_corrupt_repair
+                    && let Some(byte) = payload.first_mut()
+                {
+                    *byte ^= 0x01;
+                }
             }
             // A requester that has decoded closes the connection: the write
             // fails and this block is over.
