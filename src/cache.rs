@@ -7,11 +7,13 @@
 //! <cache>/partial/<id>.state.json   the manifest and which blocks are done
 //! ```
 //!
-//! State files are rewritten atomically (temporary file, fsync, rename), so
-//! a killed agent finds either the old or the new state, and resumes
-//! without fetching a finished block again. On resume every block the state
-//! calls done is hashed again: a block that does not match (the data never
-//! reached the disk before a power cut) is fetched again, never trusted.
+//! State files are rewritten atomically (temporary file, rename) after each
+//! block, so a killed agent finds either the old or the new state, and
+//! resumes without fetching a finished block again. They are not fsynced:
+//! on resume every block the state calls done is hashed again (a block that
+//! does not match, because the data never reached the disk before a power
+//! cut, is fetched again, never trusted), and a full-size data file without
+//! a readable state has every block hashed to find the ones it holds.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -23,7 +25,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use multicast::Layout;
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{Checked, Manifest};
+use crate::manifest::Checked;
 
 /// Limits the cache keeps to when it evicts.
 #[derive(Clone, Copy, Debug)]
@@ -55,7 +57,7 @@ pub struct ObjectMeta {
 
 #[derive(Serialize, Deserialize)]
 struct PartialState {
-    manifest: Manifest,
+    content_id: String,
     /// One character per block: '1' done, '0' not.
     done: String,
 }
@@ -151,7 +153,7 @@ impl Cache {
         let previous: Option<Vec<bool>> = fs::read_to_string(&state)
             .ok()
             .and_then(|t| serde_json::from_str::<PartialState>(&t).ok())
-            .filter(|s| s.manifest.content_id == m.raw.content_id && s.done.len() == blocks)
+            .filter(|s| s.content_id == m.raw.content_id && s.done.len() == blocks)
             .map(|s| s.done.chars().map(|c| c == '1').collect());
         let file = OpenOptions::new()
             .read(true)
@@ -160,8 +162,11 @@ impl Cache {
             .truncate(false)
             .open(&data)?;
         let size_ok = file.metadata()?.len() == m.layout.file_size();
+        let previous_known = previous.is_some();
         let mut done = match previous {
             Some(d) if size_ok => d,
+            // A full-size file whose state was lost: its blocks are checked.
+            None if size_ok && blocks > 0 => vec![true; blocks],
             _ => vec![false; blocks],
         };
         if !size_ok {
@@ -184,7 +189,7 @@ impl Cache {
                 rechecked += 1;
             }
         }
-        if rechecked > 0 {
+        if rechecked > 0 && previous_known {
             tracing::warn!(
                 "{id}: {rechecked} block(s) marked done failed their hash; fetching them again"
             );
@@ -337,7 +342,7 @@ impl Partial {
 
     fn persist(&self) -> io::Result<()> {
         let state = PartialState {
-            manifest: self.manifest.raw.clone(),
+            content_id: self.manifest.raw.content_id.clone(),
             done: self
                 .done
                 .iter()
@@ -345,7 +350,7 @@ impl Partial {
                 .collect(),
         };
         let bytes = serde_json::to_vec(&state).map_err(io::Error::other)?;
-        scanner::node::write_atomically(&self.state, &bytes)
+        scanner::node::replace_file(&self.state, &bytes, false)
     }
 
     /// Writes block `b` (already hash-checked by the caller) and records it.
@@ -382,6 +387,51 @@ mod tests {
             pinned_until: None,
         };
         cache.write_meta(id, &meta).unwrap();
+    }
+
+    fn manifest_for(dir: &Path, bytes: &[u8]) -> Checked {
+        let f = dir.join("pkg.bin");
+        fs::write(&f, bytes).unwrap();
+        crate::manifest::Manifest::create(&f, vec!["http://o/pkg.bin".into()])
+            .unwrap()
+            .check()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_resume_trusts_only_blocks_that_hash_right_even_without_state() {
+        let dir = temp();
+        let cache = Cache::open(&dir.join("c"), CacheLimits::default()).unwrap();
+        let bytes: Vec<u8> = (0..9 * 1024 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+        let m = manifest_for(&dir, &bytes);
+        let mut p = cache.partial(&m).unwrap();
+        assert_eq!(p.done_count(), 0);
+        let l = m.layout;
+        for b in [0u32, 2] {
+            let o = l.offset(b) as usize;
+            p.write_block(b, &bytes[o..o + l.block_len(b)]).unwrap();
+        }
+        drop(p);
+        // A spoiled block 2 on disk: the state says done, the hash says no.
+        let data = dir
+            .join("c")
+            .join("partial")
+            .join(format!("{}.data", m.id()));
+        let f = fs::OpenOptions::new().write(true).open(&data).unwrap();
+        multicast::driver::write_all_at(&f, b"X", l.offset(2) + 10).unwrap();
+        let p = cache.partial(&m).unwrap();
+        assert_eq!(p.done, [true, false, false]);
+        drop(p);
+        // The state file lost (a power cut): the blocks on disk are found.
+        fs::remove_file(
+            dir.join("c")
+                .join("partial")
+                .join(format!("{}.state.json", m.id())),
+        )
+        .unwrap();
+        let p = cache.partial(&m).unwrap();
+        assert_eq!(p.done, [true, false, false]);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

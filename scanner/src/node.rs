@@ -48,6 +48,13 @@ fn parse(text: &str) -> Option<u64> {
 /// Writes `bytes` to a temporary file beside `path`, syncs it and renames
 /// it over `path`: readers see the old or the new content, never half.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace_file(path, bytes, true)
+}
+
+/// Like [`write_atomically`]; without `sync` the content may be lost in a
+/// power cut (never half-written after a crash of the process), for state
+/// that can be rebuilt and is written often.
+pub fn replace_file(path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
     use std::io::Write;
     let tmp: PathBuf = {
         let mut name = path.file_name().unwrap_or_default().to_os_string();
@@ -56,7 +63,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     };
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(bytes)?;
-    f.sync_all()?;
+    if sync {
+        f.sync_all()?;
+    }
     drop(f);
     std::fs::rename(&tmp, path)
 }

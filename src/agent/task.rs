@@ -642,7 +642,9 @@ async fn peer_repair(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<(
             .filter(|&b| !p.done[b as usize])
             .collect()
     };
-    let mut chooser: repair::Chooser<u64> = repair::Chooser::new(2);
+    // Three blocks in flight per peer keep its link busy while it reads and
+    // hashes the next; the server takes four at once.
+    let mut chooser: repair::Chooser<u64> = repair::Chooser::new(3);
     let t0 = Instant::now();
     let mut fetched = false;
     let mut running = tokio::task::JoinSet::new();
