@@ -171,6 +171,10 @@ impl Election {
         self.me = me;
     }
 
+    pub fn standing(&self) -> Standing {
+        self.me
+    }
+
     pub fn content(&self) -> Digest {
         self.content
     }

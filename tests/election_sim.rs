@@ -196,7 +196,12 @@ fn the_best_standing_wins_without_loss() {
     s.run_for(Duration::from_secs(6));
     let reps = s.representatives();
     assert_eq!(reps.len(), 1);
-    // Every other agent follows it, and the winner has the best standing.
+    let best = (0..50).max_by_key(|&i| s.agents[i].standing()).unwrap();
+    assert_eq!(reps[0], best, "the representative is not the best standing");
+    let followers = (0..50)
+        .filter(|&i| s.agents[i].role() == Role::Receiver)
+        .count();
+    assert_eq!(followers, 49);
     let elected = s
         .events
         .iter()

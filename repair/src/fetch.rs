@@ -115,7 +115,10 @@ impl BlockFetch {
                     return FetchStep::Misbehaved("ESIs beyond 24 bits".into());
                 }
                 self.bytes += payload.len() as u64;
-                let c = self.collector.as_mut().expect("present until decoded");
+                let Some(c) = self.collector.as_mut() else {
+                    // Decoded already: what still arrives is not needed.
+                    return FetchStep::More;
+                };
                 for (i, sym) in payload.chunks_exact(t).enumerate() {
                     // A duplicate (a symbol already held) is harmless.
                     let _ = c.insert(first_esi + i as u32, sym);
@@ -137,7 +140,10 @@ impl BlockFetch {
     /// Decodes and checks the block: its bytes (without padding) when they
     /// match the expected SHA-256.
     pub fn decode(&mut self) -> Result<Vec<u8>, Rejected> {
-        let c = self.collector.take().expect("present until decoded");
+        let Some(c) = self.collector.take() else {
+            // Called again after the block was accepted: nothing to decode.
+            return Err(Rejected::NeedMore);
+        };
         match c.decode(&self.layout) {
             Ok(padded) => {
                 let len = self.layout.block_len(self.block);

@@ -89,7 +89,11 @@ fn lookup(
             return None;
         }
         let m = t.spec.manifest.check().ok()?;
-        Some((m.layout, m.block_hashes[block as usize], t.data.clone()?))
+        Some((
+            m.layout,
+            *m.block_hashes.get(block as usize)?,
+            t.data.clone()?,
+        ))
     })
 }
 
