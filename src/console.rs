@@ -252,31 +252,78 @@ fn terminal(s: &Value) -> bool {
     )
 }
 
+/// Follows the task on every agent until all have ended: on a terminal a
+/// bar per agent (blocks, role, state, bytes by source); otherwise a line
+/// whenever an agent's role, state or tenth of progress changes.
 async fn watch(c: &Console, id: &str, timeout: Duration) -> anyhow::Result<bool> {
     let t0 = Instant::now();
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let mut last_line = String::new();
+    let multi = indicatif::MultiProgress::new();
+    let style =
+        indicatif::ProgressStyle::with_template("{prefix:<28} [{bar:30}] {pos:>4}/{len:<4} {msg}")
+            .expect("a constant template parses")
+            .progress_chars("=> ");
+    let bars: BTreeMap<String, indicatif::ProgressBar> = if tty {
+        c.agents
+            .iter()
+            .map(|a| {
+                let bar = multi.add(indicatif::ProgressBar::new(0));
+                bar.set_style(style.clone());
+                bar.set_prefix(a.trim_start_matches("http://").to_string());
+                (a.clone(), bar)
+            })
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
     loop {
         let statuses = poll(c, id).await;
-        let done = statuses.values().filter(|s| terminal(s)).count();
-        let line = summary(&statuses);
-        if line != last_line || tty {
-            eprintln!(
-                "[{:>6.1}s] {done}/{} finished: {line}",
-                t0.elapsed().as_secs_f64(),
-                statuses.len()
+        for (a, s) in &statuses {
+            let (done, count) = (
+                s["blocks_done"].as_u64().unwrap_or(0),
+                s["block_count"].as_u64().unwrap_or(0),
             );
-            last_line = line;
+            let msg = format!(
+                "{} {} (multicast {}, peers {}, origin {})",
+                s["role"].as_str().unwrap_or("-"),
+                s["state"].as_str().unwrap_or("?"),
+                crate::units::human_bytes(s["bytes"]["multicast"].as_u64().unwrap_or(0)),
+                crate::units::human_bytes(s["bytes"]["peers"].as_u64().unwrap_or(0)),
+                crate::units::human_bytes(s["bytes"]["origin"].as_u64().unwrap_or(0)),
+            );
+            if let Some(bar) = bars.get(a) {
+                bar.set_length(count);
+                bar.set_position(done);
+                bar.set_message(msg);
+            } else {
+                let key = format!(
+                    "{} {} {}",
+                    s["role"].as_str().unwrap_or("-"),
+                    s["state"].as_str().unwrap_or("?"),
+                    (done * 10).checked_div(count).unwrap_or(0)
+                );
+                if last.get(a) != Some(&key) {
+                    eprintln!(
+                        "[{:>6.1}s] {a}: {done}/{count} blocks, {msg}",
+                        t0.elapsed().as_secs_f64()
+                    );
+                    last.insert(a.clone(), key);
+                }
+            }
         }
-        if done == statuses.len() {
+        let ended = statuses.values().filter(|s| terminal(s)).count();
+        if ended == statuses.len() || t0.elapsed() > timeout {
+            for bar in bars.values() {
+                bar.finish();
+            }
             print_table(&statuses);
+            if ended < statuses.len() {
+                bail!("not finished within {timeout:?}: {}", summary(&statuses));
+            }
             return Ok(statuses.values().all(|s| s["state"] == "done"));
         }
-        if t0.elapsed() > timeout {
-            print_table(&statuses);
-            bail!("not finished within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 

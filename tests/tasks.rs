@@ -342,3 +342,70 @@ fn a_fetch_slower_than_the_delay_is_multicast_as_it_arrives() {
     }
     assert!(origin_bytes(&origin) as f64 <= 1.05 * size as f64);
 }
+
+#[test]
+fn the_console_starts_waits_for_and_reports_a_task() {
+    let dir = TempDir::new("console");
+    let origin = start_origin(&origin_dir(&dir), "0");
+    let (m, _) = package(&dir.0, 5 * 1024 * 1024, 7, origin.addr);
+    let manifest = dir.0.join("pkg.json");
+    std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+    let group = private_group();
+    let caches: Vec<TempDir> = (0..2).map(|_| TempDir::new("console-agent")).collect();
+    let agents: Vec<Proc> = caches
+        .iter()
+        .map(|c| start_agent(&c.0, group, &[]))
+        .collect();
+    let list = dir.0.join("targets.txt");
+    let lines: Vec<String> = agents
+        .iter()
+        .map(|a| format!("http://{}  # an agent", a.addr))
+        .collect();
+    std::fs::write(&list, lines.join("\n")).unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(common::BIN)
+            .args(args)
+            .args(["--agents", list.to_str().unwrap(), "--token", TOKEN])
+            .output()
+            .unwrap()
+    };
+    let m_path = manifest.to_str().unwrap();
+    let out = run(&[
+        "task",
+        "start",
+        "--manifest",
+        m_path,
+        "--delay",
+        "1s",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let id = stdout.lines().next().unwrap().trim().to_string();
+    assert_eq!(id.len(), 16, "{stdout}");
+    // Progress lines per agent (not a terminal: a line per change).
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for a in &agents {
+        assert!(stderr.contains(&a.addr.to_string()), "{stderr}");
+    }
+    let out = run(&["task", "status", &id, "--json"]);
+    assert!(out.status.success());
+    let v = json(&out.stdout);
+    let states: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["status"]["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["done", "done"]);
+    // Cancelling a finished task is refused by every agent: exit 1.
+    let out = run(&["task", "cancel", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already ended"));
+}
