@@ -305,6 +305,10 @@ pub struct AgentArgs {
     /// serves, to see peers detect and bypass it. Never in production.
     #[arg(long, hide = true, env = "SOMCAST_LAB_CORRUPT_REPAIR")]
     pub lab_corrupt_repair: bool,
+    /// Lab fault injection: drop this share (0..=1) of the multicast data
+    /// this agent receives (1 = a network where multicast does not reach).
+    #[arg(long, hide = true, env = "SOMCAST_LAB_DROP_RATE", value_parser = parse_probability)]
+    pub lab_drop_rate: Option<f64>,
     /// Upload cap of peer repair, bit/s (default 800M; 0 = none).
     #[arg(long, env = "SOMCAST_REPAIR_RATE", value_parser = parse_rate)]
     pub repair_rate: Option<u64>,
@@ -314,6 +318,16 @@ pub struct AgentArgs {
     /// Free disk the cache leaves (default 2G).
     #[arg(long, env = "SOMCAST_CACHE_MIN_FREE", value_parser = parse_size)]
     pub cache_min_free: Option<u64>,
+}
+
+fn parse_probability(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number between 0 and 1"))?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("{v} is not between 0 and 1"));
+    }
+    Ok(v)
 }
 
 fn parse_share(s: &str) -> Result<f64, String> {

@@ -63,6 +63,7 @@ async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
             rate_bps: args.rate,
             repair_rate_bps: crate::agent::config::DEFAULT_REPAIR_RATE,
             lab_corrupt_repair: false,
+            lab_drop_rate: 0.0,
             cache_max: u64::MAX,
             cache_min_free: 0,
         };

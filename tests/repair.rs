@@ -241,3 +241,45 @@ fn a_peer_serving_corrupted_symbols_is_detected_and_bypassed() {
         "the origin was asked although a good peer holds it all"
     );
 }
+
+#[test]
+fn where_multicast_does_not_reach_peers_carry_the_load_not_the_origin() {
+    let dir = TempDir::new("nomcast");
+    let origin_dir = dir.0.join("origin");
+    std::fs::create_dir_all(&origin_dir).unwrap();
+    let origin = start_origin(&origin_dir, "0");
+    let size = 9 * 1024 * 1024 + 77;
+    let (m, bytes) = package(&dir.0, size, 14, origin.addr);
+    let group = private_group();
+    let caches: Vec<TempDir> = (0..3).map(|_| TempDir::new("nomcast-agent")).collect();
+    // Two preferred agents (one of them represents); the third hears the
+    // control group but none of the multicast data (a Wi-Fi client behind
+    // isolation, a switch that prunes the data group).
+    let a = start_agent(&caches[0].0, group, &["--preference", "9"]);
+    let b = start_agent(&caches[1].0, group, &["--preference", "9"]);
+    let deaf = start_agent(&caches[2].0, group, &["--lab-drop-rate", "1"]);
+    let spec = json!({ "id": "nm", "manifest": m, "delay_ms": 300 });
+    for x in [&a, &b, &deaf] {
+        post(x, &spec);
+    }
+    for x in [&a, &b, &deaf] {
+        wait_for("done", Duration::from_secs(90), || finished(&task(x, "nm")));
+    }
+    let s = task(&deaf, "nm");
+    assert_eq!(s["state"], "done", "{s}");
+    // It followed the representative, heard nothing of the data, and once
+    // the representative had finished (and fell silent) it took the role
+    // for itself: either way the blocks come from peers.
+    assert_eq!(s["bytes"]["multicast"], 0, "{s}");
+    assert_eq!(s["bytes"]["origin"], 0, "{s}");
+    assert!(s["bytes"]["peers"].as_u64().unwrap() >= size, "{s}");
+    assert_eq!(
+        cached(&caches[2].0, &m.content_id).as_deref(),
+        Some(&bytes[..])
+    );
+    let served = origin_bytes(&origin);
+    assert!(
+        served as f64 <= 1.05 * size as f64,
+        "origin sent {served} for {size}"
+    );
+}

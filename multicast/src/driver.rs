@@ -100,6 +100,9 @@ pub struct ResumeInto<'a> {
     pub on_block: &'a mut dyn FnMut(u32),
     /// Set to stop receiving; the receive then fails with `Stopped`.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Filled, when the receive ends without every block, with the symbols
+    /// collected for the blocks still missing (for repair from peers).
+    pub leftovers: Option<&'a mut Vec<(u32, Box<crate::codec::Collector>)>>,
 }
 
 /// Options of [`send_file`].
@@ -708,8 +711,15 @@ fn receive_core(
     let _ = worker.join();
     if let Err(e) = result {
         drop(file);
-        if resume.is_none() {
-            let _ = fs::remove_file(&partial);
+        match resume {
+            None => {
+                let _ = fs::remove_file(&partial);
+            }
+            Some(ResumeInto {
+                leftovers: Some(out),
+                ..
+            }) => *out = receiver.take_collectors(),
+            Some(_) => {}
         }
         return Err(e);
     }

@@ -509,6 +509,16 @@ impl Receiver {
         }
     }
 
+    /// The symbols collected for blocks that are not done, for a receiver
+    /// that goes on from peers after the session (they hold k of K and ask
+    /// for the rest only). Leaves the session without them.
+    pub fn take_collectors(&mut self) -> Vec<(u32, Box<Collector>)> {
+        self.active
+            .as_mut()
+            .map(|a| std::mem::take(&mut a.collectors).into_iter().collect())
+            .unwrap_or_default()
+    }
+
     /// Takes the outcome of a decode job.
     pub fn handle_decoded(&mut self, result: BlockResult) {
         let Some(active) = self.active.as_mut() else {

@@ -59,6 +59,8 @@ pub struct AgentConfig {
     pub repair_rate_bps: u64,
     /// Lab fault injection: serve corrupted repair symbols.
     pub lab_corrupt_repair: bool,
+    /// Lab fault injection: share of received multicast data dropped.
+    pub lab_drop_rate: f64,
     /// Cache size cap and free-disk floor for eviction.
     pub cache_max: u64,
     pub cache_min_free: u64,
@@ -128,6 +130,7 @@ impl AgentConfig {
             rate_bps,
             repair_rate_bps,
             lab_corrupt_repair: args.lab_corrupt_repair,
+            lab_drop_rate: args.lab_drop_rate.unwrap_or(0.0),
             cache_max,
             cache_min_free,
             iface: args.iface.clone().or(file.iface),

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use multicast::codec::{Layout, Plan};
+use multicast::codec::{Collector, Layout, Plan};
 use multicast::wire::Digest;
 use repair::fetch::Rejected;
 use repair::frame::{self, Frame};
@@ -207,6 +207,7 @@ pub async fn fetch_block(
     layout: Layout,
     block: u32,
     hash: Digest,
+    held: Option<Box<Collector>>,
 ) -> Result<(Vec<u8>, u64), PeerError> {
     let fail = |e: String| PeerError::Failed(e);
     let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
@@ -217,7 +218,7 @@ pub async fn fetch_block(
             ))
         })?
         .map_err(|e| fail(format!("{addr}: {e}")))?;
-    let mut fetch = BlockFetch::new(layout, block, hash, None);
+    let mut fetch = BlockFetch::new(layout, block, hash, held);
     write_frame(&mut stream, &fetch.request(content))
         .await
         .map_err(|e| fail(e.to_string()))?;

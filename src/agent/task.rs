@@ -573,13 +573,20 @@ async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<()> {
                 );
                 match receive(r, partial, session, group, start, &mut rx).await? {
                     Received::All => return Ok(()),
-                    Received::Incomplete(why) => {
+                    Received::Incomplete(why, leftovers) => {
                         tracing::info!(
-                            "task {}: multicast left blocks missing ({why}); fetching them from the origin",
+                            "task {}: multicast left blocks missing ({why}); repairing from peers",
                             r.id
                         );
                         r.state(State::Repairing);
-                        origin_fetch(r, partial).await?;
+                        peer_repair(r, partial, leftovers).await?;
+                        if !lock(partial).is_complete() {
+                            tracing::info!(
+                                "task {}: fetching what no peer holds from the origin",
+                                r.id
+                            );
+                            origin_fetch(r, partial).await?;
+                        }
                         return Ok(());
                     }
                     Received::Interrupted(next) => pending = next,
@@ -611,7 +618,14 @@ async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<()> {
 /// Fetches every missing block that a peer on the subnet holds, from
 /// those peers (spread by load, a few at a time); what no peer could
 /// deliver is left for the origin.
-async fn peer_repair(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<()> {
+/// Symbols a receiver collected for blocks it did not finish.
+type Leftovers = Vec<(u32, Box<multicast::codec::Collector>)>;
+
+async fn peer_repair(
+    r: &Run,
+    partial: &Arc<Mutex<Partial>>,
+    leftovers: Leftovers,
+) -> anyhow::Result<()> {
     /// Blocks fetched from peers at once.
     const PARALLEL: usize = 4;
     let prefix: [u8; 8] = r.m.content[..8].try_into().expect("a digest has 32 bytes");
@@ -645,6 +659,8 @@ async fn peer_repair(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<(
     // Three blocks in flight per peer keep its link busy while it reads and
     // hashes the next; the server takes four at once.
     let mut chooser: repair::Chooser<u64> = repair::Chooser::new(3);
+    let mut leftovers: HashMap<u32, Box<multicast::codec::Collector>> =
+        leftovers.into_iter().collect();
     let t0 = Instant::now();
     let mut fetched = false;
     let mut running = tokio::task::JoinSet::new();
@@ -667,8 +683,13 @@ async fn peer_repair(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<(
                         .1;
                     let (content, layout, hash) =
                         (r.m.content, r.m.layout, r.m.block_hashes[b as usize]);
+                    // Symbols from the multicast go along: the peer then
+                    // sends only what is missing (on a retry, after a failed
+                    // peer, the block starts afresh).
+                    let held = leftovers.remove(&b);
                     running.spawn(async move {
-                        let res = super::repair::fetch_block(addr, content, layout, b, hash).await;
+                        let res =
+                            super::repair::fetch_block(addr, content, layout, b, hash, held).await;
                         (b, node, res)
                     });
                 }
@@ -754,7 +775,7 @@ async fn represent(
     // took over, or one elected after an earlier pass); only the rest
     // crosses the WAN.
     r.state(State::Repairing);
-    peer_repair(r, partial).await?;
+    peer_repair(r, partial, Vec::new()).await?;
     let available = Arc::new(AtomicU32::new(lock(partial).done_prefix()));
     let stop = Arc::new(AtomicBool::new(false));
     r.state(State::Fetching);
@@ -879,7 +900,8 @@ async fn represent(
 
 enum Received {
     All,
-    Incomplete(String),
+    /// Why, and the symbols collected for blocks still missing.
+    Incomplete(String, Leftovers),
     /// The representative was lost or replaced: the event that says so.
     Interrupted(Option<ElectionEvent>),
 }
@@ -909,12 +931,16 @@ async fn receive(
         let m = r.m.clone();
         let stop = stop.clone();
         let node = r.agent.node;
+        let drop_rate = r.agent.config.lab_drop_rate;
         tokio::task::spawn_blocking(move || {
             let (file, path, done) = {
                 let g = lock(&p);
                 (g.file.try_clone(), g.data.clone(), g.done.clone())
             };
-            let file = file.map_err(RecvError::Recv)?;
+            let file = match file {
+                Ok(f) => f,
+                Err(e) => return Ok((Err(RecvError::Recv(e)), Vec::new())),
+            };
             let mut on_block = |b: u32| {
                 let mut g = lock(&p);
                 if let Err(e) = g.mark_done(b) {
@@ -935,9 +961,11 @@ async fn receive(
                     idle_timeout: wait + Duration::from_secs(20),
                     ..ReceiverConfig::default()
                 },
-                ..RecvOptions::default()
+                drop_rate,
+                drop_seed: node,
             };
-            multicast::driver::receive_resume(
+            let mut leftovers = Vec::new();
+            let res = multicast::driver::receive_resume(
                 socket,
                 rcvbuf,
                 ResumeInto {
@@ -949,10 +977,12 @@ async fn receive(
                     file_size: m.layout.file_size(),
                     on_block: &mut on_block,
                     stop: Some(stop),
+                    leftovers: Some(&mut leftovers),
                 },
                 &opts,
                 &mut |_| {},
-            )
+            );
+            Ok::<_, RecvError>((res, leftovers))
         })
     };
     tokio::pin!(recv);
@@ -984,12 +1014,12 @@ async fn receive(
             _ => None,
         }));
     }
-    Ok(Received::Incomplete(
-        match result.context("receive thread")? {
-            Ok(_) => "the session ended".into(),
-            Err(e) => e.to_string(),
-        },
-    ))
+    let (res, leftovers) = result.context("receive thread")??;
+    let why = match res {
+        Ok(_) => "the session ended".into(),
+        Err(e) => e.to_string(),
+    };
+    Ok(Received::Incomplete(why, leftovers))
 }
 
 /// The object is in the cache: pin it, or run the command.
