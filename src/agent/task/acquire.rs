@@ -1,0 +1,524 @@
+//! Getting every block of a task's package: the election, then
+//! representing (peers, origin, multicast pipelined behind the fetch) or
+//! receiving (the multicast, then peers, then the origin).
+
+use super::*;
+
+/// Gets every block: election, then representing or receiving, then the
+/// origin for what is still missing.
+pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<()> {
+    r.state(State::Electing);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let held_permille = {
+        let p = lock(partial);
+        (u64::from(p.done_count()) * 1000 / u64::from(p.layout().block_count().max(1))) as u16
+    };
+    let standing = r.agent.standing(held_permille);
+    let election = Election::new(
+        ElectionConfig {
+            startup_delay: Duration::from_millis(r.spec.delay_ms.unwrap_or(DEFAULT_DELAY_MS)),
+            ..ElectionConfig::default()
+        },
+        r.m.content,
+        standing,
+        multicast::driver::random_id(),
+        data_group(&r.m.content),
+        Instant::now(),
+        multicast::driver::random_id(),
+    );
+    r.agent.elections().insert(
+        r.id.clone(),
+        ElectionSlot {
+            election,
+            events: tx,
+        },
+    );
+    r.agent.control_wake.notify_one();
+    let mut pending: Option<ElectionEvent> = None;
+    loop {
+        let ev = match pending.take() {
+            Some(ev) => ev,
+            None => tokio::select! {
+                ev = rx.recv() => ev.ok_or_else(|| anyhow!("the control loop stopped"))?,
+                _ = r.until_cancelled() => bail!("cancelled"),
+            },
+        };
+        match ev {
+            ElectionEvent::Elected {
+                session,
+                group,
+                start,
+            } => {
+                update(&r.agent, &r.id, |s| s.role = Some("representative".into()));
+                tracing::info!(
+                    "task {}: representative; multicast to {group} in {:?}",
+                    r.id,
+                    start.saturating_duration_since(Instant::now())
+                );
+                match represent(r, partial, session, group, start, &mut rx).await? {
+                    None => return Ok(()),
+                    Some(next) => pending = Some(next),
+                }
+            }
+            ElectionEvent::Follow {
+                representative,
+                session,
+                group,
+                start,
+            } => {
+                update(&r.agent, &r.id, |s| s.role = Some("receiver".into()));
+                tracing::info!(
+                    "task {}: receiver of {representative:016x} on {group}",
+                    r.id
+                );
+                match receive(r, partial, session, group, start, &mut rx).await? {
+                    Received::All => return Ok(()),
+                    Received::Incomplete(why, leftovers) => {
+                        tracing::info!(
+                            "task {}: multicast left blocks missing ({why}); repairing from peers",
+                            r.id
+                        );
+                        r.state(State::Repairing);
+                        peer_repair(r, partial, leftovers).await?;
+                        if !lock(partial).is_complete() {
+                            tracing::info!(
+                                "task {}: fetching what no peer holds from the origin",
+                                r.id
+                            );
+                            origin_fetch(r, partial).await?;
+                        }
+                        return Ok(());
+                    }
+                    Received::Interrupted(next) => pending = next,
+                }
+            }
+            ElectionEvent::SteppedDown => r.state(State::Electing),
+            ElectionEvent::RepresentativeLost { representative } => {
+                tracing::info!(
+                    "task {}: representative {representative:016x} fell silent; electing again",
+                    r.id
+                );
+                r.state(State::Electing);
+                // Stand on what is held now: the agent with most of the
+                // content should take over.
+                let held_permille = {
+                    let p = lock(partial);
+                    (u64::from(p.done_count()) * 1000 / u64::from(p.layout().block_count().max(1)))
+                        as u16
+                };
+                let standing = r.agent.standing(held_permille);
+                if let Some(slot) = r.agent.elections().get_mut(&r.id) {
+                    slot.election.set_standing(standing);
+                }
+            }
+        }
+    }
+}
+
+/// Symbols a receiver collected for blocks it did not finish.
+type Leftovers = Vec<(u32, Box<multicast::codec::Collector>)>;
+
+/// Fetches every missing block that a peer on the subnet holds, from
+/// those peers (spread by load, a few at a time); what no peer could
+/// deliver is left for the origin.
+async fn peer_repair(
+    r: &Run,
+    partial: &Arc<Mutex<Partial>>,
+    leftovers: Leftovers,
+) -> anyhow::Result<()> {
+    /// Blocks fetched from peers at once.
+    const PARALLEL: usize = 4;
+    let prefix: [u8; 8] = r.m.content[..8].try_into().expect("a digest has 32 bytes");
+    let holders_of = |b: u32| -> Vec<(u64, SocketAddr)> {
+        let p = r.agent.presence();
+        let mut v: Vec<(u64, SocketAddr)> = p
+            .peers()
+            .filter(|peer| peer.announce.repair_port != 0)
+            .filter(|peer| {
+                peer.announce
+                    .held
+                    .iter()
+                    .any(|h| h.content == prefix && h.has(b))
+            })
+            .map(|peer| {
+                (
+                    peer.node(),
+                    SocketAddr::new(peer.addr.ip(), peer.announce.repair_port),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let mut queue: std::collections::VecDeque<u32> = {
+        let p = lock(partial);
+        (0..p.layout().block_count())
+            .filter(|&b| !p.done[b as usize])
+            .collect()
+    };
+    // Three blocks in flight per peer keep its link busy while it reads and
+    // hashes the next; the server takes four at once.
+    let mut chooser: repair::Chooser<u64> = repair::Chooser::new(3);
+    let mut leftovers: HashMap<u32, Box<multicast::codec::Collector>> =
+        leftovers.into_iter().collect();
+    let t0 = Instant::now();
+    let mut fetched = false;
+    let mut running = tokio::task::JoinSet::new();
+    let mut waiting: Vec<u32> = Vec::new();
+    // A peer that said it does not hold a block (stale HAVE) or was busy is
+    // not asked for that block again.
+    let mut declined: std::collections::HashSet<(u32, u64)> = Default::default();
+    loop {
+        while running.len() < PARALLEL {
+            let Some(b) = queue.pop_front() else { break };
+            let mut holders = holders_of(b);
+            holders.retain(|h| !declined.contains(&(b, h.0)));
+            let nodes: Vec<u64> = holders.iter().map(|h| h.0).collect();
+            match chooser.pick(&nodes) {
+                Some(node) => {
+                    let addr = holders
+                        .iter()
+                        .find(|h| h.0 == node)
+                        .expect("picked among them")
+                        .1;
+                    let (content, layout, hash) =
+                        (r.m.content, r.m.layout, r.m.block_hashes[b as usize]);
+                    // Symbols from the multicast go along: the peer then
+                    // sends only what is missing (on a retry, after a failed
+                    // peer, the block starts afresh).
+                    let held = leftovers.remove(&b);
+                    running.spawn(async move {
+                        let res =
+                            crate::agent::repair::fetch_block(addr, content, layout, b, hash, held)
+                                .await;
+                        (b, node, res)
+                    });
+                }
+                // Holders at their limit: try again when one finishes.
+                None if chooser.any_usable(&nodes) => waiting.push(b),
+                None => {} // nobody (left) to ask: the origin's
+            }
+        }
+        if r.cancelled() {
+            running.abort_all();
+            bail!("cancelled");
+        }
+        let Some(done) = running.join_next().await else {
+            break;
+        };
+        let (b, node, res) = done.context("repair task")?;
+        queue.extend(waiting.drain(..));
+        match res {
+            Ok((data, bytes)) => {
+                fetched = true;
+                chooser.succeeded(node, bytes);
+                {
+                    let mut p = lock(partial);
+                    p.write_block(b, &data)
+                        .context("writing a repaired block")?;
+                    note_blocks(&r.agent, &r.id, &p);
+                }
+                update(&r.agent, &r.id, |s| {
+                    s.bytes.peers += bytes;
+                    *s.bytes.by_peer.entry(format!("{node:016x}")).or_default() += bytes;
+                });
+            }
+            Err(crate::agent::repair::PeerError::Declined) => {
+                chooser.declined(node);
+                declined.insert((b, node));
+                queue.push_back(b);
+            }
+            Err(crate::agent::repair::PeerError::Failed(why)) => {
+                tracing::warn!("task {}: peer {node:016x} dropped: {why}", r.id);
+                chooser.failed(node);
+                queue.push_back(b);
+            }
+        }
+    }
+    if fetched {
+        let secs = t0.elapsed().as_secs_f64();
+        update(&r.agent, &r.id, |s| s.repair_seconds += secs);
+    }
+    Ok(())
+}
+
+async fn origin_fetch(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<()> {
+    let cancel = r.cancel.clone();
+    let agent = r.agent.clone();
+    let id = r.id.clone();
+    let p2 = partial.clone();
+    let on_block = move |_b: u32| note_blocks(&agent, &id, &lock(&p2));
+    fetch_blocks(
+        &r.agent.http,
+        partial,
+        None,
+        &r.origin,
+        &|| cancel.load(Ordering::SeqCst),
+        &on_block,
+    )
+    .await?;
+    r.progress(partial);
+    Ok(())
+}
+
+/// The representative: fetch from the origin, multicast from `start`,
+/// pipelined. Returns the election event that interrupted it (a better
+/// representative), if any.
+async fn represent(
+    r: &Run,
+    partial: &Arc<Mutex<Partial>>,
+    session: u64,
+    group: SocketAddrV4,
+    start: Instant,
+    rx: &mut mpsc::UnboundedReceiver<ElectionEvent>,
+) -> anyhow::Result<Option<ElectionEvent>> {
+    // What the subnet already holds comes from peers (a representative that
+    // took over, or one elected after an earlier pass); only the rest
+    // crosses the WAN.
+    r.state(State::Repairing);
+    peer_repair(r, partial, Vec::new()).await?;
+    let available = Arc::new(AtomicU32::new(lock(partial).done_prefix()));
+    let stop = Arc::new(AtomicBool::new(false));
+    r.state(State::Fetching);
+    let fetch = {
+        let (agent, id, p, origin, avail, cancel) = (
+            r.agent.clone(),
+            r.id.clone(),
+            partial.clone(),
+            r.origin.clone(),
+            available.clone(),
+            r.cancel.clone(),
+        );
+        async move {
+            let p2 = p.clone();
+            let agent2 = agent.clone();
+            let on_block = move |_b: u32| {
+                let g = lock(&p2);
+                avail.store(g.done_prefix(), Ordering::Release);
+                note_blocks(&agent2, &id, &g);
+            };
+            fetch_blocks(
+                &agent.http,
+                &p,
+                None,
+                &origin,
+                &|| cancel.load(Ordering::SeqCst),
+                &on_block,
+            )
+            .await
+        }
+    };
+    tokio::pin!(fetch);
+    let mut fetch_done = false;
+    // Until the start: fetch, and listen for a better representative.
+    loop {
+        tokio::select! {
+            res = &mut fetch, if !fetch_done => {
+                fetch_done = true;
+                res.context("fetching from the origin")?;
+                r.state(State::Waiting);
+            }
+            _ = tokio::time::sleep_until(start.into()) => break,
+            ev = rx.recv() => {
+                let ev = ev.ok_or_else(|| anyhow!("the control loop stopped"))?;
+                // A SteppedDown comes with the Follow that decides.
+                if matches!(ev, ElectionEvent::Follow { .. }) {
+                    return Ok(Some(ev));
+                }
+            }
+            _ = r.until_cancelled() => bail!("cancelled"),
+        }
+    }
+    r.state(State::Sending);
+    let send = {
+        let p = lock(partial);
+        let opts = SendOptions {
+            session: SenderConfig {
+                rate_bps: r.spec.rate_bps.unwrap_or(r.agent.config.rate_bps),
+                ..SenderConfig::default()
+            },
+            block_size: p.layout().block_size(),
+            symbol_size: p.layout().symbol_size(),
+            session_id: Some(session),
+            known_hashes: Some((r.m.block_hashes.clone(), r.m.content)),
+            available: Some(available.clone()),
+            stop: Some(stop.clone()),
+            ..SendOptions::default()
+        };
+        let path = p.data.clone();
+        let iface = r.agent.iface_addr;
+        tokio::task::spawn_blocking(move || {
+            multicast::send_file(&path, group, iface, &opts, &mut |_| {})
+        })
+    };
+    tokio::pin!(send);
+    let mut interrupted = None;
+    let mut fetch_error = None;
+    let sent = loop {
+        tokio::select! {
+            res = &mut fetch, if !fetch_done => {
+                fetch_done = true;
+                if let Err(e) = res {
+                    stop.store(true, Ordering::SeqCst);
+                    fetch_error = Some(e);
+                }
+            }
+            res = &mut send => break res,
+            ev = rx.recv() => {
+                if let Some(ev @ ElectionEvent::Follow { .. }) = ev {
+                    stop.store(true, Ordering::SeqCst);
+                    interrupted = Some(ev);
+                }
+            }
+            _ = r.until_cancelled() => stop.store(true, Ordering::SeqCst),
+        }
+    };
+    if r.cancelled() {
+        bail!("cancelled");
+    }
+    if let Some(e) = fetch_error {
+        return Err(e).context("fetching from the origin");
+    }
+    if interrupted.is_some() {
+        return Ok(interrupted);
+    }
+    if !fetch_done {
+        fetch.await.context("fetching from the origin")?;
+    }
+    match sent.context("send thread")? {
+        Ok(report) => tracing::info!(
+            "task {}: multicast done, {} receivers done, {} datagrams",
+            r.id,
+            report.stats.receivers_done,
+            report.stats.datagrams
+        ),
+        // The multicast is a service to the others; this agent has the file.
+        Err(e) => tracing::warn!("task {}: multicast ended early: {e}", r.id),
+    }
+    r.progress(partial);
+    Ok(None)
+}
+
+enum Received {
+    All,
+    /// Why, and the symbols collected for blocks still missing.
+    Incomplete(String, Leftovers),
+    /// The representative was lost or replaced: the event that says so.
+    Interrupted(Option<ElectionEvent>),
+}
+
+/// A receiver: joins the data group now, takes the session from `start`.
+async fn receive(
+    r: &Run,
+    partial: &Arc<Mutex<Partial>>,
+    session: u64,
+    group: SocketAddrV4,
+    start: Instant,
+    rx: &mut mpsc::UnboundedReceiver<ElectionEvent>,
+) -> anyhow::Result<Received> {
+    let (socket, rcvbuf) = multicast::socket::open_receiver(group, r.agent.iface_addr)
+        .with_context(|| format!("joining the data group {group}"))?;
+    r.state(if Instant::now() < start {
+        State::Waiting
+    } else {
+        State::Receiving
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let wait = start.saturating_duration_since(Instant::now());
+    let recv = {
+        let p = partial.clone();
+        let agent = r.agent.clone();
+        let id = r.id.clone();
+        let m = r.m.clone();
+        let stop = stop.clone();
+        let node = r.agent.node;
+        let drop_rate = r.agent.config.lab_drop_rate;
+        tokio::task::spawn_blocking(move || {
+            let (file, path, done) = {
+                let g = lock(&p);
+                (g.file.try_clone(), g.data.clone(), g.done.clone())
+            };
+            let file = match file {
+                Ok(f) => f,
+                Err(e) => return Ok((Err(RecvError::Recv(e)), Vec::new())),
+            };
+            let mut on_block = |b: u32| {
+                let mut g = lock(&p);
+                if let Err(e) = g.mark_done(b) {
+                    tracing::warn!("task {id}: cannot record block {b}: {e}");
+                }
+                note_blocks(&agent, &id, &g);
+                drop(g);
+                let len = m.layout.block_len(b) as u64;
+                update(&agent, &id, |s| {
+                    s.state = State::Receiving;
+                    s.bytes.multicast += len;
+                });
+            };
+            let opts = RecvOptions {
+                session: ReceiverConfig {
+                    receiver_id: node,
+                    session: Some(session),
+                    idle_timeout: wait + Duration::from_secs(20),
+                    ..ReceiverConfig::default()
+                },
+                drop_rate,
+                drop_seed: node,
+            };
+            let mut leftovers = Vec::new();
+            let res = multicast::driver::receive_resume(
+                socket,
+                rcvbuf,
+                ResumeInto {
+                    file: &file,
+                    path: &path,
+                    done: &done,
+                    block_hashes: &m.block_hashes,
+                    file_sha256: m.content,
+                    file_size: m.layout.file_size(),
+                    on_block: &mut on_block,
+                    stop: Some(stop),
+                    leftovers: Some(&mut leftovers),
+                },
+                &opts,
+                &mut |_| {},
+            );
+            Ok::<_, RecvError>((res, leftovers))
+        })
+    };
+    tokio::pin!(recv);
+    let mut interrupted = None;
+    let result = loop {
+        tokio::select! {
+            res = &mut recv => break res,
+            ev = rx.recv() => match ev {
+                Some(ev @ (ElectionEvent::RepresentativeLost { .. } | ElectionEvent::Follow { .. })) => {
+                    stop.store(true, Ordering::SeqCst);
+                    interrupted = Some(ev);
+                }
+                Some(_) => {}
+                None => stop.store(true, Ordering::SeqCst),
+            },
+            _ = r.until_cancelled() => stop.store(true, Ordering::SeqCst),
+        }
+    };
+    if r.cancelled() {
+        bail!("cancelled");
+    }
+    let complete = lock(partial).is_complete();
+    if complete {
+        return Ok(Received::All);
+    }
+    if let Some(ev) = interrupted {
+        return Ok(Received::Interrupted(match ev {
+            ElectionEvent::Follow { .. } => Some(ev),
+            _ => None,
+        }));
+    }
+    let (res, leftovers) = result.context("receive thread")??;
+    let why = match res {
+        Ok(_) => "the session ended".into(),
+        Err(e) => e.to_string(),
+    };
+    Ok(Received::Incomplete(why, leftovers))
+}

@@ -1,0 +1,117 @@
+//! What a task is and what its status shows: the API's JSON.
+
+use super::*;
+
+/// What `POST /v1/tasks` takes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// Chosen by the console so one id names the task on every agent;
+    /// generated when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+    pub manifest: Manifest,
+    #[serde(default)]
+    pub cache_only: bool,
+    /// Shell command run with the verified file's path as `$1` (and in
+    /// SOMCAST_FILE); never with `cache_only`.
+    #[serde(default)]
+    pub run: Option<String>,
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
+    #[serde(default)]
+    pub pin_days: Option<u32>,
+    /// Multicast rate in bit/s on the wire.
+    #[serde(default)]
+    pub rate_bps: Option<u64>,
+    #[serde(default)]
+    pub run_timeout_s: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Queued,
+    Electing,
+    Fetching,
+    Waiting,
+    Sending,
+    Receiving,
+    Repairing,
+    Installing,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl State {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, State::Done | State::Failed | State::Cancelled)
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Bytes {
+    pub multicast: u64,
+    pub peers: u64,
+    pub origin: u64,
+    /// Repair bytes by the node id of the peer that served them.
+    #[serde(default)]
+    pub by_peer: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InstallResult {
+    pub exit_code: Option<i32>,
+    pub timed_out: bool,
+    pub output_tail: String,
+}
+
+/// What `GET /v1/tasks/{id}` shows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskStatus {
+    pub id: String,
+    pub node: String,
+    pub content_id: String,
+    pub name: String,
+    pub size: u64,
+    pub cache_only: bool,
+    pub state: State,
+    /// representative, receiver or cached.
+    pub role: Option<String>,
+    pub blocks_done: u32,
+    pub block_count: u32,
+    pub bytes: Bytes,
+    pub created: u64,
+    pub finished: Option<u64>,
+    pub seconds: Option<f64>,
+    pub error: Option<String>,
+    pub install: Option<InstallResult>,
+    /// Time spent fetching from peers (wall clock of the repair rounds).
+    #[serde(default)]
+    pub repair_seconds: f64,
+    pub path: Option<String>,
+    pub pinned_until: Option<u64>,
+}
+
+/// A task as it is kept on disk.
+#[derive(Serialize, Deserialize)]
+pub(super) struct Stored {
+    pub spec: TaskSpec,
+    pub status: TaskStatus,
+}
+
+/// Why a task cannot be accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("bad manifest: {0}")]
+    Manifest(#[from] crate::manifest::ManifestError),
+    #[error("a cache-only task never runs a command: drop `run` or `cache_only`")]
+    RunWithCacheOnly,
+    #[error("task id {0:?} must be 1-64 characters of a-z, A-Z, 0-9, - and _")]
+    BadId(String),
+    #[error("task {0} exists with another manifest or options")]
+    Conflict(String),
+    #[error("delay {0} ms is more than a day")]
+    Delay(u64),
+}
