@@ -3,53 +3,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    Proc, TOKEN, TempDir, get, get_json, http, json, start_agent, start_origin, wait_for,
+    Proc, TempDir, cached, finished, origin_bytes, package, post, start_agent, start_origin, task,
+    wait_for,
 };
 use serde_json::{Value, json};
-use somcast::demo::{generate_file, private_group};
-use somcast::manifest::Manifest;
-
-fn package(dir: &Path, size: u64, seed: u64, origin: SocketAddr) -> (Manifest, Vec<u8>) {
-    let d = dir.join("origin");
-    std::fs::create_dir_all(&d).unwrap();
-    let file = d.join("pkg.bin");
-    generate_file(&file, size, seed).unwrap();
-    let m = Manifest::create(&file, vec![format!("http://{origin}/pkg.bin")]).unwrap();
-    (m, std::fs::read(&file).unwrap())
-}
-
-fn post(agent: &Proc, spec: &Value) {
-    let (code, body) = http(
-        agent.addr,
-        "POST",
-        "/v1/tasks",
-        Some(TOKEN),
-        Some(&spec.to_string()),
-    );
-    assert_eq!(code, 201, "{body}");
-}
-
-fn task(agent: &Proc, id: &str) -> Value {
-    get_json(agent.addr, &format!("/v1/tasks/{id}"))
-}
-
-fn finished(s: &Value) -> bool {
-    matches!(s["state"].as_str(), Some("done" | "failed" | "cancelled"))
-}
-
-fn origin_bytes(origin: &Proc) -> u64 {
-    let (_, body) = get(origin.addr, "/stats", None);
-    json(body.as_bytes())["bytes_served"].as_u64().unwrap()
-}
-
-fn cached(cache: &Path, id: &str) -> Option<Vec<u8>> {
-    std::fs::read(cache.join("objects").join(id)).ok()
-}
+use somcast::demo::private_group;
 
 #[test]
 fn a_late_joiner_completes_from_peers_without_extra_origin_bytes() {

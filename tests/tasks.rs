@@ -8,63 +8,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    Proc, TOKEN, TempDir, get, get_json, http, json, start_agent, start_origin, wait_for,
+    Proc, TOKEN, TempDir, cached, get, get_json, http, json, origin_bytes, origin_dir, package,
+    post_task, start_agent, start_origin, task, wait_done, wait_for,
 };
 use serde_json::{Value, json};
-use somcast::demo::{generate_file, private_group};
-use somcast::manifest::Manifest;
+use somcast::demo::private_group;
 
 const SIZE: u64 = 10 * 1024 * 1024 + 123;
-
-/// A package of `size` bytes in `dir/origin`, and its manifest for `origin`.
-fn package(dir: &Path, size: u64, seed: u64, origin: SocketAddr) -> (Manifest, Vec<u8>) {
-    let file = dir.join("origin").join("pkg.bin");
-    generate_file(&file, size, seed).unwrap();
-    let m = Manifest::create(&file, vec![format!("http://{origin}/pkg.bin")]).unwrap();
-    (m, std::fs::read(&file).unwrap())
-}
-
-fn origin_dir(dir: &TempDir) -> std::path::PathBuf {
-    let d = dir.0.join("origin");
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn post_task(agent: &Proc, spec: &Value) -> (u16, Value) {
-    let (code, body) = http(
-        agent.addr,
-        "POST",
-        "/v1/tasks",
-        Some(TOKEN),
-        Some(&spec.to_string()),
-    );
-    (code, json(body.as_bytes()))
-}
-
-fn task(agent: &Proc, id: &str) -> Value {
-    get_json(agent.addr, &format!("/v1/tasks/{id}"))
-}
-
-fn wait_done(agent: &Proc, id: &str, limit: Duration) -> Value {
-    let mut last = Value::Null;
-    wait_for(&format!("task {id} on {}", agent.addr), limit, || {
-        last = task(agent, id);
-        matches!(
-            last["state"].as_str(),
-            Some("done" | "failed" | "cancelled")
-        )
-    });
-    last
-}
-
-fn origin_bytes(origin: &Proc) -> u64 {
-    let (_, body) = get(origin.addr, "/stats", None);
-    json(body.as_bytes())["bytes_served"].as_u64().unwrap()
-}
-
-fn cached(cache: &Path, id: &str) -> Option<Vec<u8>> {
-    std::fs::read(cache.join("objects").join(id)).ok()
-}
 
 #[test]
 fn five_agents_share_one_origin_download_and_all_verify() {

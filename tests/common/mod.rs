@@ -158,3 +158,71 @@ pub fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A package of `size` bytes in `dir/origin/pkg.bin`, and its manifest for
+/// an origin at `origin`.
+pub fn package(
+    dir: &Path,
+    size: u64,
+    seed: u64,
+    origin: SocketAddr,
+) -> (somcast::manifest::Manifest, Vec<u8>) {
+    let d = dir.join("origin");
+    std::fs::create_dir_all(&d).unwrap();
+    let file = d.join("pkg.bin");
+    somcast::demo::generate_file(&file, size, seed).unwrap();
+    let m = somcast::manifest::Manifest::create(&file, vec![format!("http://{origin}/pkg.bin")])
+        .unwrap();
+    (m, std::fs::read(&file).unwrap())
+}
+
+/// `dir/origin`, created, for `start_origin`.
+pub fn origin_dir(dir: &TempDir) -> std::path::PathBuf {
+    let d = dir.0.join("origin");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn post_task(agent: &Proc, spec: &serde_json::Value) -> (u16, serde_json::Value) {
+    let (code, body) = http(
+        agent.addr,
+        "POST",
+        "/v1/tasks",
+        Some(TOKEN),
+        Some(&spec.to_string()),
+    );
+    (code, json(body.as_bytes()))
+}
+
+/// Starts a task that must be accepted.
+pub fn post(agent: &Proc, spec: &serde_json::Value) {
+    let (code, v) = post_task(agent, spec);
+    assert_eq!(code, 201, "{v}");
+}
+
+pub fn task(agent: &Proc, id: &str) -> serde_json::Value {
+    get_json(agent.addr, &format!("/v1/tasks/{id}"))
+}
+
+pub fn finished(s: &serde_json::Value) -> bool {
+    matches!(s["state"].as_str(), Some("done" | "failed" | "cancelled"))
+}
+
+pub fn wait_done(agent: &Proc, id: &str, limit: Duration) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    wait_for(&format!("task {id} on {}", agent.addr), limit, || {
+        last = task(agent, id);
+        finished(&last)
+    });
+    last
+}
+
+pub fn origin_bytes(origin: &Proc) -> u64 {
+    let (_, body) = get(origin.addr, "/stats", None);
+    json(body.as_bytes())["bytes_served"].as_u64().unwrap()
+}
+
+/// The object the agent with `cache` holds for content `id`.
+pub fn cached(cache: &Path, id: &str) -> Option<Vec<u8>> {
+    std::fs::read(cache.join("objects").join(id)).ok()
+}
