@@ -23,12 +23,7 @@ while [ $# -gt 0 ]; do
     *) echo "usage: $0 [--size 256M] [--rate 1gbit]" >&2; exit 2 ;;
     esac
 done
-cargo build --release -q
-BIN=$PWD/target/release/somcast
-WORK=$(mktemp -d)
-trap 'lab_down; rm -rf "$WORK"' EXIT
-TOKEN=bench-repair-$$
-command -v curl >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
+lab_session bench-repair
 
 lab_up 3 "$rate" 0
 mkdir -p "$WORK/origin"

@@ -10,6 +10,7 @@
 # (router), lf-o (origin), lf-swa/lf-swb (switches), lf-a1.., lf-b1.. .
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lab.sh
 
 per=4 size=32M wan=50mbit loss=0.01
 while [ $# -gt 0 ]; do
@@ -76,17 +77,7 @@ for s in a b; do
         ip -n "$h" route add default via "$net.1"
         ip -n "lf-sw$s" link set "lf-q$s$i" master br0; ip -n "lf-sw$s" link set "lf-q$s$i" up
         ip netns exec "$h" sysctl -qw net.core.rmem_max=8388608 2>/dev/null || true
-        if [ "$loss" != 0 ]; then
-            per10k=$(awk -v l="$loss" 'BEGIN { printf "%d", l * 10000 + 0.5 }')
-            ip netns exec "$h" nft -f - <<NFT
-table inet lab {
-    chain input {
-        type filter hook input priority 0; policy accept;
-        meta l4proto udp numgen random mod 10000 < $per10k drop
-    }
-}
-NFT
-        fi
+        lab_ns_loss "$h" "$loss"
         hosts+=("$h:$net.$((i + 10))")
     done
 done

@@ -47,13 +47,29 @@ lab_down() {
     done
 }
 
+# lab_session TAG: builds somcast, sets BIN, WORK (removed on exit, with the
+# lab) and TOKEN, and installs curl for talking to agents' APIs.
+lab_session() {
+    cargo build --release -q
+    BIN=$PWD/target/release/somcast
+    WORK=$(mktemp -d)
+    trap 'lab_down; rm -rf "$WORK"' EXIT
+    TOKEN=$1-token-$$
+    command -v curl >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
+}
+
 # lab_loss_on I LOSS: host I drops that share of the UDP it receives.
 lab_loss_on() {
-    local i=$1 loss=$2 per10k
-    lab_loss_off "$i"
+    lab_loss_off "$1"
+    lab_ns_loss "${LAB_PREFIX}-h$1" "$2"
+}
+
+# lab_ns_loss NS LOSS: namespace NS drops that share of the UDP it receives.
+lab_ns_loss() {
+    local ns=$1 loss=$2 per10k
     [ "$loss" = "0" ] && return 0
     per10k=$(awk -v l="$loss" 'BEGIN { printf "%d", l * 10000 + 0.5 }')
-    ip netns exec "${LAB_PREFIX}-h${i}" nft -f - <<NFT
+    ip netns exec "$ns" nft -f - <<NFT
 table inet lab {
     chain input {
         type filter hook input priority 0; policy accept;

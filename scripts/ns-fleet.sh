@@ -23,12 +23,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-cargo build --release -q
-BIN=$PWD/target/release/somcast
-WORK=$(mktemp -d)
-trap 'lab_down; rm -rf "$WORK"' EXIT
-TOKEN=fleet-token-$$
-command -v curl >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
+lab_session fleet
 
 lab_up $((agents + 1)) 1gbit "$loss"
 # The origin's link: 100 Mbit/s both ways.

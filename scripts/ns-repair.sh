@@ -25,12 +25,7 @@ while [ $# -gt 0 ]; do
     *) echo "usage: $0 [--agents N] [--size 48M]" >&2; exit 2 ;;
     esac
 done
-cargo build --release -q
-BIN=$PWD/target/release/somcast
-WORK=$(mktemp -d)
-trap 'lab_down; rm -rf "$WORK"' EXIT
-TOKEN=repair-token-$$
-command -v curl >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
+lab_session repair
 
 lab_up $((agents + 1)) 1gbit 0.01
 ip netns exec "${LAB_PREFIX}-h0" tc qdisc replace dev eth0 root tbf rate 100mbit burst 64kb latency 50ms
