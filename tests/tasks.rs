@@ -359,3 +359,75 @@ fn the_console_starts_waits_for_and_reports_a_task() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("already ended"));
 }
+
+#[test]
+fn two_packages_at_once_each_cross_the_origin_once() {
+    let dir = TempDir::new("two");
+    let origin = start_origin(&origin_dir(&dir), "0");
+    let (m1, b1) = package(&dir.0, 6 * 1024 * 1024 + 1, 21, origin.addr);
+    // A second file beside the first.
+    let second = dir.0.join("origin").join("second.bin");
+    somcast::demo::generate_file(&second, 5 * 1024 * 1024 + 3, 22).unwrap();
+    let m2 = somcast::manifest::Manifest::create(
+        &second,
+        vec![format!("http://{}/second.bin", origin.addr)],
+    )
+    .unwrap();
+    let b2 = std::fs::read(&second).unwrap();
+    let group = private_group();
+    let caches: Vec<TempDir> = (0..3).map(|_| TempDir::new("two-agent")).collect();
+    let agents: Vec<Proc> = caches
+        .iter()
+        .map(|c| start_agent(&c.0, group, &[]))
+        .collect();
+    for a in &agents {
+        assert_eq!(
+            post_task(a, &json!({ "id": "one", "manifest": m1, "delay_ms": 500 })).0,
+            201
+        );
+        assert_eq!(
+            post_task(a, &json!({ "id": "two", "manifest": m2, "delay_ms": 500 })).0,
+            201
+        );
+    }
+    for a in &agents {
+        for id in ["one", "two"] {
+            let s = wait_done(a, id, Duration::from_secs(60));
+            assert_eq!(s["state"], "done", "{s}");
+        }
+    }
+    for c in &caches {
+        assert_eq!(cached(&c.0, &m1.content_id).as_deref(), Some(&b1[..]));
+        assert_eq!(cached(&c.0, &m2.content_id).as_deref(), Some(&b2[..]));
+    }
+    let total = (b1.len() + b2.len()) as f64;
+    let served = origin_bytes(&origin) as f64;
+    assert!(served <= 1.05 * total, "origin sent {served} for {total}");
+}
+
+#[test]
+fn a_cancelled_task_stops_and_leaves_nothing_in_the_cache() {
+    let dir = TempDir::new("cancel");
+    // 20 Mbit/s: 20 MiB take 8 s; the cancel comes after the first block.
+    let origin = start_origin(&origin_dir(&dir), "20M");
+    let (m, _) = package(&dir.0, 20 * 1024 * 1024, 23, origin.addr);
+    let cache = TempDir::new("cancel-agent");
+    let agent = start_agent(&cache.0, private_group(), &[]);
+    assert_eq!(
+        post_task(&agent, &json!({ "id": "c", "manifest": m, "delay_ms": 0 })).0,
+        201
+    );
+    wait_for("a block fetched", Duration::from_secs(30), || {
+        task(&agent, "c")["blocks_done"].as_u64().unwrap() >= 1
+    });
+    let (code, body) = http(agent.addr, "POST", "/v1/tasks/c/cancel", Some(TOKEN), None);
+    assert_eq!(code, 200, "{body}");
+    let s = wait_done(&agent, "c", Duration::from_secs(20));
+    assert_eq!(s["state"], "cancelled", "{s}");
+    assert!(cached(&cache.0, &m.content_id).is_none());
+    let served = origin_bytes(&origin);
+    assert!(
+        served < 20 * 1024 * 1024,
+        "the fetch went on after the cancel: {served}"
+    );
+}
