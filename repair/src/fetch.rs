@@ -14,8 +14,10 @@ pub enum FetchStep {
     More,
     /// Enough symbols: call [`BlockFetch::decode`] (on a worker if it is slow).
     Decode,
-    /// The peer does not hold the block (or is busy): ask another.
+    /// The peer does not hold the block: ask another.
     Elsewhere,
+    /// The peer is at its upload limit: ask again later, or another.
+    Busy,
     /// The peer sent something malformed for this block: drop the peer.
     Misbehaved(String),
 }
@@ -130,7 +132,8 @@ impl BlockFetch {
                     FetchStep::More
                 }
             }
-            Frame::NotHeld { .. } | Frame::Busy => FetchStep::Elsewhere,
+            Frame::NotHeld { .. } => FetchStep::Elsewhere,
+            Frame::Busy => FetchStep::Busy,
             Frame::Need { .. } | Frame::Stop { .. } => {
                 FetchStep::Misbehaved("a requester's frame from the serving side".into())
             }

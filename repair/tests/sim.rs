@@ -126,7 +126,7 @@ impl World {
                     Err(Rejected::NeedMore) => {}
                     Err(Rejected::Corrupt) => return (Err("corrupt".into()), f),
                 },
-                FetchStep::Elsewhere => return (Err("declined".into()), f),
+                FetchStep::Elsewhere | FetchStep::Busy => return (Err("declined".into()), f),
                 FetchStep::Misbehaved(why) => return (Err(why), f),
             }
         }

@@ -193,8 +193,10 @@ async fn connection(
 /// Why a peer did not deliver a block.
 #[derive(Debug)]
 pub enum PeerError {
-    /// It does not hold it or is busy: ask another, keep it.
+    /// It does not hold it: ask another, keep it.
     Declined,
+    /// It is at its upload limit: ask again a little later.
+    Busy,
     /// Timeout, connection error, malformed or corrupt symbols: drop it.
     Failed(String),
 }
@@ -232,6 +234,7 @@ pub async fn fetch_block(
         match fetch.handle(f) {
             FetchStep::More => {}
             FetchStep::Elsewhere => return Err(PeerError::Declined),
+            FetchStep::Busy => return Err(PeerError::Busy),
             FetchStep::Misbehaved(why) => return Err(fail(format!("{addr}: {why}"))),
             FetchStep::Decode => match fetch.decode() {
                 Ok(data) => {

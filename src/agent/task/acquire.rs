@@ -165,10 +165,19 @@ async fn peer_repair(
     let mut fetched = false;
     let mut running = tokio::task::JoinSet::new();
     let mut waiting: Vec<u32> = Vec::new();
-    // A peer that said it does not hold a block (stale HAVE) or was busy is
-    // not asked for that block again.
+    // A peer that said it does not hold a block (stale HAVE) is not asked
+    // for that block again.
     let mut declined: std::collections::HashSet<(u32, u64)> = Default::default();
+    // Blocks whose holders were all busy, retried after a pause; a block
+    // refused this often is left for the origin.
+    const BUSY_TRIES: u32 = 50;
+    let mut busy: Vec<u32> = Vec::new();
+    let mut busy_tries: HashMap<u32, u32> = HashMap::new();
     loop {
+        if running.is_empty() && queue.is_empty() && !busy.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            queue.extend(busy.drain(..));
+        }
         while running.len() < PARALLEL {
             let Some(b) = queue.pop_front() else { break };
             let mut holders = holders_of(b);
@@ -208,6 +217,7 @@ async fn peer_repair(
         };
         let (b, node, res) = done.context("repair task")?;
         queue.extend(waiting.drain(..));
+        queue.extend(busy.drain(..));
         match res {
             Ok((data, bytes)) => {
                 fetched = true;
@@ -227,6 +237,14 @@ async fn peer_repair(
                 chooser.declined(node);
                 declined.insert((b, node));
                 queue.push_back(b);
+            }
+            Err(crate::agent::repair::PeerError::Busy) => {
+                chooser.declined(node);
+                let tries = busy_tries.entry(b).or_default();
+                *tries += 1;
+                if *tries < BUSY_TRIES {
+                    busy.push(b);
+                }
             }
             Err(crate::agent::repair::PeerError::Failed(why)) => {
                 tracing::warn!("task {}: peer {node:016x} dropped: {why}", r.id);
