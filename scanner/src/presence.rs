@@ -40,6 +40,10 @@ use std::time::{Duration, Instant};
 use multicast::rng::SplitMix64;
 use multicast::wire::{self, AddrV4, Announce, Frame, Held, Rank};
 
+/// Largest announcement, header and CRC included: one datagram inside a
+/// 1500-byte MTU with room for IP and UDP headers and a tunnel or two.
+pub const MAX_ANNOUNCE: usize = 1200;
+
 /// Tunables of the presence protocol.
 #[derive(Clone, Debug)]
 pub struct PresenceConfig {
@@ -509,7 +513,22 @@ impl Presence {
         self.stats.announcements_sent += 1;
     }
 
+    /// This agent's announcement, cut to fit [`MAX_ANNOUNCE`] bytes: HAVE
+    /// ranges of the oldest contents go first (they then read as counts),
+    /// then the oldest contents.
     fn announcement(&self, reply_to: Option<u64>) -> Announce {
+        let mut a = self.full_announcement(reply_to);
+        let fits = |a: &Announce| Frame::Presence(a.clone()).encode(0).len() <= MAX_ANNOUNCE;
+        let mut i = a.held.len();
+        while !fits(&a) && i > 0 {
+            i -= 1;
+            a.held[i].have.clear();
+        }
+        while !fits(&a) && a.held.pop().is_some() {}
+        a
+    }
+
+    fn full_announcement(&self, reply_to: Option<u64>) -> Announce {
         let interval_ms = self.cfg.interval.as_millis().clamp(
             u128::from(wire::MIN_INTERVAL_MS),
             u128::from(wire::MAX_INTERVAL_MS),
@@ -769,6 +788,31 @@ mod tests {
             "dropped after {silent:?}"
         );
         assert!(probes_to_b >= 15, "only {probes_to_b} probes");
+    }
+
+    #[test]
+    fn an_announcement_with_many_contents_stays_inside_one_datagram() {
+        let t0 = Instant::now();
+        let mut me = node(1);
+        // Sixteen contents, each with the most ranges: far over the budget.
+        me.held = (0..16u8)
+            .map(|c| Held {
+                content: [c; 8],
+                blocks_done: 32,
+                block_count: 100_000,
+                have: (0..32).map(|r| [r * 3000, r * 3000 + 1]).collect(),
+            })
+            .collect();
+        let p = Presence::new(PresenceConfig::default(), me, None, t0, 1);
+        let a = p.announcement(None);
+        let bytes = Frame::Presence(a.clone()).encode(0);
+        assert!(bytes.len() <= MAX_ANNOUNCE, "{} bytes", bytes.len());
+        // The newest contents keep their ranges; none is dropped while
+        // clearing ranges suffices.
+        assert_eq!(a.held.len(), 16);
+        assert!(!a.held[0].have.is_empty());
+        assert!(a.held[15].have.is_empty());
+        assert!(wire::decode(&bytes).is_ok());
     }
 
     #[test]
