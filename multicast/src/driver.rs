@@ -101,8 +101,11 @@ pub struct ResumeInto<'a> {
     /// Set to stop receiving; the receive then fails with `Stopped`.
     pub stop: Option<Arc<AtomicBool>>,
     /// Filled, when the receive ends without every block, with the symbols
-    /// collected for the blocks still missing (for repair from peers).
+    /// collected for the blocks still missing (for repair from peers, or
+    /// the next session).
     pub leftovers: Option<&'a mut Vec<(u32, Box<crate::codec::Collector>)>>,
+    /// Symbols collected in an earlier session of the same object.
+    pub preload: Vec<(u32, Box<crate::codec::Collector>)>,
 }
 
 /// Options of [`send_file`].
@@ -638,11 +641,12 @@ fn receive_core(
                         size = info.file_size,
                         "session found"
                     );
-                    if let Some(r) = &resume {
+                    if let Some(r) = resume.as_mut() {
                         if info.file_sha256 != r.file_sha256 || info.file_size != r.file_size {
                             break 'run Err(RecvError::WrongSession);
                         }
                         receiver.preset(r.block_hashes, r.done);
+                        receiver.preload(std::mem::take(&mut r.preload));
                         match r.file.try_clone() {
                             Ok(f) => file = Some(f),
                             Err(e) => break 'run Err(write_err(e)),

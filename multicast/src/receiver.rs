@@ -509,6 +509,28 @@ impl Receiver {
         }
     }
 
+    /// After [`Receiver::preset`]: symbols collected earlier for blocks not
+    /// yet done (an earlier session of the same object: a symbol is the
+    /// same whichever sender minted it), within the buffer cap.
+    pub fn preload(&mut self, collectors: Vec<(u32, Box<Collector>)>) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mut ready = Vec::new();
+        for (block, c) in collectors {
+            let missing = active.state.get(block as usize) == Some(&BlockState::Missing);
+            if !missing || active.collectors.len() + active.decoding >= active.max_collectors {
+                continue;
+            }
+            active.state[block as usize] = BlockState::Collecting;
+            active.collectors.insert(block, c);
+            ready.push(block);
+        }
+        for block in ready {
+            self.maybe_dispatch(block);
+        }
+    }
+
     /// The symbols collected for blocks that are not done, for a receiver
     /// that goes on from peers after the session (they hold k of K and ask
     /// for the rest only). Leaves the session without them.

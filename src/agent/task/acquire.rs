@@ -35,6 +35,9 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
     );
     r.agent.control_wake.notify_one();
     let mut pending: Option<ElectionEvent> = None;
+    // Symbols of unfinished blocks from a session that was interrupted
+    // (its representative died): they count in the next one.
+    let mut carried: Leftovers = Vec::new();
     loop {
         let ev = match pending.take() {
             Some(ev) => ev,
@@ -71,7 +74,8 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
                     "task {}: receiver of {representative:016x} on {group}",
                     r.id
                 );
-                match receive(r, partial, session, group, start, &mut rx).await? {
+                let preload = std::mem::take(&mut carried);
+                match receive(r, partial, session, group, start, &mut rx, preload).await? {
                     Received::All => return Ok(()),
                     Received::Incomplete(why, leftovers) => {
                         tracing::info!(
@@ -89,7 +93,10 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
                         }
                         return Ok(());
                     }
-                    Received::Interrupted(next) => pending = next,
+                    Received::Interrupted(next, left) => {
+                        pending = next;
+                        carried = left;
+                    }
                 }
             }
             ElectionEvent::SteppedDown => r.state(State::Electing),
@@ -422,7 +429,7 @@ enum Received {
     /// Why, and the symbols collected for blocks still missing.
     Incomplete(String, Leftovers),
     /// The representative was lost or replaced: the event that says so.
-    Interrupted(Option<ElectionEvent>),
+    Interrupted(Option<ElectionEvent>, Leftovers),
 }
 
 /// A receiver: joins the data group now, takes the session from `start`.
@@ -433,6 +440,7 @@ async fn receive(
     group: SocketAddrV4,
     start: Instant,
     rx: &mut mpsc::UnboundedReceiver<ElectionEvent>,
+    preload: Leftovers,
 ) -> anyhow::Result<Received> {
     let (socket, rcvbuf) = multicast::socket::open_receiver(group, r.agent.iface_addr)
         .with_context(|| format!("joining the data group {group}"))?;
@@ -497,6 +505,7 @@ async fn receive(
                     on_block: &mut on_block,
                     stop: Some(stop),
                     leftovers: Some(&mut leftovers),
+                    preload,
                 },
                 &opts,
                 &mut |_| {},
@@ -527,13 +536,14 @@ async fn receive(
     if complete {
         return Ok(Received::All);
     }
+    let (res, leftovers) = result.context("receive thread")??;
     if let Some(ev) = interrupted {
-        return Ok(Received::Interrupted(match ev {
+        let next = match ev {
             ElectionEvent::Follow { .. } => Some(ev),
             _ => None,
-        }));
+        };
+        return Ok(Received::Interrupted(next, leftovers));
     }
-    let (res, leftovers) = result.context("receive thread")??;
     let why = match res {
         Ok(_) => "the session ended".into(),
         Err(e) => e.to_string(),
