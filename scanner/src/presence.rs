@@ -329,7 +329,9 @@ impl Presence {
                     return; // our own group probe, looped back
                 }
                 if unicast_reply {
-                    self.answer(now, from, nonce);
+                    // An agent asks whether this one is alive; a person
+                    // (scan) wants to see what it holds.
+                    self.answer(now, from, nonce, from_node.is_some());
                 } else {
                     self.announce_soon(now);
                 }
@@ -432,8 +434,10 @@ impl Presence {
         };
         match table.get_mut(&node) {
             Some(p) if p.announce.incarnation == a.incarnation => {
-                // A late or duplicated copy must not roll the entry back.
-                if a.seq.wrapping_sub(p.announce.seq) as i32 >= 0 || a.reply_to.is_some() {
+                // A late or duplicated copy must not roll the entry back,
+                // and an answer to a probe only says "alive" (agents answer
+                // each other without their contents, to keep it small).
+                if a.reply_to.is_none() && a.seq.wrapping_sub(p.announce.seq) as i32 >= 0 {
                     p.announce = a;
                 }
                 p.addr = from;
@@ -490,7 +494,7 @@ impl Presence {
         }
     }
 
-    fn answer(&mut self, now: Instant, to: SocketAddr, nonce: u64) {
+    fn answer(&mut self, now: Instant, to: SocketAddr, nonce: u64, short: bool) {
         let rate = f64::from(self.cfg.answer_rate);
         let elapsed = now.saturating_duration_since(self.tokens_at).as_secs_f64();
         self.tokens = (self.tokens + elapsed * rate).min(f64::from(self.cfg.answer_burst));
@@ -500,8 +504,11 @@ impl Presence {
             return;
         }
         self.tokens -= 1.0;
-        let frame = Frame::Presence(self.announcement(Some(nonce)));
-        self.queue(Dest::To(to), &frame);
+        let mut a = self.announcement(Some(nonce));
+        if short {
+            a.held.clear();
+        }
+        self.queue(Dest::To(to), &Frame::Presence(a));
         self.stats.answers_sent += 1;
     }
 
@@ -813,6 +820,51 @@ mod tests {
         assert!(!a.held[0].have.is_empty());
         assert!(a.held[15].have.is_empty());
         assert!(wire::decode(&bytes).is_ok());
+    }
+
+    #[test]
+    fn answers_to_agents_are_short_and_keep_what_the_table_knows() {
+        let t0 = Instant::now();
+        let mut me = node(2);
+        me.held = vec![Held {
+            content: [9; 8],
+            blocks_done: 1,
+            block_count: 4,
+            have: vec![[0, 1]],
+        }];
+        let mut b = Presence::new(PresenceConfig::default(), me, None, t0, 2);
+        let mut a = Presence::new(PresenceConfig::default(), node(1), None, t0, 1);
+        a.handle_datagram(
+            t0,
+            addr(2),
+            &Frame::Presence(b.announcement(None)).encode(0),
+        );
+        let probe = |from_node| {
+            Frame::Probe {
+                nonce: 1,
+                from_node,
+                unicast_reply: true,
+            }
+            .encode(0)
+        };
+        // An agent's probe: the answer has no contents...
+        b.handle_datagram(t0, addr(1), &probe(Some(1)));
+        let answer = drain(&mut b).remove(0).bytes;
+        let Frame::Presence(ans) = wire::decode(&answer).unwrap().frame else {
+            panic!("not a presence answer")
+        };
+        assert!(ans.held.is_empty());
+        // ...and does not erase what the last announcement said.
+        a.handle_datagram(t0 + Duration::from_secs(1), addr(2), &answer);
+        let peer = a.peers().next().unwrap();
+        assert_eq!(peer.announce.held.len(), 1);
+        assert_eq!(peer.last_heard, t0 + Duration::from_secs(1));
+        // A scan's probe sees the contents.
+        b.handle_datagram(t0, addr(9), &probe(None));
+        let Frame::Presence(ans) = wire::decode(&drain(&mut b)[0].bytes).unwrap().frame else {
+            panic!("not a presence answer")
+        };
+        assert_eq!(ans.held.len(), 1);
     }
 
     #[test]
