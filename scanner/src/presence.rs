@@ -140,9 +140,11 @@ impl Peer {
         Duration::from_millis(u64::from(self.announce.interval_ms))
     }
 
-    /// Silent this long: probe it.
+    /// Silent this long: probe it. Two intervals of up to 1.1 each (the
+    /// jitter) can pass with only one announcement lost; beyond 2.25 two
+    /// were.
     fn suspect_after(&self) -> Duration {
-        self.interval() * 2 + self.interval() / 8
+        self.interval() * 2 + self.interval() / 4
     }
 
     /// Silent this long: gone (three missed intervals plus the jitter).
