@@ -449,6 +449,35 @@ mod tests {
         assert_eq!(block, padded);
     }
 
+    /// Failover and peer repair rest on this: a symbol depends only on the
+    /// block and its ESI, not on which sender (or peer) minted it, so
+    /// symbols from one session count in the next.
+    #[test]
+    fn symbols_from_different_senders_are_interchangeable() {
+        let l = layout(200_000);
+        let data = pseudo_random(l.block_len(0), 9);
+        let padded = pad_block(&l, 0, &data);
+        let k = l.k();
+        let (a, b) = (Plan::new(l).encoder(&padded), Plan::new(l).encoder(&padded));
+        assert_eq!(a.repair(k + 5, 20), b.repair(k + 5, 20));
+        assert_eq!(a.repair(1 << 23, 3), b.repair(1 << 23, 3));
+        // Half the symbols from one sender, the rest from the other (and
+        // from far above, as a peer sends): the block decodes.
+        let mut c = Collector::new(&l);
+        let first = a.repair(k, k / 2);
+        for i in 0..k / 2 {
+            let at = i as usize * 1000;
+            c.insert(k + i, &first[at..at + 1000]).unwrap();
+        }
+        let rest = k - k / 2 + DECODE_MARGIN;
+        let second = b.repair(1 << 23, rest);
+        for i in 0..rest {
+            let at = i as usize * 1000;
+            c.insert((1 << 23) + i, &second[at..at + 1000]).unwrap();
+        }
+        assert_eq!(Box::new(c).decode(&l).unwrap(), padded);
+    }
+
     #[test]
     fn decodes_with_a_third_of_the_source_lost() {
         let l = layout(200_000);
