@@ -88,7 +88,8 @@ pub enum RecvError {
 
 /// A download to resume: a full-size file in which some blocks are already
 /// present and verified. It is kept when the receive fails and is never
-/// renamed: its owner verifies and moves it.
+/// renamed: its owner checks the whole-file hash and moves it (the receive
+/// checks every block against `block_hashes`, not the whole file).
 pub struct ResumeInto<'a> {
     pub file: &'a File,
     pub path: &'a Path,
@@ -658,6 +659,13 @@ fn receive_core(
                         Ok(f) => file = Some(f),
                         Err(e) => break 'run Err(e),
                     }
+                }
+                ReceiverEvent::AllBlocksWritten if resume.is_some() => {
+                    // Every block matched its manifest hash; the owner of a
+                    // resumed download checks the whole file once, when it
+                    // moves it (reading it here too would read it twice).
+                    verified_at = Some(Instant::now());
+                    receiver.handle_file_verified(Instant::now(), true);
                 }
                 ReceiverEvent::AllBlocksWritten => {
                     let expected = receiver.file_sha256().expect("a session is active");
