@@ -87,10 +87,6 @@ impl Cache {
         })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     pub fn object_path(&self, id: &str) -> PathBuf {
         self.root.join("objects").join(id)
     }

@@ -175,10 +175,6 @@ impl Election {
         self.me
     }
 
-    pub fn content(&self) -> Digest {
-        self.content
-    }
-
     pub fn role(&self) -> Role {
         match self.state {
             State::Discover { .. } => Role::Discovering,

@@ -99,10 +99,6 @@ impl Serving {
         Self { block, t, source }
     }
 
-    pub fn block(&self) -> u32 {
-        self.block
-    }
-
     /// The next frame to send, or `None` when the plan is spent.
     pub fn next_frame(&mut self) -> Option<Frame> {
         let t = self.t;
