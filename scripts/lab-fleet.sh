@@ -30,15 +30,8 @@ cargo build --release -q
 BIN=$PWD/target/release/somcast
 WORK=$(mktemp -d)
 
-down() {
-    local ns
-    for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^lf-'); do
-        ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-        ip netns del "$ns" 2>/dev/null || true
-    done
-}
-trap 'down; rm -rf "$WORK"' EXIT
-down
+trap 'lab_down_matching "^lf-"; rm -rf "$WORK"' EXIT
+lab_down_matching "^lf-"
 
 ip netns add lf-rt
 ip netns exec lf-rt sysctl -qw net.ipv4.ip_forward=1

@@ -40,8 +40,14 @@ lab_hosts() {
 }
 
 lab_down() {
+    lab_down_matching "^${LAB_PREFIX}-\(h[0-9]*\|sw\)$"
+}
+
+# lab_down_matching REGEX: kills what runs in, and removes, every namespace
+# whose name matches REGEX (grep basic syntax).
+lab_down_matching() {
     local ns
-    for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^${LAB_PREFIX}-\(h[0-9]*\|sw\)$"); do
+    for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "$1"); do
         ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
         ip netns del "$ns" 2>/dev/null || true
     done
