@@ -834,6 +834,7 @@ impl FileHasher {
 }
 
 fn decode_worker(jobs: mpsc::Receiver<Work>, out: mpsc::Sender<WorkDone>) {
+    crate::background::yield_to_receiving();
     let mut hasher = FileHasher::default();
     for work in jobs {
         let done = match work {

@@ -8,6 +8,7 @@
 //! - [`socket`]: socket2 setup for groups; [`driver`]: blocking loops that
 //!   run the sessions over real sockets and files.
 
+mod background;
 pub mod codec;
 pub mod driver;
 mod fileio;
