@@ -33,7 +33,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::codec::{Collector, DECODE_MARGIN, Layout, sha256};
+use crate::codec::{Collector, Layout, sha256};
 use crate::wire::{self, Digest, Feedback, Frame, MAX_NEEDS_PER_FRAME, Need, SessionInfo};
 
 /// Receiver tuning.
@@ -466,8 +466,9 @@ impl Receiver {
         let Some(c) = active.collectors.get(&block) else {
             return;
         };
-        let want =
-            active.layout.k() + DECODE_MARGIN + active.extra.get(&block).copied().unwrap_or(0);
+        let want = active.layout.k()
+            + active.layout.decode_margin()
+            + active.extra.get(&block).copied().unwrap_or(0);
         if c.held() < want && !c.has_all_source() {
             return;
         }
@@ -659,7 +660,8 @@ impl Receiver {
             if needs.len() == MAX_NEEDS_PER_FRAME {
                 break;
             }
-            let want = k + DECODE_MARGIN + active.extra.get(&block).copied().unwrap_or(0);
+            let want =
+                k + active.layout.decode_margin() + active.extra.get(&block).copied().unwrap_or(0);
             needs.push(Need {
                 block,
                 need: want.saturating_sub(c.held()).max(1),
@@ -684,7 +686,7 @@ impl Receiver {
         for (block, _) in missing {
             needs.push(Need {
                 block: block as u32,
-                need: k + DECODE_MARGIN,
+                need: k + active.layout.decode_margin(),
                 highest_esi: None,
             });
         }

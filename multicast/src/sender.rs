@@ -392,7 +392,7 @@ impl Sender {
         let Some(tx) = self.blocks.get(need.block as usize) else {
             return;
         };
-        if need.need == 0 || need.need > k + crate::codec::DECODE_MARGIN + 64 {
+        if need.need == 0 || need.need > k + self.layout.decode_margin() + 64 {
             return;
         }
         // Symbols the receiver has not seen yet but that are on their way:
@@ -549,21 +549,24 @@ impl Sender {
         self.control.push_back(frame.encode(self.session));
     }
 
-    /// Repair symbols per thousand data symbols in the first pass.
-    fn overhead_permille(&self) -> u64 {
+    /// Repair symbols for a block of `data` data symbols in the first pass.
+    fn first_pass_repair(&self, data: u32) -> u32 {
+        let data = u64::from(data);
+        let floor = (data * u64::from(self.cfg.overhead_pct)).div_ceil(100);
         let live = self.peers.values().filter(|p| !p.done && !p.lost);
         let loss = live.map(|p| p.loss_ppm).max().unwrap_or(0);
+        if loss == 0 {
+            return floor as u32;
+        }
         let p = (f64::from(loss) / 1e6).min(0.5);
-        // Just enough that the lossiest receiver expects K symbols: its loss
-        // with 2% headroom and three symbols in a thousand. Blocks that fall
-        // a few symbols short are topped up by feedback, which costs less
-        // than a larger margin on every block.
-        let adaptive = if loss > 0 {
-            (p / (1.0 - p) * 1020.0 + 3.0).ceil() as u64
-        } else {
-            0
-        };
-        (u64::from(self.cfg.overhead_pct) * 10).max(adaptive)
+        // Just enough that the lossiest receiver expects the K+margin
+        // symbols it decodes with: its loss with 2% headroom and three
+        // symbols in a thousand. Blocks that fall a few symbols short are
+        // topped up by feedback, which costs less than a larger margin on
+        // every block.
+        let per_mille = (p / (1.0 - p) * 1020.0 + 3.0).ceil() as u64;
+        let margin = (f64::from(self.layout.decode_margin()) / (1.0 - p)).ceil() as u64;
+        floor.max((data * per_mille).div_ceil(1000) + margin) as u32
     }
 
     /// Blocks sent interleaved: as many as fit in `interleave_bytes`, so a
@@ -586,8 +589,7 @@ impl Sender {
             self.next_new_block += 1;
             self.first_pass_open += 1;
             let k = self.layout.k();
-            let data = u64::from(self.layout.data_symbols(block));
-            let repair = (data * self.overhead_permille()).div_ceil(1000) as u32;
+            let repair = self.first_pass_repair(self.layout.data_symbols(block));
             let tx = &mut self.blocks[block as usize];
             tx.first_pass = true;
             tx.next_esi = k + repair;

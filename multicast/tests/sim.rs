@@ -358,6 +358,26 @@ fn every_receiver_gets_the_file_at_20_percent_loss() {
 }
 
 #[test]
+fn large_blocks_collect_the_fast_decode_margin_without_much_extra_traffic() {
+    // K = 2000: blocks this large are decoded from K+20 symbols (raptorq's
+    // GF(2)-only solve), and the sender's first pass provides for them.
+    let data = file_bytes(3 * 200_000 + 77, 5);
+    let mut sim = Sim::new(data, 200_000, 100, cfg(), 5);
+    let layout = multicast::Layout::for_file(1, 200_000, 100).unwrap();
+    assert_eq!(layout.decode_margin(), multicast::codec::FAST_DECODE_MARGIN);
+    for _ in 0..4 {
+        sim.add_receiver(0.05, Duration::ZERO, 48 << 20);
+    }
+    sim.run(Duration::from_secs(60));
+    sim.assert_all_verified();
+    let stats = sim.sender.stats();
+    // Payload ratio (headers of 100-byte symbols weigh more than at 1400).
+    let symbols = (stats.source_symbols + stats.repair_symbols) as f64;
+    let ratio = symbols / stats.source_symbols as f64;
+    assert!(ratio < 1.10, "symbols sent per source symbol {ratio}: {stats:?}");
+}
+
+#[test]
 fn empty_and_one_byte_files_arrive() {
     for len in [0usize, 1] {
         let mut sim = Sim::new(file_bytes(len, 3), 100_000, 500, cfg(), 3);

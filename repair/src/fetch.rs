@@ -2,7 +2,7 @@
 //! before it reaches the collector, decode once enough are in, and accept
 //! the block only when its SHA-256 matches.
 
-use multicast::codec::{Collector, DECODE_MARGIN, Layout, sha256};
+use multicast::codec::{Collector, Layout, sha256};
 use multicast::wire::{Digest, MAX_ESI};
 
 use crate::frame::{Frame, SYMBOLS_PER_FRAME};
@@ -73,7 +73,7 @@ impl BlockFetch {
     }
 
     fn wanted(&self) -> u32 {
-        self.layout.k() + DECODE_MARGIN + self.extra_wanted
+        self.layout.k() + self.layout.decode_margin() + self.extra_wanted
     }
 
     /// The request for this block.
