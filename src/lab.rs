@@ -96,7 +96,7 @@ pub fn send(args: &SendArgs) -> anyhow::Result<bool> {
             args.group,
             s.receivers_done,
             s.receivers_lost,
-            wire_ratio(s.bytes, report.layout.file_size()),
+            wire_ratio(s.wire_bytes, report.layout.file_size()),
             s.repair_symbols,
         );
     }
@@ -139,7 +139,9 @@ pub fn send_summary(r: &SendReport) -> serde_json::Value {
         "datagrams": s.datagrams,
         "bytes_sent": s.bytes,
         "bytes_on_wire": s.wire_bytes,
-        "wire_ratio": wire_ratio(s.bytes, size),
+        // Ethernet, IP and UDP headers included: what a switch port carries.
+        "wire_ratio": wire_ratio(s.wire_bytes, size),
+        "payload_ratio": wire_ratio(s.bytes, size),
         "symbols_sent": s.source_symbols + s.repair_symbols,
         "source_symbols": s.source_symbols,
         "repair_symbols": s.repair_symbols,
@@ -225,6 +227,8 @@ pub fn recv_summary(r: &RecvReport, out: &str) -> serde_json::Value {
         "other_session_datagrams": s.other_session,
         "dropped_no_buffer": s.dropped_no_buffer,
         "hash_failures": s.hash_failures,
+        "decode_retries": s.decode_retries,
+        "settled_decodes": s.settled_decodes,
         "feedback_sent": s.feedback_sent,
         "rcvbuf_bytes": r.rcvbuf.granted,
     })

@@ -9,13 +9,17 @@
 //!    duplicate) before it is kept. At most `max_buffered_bytes` of symbols
 //!    are held: a symbol of a new block beyond that is dropped (and the block
 //!    asked for again later), so memory does not grow with the file.
-//! 3. A block with K + margin symbols, whose hash is known, becomes a
-//!    [`DecodeJob`]: decode and SHA-256 check, off the receiving thread. A
-//!    block that does not decode yet waits for two more symbols; one that
-//!    fails its hash is discarded and collected again.
-//! 4. Every feedback interval it reports NEEDS: blocks it is collecting,
-//!    and blocks the sender has gone past that it lacks (as many as it has
-//!    room to buffer), with its loss rate.
+//! 3. A block whose hash is known becomes a [`DecodeJob`] (decode and
+//!    SHA-256 check, off the receiving thread) once it holds K plus the
+//!    layout's fast margin (large blocks decode faster with a few spare
+//!    symbols), or K+2 once it has *settled*: no symbol for it arrived in a
+//!    whole feedback interval, so the sender has moved on. A block that does
+//!    not decode yet waits for two more symbols; one that fails its hash is
+//!    discarded and collected again.
+//! 4. Every feedback interval it reports NEEDS: blocks it is collecting
+//!    (counted to K+2, so nobody is sent symbols only to decode faster), and
+//!    blocks the sender has gone past that it lacks (as many as it has room
+//!    to buffer), with its loss rate.
 //! 5. When every block is written, the driver checks the whole file and
 //!    calls [`Receiver::handle_file_verified`]; the receiver says DONE until
 //!    the sender acknowledges (or a short linger ends). A closing END-OF-PASS
@@ -29,11 +33,11 @@
 //! [`Receiver::poll_job`], [`Receiver::poll_transmit`] (datagrams to the
 //! sender) and [`Receiver::poll_event`] after every call.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::codec::{Collector, Layout, sha256};
+use crate::codec::{Collector, Layout, MIN_DECODE_MARGIN, sha256};
 use crate::wire::{self, Digest, Feedback, Frame, MAX_NEEDS_PER_FRAME, Need, SessionInfo};
 
 /// Receiver tuning.
@@ -182,6 +186,8 @@ pub struct ReceiverStats {
     /// Blocks that decoded to the wrong hash and were collected again.
     pub hash_failures: u32,
     pub decode_retries: u32,
+    /// Blocks decoded from fewer than the fast margin, after settling.
+    pub settled_decodes: u32,
     pub feedback_sent: u64,
     /// Symbols the sender sent for blocks we tracked (ESI gaps included).
     pub span: u64,
@@ -215,6 +221,10 @@ struct Active {
     collectors: BTreeMap<u32, Box<Collector>>,
     /// Extra symbols wanted over K+margin, for blocks that failed to decode.
     extra: HashMap<u32, u32>,
+    /// Symbols each collecting block held at the last feedback tick.
+    held_at_tick: HashMap<u32, u32>,
+    /// Blocks whose symbols stopped coming: decoded from K+2.
+    settled: HashSet<u32>,
     max_collectors: usize,
     /// Blocks handed out as decode jobs and not yet back.
     decoding: usize,
@@ -225,6 +235,25 @@ struct Active {
     feedback_interval: Duration,
     last_heard: Instant,
     phase: Phase,
+}
+
+impl Active {
+    /// Symbols block `block` is decoded from: K plus the fast margin while
+    /// its symbols still flow, K+2 once it has settled, plus two for every
+    /// failed attempt.
+    fn want(&self, block: u32) -> u32 {
+        let margin = if self.settled.contains(&block) {
+            MIN_DECODE_MARGIN
+        } else {
+            self.layout.decode_margin()
+        };
+        self.layout.k() + margin + self.extra.get(&block).copied().unwrap_or(0)
+    }
+}
+
+/// Whether a collector is decoded short of the layout's fast margin.
+fn below_fast_margin(layout: &Layout, c: &Collector) -> bool {
+    !c.has_all_source() && c.held() < layout.k() + layout.decode_margin()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -365,6 +394,8 @@ impl Receiver {
             state: vec![BlockState::Missing; blocks],
             collectors: BTreeMap::new(),
             extra: HashMap::new(),
+            held_at_tick: HashMap::new(),
+            settled: HashSet::new(),
             max_collectors,
             decoding: 0,
             highest_block_seen: None,
@@ -466,13 +497,14 @@ impl Receiver {
         let Some(c) = active.collectors.get(&block) else {
             return;
         };
-        let want = active.layout.k()
-            + active.layout.decode_margin()
-            + active.extra.get(&block).copied().unwrap_or(0);
-        if c.held() < want && !c.has_all_source() {
+        if c.held() < active.want(block) && !c.has_all_source() {
             return;
         }
         let collector = active.collectors.remove(&block).expect("checked above");
+        active.held_at_tick.remove(&block);
+        if below_fast_margin(&active.layout, &collector) {
+            self.stats.settled_decodes += 1;
+        }
         active.state[block as usize] = BlockState::Decoding;
         active.decoding += 1;
         self.jobs.push_back(DecodeJob {
@@ -552,6 +584,7 @@ impl Receiver {
             BlockResult::Written { block } => {
                 active.state[block as usize] = BlockState::Done;
                 active.extra.remove(&block);
+                active.settled.remove(&block);
                 active.missing -= 1;
                 self.stats.blocks_done += 1;
                 if active.missing == 0 {
@@ -653,6 +686,7 @@ impl Receiver {
     }
 
     fn send_needs(&mut self) {
+        self.settle_quiet_blocks();
         let active = self.active.as_ref().expect("called with an active session");
         let k = active.layout.k();
         let mut needs = Vec::new();
@@ -660,13 +694,17 @@ impl Receiver {
             if needs.len() == MAX_NEEDS_PER_FRAME {
                 break;
             }
-            let want =
-                k + active.layout.decode_margin() + active.extra.get(&block).copied().unwrap_or(0);
-            needs.push(Need {
-                block,
-                need: want.saturating_sub(c.held()).max(1),
-                highest_esi: c.highest_esi(),
-            });
+            let want = k + MIN_DECODE_MARGIN + active.extra.get(&block).copied().unwrap_or(0);
+            // A block that holds enough waits to settle (or for its hash);
+            // asking for more would only buy a faster decode.
+            let need = want.saturating_sub(c.held());
+            if need > 0 {
+                needs.push(Need {
+                    block,
+                    need,
+                    highest_esi: c.highest_esi(),
+                });
+            }
         }
         // Blocks the sender has gone past that we hold nothing of, as many
         // as we have room to buffer.
@@ -683,18 +721,41 @@ impl Receiver {
             .enumerate()
             .filter(|(_, s)| **s == BlockState::Missing)
             .take(room.min(MAX_NEEDS_PER_FRAME - needs.len()));
+        let mut passed = Vec::new();
         for (block, _) in missing {
+            passed.push(block as u32);
             needs.push(Need {
                 block: block as u32,
-                need: k + active.layout.decode_margin(),
+                need: k + MIN_DECODE_MARGIN,
                 highest_esi: None,
             });
         }
+        let active = self.active.as_mut().expect("called with an active session");
+        // What arrives for these now is the repair asked for: nothing more
+        // is coming, so they decode as soon as they can.
+        active.settled.extend(passed);
         if needs.is_empty() {
             return;
         }
         let loss_ppm = (self.stats.loss() * 1e6) as u32;
         self.send_feedback(Feedback::Needs { loss_ppm, needs });
+    }
+
+    /// Marks collecting blocks that received nothing since the last tick as
+    /// settled, and dispatches those that already hold enough for that.
+    fn settle_quiet_blocks(&mut self) {
+        let active = self.active.as_mut().expect("called with an active session");
+        let mut ready = Vec::new();
+        for (&block, c) in &active.collectors {
+            let held = c.held();
+            if active.held_at_tick.insert(block, held) == Some(held) && active.settled.insert(block)
+            {
+                ready.push(block);
+            }
+        }
+        for block in ready {
+            self.maybe_dispatch(block);
+        }
     }
 
     fn send_feedback(&mut self, feedback: Feedback) {
@@ -750,3 +811,4 @@ impl Receiver {
         self.active.as_ref().map_or(0, |a| a.missing)
     }
 }
+

@@ -559,14 +559,14 @@ impl Sender {
             return floor as u32;
         }
         let p = (f64::from(loss) / 1e6).min(0.5);
-        // Just enough that the lossiest receiver expects the K+margin
-        // symbols it decodes with: its loss with 2% headroom and three
-        // symbols in a thousand. Blocks that fall a few symbols short are
-        // topped up by feedback, which costs less than a larger margin on
-        // every block.
+        // Just enough that the lossiest receiver expects the K+2 symbols it
+        // can decode from: its loss with 2% headroom and three symbols in a
+        // thousand. Blocks that fall a few symbols short are topped up by
+        // feedback, which costs less than a larger margin on every block.
+        // (Receivers that get K + the fast margin decode sooner and faster;
+        // the others decode from what they have once the block settles.)
         let per_mille = (p / (1.0 - p) * 1020.0 + 3.0).ceil() as u64;
-        let margin = (f64::from(self.layout.decode_margin()) / (1.0 - p)).ceil() as u64;
-        floor.max((data * per_mille).div_ceil(1000) + margin) as u32
+        floor.max((data * per_mille).div_ceil(1000)) as u32
     }
 
     /// Blocks sent interleaved: as many as fit in `interleave_bytes`, so a
