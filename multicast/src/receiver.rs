@@ -201,6 +201,20 @@ impl ReceiverStats {
         }
         1.0 - (self.data_symbols as f64 / self.span as f64).min(1.0)
     }
+
+    /// The loss rate less one standard error: what the receiver reports to
+    /// the sender, which sizes its first pass for the lossiest receiver.
+    /// Early estimates are noisy and the largest of several noisy estimates
+    /// runs high (eight receivers at 5% reported up to 8.8% in the lab);
+    /// this keeps a noisy receiver from inflating every block for all. A
+    /// receiver left short by it is topped up from its NEEDS.
+    pub fn reported_loss(&self) -> f64 {
+        if self.span == 0 {
+            return 0.0;
+        }
+        let p = self.loss();
+        (p - (p * (1.0 - p) / self.span as f64).sqrt()).max(0.0)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -737,7 +751,7 @@ impl Receiver {
         if needs.is_empty() {
             return;
         }
-        let loss_ppm = (self.stats.loss() * 1e6) as u32;
+        let loss_ppm = (self.stats.reported_loss() * 1e6) as u32;
         self.send_feedback(Feedback::Needs { loss_ppm, needs });
     }
 
@@ -812,3 +826,28 @@ impl Receiver {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reported_loss_is_the_estimate_less_one_standard_error() {
+        let mut s = ReceiverStats::default();
+        assert_eq!(s.reported_loss(), 0.0);
+        s.span = 1000;
+        s.data_symbols = 950;
+        let se = (0.05f64 * 0.95 / 1000.0).sqrt();
+        assert!((s.loss() - 0.05).abs() < 1e-9);
+        assert!((s.reported_loss() - (0.05 - se)).abs() < 1e-9);
+        // A small sample says little: little of its loss is reported.
+        s.span = 20;
+        s.data_symbols = 19;
+        assert!(s.reported_loss() < s.loss() / 20.0);
+        s.data_symbols = 20;
+        assert_eq!(s.reported_loss(), 0.0);
+        // A large one converges on the estimate.
+        s.span = 1_000_000;
+        s.data_symbols = 950_000;
+        assert!((s.reported_loss() - 0.05).abs() < 0.0003);
+    }
+}
