@@ -511,7 +511,9 @@ impl Receiver {
         let Some(c) = active.collectors.get(&block) else {
             return;
         };
-        if c.held() < active.want(block) && !c.has_all_source() {
+        // Called for every symbol: the cheap test first.
+        let least = active.layout.k() + MIN_DECODE_MARGIN;
+        if !c.has_all_source() && (c.held() < least || c.held() < active.want(block)) {
             return;
         }
         let collector = active.collectors.remove(&block).expect("checked above");
