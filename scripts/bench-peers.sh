@@ -5,7 +5,9 @@
 # exit; each of the three senders exits only once every receiver has
 # confirmed the file), bytes host 0 put on its link (eth0 tx
 # counter, all headers included), receivers with a byte-identical file,
-# and the ratio to the line-rate floor size*8/rate/(1-loss).
+# the ratio to the line-rate floor size*8/rate/(1-loss), and the CPU time
+# the whole machine spent meanwhile (all hosts share its cores, so this is
+# what the transfer cost: /proc/stat busy time, in core-seconds).
 #
 #   scripts/bench-peers.sh [--hosts 9] [--size 64M] [--rate 200] [--loss 0.05] [--runs 1]
 #                          [--tools "somcast udpcast uftp"] [--somcast-args "--block-size 1M"]
@@ -54,6 +56,9 @@ RECEIVERS=$((HOSTS - 1))
 FLOOR=$(echo "scale=4; $BYTES * 8 / ($RATE * 1000000) / (1 - $LOSS)" | bc)
 
 now() { date +%s.%N; }
+# Busy jiffies of all cores (user, nice, system, irq, softirq).
+busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+cpu_since() { echo "scale=2; ($(busy) - $1) / $(getconf CLK_TCK)" | bc; }
 
 # Waits up to 10 s for receivers that should be finishing, then kills them.
 reap() {
@@ -83,14 +88,16 @@ run_somcast() {
         pids+=($!)
     done
     sleep 1
-    local tx0 t0 t1
+    local tx0 t0 t1 c0 cpu
     tx0=$(tx_bytes)
+    c0=$(busy)
     t0=$(now)
     timeout -s KILL 120 ip netns exec "${LAB_PREFIX}-h0" "$BIN" send "$WORK/src" --iface eth0 --group 239.192.0.1:7400 --rate "${PACE}M" \
         --min-receivers "$RECEIVERS" $SOMCAST_ARGS --json >"$WORK/som-send.json" 2>"$WORK/som-send.err" || true
     t1=$(now)
+    cpu=$(cpu_since "$c0")
     reap "${pids[@]}"
-    echo "$(echo "$t1 - $t0" | bc) $(($(tx_bytes) - tx0)) $(verify "$WORK/som%d")"
+    echo "$(echo "$t1 - $t0" | bc) $(($(tx_bytes) - tx0)) $(verify "$WORK/som%d") $cpu"
 }
 
 # udpcast never repeats a lost connect request, so with loss on every UDP
@@ -108,8 +115,9 @@ run_udpcast() {
         pids+=($!)
     done
     sleep 1
-    local tx0 t0 t1 spid
+    local tx0 t0 t1 spid c0 cpu
     tx0=$(tx_bytes)
+    c0=$(busy)
     t0=$(now)
     timeout -s KILL 60 ip netns exec "${LAB_PREFIX}-h0" udp-sender --interface eth0 --file "$WORK/src" \
         --nokbd --portbase 9000 --mcast-rdv-address 239.192.1.9 --min-receivers "$RECEIVERS" \
@@ -120,9 +128,10 @@ run_udpcast() {
     for ((i = 1; i < HOSTS; i++)); do lab_loss_on "$i" "$LOSS"; done
     wait "$spid" || true
     t1=$(now)
+    cpu=$(cpu_since "$c0")
     reap "${pids[@]}"
     # The data starts 3 s (--min-wait) after the first connection.
-    echo "$(echo "$t1 - $t0 - 3" | bc) $(($(tx_bytes) - tx0)) $(verify "$WORK/udp%d")"
+    echo "$(echo "$t1 - $t0 - 3" | bc) $(($(tx_bytes) - tx0)) $(verify "$WORK/udp%d") $cpu"
 }
 
 run_uftp() {
@@ -133,25 +142,27 @@ run_uftp() {
         lab_exec "$i" uftpd -I eth0 -D "$WORK/uftp$i" -L "$WORK/uftpd$i.log" -P "$WORK/uftpd$i.pid"
     done
     sleep 1
-    local tx0 t0 t1
+    local tx0 t0 t1 c0 cpu
     tx0=$(tx_bytes)
+    c0=$(busy)
     t0=$(now)
     timeout -s KILL 120 ip netns exec "${LAB_PREFIX}-h0" uftp -I eth0 -R "$((PACE * 1000))" -L "$WORK/uftp.log" "$WORK/src" >/dev/null 2>&1 || true
     t1=$(now)
+    cpu=$(cpu_since "$c0")
     for ((i = 1; i < HOSTS; i++)); do
         kill "$(cat "$WORK/uftpd$i.pid")" 2>/dev/null || true
     done
-    echo "$(echo "$t1 - $t0" | bc) $(($(tx_bytes) - tx0)) $(verify "$WORK/uftp%d/src")"
+    echo "$(echo "$t1 - $t0" | bc) $(($(tx_bytes) - tx0)) $(verify "$WORK/uftp%d/src") $cpu"
 }
 
 printf '%s receivers, %s (%d bytes), %s Mbit/s links, %s receive loss, tools paced at %s Mbit/s; floor %.2f s\n\n' \
     "$RECEIVERS" "$SIZE" "$BYTES" "$RATE" "$LOSS" "$PACE" "$FLOOR"
-echo "| tool | run | wall s | sender wire bytes | x file size | receivers identical | x floor |"
-echo "|---|---|---|---|---|---|---|"
+echo "| tool | run | wall s | sender wire bytes | x file size | receivers identical | x floor | CPU core-s |"
+echo "|---|---|---|---|---|---|---|---|"
 for ((run = 1; run <= RUNS; run++)); do
     for tool in $TOOLS; do
-        read -r secs wire ok < <("run_$tool")
-        printf '| %s | %d | %.2f | %d | %.3f | %d/%d | %.2f |\n' "$tool" "$run" "$secs" "$wire" \
-            "$(echo "scale=4; $wire / $BYTES" | bc)" "$ok" "$RECEIVERS" "$(echo "scale=4; $secs / $FLOOR" | bc)"
+        read -r secs wire ok cpu < <("run_$tool")
+        printf '| %s | %d | %.2f | %d | %.3f | %d/%d | %.2f | %.1f |\n' "$tool" "$run" "$secs" "$wire" \
+            "$(echo "scale=4; $wire / $BYTES" | bc)" "$ok" "$RECEIVERS" "$(echo "scale=4; $secs / $FLOOR" | bc)" "$cpu"
     done
 done
