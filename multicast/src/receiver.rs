@@ -360,8 +360,15 @@ impl Receiver {
                     };
                     self.fail(failure);
                 } else if active.phase == Phase::Receiving {
-                    // Report at once rather than at the next tick.
+                    // Report at once rather than at the next tick, and
+                    // decode what holds K+2 now: the first pass is over, so
+                    // only repair asked for (to K+2) is still coming.
                     active.next_feedback = now;
+                    let blocks: Vec<u32> = active.collectors.keys().copied().collect();
+                    active.settled.extend(blocks.iter().copied());
+                    for block in blocks {
+                        self.maybe_dispatch(block);
+                    }
                 }
             }
             Frame::DoneAck { receiver } if receiver == self.cfg.receiver_id => {
