@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest as _, Sha256};
 use thiserror::Error;
 
+use crate::batch::{BATCH, RecvBatch};
 use crate::codec::{self, BlockEncoder, Layout, LayoutError, Plan, sha256};
 use crate::fileio;
 /// Positional file I/O on every OS (used by the agent's cache as well).
@@ -564,7 +565,7 @@ fn receive_core(
         .name("somcast-decode".into())
         .spawn(move || decode_worker(job_rx, done_tx, hash_whole_file))
         .map_err(RecvError::Recv)?;
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut batch = RecvBatch::default();
     let mut jobs_out = 0usize;
     let mut last_progress = start;
     let mut session_start = None;
@@ -594,13 +595,18 @@ fn receive_core(
         }
         let mut got = 0usize;
         loop {
-            match socket.recv_from(&mut buf) {
-                Ok((n, from)) => {
-                    got += 1;
-                    if !drops.drop() {
-                        receiver.handle_datagram(Instant::now(), from, &buf[..n]);
+            match batch.recv(&socket) {
+                Ok(n) => {
+                    let now = Instant::now();
+                    for i in 0..n {
+                        let (bytes, from) = batch.get(i);
+                        if !drops.drop() {
+                            receiver.handle_datagram(now, from, bytes);
+                        }
                     }
-                    if got >= MAX_DRAIN || !nonblocking {
+                    got += n;
+                    // A short batch emptied the queue: no need to ask again.
+                    if got >= MAX_DRAIN || !nonblocking || n < BATCH {
                         break;
                     }
                 }

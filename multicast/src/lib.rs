@@ -9,6 +9,7 @@
 //!   run the sessions over real sockets and files.
 
 mod background;
+pub mod batch;
 pub mod codec;
 pub mod driver;
 mod fileio;
