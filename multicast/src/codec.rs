@@ -277,8 +277,8 @@ pub enum SymbolError {
 
 /// Block-sized buffers given back by finished collectors and decodes, for the
 /// next ones. A fresh 4 MiB buffer costs a page fault (and the kernel zeroing
-/// a page) for every 4 KiB as symbols land in it: 2-3% of all CPU in the
-/// 8-receiver lab, most of it on the receiving thread. Process-wide like an
+/// a page) for every 4 KiB as symbols land in it: about 2% of all CPU in
+/// the 8-receiver lab (perf), on the receiving thread. Process-wide like an
 /// allocator's cache, and as small: at most [`SPARE_BUFFERS`].
 static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 /// A block collected and one decoded turn over at a time, mostly.

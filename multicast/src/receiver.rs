@@ -203,11 +203,11 @@ impl ReceiverStats {
     }
 
     /// The loss rate less one standard error: what the receiver reports to
-    /// the sender, which sizes its first pass for the lossiest receiver.
-    /// Early estimates are noisy and the largest of several noisy estimates
-    /// runs high (eight receivers at 5% reported up to 8.8% in the lab);
-    /// this keeps a noisy receiver from inflating every block for all. A
-    /// receiver left short by it is topped up from its NEEDS.
+    /// the sender, which sizes its first pass for the upper quartile of the
+    /// reports. Early estimates are noisy and the larger of several noisy
+    /// estimates run high (eight receivers at 5% reported up to 8.8% in the
+    /// lab); this keeps a noisy receiver from inflating every block for all.
+    /// A receiver left short by it is topped up from its NEEDS.
     pub fn reported_loss(&self) -> f64 {
         if self.span == 0 {
             return 0.0;
