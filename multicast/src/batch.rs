@@ -31,18 +31,19 @@ impl Default for RecvBatch {
 
 impl RecvBatch {
     /// Reads what is queued, at least one datagram (waiting as the socket's
-    /// blocking mode and read timeout say), at most [`BATCH`]. Returns how
-    /// many were read; a datagram from an address family other than IPv4
-    /// or IPv6 is dropped and not counted.
-    pub fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+    /// blocking mode and read timeout say), at most [`BATCH`]; `nonblocking`
+    /// must say which mode the socket is in. Returns how many were read (so
+    /// fewer than [`BATCH`] means the queue is empty); a datagram from an
+    /// address family other than IPv4 or IPv6 is dropped and not counted.
+    pub fn recv(&mut self, socket: &UdpSocket, nonblocking: bool) -> io::Result<usize> {
         self.got.clear();
         #[cfg(target_os = "linux")]
-        linux::recv(socket, &mut self.storage, &mut self.got)?;
-        #[cfg(not(target_os = "linux"))]
         {
-            let (len, from) = socket.recv_from(&mut self.storage[..SLOT])?;
-            self.got.push((0, len, from));
+            let _ = nonblocking; // recvmmsg's MSG_WAITFORONE does the same.
+            linux::recv(socket, &mut self.storage, &mut self.got)?;
         }
+        #[cfg(not(target_os = "linux"))]
+        one_by_one(socket, nonblocking, &mut self.storage, &mut self.got)?;
         Ok(self.got.len())
     }
 
@@ -51,6 +52,30 @@ impl RecvBatch {
         let (slot, len, from) = self.got[i];
         (&self.storage[slot * SLOT..slot * SLOT + len], from)
     }
+}
+
+/// The portable way: one `recv_from` per datagram; on a non-blocking socket
+/// as many as are queued, up to [`BATCH`].
+#[cfg_attr(target_os = "linux", allow(dead_code))]
+fn one_by_one(
+    socket: &UdpSocket,
+    nonblocking: bool,
+    storage: &mut [u8],
+    got: &mut Vec<(usize, usize, SocketAddr)>,
+) -> io::Result<()> {
+    for (slot, buf) in storage.chunks_exact_mut(SLOT).enumerate() {
+        match socket.recv_from(buf) {
+            Ok((len, from)) => got.push((slot, len, from)),
+            // Later reads only take what is already queued; an error there
+            // comes back on the next call.
+            Err(_) if slot > 0 => break,
+            Err(e) => return Err(e),
+        }
+        if !nonblocking {
+            break;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(target_os = "linux")]
@@ -157,7 +182,7 @@ mod tests {
         let mut batch = RecvBatch::default();
         let mut seen = Vec::new();
         while seen.len() < sizes.len() {
-            let n = batch.recv(&rx).unwrap();
+            let n = batch.recv(&rx, false).unwrap();
             assert!(n >= 1);
             for i in 0..n {
                 let (bytes, from) = batch.get(i);
@@ -172,10 +197,38 @@ mod tests {
     }
 
     #[test]
+    fn the_portable_reader_takes_everything_queued_from_a_nonblocking_socket() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..5u8 {
+            tx.send_to(&[i; 100], rx.local_addr().unwrap()).unwrap();
+        }
+        // Loopback delivers synchronously, but give it a moment anyway.
+        std::thread::sleep(Duration::from_millis(20));
+        rx.set_nonblocking(true).unwrap();
+        let mut storage = vec![0u8; BATCH * SLOT];
+        let mut got = Vec::new();
+        one_by_one(&rx, true, &mut storage, &mut got).unwrap();
+        assert_eq!(got.len(), 5);
+        for (i, &(slot, len, _)) in got.iter().enumerate() {
+            assert_eq!((slot, len), (i, 100));
+            assert_eq!(storage[slot * SLOT], i as u8);
+        }
+        // Blocking mode: one datagram per call.
+        tx.send_to(&[9; 10], rx.local_addr().unwrap()).unwrap();
+        tx.send_to(&[9; 10], rx.local_addr().unwrap()).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        rx.set_nonblocking(false).unwrap();
+        got.clear();
+        one_by_one(&rx, false, &mut storage, &mut got).unwrap();
+        assert_eq!(got.len(), 1);
+    }
+
+    #[test]
     fn an_empty_nonblocking_socket_says_would_block() {
         let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
         rx.set_nonblocking(true).unwrap();
-        let err = RecvBatch::default().recv(&rx).unwrap_err();
+        let err = RecvBatch::default().recv(&rx, true).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
     }
 }

@@ -599,7 +599,7 @@ fn receive_core(
         // Whether the socket was emptied (else MAX_DRAIN stopped the drain).
         let mut emptied = true;
         loop {
-            match batch.recv(&socket) {
+            match batch.recv(&socket, nonblocking) {
                 Ok(n) => {
                     let now = Instant::now();
                     for i in 0..n {
