@@ -40,6 +40,9 @@ use crate::codec::Layout;
 use crate::pacer::{Pacer, WIRE_OVERHEAD};
 use crate::wire::{self, Digest, Feedback, Frame, HASHES_PER_FRAME, MAX_ESI, SessionInfo};
 
+/// Between SESSION beacons while waiting for receivers to join.
+const BEACON_INTERVAL: Duration = Duration::from_millis(20);
+
 /// Sender tuning. Every field has a sensible default.
 #[derive(Clone, Debug)]
 pub struct SenderConfig {
@@ -193,6 +196,9 @@ struct BlockTx {
     first_pass: bool,
     /// When its latest symbol went out.
     last_sent: Option<Instant>,
+    /// Symbols of its first pass, and how many of them went out.
+    first_total: u32,
+    first_sent: u32,
 }
 
 #[derive(Debug)]
@@ -213,6 +219,8 @@ pub struct Sender {
     phase: Phase,
     pacer: Pacer,
     next_announce: Instant,
+    /// While announcing, SESSION alone also goes out this often.
+    next_beacon: Instant,
     hash_cursor: usize,
     blocks: Vec<BlockTx>,
     next_new_block: u32,
@@ -221,6 +229,8 @@ pub struct Sender {
     first_pass_open: u32,
     active: VecDeque<u32>,
     staged: VecDeque<u32>,
+    /// The block most recently moved into the round robin.
+    youngest: Option<u32>,
     jobs: VecDeque<EncodeJob>,
     jobs_out: u32,
     control: VecDeque<Vec<u8>>,
@@ -268,6 +278,7 @@ impl Sender {
             pacer: Pacer::new(now, cfg.rate_bps),
             phase: Phase::Announcing { since: now },
             next_announce: now,
+            next_beacon: now,
             cfg,
             session,
             layout,
@@ -280,6 +291,7 @@ impl Sender {
             first_pass_open: 0,
             active: VecDeque::new(),
             staged: VecDeque::new(),
+            youngest: None,
             jobs: VecDeque::new(),
             jobs_out: 0,
             control: VecDeque::new(),
@@ -514,6 +526,13 @@ impl Sender {
             self.announce();
             self.check_silent_peers(now);
             self.next_announce = now + self.cfg.announce_interval;
+            self.next_beacon = now + BEACON_INTERVAL;
+        }
+        if matches!(self.phase, Phase::Announcing { .. }) && now >= self.next_beacon {
+            // A receiver that lost the SESSION joins on the next beacon, not
+            // a whole announce interval later, and data starts sooner.
+            self.queue_control(&Frame::Session(self.info.clone()));
+            self.next_beacon = now + BEACON_INTERVAL;
         }
         self.open_blocks();
     }
@@ -590,9 +609,10 @@ impl Sender {
         blocks.clamp(1, 16) as u32
     }
 
-    /// Starts encoding blocks of the first pass while the window has room.
+    /// Starts encoding blocks of the first pass while the window has room,
+    /// already while announcing, so data starts with a block ready.
     fn open_blocks(&mut self) {
-        if self.phase != Phase::Sending {
+        if !matches!(self.phase, Phase::Announcing { .. } | Phase::Sending) {
             return;
         }
         // Two blocks beyond the window are prepared ahead, so the encoder
@@ -607,6 +627,7 @@ impl Sender {
             let tx = &mut self.blocks[block as usize];
             tx.first_pass = true;
             tx.next_esi = k + repair;
+            tx.first_total = self.layout.data_symbols(block) + repair;
             self.queue_job(EncodeJob {
                 block,
                 with_source: true,
@@ -614,24 +635,42 @@ impl Sender {
                 repair_count: repair,
             });
         }
-        // Move prepared blocks into the round robin while it has room.
+        if self.phase != Phase::Sending {
+            return;
+        }
+        // Move prepared blocks into the round robin while it has room, one
+        // at a time: each after the one before has sent 1/window of its
+        // first pass. Blocks then finish one after another rather than a
+        // window at once, so receivers decode at an even pace during the
+        // pass (not a window's worth of decodes in a burst that starves the
+        // sender of CPU) and only the last block is left at its end.
         let in_window = self
             .active
             .iter()
             .filter(|&&b| self.blocks[b as usize].first_pass)
             .count() as u32;
-        let mut room = self.interleave().saturating_sub(in_window);
-        while room > 0 {
-            let Some(block) = self.staged.pop_front() else {
-                break;
-            };
+        if in_window < self.interleave()
+            && self.youngest_is_spread()
+            && let Some(block) = self.staged.pop_front()
+        {
             let tx = &mut self.blocks[block as usize];
             if !tx.active {
                 tx.active = true;
                 self.active.push_back(block);
             }
-            room -= 1;
+            self.youngest = Some(block);
         }
+    }
+
+    /// Whether the youngest block in the round robin has sent enough of its
+    /// first pass for the next block to join.
+    fn youngest_is_spread(&self) -> bool {
+        let Some(young) = self.youngest else {
+            return true;
+        };
+        let tx = &self.blocks[young as usize];
+        !tx.first_pass
+            || u64::from(tx.first_sent) * u64::from(self.interleave()) >= u64::from(tx.first_total)
     }
 
     fn check_silent_peers(&mut self, now: Instant) {
@@ -707,6 +746,7 @@ impl Sender {
     fn next_symbol(&mut self, now: Instant) -> bool {
         let t = usize::from(self.layout.symbol_size());
         let k = self.layout.k();
+        let window = u64::from(self.interleave());
         while let Some(block) = self.active.pop_front() {
             let tx = &mut self.blocks[block as usize];
             let Some(chunk) = tx.queue.front_mut() else {
@@ -729,6 +769,13 @@ impl Sender {
             }
             tx.sent_upto = tx.sent_upto.max(esi + 1);
             tx.last_sent = Some(now);
+            // The next block may join once this one is spread enough.
+            let admit_next = tx.first_pass && {
+                tx.first_sent += 1;
+                self.youngest == Some(block)
+                    && u64::from(tx.first_sent) * window >= u64::from(tx.first_total)
+                    && u64::from(tx.first_sent - 1) * window < u64::from(tx.first_total)
+            };
             if esi < k {
                 self.stats.source_symbols += 1;
             } else {
@@ -742,6 +789,9 @@ impl Sender {
                 self.close_first_pass(block);
             } else {
                 self.active.push_back(block);
+                if admit_next {
+                    self.open_blocks();
+                }
             }
             return true;
         }
@@ -777,6 +827,7 @@ impl Sender {
         }
         match self.phase {
             Phase::Announcing { since } => {
+                t = t.min(self.next_beacon);
                 let limit = if self.cfg.min_receivers > 0 {
                     self.cfg.join_timeout
                 } else {
@@ -827,6 +878,89 @@ mod tests {
             s.handle_datagram(now, from, &report(needs).encode(7));
         }
         s
+    }
+
+    /// The block of every data symbol of an unpaced first pass, in the
+    /// order sent, with 4 of `blocks` 1 MiB blocks interleaved at once.
+    fn first_pass_order(blocks: u64) -> (Layout, Vec<u32>) {
+        let now = Instant::now();
+        let block_size = Layout::for_file(1, 1 << 20, 1000).unwrap().block_size();
+        let layout = Layout::for_file(blocks * u64::from(block_size), 1 << 20, 1000).unwrap();
+        assert_eq!(layout.block_count() as u64, blocks);
+        let object = SenderObject {
+            layout,
+            hashes: vec![[0; 32]; layout.block_count() as usize],
+            file_sha256: [0; 32],
+            name: "x".into(),
+        };
+        let cfg = SenderConfig {
+            rate_bps: 0,
+            interleave_bytes: 4 * u64::from(block_size),
+            startup: Duration::ZERO,
+            ..SenderConfig::default()
+        };
+        let mut s = Sender::new(now, cfg, 7, object, 9);
+        let t = usize::from(layout.symbol_size());
+        let mut order = Vec::new();
+        while s.pass_done_at.is_none() {
+            s.handle_timeout(now);
+            loop {
+                // The encoder answers at once.
+                while let Some(job) = s.poll_job() {
+                    s.handle_batch(EncodedBatch {
+                        block: job.block,
+                        source: job.with_source.then(|| vec![0; layout.k() as usize * t]),
+                        repair_first_esi: job.repair_first_esi,
+                        repair: vec![0; job.repair_count as usize * t],
+                    });
+                }
+                let Some(bytes) = s.poll_transmit(now) else {
+                    break;
+                };
+                if let Ok(wire::Datagram {
+                    frame: Frame::Data(d),
+                    ..
+                }) = wire::decode(bytes)
+                {
+                    order.push(d.block);
+                }
+            }
+        }
+        (layout, order)
+    }
+
+    #[test]
+    fn blocks_join_the_window_in_turn_and_finish_one_after_another() {
+        let (layout, order) = first_pass_order(8);
+        let per_block = order.len() / 8;
+        assert_eq!(order.len(), per_block * 8, "every block sends as many");
+        assert!(per_block as u32 > layout.k());
+        let first = |b: u32| order.iter().position(|&x| x == b).unwrap();
+        let last = |b: u32| order.iter().rposition(|&x| x == b).unwrap();
+        for b in 1..8u32 {
+            // A block joins once the one before has sent a quarter of its
+            // first pass, not before.
+            let before = order[..first(b)].iter().filter(|&&x| x == b - 1).count();
+            assert!(
+                (per_block.div_ceil(4)..=per_block.div_ceil(4) + 1).contains(&before),
+                "block {b} joined after {before} of {per_block} symbols of block {}",
+                b - 1
+            );
+            // Blocks finish in order, a quarter of a block's symbols per
+            // block in the window apart, not all at once.
+            assert!(last(b) > last(b - 1));
+            assert!(
+                last(b) - last(b - 1) >= per_block / 4,
+                "blocks {} and {b} finished {} symbols apart",
+                b - 1,
+                last(b) - last(b - 1)
+            );
+        }
+        // Never more than four blocks in flight.
+        for (i, _) in order.iter().enumerate() {
+            let open = (0..8u32).filter(|&b| first(b) <= i && last(b) >= i).count();
+            assert!(open <= 4, "{open} blocks in flight at symbol {i}");
+        }
     }
 
     #[test]
