@@ -45,6 +45,11 @@ const MAX_DRAIN: usize = 256;
 
 /// How often progress callbacks run.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+/// The sending loop sleeps at least this long. The pacer holds 2 ms of
+/// tokens, so the rate is the same, but at 190 Mbit/s each wake sends about
+/// eight datagrams instead of one (lab: a fifth of the context switches,
+/// 0.2 s less CPU for 64 MiB).
+const SEND_MIN_SLEEP: Duration = Duration::from_micros(500);
 
 #[derive(Debug, Error)]
 pub enum SendError {
@@ -343,7 +348,7 @@ pub fn send_file(
         let wake = sender
             .poll_timeout()
             .unwrap_or(now)
-            .min(now + Duration::from_millis(5));
+            .clamp(now + SEND_MIN_SLEEP, now + Duration::from_millis(5));
         if wake > now {
             match batch_rx.recv_timeout(wake - now) {
                 Ok(Ok(batch)) => sender.handle_batch(batch),
