@@ -201,6 +201,15 @@ struct BlockTx {
     first_sent: u32,
 }
 
+impl BlockTx {
+    /// Whether it has sent 1/`window` of its first pass (or all of it), so
+    /// that the next block may join the round robin.
+    fn spread(&self, window: u32) -> bool {
+        !self.first_pass
+            || u64::from(self.first_sent) * u64::from(window) >= u64::from(self.first_total)
+    }
+}
+
 #[derive(Debug)]
 struct Peer {
     last_heard: Instant,
@@ -649,8 +658,11 @@ impl Sender {
             .iter()
             .filter(|&&b| self.blocks[b as usize].first_pass)
             .count() as u32;
+        let youngest_spread = self
+            .youngest
+            .is_none_or(|b| self.blocks[b as usize].spread(self.interleave()));
         if in_window < self.interleave()
-            && self.youngest_is_spread()
+            && youngest_spread
             && let Some(block) = self.staged.pop_front()
         {
             let tx = &mut self.blocks[block as usize];
@@ -660,17 +672,6 @@ impl Sender {
             }
             self.youngest = Some(block);
         }
-    }
-
-    /// Whether the youngest block in the round robin has sent enough of its
-    /// first pass for the next block to join.
-    fn youngest_is_spread(&self) -> bool {
-        let Some(young) = self.youngest else {
-            return true;
-        };
-        let tx = &self.blocks[young as usize];
-        !tx.first_pass
-            || u64::from(tx.first_sent) * u64::from(self.interleave()) >= u64::from(tx.first_total)
     }
 
     fn check_silent_peers(&mut self, now: Instant) {
@@ -746,7 +747,7 @@ impl Sender {
     fn next_symbol(&mut self, now: Instant) -> bool {
         let t = usize::from(self.layout.symbol_size());
         let k = self.layout.k();
-        let window = u64::from(self.interleave());
+        let window = self.interleave();
         while let Some(block) = self.active.pop_front() {
             let tx = &mut self.blocks[block as usize];
             let Some(chunk) = tx.queue.front_mut() else {
@@ -769,13 +770,12 @@ impl Sender {
             }
             tx.sent_upto = tx.sent_upto.max(esi + 1);
             tx.last_sent = Some(now);
-            // The next block may join once this one is spread enough.
-            let admit_next = tx.first_pass && {
+            // The next block may join when the youngest becomes spread.
+            let was_spread = tx.spread(window);
+            if tx.first_pass {
                 tx.first_sent += 1;
-                self.youngest == Some(block)
-                    && u64::from(tx.first_sent) * window >= u64::from(tx.first_total)
-                    && u64::from(tx.first_sent - 1) * window < u64::from(tx.first_total)
-            };
+            }
+            let admit_next = self.youngest == Some(block) && !was_spread && tx.spread(window);
             if esi < k {
                 self.stats.source_symbols += 1;
             } else {
