@@ -2,8 +2,8 @@
 //!
 //! A receiver reads about 16 000 datagrams a second at 200 Mbit/s. On Linux
 //! `recvmmsg` takes all that are queued (up to [`BATCH`]) in one call; other
-//! systems read one per call through the standard library, with the same
-//! interface.
+//! systems take them one `recv_from` at a time (up to [`BATCH`] from a
+//! non-blocking socket), with the same interface.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};

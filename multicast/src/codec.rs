@@ -158,8 +158,6 @@ impl Layout {
         rest.min(u64::from(self.block_size)) as usize
     }
 
-    /// Source symbols of block `b` that hold file bytes; the rest of its K
-    /// are zero padding, which receivers fill in themselves.
     /// Symbols beyond K a receiver collects before decoding a block.
     pub fn decode_margin(&self) -> u32 {
         if self.k() >= FAST_DECODE_MIN_K {
@@ -169,6 +167,8 @@ impl Layout {
         }
     }
 
+    /// Source symbols of block `b` that hold file bytes; the rest of its K
+    /// are zero padding, which receivers fill in themselves.
     pub fn data_symbols(&self, block: u32) -> u32 {
         (self.block_len(block) as u64).div_ceil(u64::from(self.symbol_size)) as u32
     }
