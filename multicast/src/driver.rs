@@ -272,9 +272,22 @@ pub fn send_file(
     let (job_tx, job_rx) = mpsc::channel::<EncodeJob>();
     let (batch_tx, batch_rx) = mpsc::channel::<Result<EncodedBatch, SendError>>();
     let worker_path = path.to_owned();
+    let keep = sender.blocks_in_flight() as usize;
     let worker = thread::Builder::new()
         .name("somcast-encode".into())
-        .spawn(move || encode_worker(file, worker_path, layout, hashes, job_rx, batch_tx))
+        .spawn(move || {
+            encode_worker(
+                Source {
+                    file,
+                    path: worker_path,
+                    layout,
+                    hashes,
+                },
+                keep,
+                job_rx,
+                batch_tx,
+            )
+        })
         .map_err(SendError::Send)?;
 
     let dest = SocketAddr::V4(group);
@@ -412,18 +425,32 @@ fn log_sender_event(event: &SenderEvent) {
     }
 }
 
-/// Encodes blocks for the sender. Keeps the two most recent encoders, as
-/// feedback mostly asks for repair of recent blocks.
-fn encode_worker(
+/// The file an encoder reads, and what its blocks must hash to.
+struct Source {
     file: File,
     path: PathBuf,
     layout: Layout,
     hashes: Vec<Digest>,
+}
+
+/// Encodes blocks for the sender. Keeps the encoders of the `keep` blocks
+/// used last: feedback asks for repair of blocks in flight, and each
+/// encoder made again costs a read, a hash and a solve of its block.
+fn encode_worker(
+    Source {
+        file,
+        path,
+        layout,
+        hashes,
+    }: Source,
+    keep: usize,
     jobs: mpsc::Receiver<EncodeJob>,
     out: mpsc::Sender<Result<EncodedBatch, SendError>>,
 ) {
     let plan = Plan::new(layout);
-    let mut cache: Vec<(u32, BlockEncoder)> = Vec::with_capacity(2);
+    let keep = keep.max(1);
+    // Least recently used first.
+    let mut cache: Vec<(u32, BlockEncoder)> = Vec::with_capacity(keep);
     for job in jobs {
         let result = (|| {
             let read = |block: u32| -> Result<Vec<u8>, SendError> {
@@ -450,20 +477,23 @@ fn encode_worker(
             };
             let mut repair = Vec::new();
             if job.repair_count > 0 {
-                if !cache.iter().any(|(b, _)| *b == job.block) {
-                    let padded = match &source {
-                        Some(p) => p.clone(),
-                        None => read(job.block)?,
-                    };
-                    if cache.len() == 2 {
-                        cache.remove(0);
+                match cache.iter().position(|(b, _)| *b == job.block) {
+                    Some(i) => {
+                        let hit = cache.remove(i);
+                        cache.push(hit);
                     }
-                    cache.push((job.block, plan.encoder(&padded)));
+                    None => {
+                        let padded = match &source {
+                            Some(p) => p.clone(),
+                            None => read(job.block)?,
+                        };
+                        if cache.len() == keep {
+                            cache.remove(0);
+                        }
+                        cache.push((job.block, plan.encoder(&padded)));
+                    }
                 }
-                let (_, encoder) = cache
-                    .iter()
-                    .find(|(b, _)| *b == job.block)
-                    .expect("inserted above");
+                let (_, encoder) = cache.last().expect("pushed above");
                 repair = encoder.repair(job.repair_first_esi, job.repair_count);
             }
             Ok(EncodedBatch {

@@ -618,6 +618,13 @@ impl Sender {
         blocks.clamp(1, 16) as u32
     }
 
+    /// Blocks of the first pass that are sending or prepared at once: the
+    /// window and two more. Feedback during the pass asks for more repair
+    /// of any of them, so the encoder keeps that many encoders at hand.
+    pub fn blocks_in_flight(&self) -> u32 {
+        self.interleave() + 2
+    }
+
     /// Starts encoding blocks of the first pass while the window has room,
     /// already while announcing, so data starts with a block ready.
     fn open_blocks(&mut self) {
@@ -626,7 +633,7 @@ impl Sender {
         }
         // Two blocks beyond the window are prepared ahead, so the encoder
         // runs while the window sends and the link never waits for it.
-        let depth = self.interleave() + 2;
+        let depth = self.blocks_in_flight();
         while self.first_pass_open < depth && self.next_new_block < self.available {
             let block = self.next_new_block;
             self.next_new_block += 1;
