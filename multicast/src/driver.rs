@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest as _, Sha256};
 use thiserror::Error;
 
-use crate::batch::{BATCH, RecvBatch};
+use crate::batch::{RecvBatch, SendBatch};
 use crate::codec::{self, BlockEncoder, Layout, LayoutError, Plan, sha256};
 use crate::fileio;
 /// Positional file I/O on every OS (used by the agent's cache as well).
@@ -294,6 +294,10 @@ pub fn send_file(
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut last_progress = start;
     let mut data_start = None;
+    // As many datagrams a system call as blocks are interleaved: one
+    // symbol of each, so a loss that takes the lot (as a lab that drops
+    // whole segmented sends does) costs each block at most one symbol.
+    let mut send_batch = SendBatch::new(sender.interleave() as usize);
     let result = loop {
         let now = Instant::now();
         if opts
@@ -329,7 +333,7 @@ pub fn send_file(
             // The worker only stops when this side drops its sender.
             let _ = job_tx.send(job);
         }
-        if let Err(e) = transmit_all(&mut sender, &socket, dest) {
+        if let Err(e) = transmit_all(&mut sender, &socket, dest, &mut send_batch) {
             break Err(e);
         }
         while let Some(event) = sender.poll_event() {
@@ -388,23 +392,32 @@ fn transmit_all(
     sender: &mut Sender,
     socket: &UdpSocket,
     dest: SocketAddr,
+    batch: &mut SendBatch,
 ) -> Result<(), SendError> {
     while let Some(bytes) = sender.poll_transmit(Instant::now()) {
-        loop {
-            match socket.send_to(bytes, dest) {
-                Ok(_) => break,
-                // A full send buffer: wait for the kernel to drain it.
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    thread::sleep(Duration::from_micros(200))
-                }
-                Err(e) if socket::is_no_buffer_space(&e) => {
-                    thread::sleep(Duration::from_micros(200))
-                }
-                Err(e) => return Err(SendError::Send(e)),
-            }
+        if !batch.push(bytes) {
+            flush(batch, socket, dest)?;
+            batch.push(bytes);
+        }
+        if batch.is_full() {
+            flush(batch, socket, dest)?;
         }
     }
-    Ok(())
+    flush(batch, socket, dest)
+}
+
+fn flush(batch: &mut SendBatch, socket: &UdpSocket, dest: SocketAddr) -> Result<(), SendError> {
+    loop {
+        match batch.flush(socket, dest) {
+            Ok(()) => return Ok(()),
+            // A full send buffer: wait for the kernel to drain it.
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_micros(200))
+            }
+            Err(e) if socket::is_no_buffer_space(&e) => thread::sleep(Duration::from_micros(200)),
+            Err(e) => return Err(SendError::Send(e)),
+        }
+    }
 }
 
 fn log_sender_event(event: &SenderEvent) {
@@ -626,7 +639,7 @@ fn receive_core(
         .name("somcast-decode".into())
         .spawn(move || decode_worker(job_rx, done_tx, hash_whole_file))
         .map_err(RecvError::Recv)?;
-    let mut batch = RecvBatch::default();
+    let mut batch = RecvBatch::for_socket(&socket);
     let mut last_progress = start;
     let mut session_start = None;
     let mut verified_at = None;
@@ -667,7 +680,7 @@ fn receive_core(
                     }
                     got += n;
                     // A short batch emptied the queue: no need to ask again.
-                    if !nonblocking || n < BATCH {
+                    if !nonblocking || !batch.was_full() {
                         break;
                     }
                     if got >= MAX_DRAIN {

@@ -613,7 +613,7 @@ impl Sender {
 
     /// Blocks sent interleaved: as many as fit in `interleave_bytes`, so a
     /// burst of loss spreads over them, within what receivers buffer.
-    fn interleave(&self) -> u32 {
+    pub fn interleave(&self) -> u32 {
         let blocks = self.cfg.interleave_bytes / u64::from(self.layout.block_size());
         blocks.clamp(1, 16) as u32
     }
