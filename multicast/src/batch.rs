@@ -149,6 +149,15 @@ impl SendBatch {
         self.count >= self.max
     }
 
+    /// Datagrams held.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
     /// Sends what the batch holds. On an error (such as a full send
     /// buffer: `WouldBlock` or ENOBUFS) the datagrams not sent stay in the
     /// batch for the next try.

@@ -294,9 +294,10 @@ pub fn send_file(
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut last_progress = start;
     let mut data_start = None;
-    // As many datagrams a system call as blocks are interleaved: one
-    // symbol of each, so a loss that takes the lot (as a lab that drops
-    // whole segmented sends does) costs each block at most one symbol.
+    // As many datagrams a system call as blocks are interleaved (fewer
+    // while the round robin holds fewer): one symbol of each, so a loss
+    // that takes the lot (as a lab that drops whole segmented sends does)
+    // costs each block at most one symbol.
     let mut send_batch = SendBatch::new(sender.interleave() as usize);
     let result = loop {
         let now = Instant::now();
@@ -399,7 +400,9 @@ fn transmit_all(
             flush(batch, socket, dest)?;
             batch.push(bytes);
         }
-        if batch.is_full() {
+        // At most one symbol of each block in the round robin: fewer than
+        // the window while it fills up and drains.
+        if batch.is_full() || batch.len() >= sender.blocks_in_round() {
             flush(batch, socket, dest)?;
         }
     }

@@ -344,6 +344,12 @@ impl Sender {
         self.available = blocks.min(self.layout.block_count());
     }
 
+    /// Blocks in the round robin now: this many data datagrams in a row
+    /// belong to as many different blocks.
+    pub fn blocks_in_round(&self) -> usize {
+        self.active.len().max(1)
+    }
+
     pub fn blocks_sent(&self) -> u32 {
         self.next_new_block - self.first_pass_open
     }
