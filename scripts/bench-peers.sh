@@ -69,7 +69,15 @@ reap() {
         wait "$p" 2>/dev/null || true
     done
 }
-tx_bytes() { lab_exec 0 cat /sys/class/net/eth0/statistics/tx_bytes; }
+# Bytes host 0 put on the wire, Ethernet, IP and UDP headers included. The
+# tbf qdisc's counter counts each datagram of a segmented send (UDP GSO)
+# with its own headers, as the wire carries them; the interface's tx_bytes
+# counts such a send once, with one set of headers, and so would undercount.
+tx_bytes() {
+    local sent
+    sent=$(lab_exec 0 tc -s qdisc show dev eth0 | awk '/^qdisc tbf/ { t = 1 } t && /Sent/ { print $2; exit }')
+    if [ -n "$sent" ]; then echo "$sent"; else lab_exec 0 cat /sys/class/net/eth0/statistics/tx_bytes; fi
+}
 
 verify() { # dir-pattern: prints how many receivers hold an identical file
     local ok=0 i
