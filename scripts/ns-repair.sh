@@ -57,6 +57,21 @@ wait_until() {
         sleep 0.3
     done
 }
+# Prints which of the agents given after the task id is that task's
+# representative, once one says so (elections go by random node ids).
+representative() {
+    local id=$1 t0=$SECONDS i s
+    shift
+    while [ $((SECONDS - t0)) -le 180 ]; do
+        for i in "$@"; do
+            s=$(api "$i" "/v1/tasks/$id" || true)
+            [ -n "$s" ] && [ "$(field "$s" 's["role"]' 2>/dev/null)" = representative ] && { echo "$i"; return 0; }
+        done
+        sleep 0.3
+    done
+    echo "FAIL: no representative for task $id among agents $*" >&2
+    return 1
+}
 start_task() { # manifest, agents...
     local m=$1 i targets=()
     shift
@@ -69,8 +84,8 @@ all_but_last=$(seq 1 $((agents - 1)))
 # 1. Late joiner.
 before=$(served)
 id=$(start_task "$WORK/late.json" $all_but_last)
-wait_until 1 "$id" 's["blocks_done"] * 2 >= s["block_count"] and s["role"] == "receiver"' 2>/dev/null ||
-    wait_until 2 "$id" 's["blocks_done"] * 2 >= s["block_count"]'
+rep=$(representative "$id" $all_but_last) || exit 1
+wait_until "$((rep == 1 ? 2 : 1))" "$id" 's["blocks_done"] * 2 >= s["block_count"]'
 lab_exec 0 "$BIN" task start --agent "http://$LAB_NET.$((agents + 1)):7480" --token "$TOKEN" \
     --manifest "$WORK/late.json" --delay 2s >/dev/null
 # The console made a new id for the late agent; find it.
@@ -86,14 +101,7 @@ echo "ok: late joiner: bytes $(field "$late" 's["bytes"]'); origin sent $used fo
 # 2. Failover.
 before=$(served)
 id=$(start_task "$WORK/failover.json" $(seq 1 "$agents"))
-rep=
-while [ -z "$rep" ]; do
-    for ((i = 1; i <= agents; i++)); do
-        s=$(api "$i" "/v1/tasks/$id" || true)
-        [ -n "$s" ] && [ "$(field "$s" 's["role"]')" = representative ] && rep=$i
-    done
-    sleep 0.3
-done
+rep=$(representative "$id" $(seq 1 "$agents")) || exit 1
 other=$((rep == 1 ? 2 : 1))
 wait_until "$other" "$id" 's["blocks_done"] * 2 >= s["block_count"]'
 ip netns pids "${LAB_PREFIX}-h$rep" | xargs -r kill -9
