@@ -272,7 +272,7 @@ pub fn send_file(
     let (job_tx, job_rx) = mpsc::channel::<EncodeJob>();
     let (batch_tx, batch_rx) = mpsc::channel::<Result<EncodedBatch, SendError>>();
     let worker_path = path.to_owned();
-    let keep = sender.blocks_in_flight() as usize;
+    let keep = encoders_kept(sender.blocks_in_flight(), layout.block_size());
     let worker = thread::Builder::new()
         .name("somcast-encode".into())
         .spawn(move || {
@@ -439,6 +439,17 @@ fn log_sender_event(event: &SenderEvent) {
         }
         other => tracing::debug!(?other, "sender event"),
     }
+}
+
+/// Memory the encoder's kept encoders may take: each holds a block's
+/// source and intermediate symbols, about twice the block.
+const ENCODER_CACHE_BYTES: u64 = 64 << 20;
+
+/// Encoders the encoder keeps: one for every block in flight, as memory
+/// allows (six at the default 4 MiB blocks), and never fewer than two.
+fn encoders_kept(in_flight: u32, block_size: u32) -> usize {
+    let fit = ENCODER_CACHE_BYTES / (2 * u64::from(block_size)).max(1);
+    (in_flight as usize).min(fit as usize).max(2)
 }
 
 /// The file an encoder reads, and what its blocks must hash to.
@@ -1022,6 +1033,20 @@ impl Dropper {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_encoder_keeps_every_block_in_flight_within_its_memory() {
+        // Default 4 MiB blocks: a window of 4 and 2 ahead.
+        assert_eq!(encoders_kept(6, 4 << 20), 6);
+        // 8 MiB blocks: 2 + 2 in flight, but 64 MiB holds 4 encoders.
+        assert_eq!(encoders_kept(4, 8 << 20), 4);
+        // 16 MiB: 1 + 2 in flight, memory for 2.
+        assert_eq!(encoders_kept(3, 16 << 20), 2);
+        // 1 MiB: 16 + 2 in flight, all fit.
+        assert_eq!(encoders_kept(18, 1 << 20), 18);
+        // Huge blocks still keep two.
+        assert_eq!(encoders_kept(3, 1 << 30), 2);
+    }
 
     #[test]
     fn the_whole_file_hash_is_right_whatever_order_blocks_complete_in() {
