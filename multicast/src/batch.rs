@@ -525,6 +525,35 @@ mod tests {
         }
     }
 
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn when_the_kernel_refuses_to_segment_the_batch_goes_one_by_one() {
+        // Segmented sends are built for IPv4 only, so an IPv6 destination
+        // is refused the way a kernel or interface without UDP_SEGMENT
+        // refuses: the datagrams must still all arrive, and later batches
+        // go one by one without asking again.
+        let Ok(rx) = UdpSocket::bind("[::1]:0") else {
+            panic!("this test needs IPv6 loopback (::1)");
+        };
+        let tx = UdpSocket::bind("[::1]:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        let datagrams = numbered(9, 700);
+        let mut out = SendBatch::new(4);
+        for d in &datagrams {
+            if !out.push(d) {
+                out.flush(&tx, to).unwrap();
+                assert!(out.push(d));
+            }
+            if out.is_full() {
+                out.flush(&tx, to).unwrap();
+                assert!(!out.segmentation, "refused once, not asked again");
+            }
+        }
+        out.flush(&tx, to).unwrap();
+        let seen = read_all(&rx, &mut RecvBatch::default(), datagrams.len());
+        assert_eq!(seen, datagrams);
+    }
+
     #[test]
     fn a_batch_refuses_another_size_and_more_than_its_max() {
         let mut out = SendBatch::new(3);
