@@ -483,8 +483,14 @@ mod tests {
         seen
     }
 
-    /// Sends `datagrams` through a `SendBatch` of `max` as the driver does.
-    fn send_batched(tx: &UdpSocket, to: SocketAddr, max: usize, datagrams: &[Vec<u8>]) {
+    /// Sends `datagrams` through a `SendBatch` of `max` as the driver does,
+    /// and gives the batch back.
+    fn send_batched(
+        tx: &UdpSocket,
+        to: SocketAddr,
+        max: usize,
+        datagrams: &[Vec<u8>],
+    ) -> SendBatch {
         let mut out = SendBatch::new(max);
         for d in datagrams {
             if !out.push(d) {
@@ -496,6 +502,7 @@ mod tests {
             }
         }
         out.flush(tx, to).unwrap();
+        out
     }
 
     #[test]
@@ -538,18 +545,8 @@ mod tests {
         let tx = UdpSocket::bind("[::1]:0").unwrap();
         let to = rx.local_addr().unwrap();
         let datagrams = numbered(9, 700);
-        let mut out = SendBatch::new(4);
-        for d in &datagrams {
-            if !out.push(d) {
-                out.flush(&tx, to).unwrap();
-                assert!(out.push(d));
-            }
-            if out.is_full() {
-                out.flush(&tx, to).unwrap();
-                assert!(!out.segmentation, "refused once, not asked again");
-            }
-        }
-        out.flush(&tx, to).unwrap();
+        let out = send_batched(&tx, to, 4, &datagrams);
+        assert!(!out.segmentation, "refused once, not asked again");
         let seen = read_all(&rx, &mut RecvBatch::default(), datagrams.len());
         assert_eq!(seen, datagrams);
     }
