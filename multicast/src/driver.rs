@@ -497,7 +497,7 @@ fn encode_worker(
                 }
                 Ok(padded)
             };
-            let source = if job.with_source {
+            let mut source = if job.with_source {
                 Some(read(job.block)?)
             } else {
                 None
@@ -510,8 +510,24 @@ fn encode_worker(
                         cache.push(hit);
                     }
                     None => {
-                        let padded = match &source {
-                            Some(p) => p.clone(),
+                        let padded = match source.take() {
+                            Some(p) => {
+                                // The source symbols go to the link now,
+                                // while the repair symbols are encoded: at
+                                // the start of a pass that is 30-50 ms the
+                                // link would otherwise stand idle.
+                                // (Should the sender be gone, the last
+                                // batch's send below finds it out.)
+                                let copy = p.clone();
+                                let _ = out.send(Ok(EncodedBatch {
+                                    block: job.block,
+                                    source: Some(p),
+                                    repair_first_esi: job.repair_first_esi,
+                                    repair: Vec::new(),
+                                    more: true,
+                                }));
+                                copy
+                            }
                             None => read(job.block)?,
                         };
                         if cache.len() == keep {
@@ -528,6 +544,7 @@ fn encode_worker(
                 source,
                 repair_first_esi: job.repair_first_esi,
                 repair,
+                more: false,
             })
         })();
         let stop = result.is_err();

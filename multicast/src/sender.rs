@@ -107,7 +107,10 @@ pub struct EncodeJob {
     pub repair_count: u32,
 }
 
-/// What the encoder made for a job.
+/// What the encoder made for a job. An encoder may answer a job in two
+/// batches: the source symbols as soon as the block is read (with `more`
+/// set), then the repair symbols once they are encoded, so the link need
+/// not wait for the encoding.
 #[derive(Debug)]
 pub struct EncodedBatch {
     pub block: u32,
@@ -116,6 +119,8 @@ pub struct EncodedBatch {
     pub repair_first_esi: u32,
     /// `repair_count` symbols back to back.
     pub repair: Vec<u8>,
+    /// Another batch for the same job follows.
+    pub more: bool,
 }
 
 /// Things a driver may want to show or log.
@@ -199,6 +204,9 @@ struct BlockTx {
     /// Symbols of its first pass, and how many of them went out.
     first_total: u32,
     first_sent: u32,
+    /// Its encoder still owes a batch: running out of symbols to send
+    /// does not end its first pass.
+    owed: bool,
 }
 
 impl BlockTx {
@@ -467,11 +475,15 @@ impl Sender {
 
     /// Takes what the encoder made for a job.
     pub fn handle_batch(&mut self, batch: EncodedBatch) {
-        self.jobs_out = self.jobs_out.saturating_sub(1);
+        if !batch.more {
+            self.jobs_out = self.jobs_out.saturating_sub(1);
+        }
         let t = usize::from(self.layout.symbol_size());
         let Some(tx) = self.blocks.get_mut(batch.block as usize) else {
             return;
         };
+        tx.owed = batch.more;
+        let staging = batch.source.is_some() && tx.first_pass;
         if let Some(source) = batch.source {
             // Zero padding past the file's end is never sent.
             tx.queue.push_back(Chunk {
@@ -489,11 +501,16 @@ impl Sender {
                 bytes: batch.repair,
             });
         }
-        if tx.first_pass {
+        if staging {
+            // A first-pass block joins the round robin in turn.
             self.staged.push_back(batch.block);
-        } else if !tx.active && !tx.queue.is_empty() {
+        } else if !tx.active && !tx.queue.is_empty() && !self.staged.contains(&batch.block) {
             tx.active = true;
             self.active.push_back(batch.block);
+        }
+        if !tx.owed && tx.queue.is_empty() && !tx.active {
+            // Its symbols all went out before this (empty) batch came.
+            self.close_first_pass(batch.block);
         }
     }
 
@@ -765,7 +782,9 @@ impl Sender {
             let tx = &mut self.blocks[block as usize];
             let Some(chunk) = tx.queue.front_mut() else {
                 tx.active = false;
-                self.close_first_pass(block);
+                if !tx.owed {
+                    self.close_first_pass(block);
+                }
                 continue;
             };
             let esi = chunk.first_esi + chunk.next;
@@ -799,7 +818,9 @@ impl Sender {
             }
             if tx.queue.is_empty() {
                 tx.active = false;
-                self.close_first_pass(block);
+                if !tx.owed {
+                    self.close_first_pass(block);
+                }
             } else {
                 self.active.push_back(block);
                 if admit_next {
@@ -925,6 +946,7 @@ mod tests {
                         source: job.with_source.then(|| vec![0; layout.k() as usize * t]),
                         repair_first_esi: job.repair_first_esi,
                         repair: vec![0; job.repair_count as usize * t],
+                        more: false,
                     });
                 }
                 let Some(bytes) = s.poll_transmit(now) else {
@@ -974,6 +996,73 @@ mod tests {
             let open = (0..8u32).filter(|&b| first(b) <= i && last(b) >= i).count();
             assert!(open <= 4, "{open} blocks in flight at symbol {i}");
         }
+    }
+
+    #[test]
+    fn source_symbols_go_out_while_the_repair_symbols_are_encoded() {
+        let now = Instant::now();
+        let layout = Layout::for_file(100_000, 1 << 20, 1000).unwrap();
+        let object = SenderObject {
+            layout,
+            hashes: vec![[0; 32]],
+            file_sha256: [0; 32],
+            name: "x".into(),
+        };
+        let cfg = SenderConfig {
+            rate_bps: 0,
+            startup: Duration::ZERO,
+            ..SenderConfig::default()
+        };
+        let mut s = Sender::new(now, cfg, 7, object, 9);
+        s.handle_timeout(now);
+        let job = s.poll_job().expect("the block is opened at once");
+        assert!(job.with_source && job.repair_count > 0);
+        let t = usize::from(layout.symbol_size());
+        let mut sent_esis = |s: &mut Sender| {
+            let mut esis = Vec::new();
+            s.handle_timeout(now);
+            while let Some(bytes) = s.poll_transmit(now) {
+                if let Ok(wire::Datagram {
+                    frame: Frame::Data(d),
+                    ..
+                }) = wire::decode(bytes)
+                {
+                    esis.push(d.esi);
+                }
+            }
+            esis
+        };
+        s.handle_batch(EncodedBatch {
+            block: 0,
+            source: Some(vec![1; layout.k() as usize * t]),
+            repair_first_esi: job.repair_first_esi,
+            repair: Vec::new(),
+            more: true,
+        });
+        // The file's 100 symbols; the padding up to K is never sent.
+        let data = layout.data_symbols(0);
+        assert_eq!(data, 100);
+        assert_eq!(sent_esis(&mut s), (0..data).collect::<Vec<_>>());
+        // Out of symbols, but the repair is owed: the pass is not over.
+        assert!(s.pass_done_at.is_none());
+        assert!(
+            !std::iter::from_fn(|| s.poll_event()).any(|e| e == SenderEvent::PassDone { pass: 1 })
+        );
+        s.handle_batch(EncodedBatch {
+            block: 0,
+            source: None,
+            repair_first_esi: job.repair_first_esi,
+            repair: vec![2; job.repair_count as usize * t],
+            more: false,
+        });
+        let repair: Vec<u32> =
+            (job.repair_first_esi..job.repair_first_esi + job.repair_count).collect();
+        assert_eq!(sent_esis(&mut s), repair);
+        s.handle_timeout(now);
+        assert!(s.pass_done_at.is_some());
+        assert!(
+            std::iter::from_fn(|| s.poll_event()).any(|e| e == SenderEvent::PassDone { pass: 1 })
+        );
     }
 
     #[test]

@@ -63,6 +63,9 @@ struct Sim {
     seq: u64,
     /// Called on every datagram the sender puts on the wire; may add more.
     tamper: Tamper,
+    /// Repair symbols of a first-pass block, handed over a step after its
+    /// source symbols, as the real encoder does once it has encoded them.
+    owed: Vec<EncodedBatch>,
 }
 
 const SENDER_ADDR: &str = "10.0.0.1:5000";
@@ -97,6 +100,7 @@ impl Sim {
             data,
             sender,
             receivers: Vec::new(),
+            owed: Vec::new(),
             net: BinaryHeap::new(),
             seq: 0,
             tamper: Box::new(|_, _| Vec::new()),
@@ -149,6 +153,7 @@ impl Sim {
             source: job.with_source.then_some(padded),
             repair_first_esi: job.repair_first_esi,
             repair,
+            more: false,
         }
     }
 
@@ -158,8 +163,19 @@ impl Sim {
         while self.now < self.start + limit {
             // Sender side.
             self.sender.handle_timeout(self.now);
+            for batch in std::mem::take(&mut self.owed) {
+                self.sender.handle_batch(batch);
+            }
             while let Some(job) = self.sender.poll_job() {
-                let batch = self.encode(job);
+                let mut batch = self.encode(job);
+                if batch.source.is_some() && !batch.repair.is_empty() {
+                    self.owed.push(EncodedBatch {
+                        source: None,
+                        repair: std::mem::take(&mut batch.repair),
+                        ..batch
+                    });
+                    batch.more = true;
+                }
                 self.sender.handle_batch(batch);
             }
             let mut out = Vec::new();
