@@ -484,7 +484,7 @@ mod tests {
             block_size: 1000,
             symbol_size: 1000,
             block_count: 2,
-            file_sha256: [0; 32],
+            file_sha256: Some([0; 32]),
             feedback_port: 1,
             feedback_interval_ms: 10,
             name: String::new(),

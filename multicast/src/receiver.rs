@@ -377,7 +377,26 @@ impl Receiver {
                     self.events.push_back(ReceiverEvent::Complete);
                 }
             }
-            Frame::Session(_) | Frame::DoneAck { .. } => {}
+            Frame::Session(info) => {
+                // The file's hash, from a sender that hashes as it sends;
+                // nothing else of a session may change.
+                let same = |a: &SessionInfo| {
+                    (a.file_size, a.block_size, a.symbol_size, a.block_count)
+                        == (
+                            info.file_size,
+                            info.block_size,
+                            info.symbol_size,
+                            info.block_count,
+                        )
+                };
+                if active.info.file_sha256.is_none()
+                    && info.file_sha256.is_some()
+                    && same(&active.info)
+                {
+                    active.info.file_sha256 = info.file_sha256;
+                }
+            }
+            Frame::DoneAck { .. } => {}
             Frame::Feedback { .. }
             | Frame::Presence(_)
             | Frame::Probe { .. }
@@ -650,7 +669,7 @@ impl Receiver {
 
     /// Checks the whole file's expected hash (for drivers).
     pub fn file_sha256(&self) -> Option<Digest> {
-        self.active.as_ref().map(|a| a.info.file_sha256)
+        self.active.as_ref().and_then(|a| a.info.file_sha256)
     }
 
     fn fail(&mut self, failure: ReceiveFailure) {
@@ -838,6 +857,36 @@ impl Receiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_file_hash_may_come_later_but_nothing_else_of_a_session_changes() {
+        let now = Instant::now();
+        let from: SocketAddr = "10.0.0.1:7400".parse().unwrap();
+        let info = |size: u64, sha: Option<Digest>| SessionInfo {
+            file_size: size,
+            block_size: 10_000,
+            symbol_size: 1000,
+            block_count: size.div_ceil(10_000) as u32,
+            file_sha256: sha,
+            feedback_port: 7401,
+            feedback_interval_ms: 40,
+            name: String::new(),
+        };
+        let mut rx = Receiver::new(now, ReceiverConfig::default());
+        let session = |i: SessionInfo| Frame::Session(i).encode(5);
+        rx.handle_datagram(now, from, &session(info(25_000, None)));
+        assert!(rx.session().is_some());
+        assert_eq!(rx.file_sha256(), None);
+        // Another geometry under the same session id: not this session's.
+        rx.handle_datagram(now, from, &session(info(26_000, Some([1; 32]))));
+        assert_eq!(rx.file_sha256(), None);
+        rx.handle_datagram(now, from, &session(info(25_000, Some([2; 32]))));
+        assert_eq!(rx.file_sha256(), Some([2; 32]));
+        // Once known, it stays.
+        rx.handle_datagram(now, from, &session(info(25_000, Some([3; 32]))));
+        assert_eq!(rx.file_sha256(), Some([2; 32]));
+        assert_eq!(rx.layout().map(|l| l.file_size()), Some(25_000));
+    }
 
     #[test]
     fn reported_loss_is_the_estimate_less_one_standard_error() {

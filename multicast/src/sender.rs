@@ -89,9 +89,11 @@ impl Default for SenderConfig {
 #[derive(Clone, Debug)]
 pub struct SenderObject {
     pub layout: Layout,
-    /// SHA-256 of each block's file bytes.
-    pub hashes: Vec<Digest>,
-    pub file_sha256: Digest,
+    /// SHA-256 of each block's file bytes; `None` for those the encoder is
+    /// to hash as it reads them (see [`EncodedBatch::hashes`]).
+    pub hashes: Vec<Option<Digest>>,
+    /// `None` when the encoder is to hash the file as it reads it.
+    pub file_sha256: Option<Digest>,
     /// Shown to receivers; cut to `wire::MAX_NAME_LEN` bytes.
     pub name: String,
 }
@@ -121,6 +123,12 @@ pub struct EncodedBatch {
     pub repair: Vec<u8>,
     /// Another batch for the same job follows.
     pub more: bool,
+    /// Blocks hashed for the first time by this job's read, for a sender
+    /// that was not given their hashes.
+    pub hashes: Vec<(u32, Digest)>,
+    /// The whole file's hash, once the encoder has read all of it (for a
+    /// sender that was not given it).
+    pub file_sha256: Option<Digest>,
 }
 
 /// Things a driver may want to show or log.
@@ -232,7 +240,7 @@ pub struct Sender {
     session: u64,
     layout: Layout,
     info: SessionInfo,
-    hashes: Vec<Digest>,
+    hashes: Vec<Option<Digest>>,
     phase: Phase,
     pacer: Pacer,
     next_announce: Instant,
@@ -474,10 +482,11 @@ impl Sender {
     }
 
     /// Takes what the encoder made for a job.
-    pub fn handle_batch(&mut self, batch: EncodedBatch) {
+    pub fn handle_batch(&mut self, mut batch: EncodedBatch) {
         if !batch.more {
             self.jobs_out = self.jobs_out.saturating_sub(1);
         }
+        self.learn_hashes(std::mem::take(&mut batch.hashes), batch.file_sha256);
         let t = usize::from(self.layout.symbol_size());
         let Some(tx) = self.blocks.get_mut(batch.block as usize) else {
             return;
@@ -587,13 +596,49 @@ impl Sender {
         for _ in 0..per_tick {
             let first = self.hash_cursor * HASHES_PER_FRAME;
             let end = (first + HASHES_PER_FRAME).min(self.hashes.len());
-            let frame = Frame::Hashes {
-                first_block: first as u32,
-                hashes: self.hashes[first..end].to_vec(),
-            };
-            self.queue_control(&frame);
+            self.queue_known_hashes(first, end);
             self.hash_cursor = (self.hash_cursor + 1) % chunks;
         }
+    }
+
+    /// Queues HASHES frames for the known hashes of blocks `first..end`,
+    /// one frame for each run of known ones.
+    fn queue_known_hashes(&mut self, first: usize, end: usize) {
+        let mut at = first;
+        while at < end {
+            let run: Vec<Digest> = self.hashes[at..end].iter().map_while(|h| *h).collect();
+            if run.is_empty() {
+                at += 1;
+                continue;
+            }
+            let len = run.len();
+            self.queue_control(&Frame::Hashes {
+                first_block: at as u32,
+                hashes: run,
+            });
+            at += len;
+        }
+    }
+
+    /// Learns hashes the encoder found, and tells receivers at once: a
+    /// block's hash before its symbols, the file's well before the end.
+    fn learn_hashes(&mut self, hashes: Vec<(u32, Digest)>, file_sha256: Option<Digest>) {
+        for (block, digest) in hashes {
+            if let Some(slot @ None) = self.hashes.get_mut(block as usize) {
+                *slot = Some(digest);
+                let b = block as usize;
+                self.queue_known_hashes(b, b + 1);
+            }
+        }
+        if self.info.file_sha256.is_none() && file_sha256.is_some() {
+            self.info.file_sha256 = file_sha256;
+            self.queue_control(&Frame::Session(self.info.clone()));
+        }
+    }
+
+    /// The whole file's hash, when known (given, or found by the encoder).
+    pub fn file_sha256(&self) -> Option<Digest> {
+        self.info.file_sha256
     }
 
     fn queue_control(&mut self, frame: &Frame) {
@@ -893,8 +938,8 @@ mod tests {
         let layout = Layout::for_file(10 << 20, 1 << 20, 1000).unwrap();
         let object = SenderObject {
             layout,
-            hashes: vec![[0; 32]; layout.block_count() as usize],
-            file_sha256: [0; 32],
+            hashes: vec![Some([0; 32]); layout.block_count() as usize],
+            file_sha256: Some([0; 32]),
             name: "x".into(),
         };
         let mut s = Sender::new(now, SenderConfig::default(), 7, object, 9);
@@ -923,8 +968,8 @@ mod tests {
         assert_eq!(layout.block_count() as u64, blocks);
         let object = SenderObject {
             layout,
-            hashes: vec![[0; 32]; layout.block_count() as usize],
-            file_sha256: [0; 32],
+            hashes: vec![Some([0; 32]); layout.block_count() as usize],
+            file_sha256: Some([0; 32]),
             name: "x".into(),
         };
         let cfg = SenderConfig {
@@ -947,6 +992,8 @@ mod tests {
                         repair_first_esi: job.repair_first_esi,
                         repair: vec![0; job.repair_count as usize * t],
                         more: false,
+                        hashes: Vec::new(),
+                        file_sha256: None,
                     });
                 }
                 let Some(bytes) = s.poll_transmit(now) else {
@@ -1004,8 +1051,8 @@ mod tests {
         let layout = Layout::for_file(100_000, 1 << 20, 1000).unwrap();
         let object = SenderObject {
             layout,
-            hashes: vec![[0; 32]],
-            file_sha256: [0; 32],
+            hashes: vec![Some([0; 32])],
+            file_sha256: Some([0; 32]),
             name: "x".into(),
         };
         let cfg = SenderConfig {
@@ -1018,7 +1065,7 @@ mod tests {
         let job = s.poll_job().expect("the block is opened at once");
         assert!(job.with_source && job.repair_count > 0);
         let t = usize::from(layout.symbol_size());
-        let mut sent_esis = |s: &mut Sender| {
+        let sent_esis = |s: &mut Sender| {
             let mut esis = Vec::new();
             s.handle_timeout(now);
             while let Some(bytes) = s.poll_transmit(now) {
@@ -1038,6 +1085,8 @@ mod tests {
             repair_first_esi: job.repair_first_esi,
             repair: Vec::new(),
             more: true,
+            hashes: Vec::new(),
+            file_sha256: None,
         });
         // The file's 100 symbols; the padding up to K is never sent.
         let data = layout.data_symbols(0);
@@ -1054,6 +1103,8 @@ mod tests {
             repair_first_esi: job.repair_first_esi,
             repair: vec![2; job.repair_count as usize * t],
             more: false,
+            hashes: Vec::new(),
+            file_sha256: None,
         });
         let repair: Vec<u32> =
             (job.repair_first_esi..job.repair_first_esi + job.repair_count).collect();

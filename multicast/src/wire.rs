@@ -20,7 +20,7 @@ use thiserror::Error;
 /// "SC": identifies a somcast datagram among whatever else shares the port.
 pub const MAGIC: [u8; 2] = *b"SC";
 /// Bumped on any incompatible change of a body or of the header.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// magic + version + kind + session id.
 pub const HEADER_LEN: usize = 2 + 1 + 1 + 8;
 /// CRC-32 (IEEE) of header and body.
@@ -64,7 +64,11 @@ pub struct SessionInfo {
     pub symbol_size: u16,
     /// Redundant with the sizes above, and checked against them.
     pub block_count: u32,
-    pub file_sha256: Digest,
+    /// SHA-256 of the whole file. A sender that hashes the file as it sends
+    /// it (rather than before) announces `None` until it has read all of
+    /// it, then this in every SESSION; receivers check the file against it
+    /// once they hold every block.
+    pub file_sha256: Option<Digest>,
     /// UDP port on the sender's address that takes receiver feedback.
     pub feedback_port: u16,
     /// How often receivers report what they need, in milliseconds.
@@ -608,7 +612,7 @@ mod tests {
                 block_size: 1400 * 2996,
                 symbol_size: 1400,
                 block_count: 3,
-                file_sha256: [7; 32],
+                file_sha256: Some([7; 32]),
                 feedback_port: 40_000,
                 feedback_interval_ms: 50,
                 name: "pkg.msi".into(),
@@ -817,7 +821,7 @@ mod tests {
 
         #[test]
         fn session_round_trips(file_size: u64, block_size: u32, symbol_size: u16,
-                               block_count: u32, sha: [u8; 32], port: u16, fb: u32,
+                               block_count: u32, sha: Option<[u8; 32]>, port: u16, fb: u32,
                                name in "[a-z.]{0,40}") {
             let frame = Frame::Session(SessionInfo {
                 file_size, block_size, symbol_size, block_count, file_sha256: sha,

@@ -66,17 +66,33 @@ struct Sim {
     /// Repair symbols of a first-pass block, handed over a step after its
     /// source symbols, as the real encoder does once it has encoded them.
     owed: Vec<EncodedBatch>,
+    /// For a sender not given the hashes: the blocks the encoder has
+    /// hashed, and the next one the whole-file hash needs.
+    learning: Option<(Vec<bool>, u32)>,
 }
 
 const SENDER_ADDR: &str = "10.0.0.1:5000";
 
 impl Sim {
     fn new(data: Vec<u8>, block: u32, t: u16, cfg: SenderConfig, seed: u64) -> Self {
+        Self::with_hashes(data, block, t, cfg, seed, true)
+    }
+
+    /// A sender that is given every hash up front (`given`), or that learns
+    /// them from its encoder as it reads the file, as `somcast send` does.
+    fn with_hashes(
+        data: Vec<u8>,
+        block: u32,
+        t: u16,
+        cfg: SenderConfig,
+        seed: u64,
+        given: bool,
+    ) -> Self {
         let layout = Layout::for_file(data.len() as u64, block, t).unwrap();
         let hashes = (0..layout.block_count())
             .map(|b| {
                 let at = layout.offset(b) as usize;
-                sha256(&data[at..at + layout.block_len(b)])
+                given.then(|| sha256(&data[at..at + layout.block_len(b)]))
             })
             .collect();
         let now = Instant::now();
@@ -87,7 +103,7 @@ impl Sim {
             SenderObject {
                 layout,
                 hashes,
-                file_sha256: sha256(&data),
+                file_sha256: given.then(|| sha256(&data)),
                 name: "sim.bin".into(),
             },
             5000,
@@ -101,6 +117,7 @@ impl Sim {
             sender,
             receivers: Vec::new(),
             owed: Vec::new(),
+            learning: (!given).then(|| (vec![false; layout.block_count() as usize], 0)),
             net: BinaryHeap::new(),
             seq: 0,
             tamper: Box::new(|_, _| Vec::new()),
@@ -133,7 +150,7 @@ impl Sim {
             .push(Reverse((self.now + LINK_DELAY, self.seq, to, bytes)));
     }
 
-    fn encode(&self, job: multicast::sender::EncodeJob) -> EncodedBatch {
+    fn encode(&mut self, job: multicast::sender::EncodeJob) -> EncodedBatch {
         let layout = self.plan.layout();
         let at = layout.offset(job.block) as usize;
         let padded = pad_block(
@@ -148,12 +165,31 @@ impl Sim {
         } else {
             Vec::new()
         };
+        let mut hashes = Vec::new();
+        let mut file_sha256 = None;
+        if let Some((known, next)) = self.learning.as_mut() {
+            if !known[job.block as usize] {
+                known[job.block as usize] = true;
+                hashes.push((
+                    job.block,
+                    sha256(&self.data[at..at + layout.block_len(job.block)]),
+                ));
+            }
+            if job.block == *next {
+                *next += 1;
+                if *next == layout.block_count() {
+                    file_sha256 = Some(sha256(&self.data));
+                }
+            }
+        }
         EncodedBatch {
             block: job.block,
             source: job.with_source.then_some(padded),
             repair_first_esi: job.repair_first_esi,
             repair,
             more: false,
+            hashes,
+            file_sha256,
         }
     }
 
@@ -170,9 +206,13 @@ impl Sim {
                 let mut batch = self.encode(job);
                 if batch.source.is_some() && !batch.repair.is_empty() {
                     self.owed.push(EncodedBatch {
+                        block: batch.block,
                         source: None,
+                        repair_first_esi: batch.repair_first_esi,
                         repair: std::mem::take(&mut batch.repair),
-                        ..batch
+                        more: false,
+                        hashes: Vec::new(),
+                        file_sha256: None,
                     });
                     batch.more = true;
                 }
@@ -554,4 +594,56 @@ fn a_receiver_of_another_session_is_not_confused() {
     sim.run(Duration::from_secs(30));
     sim.assert_all_verified();
     assert!(sim.receivers[r].rx.stats().other_session > 0);
+}
+
+#[test]
+fn a_sender_that_hashes_as_it_sends_starts_at_once_and_tells_the_hash_in_time() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    for (len, loss) in [(1usize, 0.0), (2_000_077, 0.05), (2_000_077, 0.2)] {
+        let data = file_bytes(len, 8);
+        let want = sha256(&data);
+        let mut sim = Sim::with_hashes(data, 100_000, 500, cfg(), 8, false);
+        // What went out: data symbols before any SESSION named the file's
+        // hash, and the hash every SESSION named.
+        let seen = Rc::new(RefCell::new((0u64, Vec::new())));
+        let log = Rc::clone(&seen);
+        sim.tamper = Box::new(move |_, bytes| {
+            let mut log = log.borrow_mut();
+            match wire::decode(bytes).map(|d| d.frame) {
+                Ok(Frame::Session(info)) => log.1.push(info.file_sha256),
+                Ok(Frame::Data(_)) if !log.1.iter().any(Option::is_some) => log.0 += 1,
+                _ => {}
+            }
+            Vec::new()
+        });
+        for _ in 0..3 {
+            sim.add_receiver(loss, Duration::ZERO, 48 << 20);
+        }
+        if len > 1 {
+            // And one that joins late in the pass (as in the late-joiner
+            // test above), when most of the file is hashed.
+            sim.add_receiver(loss, Duration::from_millis(300 + 80), 48 << 20);
+        }
+        sim.run(Duration::from_secs(60));
+        sim.assert_all_verified();
+        let (early_symbols, announced) = &*seen.borrow();
+        assert_eq!(
+            announced.first(),
+            Some(&None),
+            "{len} bytes: announced before hashing"
+        );
+        // A file of one block is hashed whole by its first read, before
+        // its first symbol goes out.
+        assert_eq!(
+            *early_symbols > 0,
+            len > 1,
+            "{len} bytes: data before the hash"
+        );
+        assert!(announced.contains(&Some(want)), "{len} bytes");
+        assert!(
+            announced.iter().all(|h| h.is_none() || *h == Some(want)),
+            "{len} bytes: a wrong hash was announced"
+        );
+    }
 }
