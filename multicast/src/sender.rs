@@ -588,6 +588,16 @@ impl Sender {
             .max(Duration::from_millis(2) * peers);
         self.info.feedback_interval_ms = interval.as_millis() as u32;
         self.queue_control(&Frame::Session(self.info.clone()));
+        if self.pass_done_at.is_some() {
+            // Repeated: a receiver that lost every symbol of the last block
+            // learns only from this that it should ask for it (one that had
+            // also lost the first END-OF-PASS fell silent, with nothing to
+            // ask for, until the sender gave up on it).
+            self.queue_control(&Frame::EndOfPass {
+                pass: 1,
+                closing: false,
+            });
+        }
         let chunks = self.hashes.len().div_ceil(HASHES_PER_FRAME);
         let per_tick = match self.phase {
             Phase::Announcing { .. } => chunks,

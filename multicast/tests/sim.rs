@@ -42,6 +42,8 @@ struct SimReceiver {
     /// How long a decode job takes, in virtual time: a slow CPU.
     decode_delay: Duration,
     decoding: VecDeque<(Instant, DecodeJob)>,
+    /// Drops the datagrams it returns true for, besides random loss.
+    drop: Option<Box<dyn FnMut(&[u8]) -> bool>>,
 }
 
 /// What the subnet carries in flight: (deliver at, seq, to, bytes); `to`
@@ -140,6 +142,7 @@ impl Sim {
             max_buffered: 0,
             decode_delay: Duration::ZERO,
             decoding: VecDeque::new(),
+            drop: None,
         });
         self.receivers.len() - 1
     }
@@ -323,7 +326,11 @@ impl Sim {
                     ),
                     Some(i) => {
                         let r = &mut self.receivers[i];
-                        if self.now < r.joins_at || r.outcome.is_some() || self.rng.chance(r.loss) {
+                        if self.now < r.joins_at
+                            || r.outcome.is_some()
+                            || self.rng.chance(r.loss)
+                            || r.drop.as_mut().is_some_and(|d| d(&bytes))
+                        {
                             continue;
                         }
                         r.rx.handle_datagram(self.now, sender_addr, &bytes);
@@ -646,4 +653,32 @@ fn a_sender_that_hashes_as_it_sends_starts_at_once_and_tells_the_hash_in_time() 
             "{len} bytes: a wrong hash was announced"
         );
     }
+}
+
+#[test]
+fn a_receiver_that_lost_the_last_block_and_the_end_of_pass_still_asks_for_it() {
+    // Every symbol of the last block's first pass and the first END-OF-PASS
+    // are lost. Nothing tells the receiver the pass is over but a repeated
+    // END-OF-PASS, and until it hears one it has nothing to ask for.
+    let data = file_bytes(1_000_000 + 5, 9);
+    let mut sim = Sim::new(data, 100_000, 500, cfg(), 9);
+    let r = sim.add_receiver(0.0, Duration::ZERO, 48 << 20);
+    let last = multicast::Layout::for_file(1_000_005, 100_000, 500)
+        .unwrap()
+        .block_count()
+        - 1;
+    let mut dropped_eop = false;
+    sim.receivers[r].drop = Some(Box::new(move |bytes| {
+        match wire::decode(bytes).map(|d| d.frame) {
+            Ok(Frame::Data(d)) => d.block == last && !dropped_eop,
+            Ok(Frame::EndOfPass { .. }) if !dropped_eop => {
+                dropped_eop = true;
+                true
+            }
+            _ => false,
+        }
+    }));
+    sim.run(Duration::from_secs(60));
+    sim.assert_all_verified();
+    assert_eq!(sim.sender.stats().receivers_lost, 0);
 }
