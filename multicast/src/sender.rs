@@ -40,6 +40,9 @@ use crate::codec::Layout;
 use crate::pacer::{Pacer, WIRE_OVERHEAD};
 use crate::wire::{self, Digest, Feedback, Frame, HASHES_PER_FRAME, MAX_ESI, SessionInfo};
 
+/// Blocks at the end of the first pass that get [`Sender::tail_headroom`].
+const TAIL_BLOCKS: u32 = 2;
+
 /// Between SESSION beacons while waiting for receivers to join.
 const BEACON_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -659,26 +662,10 @@ impl Sender {
     fn first_pass_repair(&self, data: u32) -> u32 {
         let data = u64::from(data);
         let floor = (data * u64::from(self.cfg.overhead_pct)).div_ceil(100);
-        let mut losses: Vec<u32> = (self.peers.values())
-            .filter(|p| !p.done && !p.lost)
-            .map(|p| p.loss_ppm)
-            .collect();
-        losses.sort_unstable();
-        // The upper quartile of the receivers' loss (the largest when there
-        // are three or fewer): a receiver that really loses more needs as
-        // many symbols sent either way, and gets them from its NEEDS (one
-        // fresh symbol serves all), while provisioning for the largest
-        // figure let one receiver's transient burst inflate every later
-        // block for all (one lab run: a receiver reported 24% for a moment,
-        // and the sender put 1.35x the file on the wire instead of 1.11x).
-        let loss = match losses.len() {
-            0 => 0,
-            n => losses[(n * 3).div_ceil(4) - 1],
-        };
-        if loss == 0 {
+        let p = self.planning_loss();
+        if p == 0.0 {
             return floor as u32;
         }
-        let p = (f64::from(loss) / 1e6).min(0.5);
         // Just enough that such a receiver expects the K+2 symbols it can
         // decode from: its loss with 2% headroom and three symbols in a
         // thousand. Blocks that fall a few symbols short are topped up by
@@ -687,6 +674,39 @@ impl Sender {
         // the others decode from what they have once the block settles.)
         let per_mille = (p / (1.0 - p) * 1020.0 + 3.0).ceil() as u64;
         floor.max((data * per_mille).div_ceil(1000)) as u32
+    }
+
+    /// The loss the first pass provides for: the upper quartile of what the
+    /// receivers report (the largest when there are three or fewer). A
+    /// receiver that really loses more needs as many symbols sent either
+    /// way, and gets them from its NEEDS (one fresh symbol serves all),
+    /// while provisioning for the largest figure let one receiver's
+    /// transient burst inflate every later block for all (one lab run: a
+    /// receiver reported 24% for a moment, and the sender put 1.35x the file
+    /// on the wire instead of 1.11x).
+    fn planning_loss(&self) -> f64 {
+        let mut losses: Vec<u32> = (self.peers.values())
+            .filter(|p| !p.done && !p.lost)
+            .map(|p| p.loss_ppm)
+            .collect();
+        losses.sort_unstable();
+        let loss = match losses.len() {
+            0 => 0,
+            n => losses[(n * 3).div_ceil(4) - 1],
+        };
+        (f64::from(loss) / 1e6).min(0.5)
+    }
+
+    /// More repair for the last [`TAIL_BLOCKS`] blocks of the first pass:
+    /// every receiver decodes them at the very end, when nothing else is
+    /// left to overlap with. A receiver short of K+2 there waits a whole
+    /// feedback round, and one below the fast margin decodes more slowly.
+    /// So each receiver expects the fast margin plus two standard deviations
+    /// of its loss (4 MiB blocks at 5%: 44 symbols, 0.1% of 64 MiB each).
+    fn tail_headroom(&self, data: u32) -> u32 {
+        let p = self.planning_loss();
+        let sd = (f64::from(data) * p * (1.0 - p)).sqrt();
+        self.layout.decode_margin() + (2.0 * sd).ceil() as u32
     }
 
     /// Blocks sent interleaved: as many as fit in `interleave_bytes`, so a
@@ -717,7 +737,11 @@ impl Sender {
             self.next_new_block += 1;
             self.first_pass_open += 1;
             let k = self.layout.k();
-            let repair = self.first_pass_repair(self.layout.data_symbols(block));
+            let data = self.layout.data_symbols(block);
+            let mut repair = self.first_pass_repair(data);
+            if block + TAIL_BLOCKS >= self.layout.block_count() {
+                repair += self.tail_headroom(data);
+            }
             let tx = &mut self.blocks[block as usize];
             tx.first_pass = true;
             tx.next_esi = k + repair;
@@ -1024,8 +1048,18 @@ mod tests {
     #[test]
     fn blocks_join_the_window_in_turn_and_finish_one_after_another() {
         let (layout, order) = first_pass_order(8);
-        let per_block = order.len() / 8;
-        assert_eq!(order.len(), per_block * 8, "every block sends as many");
+        let count = |b: u32| order.iter().filter(|&&x| x == b).count();
+        let per_block = count(0);
+        // Every block sends as many, but for the last two: with no loss
+        // reported, their headroom is the decode margin.
+        for b in 1..8u32 {
+            let extra = if b >= 8 - TAIL_BLOCKS {
+                layout.decode_margin() as usize
+            } else {
+                0
+            };
+            assert_eq!(count(b), per_block + extra, "block {b}");
+        }
         assert!(per_block as u32 > layout.k());
         let first = |b: u32| order.iter().position(|&x| x == b).unwrap();
         let last = |b: u32| order.iter().rposition(|&x| x == b).unwrap();
@@ -1124,6 +1158,18 @@ mod tests {
         assert!(
             std::iter::from_fn(|| s.poll_event()).any(|e| e == SenderEvent::PassDone { pass: 1 })
         );
+    }
+
+    #[test]
+    fn the_last_blocks_of_the_pass_carry_two_deviations_and_the_fast_margin_more() {
+        // 5% loss on 1049-symbol blocks: sd = 7.06 symbols, so 15 + 2.
+        let s = sender_with_losses(&[50_000; 8]);
+        let data = s.layout.data_symbols(0);
+        assert_eq!(data, 1049);
+        assert_eq!(s.tail_headroom(data), 15 + s.layout.decode_margin());
+        // Without reports, the margin alone.
+        let quiet = sender_with_losses(&[]);
+        assert_eq!(quiet.tail_headroom(data), quiet.layout.decode_margin());
     }
 
     #[test]
