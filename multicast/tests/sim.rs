@@ -43,8 +43,11 @@ struct SimReceiver {
     decode_delay: Duration,
     decoding: VecDeque<(Instant, DecodeJob)>,
     /// Drops the datagrams it returns true for, besides random loss.
-    drop: Option<Box<dyn FnMut(&[u8]) -> bool>>,
+    drop: Option<DropFilter>,
 }
+
+/// Picks datagrams a receiver loses on purpose.
+type DropFilter = Box<dyn FnMut(&[u8]) -> bool>;
 
 /// What the subnet carries in flight: (deliver at, seq, to, bytes); `to`
 /// None is the sender.
