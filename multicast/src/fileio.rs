@@ -46,7 +46,8 @@ pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()>
 /// calls cost next to nothing.
 const WRITE_PIECE: usize = 256 << 10;
 
-/// Writes all of `buf` at `offset`, in pieces of at most [`WRITE_PIECE`].
+/// Writes all of `buf` at `offset`, in pieces of at most 256 KiB (see
+/// `WRITE_PIECE`).
 pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
     let mut at = offset;
     for piece in buf.chunks(WRITE_PIECE) {

@@ -20,8 +20,11 @@
 //!    (counted to K+2, so nobody is sent symbols only to decode faster), and
 //!    blocks the sender has gone past that it lacks (as many as it has room
 //!    to buffer), with its loss rate.
-//! 5. When every block is written, the driver checks the whole file and
-//!    calls [`Receiver::handle_file_verified`]; the receiver says DONE until
+//! 5. When every block is written, the driver checks the whole file against
+//!    the SESSION's hash (a sender that hashes as it sends announces it
+//!    once it has read the whole file; a later SESSION may fill it in, and
+//!    nothing else) and calls [`Receiver::handle_file_verified`]; the
+//!    receiver says DONE until
 //!    the sender acknowledges (or a short linger ends). A closing END-OF-PASS
 //!    while blocks are still missing fails the session.
 //!

@@ -2,26 +2,31 @@
 //!
 //! # Protocol flow
 //!
-//! 1. *Announcing*: SESSION and every block hash go to the group each
-//!    announce interval. Receivers answer JOIN (unicast, to the feedback
-//!    port). With `min_receivers` the sender waits for that many joins (up to
-//!    `join_timeout`); otherwise for `startup`.
+//! 1. *Announcing*: SESSION and the block hashes go to the group each
+//!    announce interval. A sender not given the hashes learns them from its
+//!    encoder's first read of each block (announced at once, before the
+//!    block's symbols), and the file's from the blocks in order (SESSION
+//!    carries it from then on). Receivers answer JOIN (unicast, to the
+//!    feedback port). With `min_receivers` the sender waits for that many
+//!    joins (up to `join_timeout`); otherwise for `startup`.
 //! 2. *Sending*: blocks are opened in order, as many at a time as fit in
 //!    `interleave_bytes` (at least one, at most 16), and sent
 //!    round robin one symbol each, so a burst of loss hits many blocks
 //!    lightly. Each block gets its K source symbols plus an overhead share of
 //!    repair symbols (the larger of `--overhead` and the upper quartile of
-//!    the losses receivers report). SESSION and a few hash frames are
-//!    repeated each announce interval for late joiners.
+//!    the losses receivers report; the last two blocks a little more, as
+//!    every receiver decodes them at the very end). SESSION and a few hash
+//!    frames are repeated each announce interval for late joiners.
 //! 3. Receivers report NEEDS every feedback interval: per block, how many
 //!    symbols they still need and the highest ESI they saw. ESIs of a block go
 //!    out in increasing order, so every symbol above that ESI is still in
 //!    flight or queued; the sender counts those as arriving (less the
 //!    reported loss) and mints only the shortfall as fresh repair symbols. One
 //!    fresh symbol serves every receiver, so reports are merged by block.
-//! 4. After the first pass: END-OF-PASS, then repairs on demand until every
-//!    receiver that joined has said DONE (each DONE is acknowledged) or gone
-//!    silent for `receiver_timeout`; with nobody joined, after `linger`.
+//! 4. After the first pass: END-OF-PASS (repeated with every announcement),
+//!    then repairs on demand until every receiver that joined has said DONE
+//!    (each DONE is acknowledged) or gone silent for `receiver_timeout`;
+//!    with nobody joined, after `linger`.
 //!    Then three closing END-OF-PASS frames, and the session is finished.
 //!
 //! # Driving it
