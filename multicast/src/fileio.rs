@@ -41,9 +41,9 @@ pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()>
 /// the host faulting in memory the guest had freed). Writing 64 MiB in
 /// 4 MiB calls took 117-131 ms of CPU, in 256 KiB pieces 31-32 ms (a
 /// Python pwrite test after 6 s idle, two rounds); in the 8-receiver lab
-/// the receivers' `pwrite` was 12% of all CPU samples with 4 MiB blocks
-/// and under 1% with 2 MiB ones (`perf record -a`). Elsewhere the extra
-/// calls cost next to nothing.
+/// the receivers' copy into the page cache (`copy_folio_from_iter_atomic`)
+/// was 10% of all CPU samples with 4 MiB blocks and under 1% with 2 MiB
+/// ones (`perf record -a`). The price is 16 calls for a 4 MiB block.
 const WRITE_PIECE: usize = 256 << 10;
 
 /// Writes all of `buf` at `offset`, in pieces of at most 256 KiB (see
