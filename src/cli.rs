@@ -163,7 +163,8 @@ pub struct SendArgs {
     /// Interface name (eth0) or address (10.0.0.5); default: the one with the default route.
     #[arg(long, env = "SOMCAST_IFACE")]
     pub iface: Option<String>,
-    /// Rate on the wire, headers included, in bit/s (50M, 200M, 1G; 0 = unpaced).
+    /// Average rate on the wire, headers included, in bit/s (50M, 200M, 1G;
+    /// 0 = unpaced). Time lost waiting for a CPU is made up, at most 3% faster.
     #[arg(long, default_value = "100M", value_parser = parse_rate)]
     pub rate: u64,
     /// Least repair symbols per block in the first pass, in percent; raised

@@ -848,6 +848,7 @@ impl Sender {
             }
             .encode(self.session);
         } else if !self.next_symbol(now) {
+            self.pacer.idle(now);
             return None;
         }
         self.pacer.spend(self.buf.len());
