@@ -356,6 +356,8 @@ impl Partial {
             return Err(io::Error::other("block of the wrong length"));
         }
         multicast::driver::write_all_at(&self.file, data, layout.offset(block))?;
+        // So that `commit`'s sync finds one block to write, not the package.
+        multicast::driver::start_writeback(&self.file, layout.offset(block), data.len());
         self.mark_done(block)
     }
 }

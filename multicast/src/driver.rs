@@ -21,7 +21,7 @@ use crate::batch::{RecvBatch, SendBatch};
 use crate::codec::{self, BlockEncoder, Layout, LayoutError, Plan, sha256};
 use crate::fileio;
 /// Positional file I/O on every OS (used by the agent's cache as well).
-pub use crate::fileio::{read_exact_at, write_all_at};
+pub use crate::fileio::{read_exact_at, start_writeback, write_all_at};
 use crate::receiver::{
     BlockResult, DecodeJob, DecodeOutcome, ReceiveFailure, Receiver, ReceiverConfig, ReceiverEvent,
     ReceiverStats,
@@ -1094,6 +1094,7 @@ fn decode_worker(jobs: mpsc::Receiver<Work>, out: mpsc::Sender<WorkDone>, hash_w
                         data,
                     } => fileio::write_all_at(&file, &data[..len], offset)
                         .and_then(|()| {
+                            fileio::start_writeback(&file, offset, len);
                             if hash_whole_file {
                                 hasher.written(&layout, &file, block, data, len)
                             } else {
