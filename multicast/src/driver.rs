@@ -360,10 +360,17 @@ pub fn send_file(
             });
         }
         // Sleep until the pacer or a timer is due, but wake for the encoder.
+        // The loop reads the socket only when it wakes, so while a JOIN may
+        // start the data it wakes every millisecond, otherwise every 5 ms.
+        let longest = if sender.awaiting_joins() {
+            Duration::from_millis(1)
+        } else {
+            Duration::from_millis(5)
+        };
         let wake = sender
             .poll_timeout()
             .unwrap_or(now)
-            .clamp(now + SEND_MIN_SLEEP, now + Duration::from_millis(5));
+            .clamp(now + SEND_MIN_SLEEP, now + longest);
         if wake > now {
             match batch_rx.recv_timeout(wake - now) {
                 Ok(Ok(batch)) => sender.handle_batch(batch),
