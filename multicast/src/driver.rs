@@ -587,6 +587,7 @@ fn encode_worker(
     jobs: mpsc::Receiver<EncodeJob>,
     out: mpsc::Sender<Result<EncodedBatch, SendError>>,
 ) {
+    crate::background::yield_to_packet_loop();
     let plan = Plan::new(src.layout);
     let keep = keep.max(1);
     // Least recently used first.
@@ -1087,7 +1088,7 @@ impl FileHasher {
 }
 
 fn decode_worker(jobs: mpsc::Receiver<Work>, out: mpsc::Sender<WorkDone>, hash_whole_file: bool) {
-    crate::background::yield_to_receiving();
+    crate::background::yield_to_packet_loop();
     let mut hasher = FileHasher::default();
     for work in jobs {
         let done = match work {
