@@ -958,7 +958,9 @@ impl Sender {
     /// oldest block in the round robin always has its turn, so the caller's
     /// loop ends.
     fn may_send_now(&self, block: u32) -> bool {
-        let draining = self.youngest == Some(self.layout.block_count() - 1);
+        let draining = self
+            .youngest
+            .is_some_and(|b| b + 1 == self.layout.block_count());
         if !draining || !self.blocks[block as usize].first_pass {
             return true;
         }
