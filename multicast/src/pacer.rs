@@ -161,7 +161,7 @@ mod tests {
         assert!(burst <= 4, "{burst} frames in a burst");
     }
 
-    #[derive(Clone, Copy, PartialEq)]
+    #[derive(Clone, Copy)]
     enum Loop {
         /// Awake, with datagrams waiting.
         Sending,
@@ -186,11 +186,12 @@ mod tests {
         let mut t = 0.0;
         while t < secs {
             let now = start + Duration::from_secs_f64(t);
-            match if gap.contains(&t) {
+            let state = if gap.contains(&t) {
                 during
             } else {
                 Loop::Sending
-            } {
+            };
+            match state {
                 Loop::Stalled => {}
                 Loop::Idle => pacer.idle(now),
                 Loop::Sending => {

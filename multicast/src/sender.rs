@@ -14,11 +14,12 @@
 //!    round robin one symbol each, so a burst of loss hits many blocks
 //!    lightly. Once the last block has joined, only the two oldest take
 //!    turns, so that the blocks finish apart and receivers have decoded all
-//!    but the last by the end of the pass. Each block gets its K source symbols plus an overhead share of
-//!    repair symbols (the larger of `--overhead` and the upper quartile of
-//!    the losses receivers report; the last two blocks a little more, as
-//!    every receiver decodes them at the very end). SESSION and a few hash
-//!    frames are repeated each announce interval for late joiners.
+//!    but the last by the end of the pass. Each block gets its K source
+//!    symbols plus an overhead share of repair symbols (the larger of
+//!    `--overhead` and the upper quartile of the losses receivers report;
+//!    the last two blocks a little more, as every receiver decodes them at
+//!    the very end). SESSION and a few hash frames are repeated each
+//!    announce interval for late joiners.
 //! 3. Receivers report NEEDS every feedback interval: per block, how many
 //!    symbols they still need and the highest ESI they saw. ESIs of a block go
 //!    out in increasing order, so every symbol above that ESI is still in
