@@ -64,22 +64,24 @@ lab_session() {
     command -v curl >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
 }
 
-# lab_loss_on I LOSS: host I drops that share of the UDP it receives.
+# lab_loss_on I LOSS [DADDR]: host I drops that share of the UDP it
+# receives (only of that sent to DADDR, if given).
 lab_loss_on() {
     lab_loss_off "$1"
-    lab_ns_loss "${LAB_PREFIX}-h$1" "$2"
+    lab_ns_loss "${LAB_PREFIX}-h$1" "$2" "${3:-}"
 }
 
-# lab_ns_loss NS LOSS: namespace NS drops that share of the UDP it receives.
+# lab_ns_loss NS LOSS [DADDR]: namespace NS drops that share of the UDP it
+# receives (only of that sent to DADDR, if given).
 lab_ns_loss() {
-    local ns=$1 loss=$2 per10k
+    local ns=$1 loss=$2 to=${3:+ip daddr $3} per10k
     [ "$loss" = "0" ] && return 0
     per10k=$(awk -v l="$loss" 'BEGIN { printf "%d", l * 10000 + 0.5 }')
     ip netns exec "$ns" nft -f - <<NFT
 table inet lab {
     chain input {
         type filter hook input priority 0; policy accept;
-        meta l4proto udp numgen random mod 10000 < $per10k drop
+        $to meta l4proto udp numgen random mod 10000 < $per10k drop
     }
 }
 NFT
