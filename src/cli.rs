@@ -158,7 +158,7 @@ pub struct SendArgs {
     /// The file to send.
     pub file: PathBuf,
     /// Multicast group and port.
-    #[arg(long, default_value = DEFAULT_GROUP, env = "SOMCAST_GROUP")]
+    #[arg(long, default_value = DEFAULT_GROUP, env = "SOMCAST_GROUP", value_parser = parse_group)]
     pub group: SocketAddrV4,
     /// Interface name (eth0) or address (10.0.0.5); default: the one with the default route.
     #[arg(long, env = "SOMCAST_IFACE")]
@@ -194,7 +194,7 @@ pub struct SendArgs {
 #[derive(Debug, Args)]
 pub struct RecvArgs {
     /// Multicast group and port.
-    #[arg(long, default_value = DEFAULT_GROUP, env = "SOMCAST_GROUP")]
+    #[arg(long, default_value = DEFAULT_GROUP, env = "SOMCAST_GROUP", value_parser = parse_group)]
     pub group: SocketAddrV4,
     /// Interface name (eth0) or address (10.0.0.5); default: the one with the default route.
     #[arg(long, env = "SOMCAST_IFACE")]
@@ -262,7 +262,7 @@ pub struct ScanArgs {
     #[arg(long, default_value = "1500ms", value_parser = parse_duration)]
     pub wait: Duration,
     /// The agents' control group.
-    #[arg(long, default_value = DEFAULT_CONTROL_GROUP, env = "SOMCAST_CONTROL_GROUP")]
+    #[arg(long, default_value = DEFAULT_CONTROL_GROUP, env = "SOMCAST_CONTROL_GROUP", value_parser = parse_group)]
     pub control_group: SocketAddrV4,
     /// Print one JSON object on stdout.
     #[arg(long)]
@@ -291,7 +291,7 @@ pub struct AgentArgs {
     #[arg(long, env = "SOMCAST_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// The control group agents announce themselves on.
-    #[arg(long, env = "SOMCAST_CONTROL_GROUP")]
+    #[arg(long, env = "SOMCAST_CONTROL_GROUP", value_parser = parse_group)]
     pub control_group: Option<SocketAddrV4>,
     /// How often this agent announces itself (peers drop it after three).
     #[arg(long, env = "SOMCAST_PRESENCE_INTERVAL", value_parser = parse_duration)]
@@ -329,6 +329,22 @@ fn parse_probability(s: &str) -> Result<f64, String> {
         return Err(format!("{v} is not between 0 and 1"));
     }
     Ok(v)
+}
+
+/// A multicast group and port: a unicast address is bad usage, caught
+/// here (exit 2) rather than when the socket is set up.
+fn parse_group(s: &str) -> Result<SocketAddrV4, String> {
+    let group: SocketAddrV4 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IPv4 address and port, e.g. 239.192.0.1:7400"))?;
+    if !group.ip().is_multicast() {
+        return Err(format!(
+            "{} is not an IPv4 multicast address (use 224.0.0.0/4, e.g. 239.192.0.1:{})",
+            group.ip(),
+            group.port()
+        ));
+    }
+    Ok(group)
 }
 
 fn parse_share(s: &str) -> Result<f64, String> {

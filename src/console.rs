@@ -168,7 +168,7 @@ async fn task_async(cmd: &TaskCommand) -> anyhow::Result<bool> {
                     }
                     Err(e) => {
                         refused += 1;
-                        eprintln!("{a}: {e:#}");
+                        eprintln!("{a}: {}", crate::error_text(e.as_ref()));
                     }
                 }
             }
@@ -216,7 +216,7 @@ async fn task_async(cmd: &TaskCommand) -> anyhow::Result<bool> {
                     }
                     Err(e) => {
                         ok = false;
-                        println!("{a}: {e:#}");
+                        println!("{a}: {}", crate::error_text(e.as_ref()));
                     }
                 }
             }
@@ -238,7 +238,7 @@ async fn poll(c: &Console, id: &str) -> BTreeMap<String, Value> {
             Ok((code, v)) => {
                 json!({ "state": "unknown", "error": format!("{code}: {}", v["error"].as_str().unwrap_or("?")) })
             }
-            Err(e) => json!({ "state": "unreachable", "error": format!("{e:#}") }),
+            Err(e) => json!({ "state": "unreachable", "error": crate::error_text(e.as_ref()) }),
         };
         out.insert(a.clone(), v);
     }

@@ -230,6 +230,9 @@ fn unreadable_file_is_named_and_exits_1() {
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("/nonexistent/pkg.msi"), "{err}");
+    assert!(err.contains("check the path"), "{err}");
+    // The OS error is quoted once, not once more as the cause.
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
 }
 
 #[test]
@@ -245,7 +248,8 @@ fn unknown_interface_and_unicast_group_are_explained() {
         .args(["--group", "10.1.2.3:7400"])
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(1));
+    // Bad usage: caught while parsing the arguments.
+    assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not an IPv4 multicast address"));
 }
 

@@ -53,7 +53,7 @@ const SEND_MIN_SLEEP: Duration = Duration::from_micros(500);
 
 #[derive(Debug, Error)]
 pub enum SendError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {source} (check the path and that it is readable)")]
     Read {
         path: PathBuf,
         #[source]
@@ -79,7 +79,9 @@ pub enum SendError {
 pub enum RecvError {
     #[error(transparent)]
     Socket(#[from] SocketError),
-    #[error("cannot write {path}: {source}")]
+    #[error(
+        "cannot write {path}: {source} (check that its directory exists, is writable and has room)"
+    )]
     Write {
         path: PathBuf,
         #[source]

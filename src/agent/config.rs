@@ -240,8 +240,26 @@ mod tests {
         );
         let err = AgentConfig::load(&args(&["--token", "short"])).unwrap_err();
         assert!(err.to_string().contains("at least 8"));
-        let err = AgentConfig::load(&args(&["--control-group", "10.0.0.1:7479"])).unwrap_err();
-        assert!(err.to_string().contains("not a multicast address"));
+        // A unicast control group: from a flag it is bad usage, refused as
+        // the arguments are parsed; from the file, when they are merged.
+        let err = crate::cli::Cli::try_parse_from([
+            "somcast",
+            "agent",
+            "--control-group",
+            "10.0.0.1:7479",
+        ])
+        .unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.to_string().contains("not an IPv4 multicast address"),
+            "{err}"
+        );
+        std::fs::write(&file, "control_group = \"10.0.0.1:7479\"\n").unwrap();
+        let err = AgentConfig::load(&args(&["--config", file.to_str().unwrap()])).unwrap_err();
+        assert!(
+            err.to_string().contains("not a multicast address"),
+            "{err:#}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

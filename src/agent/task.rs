@@ -347,14 +347,14 @@ async fn run(agent: Arc<Agent>, id: String) {
             }
             Err(e) => {
                 s.state = State::Failed;
-                s.error = Some(format!("{e:#}"));
+                s.error = Some(crate::error_text(e.as_ref()));
             }
         }
     });
     save(&agent, &id);
     match &result {
         Ok(()) => tracing::info!("task {id}: done"),
-        Err(e) => tracing::warn!("task {id}: {e:#}"),
+        Err(e) => tracing::warn!("task {id}: {}", crate::error_text(e.as_ref())),
     }
     let evicted = agent.cache.evict();
     if !evicted.is_empty() {
