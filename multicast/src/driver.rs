@@ -298,6 +298,8 @@ pub fn send_file(
     // that takes the lot (as a lab that drops whole segmented sends does)
     // costs each block at most one symbol.
     let mut send_batch = SendBatch::new(sender.interleave() as usize);
+    // After the encoder is spawned, which is to keep the default slice.
+    let _slice = crate::background::PacingSlice::enter();
     let result = loop {
         let now = Instant::now();
         if opts
