@@ -88,6 +88,7 @@ fn run_in(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
             },
             drop_rate: args.loss,
             drop_seed: u64::from(i) + 1,
+            stop: None,
         };
         let handle = thread::Builder::new()
             .name(format!("demo-recv-{i}"))

@@ -2,6 +2,8 @@
 
 use std::io::IsTerminal;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -25,6 +27,23 @@ pub fn pick_iface(spec: Option<&str>) -> anyhow::Result<Ipv4Addr> {
             Ok(i.addr)
         }
     }
+}
+
+/// Set on Ctrl-C (and on SIGTERM or SIGHUP): the send or receive then stops
+/// cleanly. A second one exits at once. Installed once per process, which
+/// runs one send or receive.
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let seen = flag.clone();
+    let installed = ctrlc::set_handler(move || {
+        if seen.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+    if let Err(e) = installed {
+        tracing::warn!("Ctrl-C will not stop cleanly: {e}");
+    }
+    flag
 }
 
 /// A progress bar on a terminal, nothing otherwise (or with `--json`).
@@ -62,6 +81,7 @@ pub fn send(args: &SendArgs) -> anyhow::Result<bool> {
         block_size,
         symbol_size: args.symbol_size,
         ttl: args.ttl,
+        stop: Some(interrupt_flag()),
         ..SendOptions::default()
     };
     let bar = progress_bar(0, args.json);
@@ -80,9 +100,15 @@ pub fn send(args: &SendArgs) -> anyhow::Result<bool> {
             ));
         }
     };
-    let report = multicast::send_file(&args.file, args.group, iface, &opts, &mut on_progress)
-        .with_context(|| format!("sending {}", args.file.display()))?;
+    let result = multicast::send_file(&args.file, args.group, iface, &opts, &mut on_progress);
     bar.finish_and_clear();
+    let report = match result {
+        Err(multicast::driver::SendError::Stopped) => bail!(
+            "sending {}: interrupted; the receivers were told that the session is closed",
+            args.file.display()
+        ),
+        r => r.with_context(|| format!("sending {}", args.file.display()))?,
+    };
     let s = &report.stats;
     let ok = s.receivers_lost == 0 && s.receivers_done >= args.min_receivers;
     if args.json {
@@ -166,6 +192,7 @@ pub fn recv(args: &RecvArgs) -> anyhow::Result<bool> {
         },
         drop_rate: args.drop_rate,
         drop_seed: args.seed,
+        stop: Some(interrupt_flag()),
     };
     let bar = progress_bar(0, args.json);
     let mut on_progress = |p: RecvProgress| {
@@ -181,6 +208,10 @@ pub fn recv(args: &RecvArgs) -> anyhow::Result<bool> {
     bar.finish_and_clear();
     let report = match result {
         Ok(r) => r,
+        Err(multicast::driver::RecvError::Stopped) => bail!(
+            "receiving into {}: interrupted; nothing was written (the partial file is removed)",
+            args.out.display()
+        ),
         Err(e) => bail!(
             "receiving into {} from {} on {iface}: {e}",
             args.out.display(),

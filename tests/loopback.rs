@@ -271,15 +271,26 @@ fn receiver_without_sender_times_out_with_advice() {
     assert!(!out.exists());
 }
 
-#[test]
-fn a_killed_sender_leaves_no_file_behind() {
-    let dir = TempDir::new("killed");
+/// Sends SIGINT, as Ctrl-C on a terminal does.
+#[cfg(unix)]
+fn interrupt(child: &Child) {
+    let ok = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -INT failed");
+}
+
+/// A receiver (idle timeout `timeout`) and a 20 MiB send at 20 Mbit/s to
+/// it, 1.5 s into the transfer; the caller interrupts or kills one of them.
+fn slow_transfer(dir: &TempDir, timeout: &str) -> (Child, Child, PathBuf) {
     let src = dir.0.join("src.bin");
-    generate_file(&src, 20 * 1024 * 1024, 5).unwrap();
+    generate_file(&src, 20 * 1024 * 1024, 9).unwrap();
     let group = private_group();
     let out = dir.0.join("out.bin");
     let receiver = Command::new(BIN)
-        .args(["recv", "--iface", "127.0.0.1", "--timeout", "1s"])
+        .args(["recv", "--iface", "127.0.0.1", "--timeout", timeout])
         .arg("--group")
         .arg(group.to_string())
         .arg("--out")
@@ -287,23 +298,64 @@ fn a_killed_sender_leaves_no_file_behind() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut sender = Command::new(BIN)
-        .args([
-            "send",
-            "--iface",
-            "127.0.0.1",
-            "--rate",
-            "20M",
-            "--min-receivers",
-            "1",
-        ])
-        .arg("--group")
+    let sender = Command::new(BIN)
+        .args(["send", "--iface", "127.0.0.1", "--rate", "20M"])
+        .args(["--min-receivers", "1", "--group"])
         .arg(group.to_string())
         .arg(&src)
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     thread::sleep(Duration::from_millis(1500));
+    (receiver, sender, out)
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_on_the_sender_tells_the_receivers_at_once() {
+    let dir = TempDir::new("int-send");
+    // An idle timeout far longer than the test may take: the receiver
+    // must stop because it was told, not because it waited.
+    let (receiver, sender, out) = slow_transfer(&dir, "120s");
+    interrupt(&sender);
+    let started = std::time::Instant::now();
+    let s = sender.wait_with_output().unwrap();
+    assert_eq!(s.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&s.stderr);
+    assert!(err.contains("interrupted"), "{err}");
+    let r = receiver.wait_with_output().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(r.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("sender closed the session"), "{err}");
+    assert!(!out.exists());
+    assert!(!multicast::driver::partial_path(&out).exists());
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_on_the_receiver_leaves_no_partial_file() {
+    let dir = TempDir::new("int-recv");
+    let (receiver, mut sender, out) = slow_transfer(&dir, "30s");
+    assert!(
+        multicast::driver::partial_path(&out).exists(),
+        "receiving had started"
+    );
+    interrupt(&receiver);
+    let r = receiver.wait_with_output().unwrap();
+    assert_eq!(r.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("interrupted; nothing was written"), "{err}");
+    assert!(!out.exists());
+    assert!(!multicast::driver::partial_path(&out).exists());
+    sender.kill().unwrap();
+    let _ = sender.wait();
+}
+
+#[test]
+fn a_killed_sender_leaves_no_file_behind() {
+    let dir = TempDir::new("killed");
+    let (receiver, mut sender, out) = slow_transfer(&dir, "1s");
     sender.kill().unwrap();
     let _ = sender.wait();
     let o = receiver.wait_with_output().unwrap();

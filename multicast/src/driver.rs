@@ -300,14 +300,19 @@ pub fn send_file(
     let mut send_batch = SendBatch::new(sender.interleave() as usize);
     // After the encoder is spawned, which is to keep the default slice.
     let _slice = crate::background::PacingSlice::enter();
+    // Set once `opts.stop` is seen: the closing frames go out, then the
+    // send ends with `Stopped`.
+    let mut stopping = false;
     let result = loop {
         let now = Instant::now();
-        if opts
-            .stop
-            .as_ref()
-            .is_some_and(|s| s.load(Ordering::Relaxed))
+        if !stopping
+            && opts
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Relaxed))
         {
-            break Err(SendError::Stopped);
+            stopping = true;
+            sender.close();
         }
         if let Some(a) = &opts.available {
             sender.set_available(a.load(Ordering::Acquire));
@@ -351,7 +356,11 @@ pub fn send_file(
             });
         }
         if sender.is_finished() {
-            break Ok(());
+            break if stopping {
+                Err(SendError::Stopped)
+            } else {
+                Ok(())
+            };
         }
         let now = Instant::now();
         if now >= last_progress + PROGRESS_EVERY {
@@ -651,6 +660,9 @@ pub struct RecvOptions {
     pub drop_rate: f64,
     /// Seed of the drop decisions.
     pub drop_seed: u64,
+    /// Set to stop receiving (Ctrl-C); the receive then fails with
+    /// `Stopped` and removes its partial file.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl Default for RecvOptions {
@@ -659,6 +671,7 @@ impl Default for RecvOptions {
             session: ReceiverConfig::default(),
             drop_rate: 0.0,
             drop_seed: 1,
+            stop: None,
         }
     }
 }
@@ -772,10 +785,10 @@ fn receive_core(
         .set_read_timeout(Some(Duration::from_millis(5)))
         .map_err(RecvError::Recv)?;
     let result: Result<(), RecvError> = 'run: loop {
-        if resume
-            .as_ref()
-            .and_then(|r| r.stop.as_ref())
-            .is_some_and(|s| s.load(Ordering::Relaxed))
+        if (resume.as_ref().and_then(|r| r.stop.as_ref()))
+            .into_iter()
+            .chain(&opts.stop)
+            .any(|s| s.load(Ordering::Relaxed))
         {
             break 'run Err(RecvError::Stopped);
         }

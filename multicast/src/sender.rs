@@ -380,6 +380,15 @@ impl Sender {
     pub fn is_finished(&self) -> bool {
         self.phase == Phase::Finished
     }
+    /// Ends the session early (the user or the task stopped it): no more
+    /// data, only the closing END-OF-PASS frames, so that receivers stop
+    /// at once with "sender closed" instead of waiting out their idle
+    /// timeout. Then [`Sender::is_finished`].
+    pub fn close(&mut self) {
+        if !matches!(self.phase, Phase::Closing { .. } | Phase::Finished) {
+            self.phase = Phase::Closing { left: 3 };
+        }
+    }
     /// Waiting for `min_receivers` joins: the next JOIN may start the data.
     pub fn awaiting_joins(&self) -> bool {
         matches!(self.phase, Phase::Announcing { .. }) && self.cfg.min_receivers > 0
@@ -1110,6 +1119,65 @@ mod tests {
             }
         }
         (layout, order)
+    }
+
+    #[test]
+    fn a_closed_session_sends_only_its_closing_frames_then_finishes() {
+        let now = Instant::now();
+        let cfg = SenderConfig {
+            rate_bps: 0,
+            startup: Duration::ZERO,
+            ..SenderConfig::default()
+        };
+        let mut s = ten_block_sender(now, cfg);
+        let t = usize::from(s.layout.symbol_size());
+        let k = s.layout.k() as usize;
+        let mut data = 0;
+        let mut after_close = Vec::new();
+        // Steps of the pass until 100 data symbols went out (round 0), then
+        // one step after close (round 1).
+        for round in std::iter::repeat_n(0, 50).chain([1]) {
+            if round == 0 && data == 100 {
+                continue;
+            }
+            if round == 1 {
+                s.close();
+            }
+            s.handle_timeout(now);
+            while let Some(job) = s.poll_job() {
+                s.handle_batch(EncodedBatch {
+                    block: job.block,
+                    source: job.with_source.then(|| vec![0; k * t]),
+                    repair_first_esi: job.repair_first_esi,
+                    repair: vec![0; job.repair_count as usize * t],
+                    more: false,
+                    hashes: Vec::new(),
+                    file_sha256: None,
+                });
+            }
+            while let Some(bytes) = s.poll_transmit(now) {
+                // D: data, C: closing END-OF-PASS, o: any other frame.
+                let kind = match wire::decode(bytes).unwrap().frame {
+                    Frame::Data(_) => 'D',
+                    Frame::EndOfPass { closing: true, .. } => 'C',
+                    _ => 'o',
+                };
+                if round == 0 {
+                    data += usize::from(kind == 'D');
+                    if data == 100 {
+                        break;
+                    }
+                } else {
+                    after_close.push(kind);
+                }
+            }
+        }
+        assert_eq!(data, 100, "the pass had started");
+        // Control frames already queued may go first; no data does.
+        assert!(!after_close.contains(&'D'), "{after_close:?}");
+        assert_eq!(after_close.iter().filter(|&&k| k == 'C').count(), 3);
+        assert!(s.is_finished());
+        assert!(std::iter::from_fn(|| s.poll_event()).any(|e| e == SenderEvent::Finished));
     }
 
     #[test]

@@ -490,6 +490,7 @@ async fn receive(
                 },
                 drop_rate,
                 drop_seed: node,
+                stop: None,
             };
             let mut leftovers = Vec::new();
             let res = multicast::driver::receive_resume(
