@@ -30,16 +30,16 @@ mkdir -p "$WORK/origin"
 bytes=$(numfmt --from=iec "$size")
 head -c "$bytes" /dev/urandom >"$WORK/origin/pkg.bin"
 lab_exec 0 "$BIN" serve "$WORK/origin" --listen "$LAB_NET.1:8080" 2>/dev/null &
-"$BIN" manifest create "$WORK/origin/pkg.bin" --url "http://$LAB_NET.1:8080/pkg.bin" -o "$WORK/pkg.json" 2>/dev/null
+"$BIN" manifest create "$WORK/origin/pkg.bin" --url "http://$LAB_NET.1:8080/pkg.bin" -o "$WORK/pkg.json" --sign "$KEY" 2>/dev/null
 for i in 1 2; do
     lab_exec "$i" "$BIN" agent --iface eth0 --cache "$WORK/cache$i" --api "$LAB_NET.$((i + 1)):7480" \
-        --token "$TOKEN" >"$WORK/agent$i.log" 2>&1 &
+        --token "$TOKEN" --trust "$PUB" >"$WORK/agent$i.log" 2>&1 &
 done
 sleep 1.5
-lab_exec 0 "$BIN" task start --agent "http://$LAB_NET.2:7480" --token "$TOKEN" --manifest "$WORK/pkg.json" \
+lab_exec 0 "$BIN" task start --agent "http://$LAB_NET.2:7480" --token "$TOKEN" --manifest "$WORK/pkg.json" --sign "$KEY" \
     --cache-only --delay 0s --wait >/dev/null 2>&1
 sleep 6 # presence carries A's HAVE to B
-lab_exec 0 "$BIN" task start --agent "http://$LAB_NET.3:7480" --token "$TOKEN" --manifest "$WORK/pkg.json" \
+lab_exec 0 "$BIN" task start --agent "http://$LAB_NET.3:7480" --token "$TOKEN" --manifest "$WORK/pkg.json" --sign "$KEY" \
     --cache-only --delay 0s --wait >"$WORK/b.out" 2>&1 || { cat "$WORK/b.out"; exit 1; }
 id=$(head -1 "$WORK/b.out")
 status=$(lab_exec 0 curl -s -H "Authorization: Bearer $TOKEN" "http://$LAB_NET.3:7480/v1/tasks/$id") || true

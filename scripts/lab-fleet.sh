@@ -29,6 +29,8 @@ done
 cargo build --release -q
 BIN=$PWD/target/release/somcast
 WORK=$(mktemp -d)
+"$BIN" key generate "$WORK/publisher" 2>/dev/null
+KEY=$WORK/publisher.key PUB=$WORK/publisher.pub
 
 trap 'lab_down_matching "^lf-"; rm -rf "$WORK"' EXIT
 lab_down_matching "^lf-"
@@ -79,8 +81,8 @@ mkdir -p "$WORK/origin"
 bytes=$(numfmt --from=iec "$size")
 head -c "$bytes" /dev/urandom >"$WORK/origin/pkg.bin"
 ip netns exec lf-o "$BIN" serve "$WORK/origin" --listen 10.81.9.10:8080 2>"$WORK/serve.log" &
-"$BIN" manifest create "$WORK/origin/pkg.bin" --url http://10.81.9.10:8080/pkg.bin -o "$WORK/pkg.json" 2>/dev/null
-content=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["content_id"])' "$WORK/pkg.json")
+"$BIN" manifest create "$WORK/origin/pkg.bin" --url http://10.81.9.10:8080/pkg.bin -o "$WORK/pkg.json" --sign "$KEY" 2>/dev/null
+content=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); d=json.loads(d["document"]) if "document" in d else d; print(d["content_id"])' "$WORK/pkg.json")
 sleep 0.5
 
 wan_tx() { ip netns exec lf-rt cat "/sys/class/net/eth-$1/statistics/tx_bytes"; }
@@ -90,14 +92,14 @@ targets=()
 for hv in "${hosts[@]}"; do
     h=${hv%%:*} addr=${hv##*:}
     ip netns exec "$h" "$BIN" agent --iface eth0 --cache "$WORK/cache-$h" --api "$addr:7480" \
-        --token "$TOKEN" --rate 200M >"$WORK/agent-$h.log" 2>&1 &
+        --token "$TOKEN" --trust "$PUB" --rate 200M >"$WORK/agent-$h.log" 2>&1 &
     targets+=(--agent "http://$addr:7480")
 done
 sleep 1.5
 
 a0=$(wan_tx a) b0=$(wan_tx b)
 t0=$(date +%s.%N)
-ip netns exec lf-o "$BIN" task start "${targets[@]}" --token "$TOKEN" --manifest "$WORK/pkg.json" \
+ip netns exec lf-o "$BIN" task start "${targets[@]}" --token "$TOKEN" --manifest "$WORK/pkg.json" --sign "$KEY" \
     --delay 3s --wait --timeout 600s >"$WORK/task.out" 2>"$WORK/task.err" || { cat "$WORK/task.out" "$WORK/task.err"; exit 1; }
 t1=$(date +%s.%N)
 a1=$(wan_tx a) b1=$(wan_tx b)

@@ -54,13 +54,16 @@ lab_down_matching() {
 }
 
 # lab_session TAG: builds somcast, sets BIN, WORK (removed on exit, with the
-# lab) and TOKEN, and installs curl for talking to agents' APIs.
+# lab), TOKEN, and a publisher key pair KEY / PUB (agents get --trust "$PUB",
+# the console --sign "$KEY"), and installs curl for talking to agents' APIs.
 lab_session() {
     cargo build --release -q
     BIN=$PWD/target/release/somcast
     WORK=$(mktemp -d)
     trap 'lab_down; rm -rf "$WORK"' EXIT
     TOKEN=$1-token-$$
+    "$BIN" key generate "$WORK/publisher" 2>/dev/null
+    KEY=$WORK/publisher.key PUB=$WORK/publisher.pub
     command -v curl >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
 }
 

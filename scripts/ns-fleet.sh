@@ -34,19 +34,19 @@ mkdir -p "$WORK/origin"
 bytes=$(numfmt --from=iec "$size")
 head -c "$bytes" /dev/urandom >"$WORK/origin/pkg.bin"
 lab_exec 0 "$BIN" serve "$WORK/origin" --listen "$LAB_NET.1:8080" 2>"$WORK/serve.log" &
-"$BIN" manifest create "$WORK/origin/pkg.bin" --url "http://$LAB_NET.1:8080/pkg.bin" -o "$WORK/pkg.json" 2>/dev/null
-content=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["content_id"])' "$WORK/pkg.json")
+"$BIN" manifest create "$WORK/origin/pkg.bin" --url "http://$LAB_NET.1:8080/pkg.bin" -o "$WORK/pkg.json" --sign "$KEY" 2>/dev/null
+content=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); d=json.loads(d["document"]) if "document" in d else d; print(d["content_id"])' "$WORK/pkg.json")
 
 targets=()
 for ((i = 1; i <= agents; i++)); do
     lab_exec "$i" "$BIN" agent --iface eth0 --cache "$WORK/cache$i" --api "$LAB_NET.$((i + 1)):7480" \
-        --token "$TOKEN" --rate 100M >"$WORK/agent$i.log" 2>&1 &
+        --token "$TOKEN" --trust "$PUB" --rate 100M >"$WORK/agent$i.log" 2>&1 &
     targets+=(--agent "http://$LAB_NET.$((i + 1)):7480")
 done
 sleep 1.5
 
 start=$(date +%s.%N)
-if ! lab_exec 0 "$BIN" task start "${targets[@]}" --token "$TOKEN" --manifest "$WORK/pkg.json" \
+if ! lab_exec 0 "$BIN" task start "${targets[@]}" --token "$TOKEN" --manifest "$WORK/pkg.json" --sign "$KEY" \
     --delay 3s --wait --timeout 300s >"$WORK/task.out" 2>"$WORK/task.err"; then
     echo "FAIL: task start --wait did not exit 0"; cat "$WORK/task.out" "$WORK/task.err"
     tail -5 "$WORK"/agent*.log; exit 1

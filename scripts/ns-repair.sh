@@ -36,11 +36,11 @@ head -c "$bytes" /dev/urandom >"$WORK/origin/late.bin"
 head -c "$bytes" /dev/urandom >"$WORK/origin/failover.bin"
 lab_exec 0 "$BIN" serve "$WORK/origin" --listen "$LAB_NET.1:8080" 2>/dev/null &
 for f in late failover; do
-    "$BIN" manifest create "$WORK/origin/$f.bin" --url "http://$LAB_NET.1:8080/$f.bin" -o "$WORK/$f.json" 2>/dev/null
+    "$BIN" manifest create "$WORK/origin/$f.bin" --url "http://$LAB_NET.1:8080/$f.bin" -o "$WORK/$f.json" --sign "$KEY" 2>/dev/null
 done
 for ((i = 1; i <= agents; i++)); do
     lab_exec "$i" "$BIN" agent --iface eth0 --cache "$WORK/cache$i" --api "$LAB_NET.$((i + 1)):7480" \
-        --token "$TOKEN" --rate 100M >"$WORK/agent$i.log" 2>&1 &
+        --token "$TOKEN" --trust "$PUB" --rate 100M >"$WORK/agent$i.log" 2>&1 &
 done
 sleep 1.5
 
@@ -76,7 +76,7 @@ start_task() { # manifest, agents...
     local m=$1 i targets=()
     shift
     for i in "$@"; do targets+=(--agent "http://$LAB_NET.$((i + 1)):7480"); done
-    lab_exec 0 "$BIN" task start "${targets[@]}" --token "$TOKEN" --manifest "$m" --delay 2s >"$WORK/id.out"
+    lab_exec 0 "$BIN" task start "${targets[@]}" --token "$TOKEN" --manifest "$m" --sign "$KEY" --delay 2s >"$WORK/id.out"
     head -1 "$WORK/id.out"
 }
 all_but_last=$(seq 1 $((agents - 1)))
@@ -87,7 +87,7 @@ id=$(start_task "$WORK/late.json" $all_but_last)
 rep=$(representative "$id" $all_but_last) || exit 1
 wait_until "$((rep == 1 ? 2 : 1))" "$id" 's["blocks_done"] * 2 >= s["block_count"]'
 lab_exec 0 "$BIN" task start --agent "http://$LAB_NET.$((agents + 1)):7480" --token "$TOKEN" \
-    --manifest "$WORK/late.json" --delay 2s >/dev/null
+    --manifest "$WORK/late.json" --sign "$KEY" --delay 2s >/dev/null
 # The console made a new id for the late agent; find it.
 late_id=$(api "$agents" /v1/tasks | python3 -c 'import json,sys; print(json.load(sys.stdin)["tasks"][0]["id"])')
 for i in $all_but_last; do wait_until "$i" "$id" 's["state"] == "done"'; done

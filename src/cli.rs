@@ -45,6 +45,9 @@ pub enum Command {
     Scan(ScanArgs),
     /// The daemon on every endpoint: presence, tasks, control API.
     Agent(AgentArgs),
+    /// Publisher keys (sign what agents act on).
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Describe a package for distribution.
     #[command(subcommand)]
     Manifest(ManifestCommand),
@@ -53,6 +56,13 @@ pub enum Command {
     Task(TaskCommand),
     /// A lab origin: serves a directory over HTTP with Range support.
     Serve(ServeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Write NAME.key (secret, 0600, never printed) and NAME.pub (one line,
+    /// for agents' --trust); minisign's formats.
+    Generate { name: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -65,7 +75,50 @@ pub enum ManifestCommand {
         url: Vec<String>,
         #[arg(short, long)]
         out: Option<PathBuf>,
+        /// Sign the manifest with this publisher key (NAME.key).
+        #[arg(long)]
+        sign: Option<PathBuf>,
     },
+}
+
+/// What a task orders: `task sign` writes it, `task start` can too.
+#[derive(Debug, Args)]
+pub struct OrderArgs {
+    /// Manifest file or URL.
+    #[arg(long)]
+    pub manifest: Option<String>,
+    /// Sign with this publisher key (NAME.key); agents act only on tasks
+    /// signed by a key they trust.
+    #[arg(long)]
+    pub sign: Option<PathBuf>,
+    /// Stage the package in the cache only (pinned), run nothing.
+    #[arg(long, conflicts_with = "run")]
+    pub cache_only: bool,
+    /// Command run with the verified file's path ($1, SOMCAST_FILE).
+    #[arg(long)]
+    pub run: Option<String>,
+    /// Longest run of the command; then it is stopped.
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    pub run_timeout: Duration,
+    /// How long a cache-only package stays pinned, in days.
+    #[arg(long, default_value_t = 30)]
+    pub pin_days: u32,
+    /// From election to multicast start.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub delay: Duration,
+    /// Multicast rate of the representative (default: the agent's).
+    #[arg(long, value_parser = parse_rate)]
+    pub rate: Option<u64>,
+    /// Agents refuse the task before this time (2026-12-24T18:00:00Z, unix
+    /// seconds, or a duration from now such as 2h).
+    #[arg(long)]
+    pub not_before: Option<String>,
+    /// Agents refuse the task after this time (same forms; at most a year).
+    #[arg(long, default_value = "7d")]
+    pub expires: String,
+    /// Task id (default: 128 random bits); an agent runs an id once, ever.
+    #[arg(long)]
+    pub id: Option<String>,
 }
 
 /// Which agents a console command talks to.
@@ -77,16 +130,17 @@ pub struct Targets {
     /// File with one agent URL per line (# comments allowed).
     #[arg(long = "agents")]
     pub agents_file: Option<PathBuf>,
-    /// The agents' API token.
+    /// The agents' API token: needed to read status, and to start or
+    /// cancel unsigned tasks on insecure lab agents.
     #[arg(long, env = "SOMCAST_TOKEN", hide_env_values = true)]
-    pub token: String,
+    pub token: Option<String>,
 }
 
 /// Borrowed view of [`Targets`].
 pub struct TargetsRef<'a> {
     pub agents: &'a [String],
     pub agents_file: Option<&'a PathBuf>,
-    pub token: &'a str,
+    pub token: Option<&'a str>,
 }
 
 impl Targets {
@@ -94,32 +148,31 @@ impl Targets {
         TargetsRef {
             agents: &self.agents,
             agents_file: self.agents_file.as_ref(),
-            token: &self.token,
+            token: self.token.as_deref(),
         }
     }
 }
 
 #[derive(Debug, Subcommand)]
 pub enum TaskCommand {
-    /// Hand a task to every target agent; prints the task id.
+    /// Write one task document (signed with --sign) and its manifest to
+    /// -o, for `task start --task` or any other way to agents.
+    Sign {
+        #[command(flatten)]
+        order: OrderArgs,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+    /// Hand a task to every target agent (a document from `task sign`, or
+    /// one made from --manifest and the options); prints the task id.
     Start {
         #[command(flatten)]
         targets: Targets,
-        /// Manifest file or URL.
-        #[arg(long)]
-        manifest: String,
-        /// Stage the package in the cache only (pinned), run nothing.
-        #[arg(long)]
-        cache_only: bool,
-        /// Command run with the verified file's path ($1, SOMCAST_FILE).
-        #[arg(long)]
-        run: Option<String>,
-        /// From election to multicast start.
-        #[arg(long, default_value = "60s", value_parser = parse_duration)]
-        delay: Duration,
-        /// Multicast rate of the representative (default: the agent's).
-        #[arg(long, value_parser = parse_rate)]
-        rate: Option<u64>,
+        /// A task document written by `task sign`, sent unchanged.
+        #[arg(long, conflicts_with_all = ["manifest", "sign", "run", "cache_only", "id"])]
+        task: Option<PathBuf>,
+        #[command(flatten)]
+        order: OrderArgs,
         /// Wait and show progress; exit 0 only when every agent succeeded.
         #[arg(long)]
         wait: bool,
@@ -140,6 +193,10 @@ pub enum TaskCommand {
         id: String,
         #[command(flatten)]
         targets: Targets,
+        /// Sign the order with this publisher key (agents that are not in
+        /// the insecure lab mode take only signed orders).
+        #[arg(long)]
+        sign: Option<PathBuf>,
     },
 }
 
@@ -319,6 +376,14 @@ pub struct AgentArgs {
     /// Free disk the cache leaves (default 2G).
     #[arg(long, env = "SOMCAST_CACHE_MIN_FREE", value_parser = parse_size)]
     pub cache_min_free: Option<u64>,
+    /// Publisher public key file (NAME.pub) whose signed tasks this agent
+    /// acts on; repeat for more (SOMCAST_TRUST: comma-separated).
+    #[arg(long = "trust", env = "SOMCAST_TRUST", value_delimiter = ',')]
+    pub trust: Vec<PathBuf>,
+    /// Lab only: act on unsigned tasks too (the API token then guards
+    /// writes). Said loudly at start, in the log and in status.
+    #[arg(long, env = "SOMCAST_INSECURE_UNSIGNED")]
+    pub insecure_unsigned: bool,
 }
 
 fn parse_probability(s: &str) -> Result<f64, String> {

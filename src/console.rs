@@ -8,26 +8,57 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::cli::{ManifestCommand, TargetsRef, TaskCommand};
+use crate::cache::now_unix;
+use crate::cli::{KeyCommand, ManifestCommand, OrderArgs, TargetsRef, TaskCommand};
 use crate::manifest::Manifest;
+use crate::trust::issue::{self, TaskOrder};
+use crate::trust::{Action, Bundle, ControlAction, Signer};
 
 pub fn manifest(cmd: &ManifestCommand) -> anyhow::Result<bool> {
-    let ManifestCommand::Create { file, url, out } = cmd;
+    let ManifestCommand::Create {
+        file,
+        url,
+        out,
+        sign,
+    } = cmd;
+    let signer = sign.as_deref().map(Signer::load).transpose()?;
     let m = Manifest::create(file, url.clone())?;
     let out = out.clone().unwrap_or_else(|| {
         let mut name = file.file_name().unwrap_or_default().to_os_string();
         name.push(".somcast.json");
         file.with_file_name(name)
     });
-    let json = serde_json::to_vec_pretty(&m)?;
-    std::fs::write(&out, json).with_context(|| format!("writing {}", out.display()))?;
+    let env = issue::manifest(&m, signer.as_ref())?;
+    // A signed manifest is written as its envelope; an unsigned one as the
+    // plain manifest, as before.
+    let bytes = match &signer {
+        Some(_) => serde_json::to_vec_pretty(&env)?,
+        None => env.document.into_bytes(),
+    };
+    std::fs::write(&out, bytes).with_context(|| format!("writing {}", out.display()))?;
     eprintln!(
-        "{}: content {} ({} bytes, {} blocks) -> {}",
+        "{}: content {} ({} bytes, {} blocks) -> {}{}",
         file.display(),
         m.content_id,
         m.size,
         m.block_hashes.len(),
-        out.display()
+        out.display(),
+        signer
+            .map(|s| format!(", signed by key {}", s.public.id))
+            .unwrap_or_default()
+    );
+    Ok(true)
+}
+
+/// `somcast key generate NAME`.
+pub fn key(cmd: &KeyCommand) -> anyhow::Result<bool> {
+    let KeyCommand::Generate { name } = cmd;
+    let (key, public, signer) = crate::trust::keys::generate_files(name)?;
+    eprintln!(
+        "key {}: secret {} (keep it offline; never share it), public {} (give it to agents with --trust)",
+        signer.public.id,
+        key.display(),
+        public.display()
     );
     Ok(true)
 }
@@ -41,7 +72,7 @@ pub fn task(cmd: &TaskCommand) -> anyhow::Result<bool> {
 
 struct Console {
     http: reqwest::Client,
-    token: String,
+    token: Option<String>,
     agents: Vec<String>,
 }
 
@@ -71,7 +102,7 @@ impl Console {
         }
         Ok(Self {
             http: crate::fetch::client(),
-            token: t.token.to_string(),
+            token: t.token.map(str::to_string),
             agents,
         })
     }
@@ -86,8 +117,10 @@ impl Console {
         let mut req = self
             .http
             .request(method, format!("{agent}{path}"))
-            .bearer_auth(&self.token)
             .timeout(Duration::from_secs(15));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
         if let Some(b) = body {
             req = req
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -105,7 +138,10 @@ impl Console {
     }
 }
 
-async fn load_manifest(http: &reqwest::Client, src: &str) -> anyhow::Result<Manifest> {
+async fn load_manifest(
+    http: &reqwest::Client,
+    src: &str,
+) -> anyhow::Result<(crate::trust::Envelope, Manifest)> {
     let bytes = if src.starts_with("http://") || src.starts_with("https://") {
         let r = http
             .get(src)
@@ -119,43 +155,93 @@ async fn load_manifest(http: &reqwest::Client, src: &str) -> anyhow::Result<Mani
     } else {
         std::fs::read(Path::new(src)).with_context(|| format!("reading {src}"))?
     };
-    let m: Manifest =
-        serde_json::from_slice(&bytes).with_context(|| format!("{src} is not a manifest"))?;
-    m.check().with_context(|| src.to_string())?;
-    Ok(m)
+    issue::read_manifest(&bytes, src)
+}
+
+/// The task bundle `order` describes, signed when it names a key.
+async fn make_bundle(http: &reqwest::Client, order: &OrderArgs) -> anyhow::Result<Bundle> {
+    let Some(src) = &order.manifest else {
+        bail!("no manifest: give --manifest FILE|URL (or --task TASK.json)");
+    };
+    let signer = order.sign.as_deref().map(Signer::load).transpose()?;
+    let (env, _) = load_manifest(http, src).await?;
+    let now = now_unix();
+    let time = |s: &str, what: &str| {
+        crate::units::parse_time(s, now).map_err(|e| anyhow::anyhow!("--{what}: {e}"))
+    };
+    let action = match (&order.run, order.cache_only) {
+        (Some(c), _) => Action::Run {
+            command: c.clone(),
+            timeout_s: order.run_timeout.as_secs().max(1),
+        },
+        (None, true) => Action::CacheOnly {
+            pin_days: order.pin_days,
+        },
+        (None, false) => Action::Fetch,
+    };
+    let task_order = TaskOrder {
+        id: order.id.clone(),
+        action,
+        delay_ms: order.delay.as_millis() as u64,
+        rate_bps: order.rate,
+        not_before: order
+            .not_before
+            .as_deref()
+            .map(|s| time(s, "not-before"))
+            .transpose()?,
+        expires: time(&order.expires, "expires")?,
+        manifest_url: src.starts_with("http").then(|| src.clone()),
+    };
+    issue::task(env, &task_order, signer.as_ref(), now)
+}
+
+/// The id inside a bundle's task document.
+fn bundle_id(b: &Bundle) -> anyhow::Result<String> {
+    let doc: crate::trust::TaskDoc =
+        crate::trust::document::parse(&b.task, crate::trust::document::TASK_TYPE)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(doc.id)
 }
 
 async fn task_async(cmd: &TaskCommand) -> anyhow::Result<bool> {
     match cmd {
+        TaskCommand::Sign { order, out } => {
+            if order.sign.is_none() {
+                bail!(
+                    "task sign needs --sign NAME.key (make one with `somcast key generate NAME`)"
+                );
+            }
+            let b = make_bundle(&crate::fetch::client(), order).await?;
+            let id = bundle_id(&b)?;
+            std::fs::write(out, serde_json::to_vec_pretty(&b)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+            eprintln!("task {id} -> {}", out.display());
+            println!("{id}");
+            Ok(true)
+        }
         TaskCommand::Start {
             targets,
-            manifest,
-            cache_only,
-            run,
-            delay,
-            rate,
+            task,
+            order,
             wait,
             timeout,
         } => {
             let c = Console::new(targets.as_ref())?;
-            let m = load_manifest(&c.http, manifest).await?;
-            let id = format!("{:016x}", multicast::driver::random_id());
-            let mut spec = json!({
-                "id": id,
-                "manifest": m,
-                "cache_only": cache_only,
-                "delay_ms": delay.as_millis() as u64,
-            });
-            if let Some(r) = run {
-                spec["run"] = json!(r);
-            }
-            if let Some(r) = rate {
-                spec["rate_bps"] = json!(r);
-            }
+            let bundle = match task {
+                Some(path) => {
+                    let bytes = std::fs::read(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    serde_json::from_slice::<Bundle>(&bytes)
+                        .with_context(|| format!("{} is not a task document", path.display()))?
+                }
+                None => make_bundle(&c.http, order).await?,
+            };
+            let id = bundle_id(&bundle)?;
+            let body = serde_json::to_value(&bundle)?;
             let mut refused = 0;
             for a in &c.agents {
                 match c
-                    .call(a, reqwest::Method::POST, "/v1/tasks", Some(&spec))
+                    .call(a, reqwest::Method::POST, "/v1/tasks", Some(&body))
                     .await
                 {
                     Ok((201, _)) => {}
@@ -196,8 +282,11 @@ async fn task_async(cmd: &TaskCommand) -> anyhow::Result<bool> {
             }
             Ok(statuses.values().all(|s| s["state"] == "done"))
         }
-        TaskCommand::Cancel { id, targets } => {
+        TaskCommand::Cancel { id, targets, sign } => {
             let c = Console::new(targets.as_ref())?;
+            let signer = sign.as_deref().map(Signer::load).transpose()?;
+            let order = issue::control(ControlAction::Cancel, id, signer.as_ref(), now_unix())?;
+            let body = Some(serde_json::to_value(&order)?);
             let mut ok = true;
             for a in &c.agents {
                 match c
@@ -205,7 +294,7 @@ async fn task_async(cmd: &TaskCommand) -> anyhow::Result<bool> {
                         a,
                         reqwest::Method::POST,
                         &format!("/v1/tasks/{id}/cancel"),
-                        None,
+                        body.as_ref(),
                     )
                     .await
                 {

@@ -10,11 +10,15 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::json;
 
-use crate::agent::task::{self, State, TaskSpec};
+use crate::agent::admit;
+use crate::agent::task::{self, State};
 use crate::agent::{AgentConfig, Running};
+use crate::cache::now_unix;
 use crate::cli::DemoArgs;
 use crate::demo::{generate_file, private_group};
 use crate::manifest::Manifest;
+use crate::trust::issue::{self, TaskOrder};
+use crate::trust::{Action, Signer};
 use crate::units::human_bytes;
 
 pub fn run(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
@@ -40,6 +44,9 @@ async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
         let file = file.clone();
         tokio::task::spawn_blocking(move || Manifest::create(&file, vec![url])).await??
     };
+    // The demo is its own publisher: a key of its own, trusted by its
+    // agents, and a signed task, as in production.
+    let publisher = Signer::generate()?;
     let group = private_group();
     let control = std::net::SocketAddrV4::new(*group.ip(), group.port().wrapping_add(1).max(1024));
     if !args.json {
@@ -66,22 +73,31 @@ async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
             lab_drop_rate: 0.0,
             cache_max: u64::MAX,
             cache_min_free: 0,
+            trusted_keys: vec![publisher.public.clone()],
+            insecure_unsigned: false,
         };
         agents.push(crate::agent::start(config).await?);
     }
     let t0 = Instant::now();
-    let spec = TaskSpec {
+    let order = TaskOrder {
         id: Some("demo".into()),
-        manifest: manifest.clone(),
-        cache_only: false,
-        run: None,
-        delay_ms: Some(args.delay.as_millis() as u64),
-        pin_days: None,
+        action: Action::Fetch,
+        delay_ms: args.delay.as_millis() as u64,
         rate_bps: Some(args.rate),
-        run_timeout_s: None,
+        not_before: None,
+        expires: now_unix() + 3600,
+        manifest_url: None,
     };
+    let bundle = issue::task(
+        issue::manifest(&manifest, Some(&publisher))?,
+        &order,
+        Some(&publisher),
+        now_unix(),
+    )?;
     for a in &agents {
-        task::submit(&a.agent, spec.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        admit::task(&a.agent, bundle.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let deadline = t0 + Duration::from_secs(120) + args.delay;
     let statuses = loop {

@@ -16,6 +16,7 @@ pub mod lab;
 pub mod manifest;
 pub mod scan;
 pub mod serve;
+pub mod trust;
 pub mod units;
 
 /// An error and its causes on one line, each said once. Several errors

@@ -44,9 +44,54 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => n,
         "m" | "min" => n * 60.0,
         "h" => n * 3600.0,
+        "d" => n * 86_400.0,
         _ => return Err(bad()),
     };
     Duration::try_from_secs_f64(secs).map_err(|_| bad())
+}
+
+/// A point in time as unix seconds: `1767225600`, an RFC 3339 UTC time
+/// (`2026-12-24T18:00:00Z`), or a duration from `now` (`7d`, `12h`).
+pub fn parse_time(s: &str, now: u64) -> Result<u64, String> {
+    let t = s.trim();
+    if let Ok(n) = t.parse::<u64>() {
+        return Ok(n);
+    }
+    if let Some(at) = parse_rfc3339_utc(t) {
+        return Ok(at);
+    }
+    parse_duration(t)
+        .ok()
+        .and_then(|d| now.checked_add(d.as_secs()))
+        .ok_or_else(|| {
+            format!("{s:?} is not a time (examples: 2026-12-24T18:00:00Z, 1767225600, 7d, 12h)")
+        })
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` as unix seconds (UTC only: an order must mean
+/// the same instant on every agent, whatever its time zone).
+fn parse_rfc3339_utc(t: &str) -> Option<u64> {
+    let b = t.as_bytes();
+    if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' || !matches!(b[19], b'Z' | b'z') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| t.get(r)?.parse::<u64>().ok();
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1970..=9999).contains(&y) || !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
+        return None;
+    }
+    if h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    // Days from 1970-01-01 to the date (the civil-from-days inverse).
+    let (y, mo) = if mo <= 2 { (y - 1, mo + 12) } else { (y, mo) };
+    let era_days = 365 * y + y / 4 - y / 100 + y / 400 + (153 * (mo - 3) + 2) / 5 + d;
+    let days = era_days.checked_sub(719_469)?;
+    Some(days * 86_400 + h * 3600 + mi * 60 + sec)
 }
 
 fn split_suffix(t: &str, base: u64) -> Result<(&str, u64), String> {
@@ -120,6 +165,22 @@ mod tests {
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
         assert!(parse_duration("3 weeks").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn times_take_three_forms() {
+        assert_eq!(parse_time("1767225600", 5).unwrap(), 1_767_225_600);
+        assert_eq!(parse_time("1970-01-01T00:00:00Z", 5).unwrap(), 0);
+        assert_eq!(parse_time("2000-03-01T00:00:00Z", 5).unwrap(), 951_868_800);
+        assert_eq!(
+            parse_time("2026-12-24T18:30:15Z", 5).unwrap(),
+            1_798_137_015
+        );
+        assert_eq!(parse_time("7d", 1000).unwrap(), 1000 + 7 * 86_400);
+        assert_eq!(parse_time("12h", 0).unwrap(), 43_200);
+        assert!(parse_time("2026-13-01T00:00:00Z", 0).is_err());
+        assert!(parse_time("2026-12-24T18:00:00+01:00", 0).is_err());
+        assert!(parse_time("tomorrow", 0).is_err());
     }
 
     #[test]

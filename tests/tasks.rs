@@ -192,7 +192,7 @@ fn bad_manifests_and_requests_are_refused_with_their_reason_and_change_nothing()
     let mut bad_url = serde_json::to_value(&m).unwrap();
     bad_url["urls"] = json!(["file:///etc/passwd"]);
     let cases = [
-        ("{not json".to_string(), "bad task"),
+        ("{not json".to_string(), "not JSON"),
         (json!({ "manifest": short }).to_string(), "block hashes for"),
         (json!({ "manifest": bad_url }).to_string(), "not an http"),
         (
@@ -338,7 +338,7 @@ fn the_console_starts_waits_for_and_reports_a_task() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let id = stdout.lines().next().unwrap().trim().to_string();
-    assert_eq!(id.len(), 16, "{stdout}");
+    assert_eq!(id.len(), 32, "a 128-bit random id: {stdout}");
     // Progress lines per agent (not a terminal: a line per change).
     let stderr = String::from_utf8_lossy(&out.stderr);
     for a in &agents {

@@ -6,6 +6,10 @@
 //! - `GET /v1/tasks`, `GET /v1/tasks/{id}`: statuses.
 //! - `POST /v1/tasks/{id}/cancel`.
 //!
+//! Orders (start, cancel) are signed documents checked by the agent's trust
+//! gate; the bearer token guards the reads, and the writes too only in the
+//! insecure lab mode, where unsigned orders are taken.
+//!
 //! Every other route answers 404 in JSON; a request without the token, 401.
 
 use std::sync::Arc;
@@ -20,9 +24,10 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use super::Agent;
 use super::task::{self, SpecError, TaskSpec};
+use super::{Agent, admit};
 use crate::lab::hex;
+use crate::trust::{Bundle, Envelope, Refusal};
 
 /// A JSON error with its status: `{"error": "..."}`.
 pub struct ApiError(pub StatusCode, pub String);
@@ -41,6 +46,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/tasks/{id}/cancel", post(cancel_task))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(agent.clone(), require_token))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            2 * crate::trust::document::MAX_DOCUMENT + 64 * 1024,
+        ))
         .with_state(agent)
 }
 
@@ -64,6 +72,10 @@ async fn require_token(
     req: Request,
     next: Next,
 ) -> Response {
+    // A signed order carries its own authority; the token is for reads.
+    if req.method() == axum::http::Method::POST && !agent.gate.insecure() {
+        return next.run(req).await;
+    }
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -96,7 +108,39 @@ async fn not_found(req: Request) -> ApiError {
 }
 
 async fn start_task(State(agent): State<Arc<Agent>>, body: Bytes) -> Response {
-    let spec: TaskSpec = match serde_json::from_slice(&body) {
+    let value: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            let r = Refusal::Malformed(format!("not JSON: {e}"));
+            agent.gate.tally::<()>(&Err(r.clone()));
+            return refusal(r);
+        }
+    };
+    if value.get("task").is_some() {
+        let bundle: Bundle = match serde_json::from_value(value) {
+            Ok(b) => b,
+            Err(e) => {
+                let r = Refusal::Malformed(format!("bad task bundle: {e}"));
+                agent.gate.tally::<()>(&Err(r.clone()));
+                return refusal(r);
+            }
+        };
+        return match admit::task(&agent, bundle).await {
+            Ok(status) => (StatusCode::CREATED, Json(status)).into_response(),
+            Err(e) => ApiError(code(e.http_status()), e.to_string()).into_response(),
+        };
+    }
+    // The bare spec of earlier versions: unsigned, so for lab agents only.
+    if !agent.gate.insecure() {
+        let r = if agent.gate.keys().is_empty() {
+            Refusal::NoTrustedKey
+        } else {
+            Refusal::Unsigned
+        };
+        agent.gate.tally::<()>(&Err(r.clone()));
+        return refusal(r);
+    }
+    let spec: TaskSpec = match serde_json::from_value(value) {
         Ok(s) => s,
         Err(e) => {
             return ApiError(StatusCode::BAD_REQUEST, format!("bad task: {e}")).into_response();
@@ -111,6 +155,14 @@ async fn start_task(State(agent): State<Arc<Agent>>, body: Bytes) -> Response {
     }
 }
 
+fn code(status: u16) -> StatusCode {
+    StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST)
+}
+
+fn refusal(r: Refusal) -> Response {
+    ApiError(code(r.http_status()), r.to_string()).into_response()
+}
+
 async fn list_tasks(State(agent): State<Arc<Agent>>) -> Json<Value> {
     Json(json!({ "tasks": task::list(&agent) }))
 }
@@ -123,15 +175,32 @@ async fn get_task(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Re
     }
 }
 
-async fn cancel_task(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Response {
-    match task::cancel(&agent, &id) {
-        Some(s) if s.state.is_terminal() => ApiError(
+async fn cancel_task(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let order: Option<Envelope> = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(env) => Some(env),
+            Err(e) => {
+                let r = Refusal::Malformed(format!("bad cancel order: {e}"));
+                agent.gate.tally::<()>(&Err(r.clone()));
+                return refusal(r);
+            }
+        }
+    };
+    match admit::cancel(&agent, &id, order.as_ref()) {
+        Err(r) => refusal(r),
+        Ok(Some(s)) if s.state.is_terminal() => ApiError(
             StatusCode::CONFLICT,
             format!("task {id} already ended ({:?})", s.state),
         )
         .into_response(),
-        Some(s) => Json(s).into_response(),
-        None => ApiError(StatusCode::NOT_FOUND, format!("no task {id}")).into_response(),
+        Ok(Some(s)) => Json(s).into_response(),
+        Ok(None) => ApiError(StatusCode::NOT_FOUND, format!("no task {id}")).into_response(),
     }
 }
 
@@ -176,6 +245,7 @@ async fn status(State(agent): State<Arc<Agent>>) -> Json<Value> {
             "free_disk_mib": p.local().rank.free_disk_mib,
             "uptime_s": p.local().rank.uptime_s,
         },
+        "trust": agent.gate.status(),
         "peers": peers,
         "foreign_peers": foreign,
         "presence": {

@@ -9,6 +9,8 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 
 use crate::cli::{AgentArgs, DEFAULT_CONTROL_GROUP};
+use crate::trust::TrustedKey;
+use crate::trust::keys::read_public;
 use crate::units::{parse_duration, parse_rate, parse_size};
 
 /// Multicast rate when neither task nor agent sets one: a tenth of a
@@ -39,6 +41,9 @@ struct FileConfig {
     repair_rate: Option<String>,
     cache_max: Option<String>,
     cache_min_free: Option<String>,
+    /// Publisher keys: paths of .pub files, or the keys themselves.
+    trusted_keys: Option<Vec<String>>,
+    insecure_unsigned: Option<bool>,
 }
 
 /// Settings the agent runs with, validated.
@@ -64,6 +69,10 @@ pub struct AgentConfig {
     /// Cache size cap and free-disk floor for eviction.
     pub cache_max: u64,
     pub cache_min_free: u64,
+    /// Publisher keys whose signed orders this agent acts on.
+    pub trusted_keys: Vec<TrustedKey>,
+    /// Lab mode: unsigned orders are taken too.
+    pub insecure_unsigned: bool,
 }
 
 impl AgentConfig {
@@ -123,10 +132,14 @@ impl AgentConfig {
                 from_file(&file.cache_min_free, "cache_min_free", parse_size)?.unwrap_or(2 << 30)
             }
         };
+        let trusted_keys = trusted_keys(&args.trust, file.trusted_keys.as_deref())?;
+        let insecure_unsigned = args.insecure_unsigned || file.insecure_unsigned.unwrap_or(false);
         if args.lab_corrupt_repair {
             tracing::warn!("lab fault injection: this agent serves corrupted repair symbols");
         }
         Ok(Self {
+            trusted_keys,
+            insecure_unsigned,
             rate_bps,
             repair_rate_bps,
             lab_corrupt_repair: args.lab_corrupt_repair,
@@ -146,6 +159,30 @@ impl AgentConfig {
             preference: args.preference.or(file.preference).unwrap_or(0),
         })
     }
+}
+
+/// The trusted keys: from the flags (or SOMCAST_TRUST) if any, else from
+/// the file, where each entry is a .pub file or a base64 key itself. Two
+/// entries for one key id count once.
+fn trusted_keys(flags: &[PathBuf], file: Option<&[String]>) -> anyhow::Result<Vec<TrustedKey>> {
+    let mut keys = Vec::new();
+    if !flags.is_empty() {
+        for p in flags {
+            keys.extend(read_public(p).context("--trust")?);
+        }
+    } else {
+        for entry in file.unwrap_or_default() {
+            match TrustedKey::parse(entry) {
+                Ok(k) => keys.push(k),
+                Err(_) => keys.extend(
+                    read_public(Path::new(entry)).context("trusted_keys in the config file")?,
+                ),
+            }
+        }
+    }
+    keys.sort_by_key(|k| k.id);
+    keys.dedup_by_key(|k| k.id);
+    Ok(keys)
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {

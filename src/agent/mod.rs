@@ -2,6 +2,7 @@
 //! on the subnet's control group and serves the control API; distribution
 //! tasks build on both.
 
+pub mod admit;
 pub mod api;
 pub mod config;
 mod control;
@@ -41,6 +42,8 @@ pub struct Agent {
     pub elections: Mutex<HashMap<String, task::ElectionSlot>>,
     /// Wakes the control loop when an election is added.
     pub control_wake: tokio::sync::Notify,
+    /// Which orders this agent acts on.
+    pub gate: crate::trust::Gate,
 }
 
 impl Agent {
@@ -171,6 +174,13 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         tracing::warn!("{note}");
     }
     let token = load_token(&config)?;
+    let gate = crate::trust::Gate::open(
+        config.trusted_keys.clone(),
+        config.insecure_unsigned,
+        &config.cache,
+    )
+    .context("opening the replay ledger")?;
+    announce_trust(&gate);
     let iface_addr = crate::lab::pick_iface(config.iface.as_deref())?;
     let (iface_name, prefix) = describe_iface(iface_addr);
     let subnet = prefix.map(|p| Subnet::of(iface_addr, p));
@@ -237,6 +247,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         tasks: Mutex::new(HashMap::new()),
         elections: Mutex::new(HashMap::new()),
         control_wake: tokio::sync::Notify::new(),
+        gate,
         config,
         token,
     });
@@ -262,6 +273,23 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         stop: stop_tx,
         tasks: vec![control_task, repair_task, api_task],
     })
+}
+
+/// Says at start which orders the agent will act on; the lab mode and a
+/// keyless agent say it as a warning.
+fn announce_trust(gate: &crate::trust::Gate) {
+    let ids: Vec<String> = gate.keys().iter().map(|k| k.id.to_string()).collect();
+    if gate.insecure() {
+        tracing::warn!(
+            "INSECURE LAB MODE (--insecure-unsigned): this agent acts on UNSIGNED tasks from anyone who holds the API token; never use it outside a lab"
+        );
+    } else if ids.is_empty() {
+        tracing::warn!(
+            "no trusted publisher key: every task will be refused; give one with --trust KEY.pub"
+        );
+    } else {
+        tracing::info!("acting on tasks signed by key(s) {}", ids.join(", "));
+    }
 }
 
 /// The interface's name and prefix length, where the inventory knows them.

@@ -43,6 +43,8 @@ pub const DEFAULT_DELAY_MS: u64 = 60_000;
 pub const DEFAULT_PIN_DAYS: u32 = 30;
 /// Install commands are stopped after this long unless the task says so.
 pub const DEFAULT_RUN_TIMEOUT_S: u64 = 30 * 60;
+/// Longest install command: a command line, not a script.
+pub const MAX_COMMAND: usize = 8192;
 /// UDP port of the data groups.
 pub const DATA_PORT: u16 = 7400;
 
@@ -73,25 +75,12 @@ fn tasks_dir(agent: &Agent) -> PathBuf {
 /// Checks a task, records it and starts it; an existing task with the same
 /// id and spec is returned as it is (the console may retry).
 pub fn submit(agent: &Arc<Agent>, mut spec: TaskSpec) -> Result<TaskStatus, SpecError> {
-    let checked = spec.manifest.check()?;
-    if spec.cache_only && spec.run.is_some() {
-        return Err(SpecError::RunWithCacheOnly);
-    }
-    if let Some(d) = spec.delay_ms
-        && d > 86_400_000
-    {
-        return Err(SpecError::Delay(d));
-    }
+    let checked = check_spec(&spec)?;
     let id = spec
         .id
         .clone()
         .unwrap_or_else(|| format!("{:016x}", multicast::driver::random_id()));
-    let id_ok = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if !id_ok {
+    if !crate::trust::document::valid_id(&id) {
         return Err(SpecError::BadId(id));
     }
     spec.id = Some(id.clone());
@@ -126,11 +115,31 @@ pub fn submit(agent: &Arc<Agent>, mut spec: TaskSpec) -> Result<TaskStatus, Spec
         repair_seconds: 0.0,
         path: None,
         pinned_until: None,
+        signed_by: spec.signed_by.clone(),
     };
     insert(agent, spec, status.clone());
     save(agent, &id);
     tokio::spawn(run(agent.clone(), id));
     Ok(status)
+}
+
+/// Checks what a task asks for, before anything is recorded.
+pub fn check_spec(spec: &TaskSpec) -> Result<Checked, SpecError> {
+    let checked = spec.manifest.check()?;
+    if spec.cache_only && spec.run.is_some() {
+        return Err(SpecError::RunWithCacheOnly);
+    }
+    if let Some(d) = spec.delay_ms
+        && d > 86_400_000
+    {
+        return Err(SpecError::Delay(d));
+    }
+    if let Some(c) = &spec.run
+        && (c.trim().is_empty() || c.len() > MAX_COMMAND)
+    {
+        return Err(SpecError::Command(c.len()));
+    }
+    Ok(checked)
 }
 
 fn insert(agent: &Agent, spec: TaskSpec, status: TaskStatus) {

@@ -31,6 +31,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => somcast::demo::run(a),
         Command::Scan(a) => somcast::scan::run(a),
         Command::Agent(a) => somcast::agent::main(a),
+        Command::Key(k) => somcast::console::key(k),
         Command::Manifest(m) => somcast::console::manifest(m),
         Command::Task(t) => somcast::console::task(t),
         Command::Serve(s) => somcast::serve::main(&s.dir, s.listen, s.rate),

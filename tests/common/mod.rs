@@ -90,8 +90,16 @@ fn spawn_until(args: &[&str], extra: &[&std::ffi::OsStr], marker: &str) -> Proc 
     Proc { child, addr }
 }
 
-/// An agent on loopback with a private control group.
+/// An agent on loopback with a private control group, in the insecure lab
+/// mode (unsigned tasks taken, the token guards them).
 pub fn start_agent(cache: &Path, group: SocketAddrV4, extra: &[&str]) -> Proc {
+    let mut args = vec!["--insecure-unsigned"];
+    args.extend_from_slice(extra);
+    start_agent_with(cache, group, &args)
+}
+
+/// An agent on loopback with a private control group and only `extra`.
+pub fn start_agent_with(cache: &Path, group: SocketAddrV4, extra: &[&str]) -> Proc {
     let mut args = vec!["agent", "--iface", "127.0.0.1", "--api", "127.0.0.1:0"];
     args.extend_from_slice(&["--token", TOKEN, "--presence-interval", "300ms"]);
     args.extend_from_slice(extra);

@@ -26,6 +26,9 @@ pub struct TaskSpec {
     pub rate_bps: Option<u64>,
     #[serde(default)]
     pub run_timeout_s: Option<u64>,
+    /// The publisher key that signed the task; `None`: unsigned (lab mode).
+    #[serde(default)]
+    pub signed_by: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +95,9 @@ pub struct TaskStatus {
     pub repair_seconds: f64,
     pub path: Option<String>,
     pub pinned_until: Option<u64>,
+    /// The publisher key that signed the task; `None`: unsigned (lab mode).
+    #[serde(default)]
+    pub signed_by: Option<String>,
 }
 
 /// A task as it is kept on disk.
@@ -114,4 +120,6 @@ pub enum SpecError {
     Conflict(String),
     #[error("delay {0} ms is more than a day")]
     Delay(u64),
+    #[error("the command ({0} bytes) must be 1-{MAX_COMMAND} bytes")]
+    Command(usize),
 }

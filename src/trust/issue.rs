@@ -1,0 +1,131 @@
+//! The publisher's side: documents written and signed by the console.
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::document::{self, Action, CONTROL_TYPE, ControlAction, ControlDoc, FORMAT, TASK_TYPE};
+use super::{Bundle, Envelope, Signer, TaskDoc};
+use crate::manifest::Manifest;
+
+/// What a task orders, before it is written down.
+#[derive(Clone, Debug)]
+pub struct TaskOrder {
+    /// `None`: a fresh random id.
+    pub id: Option<String>,
+    pub action: Action,
+    pub delay_ms: u64,
+    pub rate_bps: Option<u64>,
+    pub not_before: Option<u64>,
+    pub expires: u64,
+    /// Where agents can fetch the manifest if it does not travel along.
+    pub manifest_url: Option<String>,
+}
+
+/// The text of a document as written: pretty JSON, newline-terminated, so
+/// that it reads well in a file and in `jq`.
+fn text<T: Serialize>(doc: &T) -> anyhow::Result<String> {
+    let mut s = serde_json::to_string_pretty(doc)?;
+    s.push('\n');
+    Ok(s)
+}
+
+fn seal(text: String, signer: Option<&Signer>, what: &str) -> anyhow::Result<Envelope> {
+    match signer {
+        Some(s) => Envelope::sign(text, s, what),
+        None => Ok(Envelope::unsigned(text)),
+    }
+}
+
+/// A manifest as it is written to its file and travels: signed when a
+/// signer is given.
+pub fn manifest(m: &Manifest, signer: Option<&Signer>) -> anyhow::Result<Envelope> {
+    seal(
+        text(m)?,
+        signer,
+        &format!("somcast manifest {} {}", m.content_id, m.name),
+    )
+}
+
+/// Reads a manifest file's text: its signed envelope, or plain JSON.
+pub fn read_manifest(bytes: &[u8], src: &str) -> anyhow::Result<(Envelope, Manifest)> {
+    let env = match serde_json::from_slice::<Envelope>(bytes) {
+        Ok(env) => env,
+        Err(_) => Envelope::unsigned(
+            String::from_utf8(bytes.to_vec()).with_context(|| format!("{src} is not text"))?,
+        ),
+    };
+    let m: Manifest = serde_json::from_str(&env.document)
+        .with_context(|| format!("{src} is not a somcast manifest"))?;
+    m.check().with_context(|| src.to_string())?;
+    Ok((env, m))
+}
+
+/// A task bundle for `manifest`: the task document (signed when a signer is
+/// given) and the manifest it names by digest.
+pub fn task(
+    manifest: Envelope,
+    order: &TaskOrder,
+    signer: Option<&Signer>,
+    now: u64,
+) -> anyhow::Result<Bundle> {
+    let id = order.id.clone().unwrap_or_else(document::new_id);
+    if !document::valid_id(&id) {
+        bail!("task id {id:?} must be 1-64 characters of A-Z, a-z, 0-9, - and _");
+    }
+    if order.expires <= now {
+        bail!(
+            "the task would expire before it is sent (expires {} <= now {now})",
+            order.expires
+        );
+    }
+    if order.not_before.is_some_and(|nb| nb >= order.expires) {
+        bail!("--not-before is not before --expires: no agent could ever run the task");
+    }
+    let digest: [u8; 32] = Sha256::digest(manifest.document.as_bytes()).into();
+    let doc = TaskDoc {
+        doc_type: TASK_TYPE.into(),
+        format: FORMAT,
+        id: id.clone(),
+        issued: now,
+        not_before: order.not_before,
+        expires: order.expires,
+        manifest_sha256: crate::lab::hex(&digest),
+        manifest_url: order.manifest_url.clone(),
+        action: order.action.clone(),
+        delay_ms: order.delay_ms,
+        rate_bps: order.rate_bps,
+    };
+    document::check_window(
+        now.max(doc.not_before.unwrap_or(0)),
+        now,
+        doc.not_before,
+        doc.expires,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Bundle {
+        task: seal(text(&doc)?, signer, &format!("somcast task {id}"))?,
+        manifest: Some(manifest),
+    })
+}
+
+/// A control order (cancel) for task `task`, valid for an hour: long enough
+/// to reach agents that are slow to answer, short enough to keep the
+/// ledger small.
+pub fn control(
+    action: ControlAction,
+    task: &str,
+    signer: Option<&Signer>,
+    now: u64,
+) -> anyhow::Result<Envelope> {
+    let doc = ControlDoc {
+        doc_type: CONTROL_TYPE.into(),
+        format: FORMAT,
+        id: document::new_id(),
+        action,
+        task: task.into(),
+        issued: now,
+        expires: now + 3600,
+    };
+    seal(text(&doc)?, signer, &format!("somcast {action:?} {task}"))
+}
