@@ -12,6 +12,10 @@
 #   scripts/bench-peers.sh [--hosts 9] [--size 64M] [--rate 200] [--loss 0.05] [--runs 1]
 #                          [--tools "somcast udpcast uftp"] [--somcast-args "--block-size 1M"]
 #
+# Tool "somcast-key" is somcast with a fleet key on sender and receivers
+# (every datagram sealed and checked): --tools "somcast somcast-key" measures
+# what the seal costs, side by side in one run.
+#
 # --rate is the link rate in Mbit/s. A sender still running after 60 s
 # (udpcast) or 120 s is killed: its row then shows how many receivers had
 # the file by then (udpcast can stall when a receiver's handshake is lost). Needs root; installs udpcast, uftp,
@@ -100,12 +104,18 @@ settle() {
     sync
 }
 
+SOM_KEY=""
+run_somcast-key() {
+    [ -f "$WORK/lan.fleet" ] || "$BIN" key generate --fleet "$WORK/lan" 2>/dev/null
+    SOM_KEY=$WORK/lan.fleet run_somcast
+}
+
 run_somcast() {
     local pids=() i
     for ((i = 1; i < HOSTS; i++)); do
         rm -f "$WORK/som$i"
         lab_exec "$i" "$BIN" recv --iface eth0 --group 239.192.0.1:7400 --out "$WORK/som$i" \
-            --timeout 60s >/dev/null 2>"$WORK/som$i.err" &
+            ${SOM_KEY:+--key "$SOM_KEY"} --timeout 60s >/dev/null 2>"$WORK/som$i.err" &
         pids+=($!)
     done
     sleep 1
@@ -114,7 +124,7 @@ run_somcast() {
     c0=$(busy)
     t0=$(now)
     timeout -s KILL 120 ip netns exec "${LAB_PREFIX}-h0" "$BIN" send "$WORK/src" --iface eth0 --group 239.192.0.1:7400 --rate "${PACE}M" \
-        --min-receivers "$RECEIVERS" $SOMCAST_ARGS --json >"$WORK/som-send.json" 2>"$WORK/som-send.err" || true
+        --min-receivers "$RECEIVERS" ${SOM_KEY:+--key "$SOM_KEY"} $SOMCAST_ARGS --json >"$WORK/som-send.json" 2>"$WORK/som-send.err" || true
     t1=$(now)
     cpu=$(cpu_since "$c0")
     reap "${pids[@]}"

@@ -61,8 +61,14 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
     /// Write NAME.key (secret, 0600, never printed) and NAME.pub (one line,
-    /// for agents' --trust); minisign's formats.
-    Generate { name: PathBuf },
+    /// for agents' --trust); minisign's formats. With --fleet: NAME.fleet,
+    /// a 256-bit fleet key for agents' --fleet-key (0600).
+    Generate {
+        name: PathBuf,
+        /// A fleet key (LAN authentication) instead of a publisher key.
+        #[arg(long)]
+        fleet: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -243,6 +249,10 @@ pub struct SendArgs {
     /// Multicast TTL; 1 keeps traffic on the local subnet.
     #[arg(long, default_value_t = 1)]
     pub ttl: u32,
+    /// Fleet key file (NAME.fleet, from `somcast key generate --fleet`):
+    /// seal every datagram and take only sealed ones.
+    #[arg(long, env = "SOMCAST_FLEET_KEY")]
+    pub key: Option<PathBuf>,
     /// Print one JSON summary object on stdout at the end.
     #[arg(long)]
     pub json: bool,
@@ -272,6 +282,10 @@ pub struct RecvArgs {
     /// Most memory for partly received blocks.
     #[arg(long, default_value = "48M", value_parser = parse_size)]
     pub buffer: u64,
+    /// Fleet key file (NAME.fleet, from `somcast key generate --fleet`):
+    /// seal every datagram and take only sealed ones.
+    #[arg(long, env = "SOMCAST_FLEET_KEY")]
+    pub key: Option<PathBuf>,
     /// Print one JSON summary object on stdout at the end.
     #[arg(long)]
     pub json: bool,
@@ -321,6 +335,10 @@ pub struct ScanArgs {
     /// The agents' control group.
     #[arg(long, default_value = DEFAULT_CONTROL_GROUP, env = "SOMCAST_CONTROL_GROUP", value_parser = parse_group)]
     pub control_group: SocketAddrV4,
+    /// The fleet key (NAME.fleet) of agents that use one: --probe seals its
+    /// probes with it and takes only sealed answers.
+    #[arg(long, env = "SOMCAST_FLEET_KEY")]
+    pub fleet_key: Option<PathBuf>,
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -384,6 +402,11 @@ pub struct AgentArgs {
     /// writes). Said loudly at start, in the log and in status.
     #[arg(long, env = "SOMCAST_INSECURE_UNSIGNED")]
     pub insecure_unsigned: bool,
+    /// Fleet key file (NAME.fleet): seal every datagram and authenticate
+    /// every repair connection with it. Give two (the first seals, both
+    /// open) to roll the fleet's key (SOMCAST_FLEET_KEY: comma-separated).
+    #[arg(long = "fleet-key", env = "SOMCAST_FLEET_KEY", value_delimiter = ',')]
+    pub fleet_key: Vec<PathBuf>,
 }
 
 fn parse_probability(s: &str) -> Result<f64, String> {

@@ -52,7 +52,15 @@ pub fn manifest(cmd: &ManifestCommand) -> anyhow::Result<bool> {
 
 /// `somcast key generate NAME`.
 pub fn key(cmd: &KeyCommand) -> anyhow::Result<bool> {
-    let KeyCommand::Generate { name } = cmd;
+    let KeyCommand::Generate { name, fleet } = cmd;
+    if *fleet {
+        let (path, id) = crate::trust::keys::generate_fleet_file(name)?;
+        eprintln!(
+            "fleet key {id:08x}: {} (give it to every agent with --fleet-key; anyone who holds it speaks for the fleet on the LAN)",
+            path.display()
+        );
+        return Ok(true);
+    }
     let (key, public, signer) = crate::trust::keys::generate_files(name)?;
     eprintln!(
         "key {}: secret {} (keep it offline; never share it), public {} (give it to agents with --trust)",

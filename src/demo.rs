@@ -81,6 +81,8 @@ fn run_in(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
             .context("joining the demo group on loopback")?;
         let out: PathBuf = dir.join(format!("received-{i}.bin"));
         let opts = RecvOptions {
+            fleet: None,
+            auth_stats: Default::default(),
             session: ReceiverConfig {
                 receiver_id: random_id(),
                 idle_timeout: Duration::from_secs(30),

@@ -47,6 +47,11 @@ async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
     // The demo is its own publisher: a key of its own, trusted by its
     // agents, and a signed task, as in production.
     let publisher = Signer::generate()?;
+    // And a fleet key of its own: every datagram and repair connection of
+    // the demo's agents is authenticated.
+    let fleet = multicast::auth::FleetKeys::new(vec![multicast::auth::FleetKey::from_secret(
+        &multicast::auth::new_secret(),
+    )]);
     let group = private_group();
     let control = std::net::SocketAddrV4::new(*group.ip(), group.port().wrapping_add(1).max(1024));
     if !args.json {
@@ -75,6 +80,7 @@ async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
             cache_min_free: 0,
             trusted_keys: vec![publisher.public.clone()],
             insecure_unsigned: false,
+            fleet: fleet.clone(),
         };
         agents.push(crate::agent::start(config).await?);
     }

@@ -82,6 +82,7 @@ pub fn send(args: &SendArgs) -> anyhow::Result<bool> {
         symbol_size: args.symbol_size,
         ttl: args.ttl,
         stop: Some(interrupt_flag()),
+        fleet: crate::trust::keys::read_fleet_keys(args.key.as_slice())?,
         ..SendOptions::default()
     };
     let bar = progress_bar(0, args.json);
@@ -193,6 +194,8 @@ pub fn recv(args: &RecvArgs) -> anyhow::Result<bool> {
         drop_rate: args.drop_rate,
         drop_seed: args.seed,
         stop: Some(interrupt_flag()),
+        fleet: crate::trust::keys::read_fleet_keys(args.key.as_slice())?,
+        auth_stats: Default::default(),
     };
     let bar = progress_bar(0, args.json);
     let mut on_progress = |p: RecvProgress| {

@@ -84,14 +84,23 @@ fn run_probe(
         .map(|ip| SocketAddrV4::new(ip, port).into())
         .collect();
     let nonce = multicast::driver::random_id();
-    let report = scanner::probe::probe(args.control_group, via, &hints, args.wait, nonce)
-        .with_context(|| format!("probing {} via {via}", args.control_group))?;
+    let fleet = crate::trust::keys::read_fleet_keys(args.fleet_key.as_slice())?;
+    let report = scanner::probe::probe(
+        args.control_group,
+        via,
+        &hints,
+        args.wait,
+        nonce,
+        fleet.as_ref(),
+    )
+    .with_context(|| format!("probing {} via {via}", args.control_group))?;
     if report.answers.is_empty() {
         advice.push(format!(
             "no agent answered on {} via {via} within {:?}: check that agents run there \
              (somcast agent) with the same control group, that no firewall drops UDP port {port} \
              (in and out, on this host and theirs), that the switch's IGMP snooping has a querier \
-             or is off, and that Wi-Fi client isolation is off",
+             or is off, that Wi-Fi client isolation is off, and that you give the fleet's key \
+             (--fleet-key) if its agents use one",
             args.control_group, args.wait
         ));
     }

@@ -34,20 +34,7 @@ fn peer_nodes(a: &Agent) -> Vec<String> {
 }
 
 fn scan_probe(group: SocketAddrV4) -> std::process::Output {
-    Command::new(BIN)
-        .args([
-            "scan",
-            "--iface",
-            "127.0.0.1",
-            "--probe",
-            "--json",
-            "--wait",
-            "700ms",
-        ])
-        .arg("--control-group")
-        .arg(group.to_string())
-        .output()
-        .unwrap()
+    common::scan_probe(group, &[])
 }
 
 #[test]

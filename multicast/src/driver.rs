@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest as _, Sha256};
 use thiserror::Error;
 
+use crate::auth::{AuthStats, FleetKeys, Link};
 use crate::batch::{RecvBatch, SendBatch};
 use crate::codec::{self, BlockEncoder, Layout, LayoutError, Plan, sha256};
 use crate::fileio;
@@ -140,6 +141,10 @@ pub struct SendOptions {
     pub available: Option<Arc<AtomicU32>>,
     /// Set to stop sending (a cancelled task); the send then fails.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Seal every datagram with the fleet key, and take only sealed ones.
+    pub fleet: Option<FleetKeys>,
+    /// Where dropped datagrams are counted (shared by an agent's sockets).
+    pub auth_stats: Arc<AuthStats>,
 }
 
 impl Default for SendOptions {
@@ -153,6 +158,8 @@ impl Default for SendOptions {
             known_hashes: None,
             available: None,
             stop: None,
+            fleet: None,
+            auth_stats: Arc::default(),
         }
     }
 }
@@ -260,9 +267,13 @@ pub fn send_file(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let start = Instant::now();
+    let mut config = opts.session.clone();
+    if opts.fleet.is_some() {
+        config.seal_overhead = crate::auth::OVERHEAD;
+    }
     let mut sender = Sender::new(
         start,
-        opts.session.clone(),
+        config,
         session_id,
         SenderObject {
             layout,
@@ -298,6 +309,7 @@ pub fn send_file(
     // that takes the lot (as a lab that drops whole segmented sends does)
     // costs each block at most one symbol.
     let mut send_batch = SendBatch::new(sender.interleave() as usize);
+    let mut link = Link::new(opts.fleet.as_ref(), opts.auth_stats.clone());
     // After the encoder is spawned, which is to keep the default slice.
     let _slice = crate::background::PacingSlice::enter();
     // Set once `opts.stop` is seen: the closing frames go out, then the
@@ -329,7 +341,11 @@ pub fn send_file(
         }
         loop {
             match socket.recv_from(&mut buf) {
-                Ok((n, from)) => sender.handle_datagram(now, from, &buf[..n]),
+                Ok((n, from)) => {
+                    if let Some(plain) = link.incoming(from, &buf[..n]) {
+                        sender.handle_datagram(now, from, plain)
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 // ICMP errors from earlier sends surface here; they are not ours to act on.
                 Err(_) => break,
@@ -340,7 +356,7 @@ pub fn send_file(
             // The worker only stops when this side drops its sender.
             let _ = job_tx.send(job);
         }
-        if let Err(e) = transmit_all(&mut sender, &socket, dest, &mut send_batch) {
+        if let Err(e) = transmit_all(&mut sender, &socket, dest, &mut send_batch, &mut link) {
             break Err(e);
         }
         while let Some(event) = sender.poll_event() {
@@ -420,8 +436,10 @@ fn transmit_all(
     socket: &UdpSocket,
     dest: SocketAddr,
     batch: &mut SendBatch,
+    link: &mut Link,
 ) -> Result<(), SendError> {
-    while let Some(bytes) = sender.poll_transmit(Instant::now()) {
+    while let Some(plain) = sender.poll_transmit(Instant::now()) {
+        let bytes = link.outgoing(plain);
         if !batch.push(bytes) {
             flush(batch, socket, dest)?;
             batch.push(bytes);
@@ -663,6 +681,10 @@ pub struct RecvOptions {
     /// Set to stop receiving (Ctrl-C); the receive then fails with
     /// `Stopped` and removes its partial file.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Take only datagrams sealed with the fleet key; seal the feedback.
+    pub fleet: Option<FleetKeys>,
+    /// Where dropped datagrams are counted (shared by an agent's sockets).
+    pub auth_stats: Arc<AuthStats>,
 }
 
 impl Default for RecvOptions {
@@ -672,6 +694,8 @@ impl Default for RecvOptions {
             drop_rate: 0.0,
             drop_seed: 1,
             stop: None,
+            fleet: None,
+            auth_stats: Arc::default(),
         }
     }
 }
@@ -773,6 +797,7 @@ fn receive_core(
         .spawn(move || decode_worker(job_rx, done_tx, hash_whole_file))
         .map_err(RecvError::Recv)?;
     let mut batch = RecvBatch::for_socket(&socket);
+    let mut link = Link::new(opts.fleet.as_ref(), opts.auth_stats.clone());
     let mut last_progress = start;
     let mut session_start = None;
     let mut verified_at = None;
@@ -809,8 +834,10 @@ fn receive_core(
                     let now = Instant::now();
                     for i in 0..n {
                         let (bytes, from) = batch.get(i);
-                        if !drops.drop() {
-                            receiver.handle_datagram(now, from, bytes);
+                        if !drops.drop()
+                            && let Some(plain) = link.incoming(from, bytes)
+                        {
+                            receiver.handle_datagram(now, from, plain);
                         }
                     }
                     got += n;
@@ -925,7 +952,7 @@ fn receive_core(
         }
         while let Some((to, bytes)) = receiver.poll_transmit() {
             // Feedback is best effort: the next report repeats it.
-            let _ = socket.send_to(&bytes, to);
+            let _ = socket.send_to(link.outgoing(&bytes), to);
         }
         if now >= last_progress + PROGRESS_EVERY {
             last_progress = now;

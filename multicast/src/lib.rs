@@ -2,17 +2,20 @@
 //! multicast with RaptorQ fountain coding (RFC 6330).
 //!
 //! - [`wire`]: the datagram format, strictly decoded.
+//! - [`auth`]: the fleet key's seal on every datagram (MAC, replay window).
 //! - [`codec`]: blocks, symbols, encoding plan, checked decoding.
 //! - [`sender`] and [`receiver`]: the protocol as sans-IO state machines.
 //! - [`pacer`]: the token bucket that keeps the sender at its rate.
 //! - [`socket`]: socket2 setup for groups; [`driver`]: blocking loops that
 //!   run the sessions over real sockets and files.
 
+pub mod auth;
 mod background;
 pub mod batch;
 pub mod codec;
 pub mod driver;
 mod fileio;
+pub mod handshake;
 pub mod pacer;
 pub mod receiver;
 pub mod rng;

@@ -91,6 +91,9 @@ pub struct SenderConfig {
     pub receiver_timeout: Duration,
     /// With nobody joined, how long to wait for feedback after the pass.
     pub linger: Duration,
+    /// Bytes the driver adds to every datagram below this machine (the
+    /// fleet key's seal): the pacer and the byte counts include them.
+    pub seal_overhead: usize,
 }
 
 impl Default for SenderConfig {
@@ -106,6 +109,7 @@ impl Default for SenderConfig {
             startup: Duration::from_millis(300),
             receiver_timeout: Duration::from_secs(10),
             linger: Duration::from_secs(1),
+            seal_overhead: 0,
         }
     }
 }
@@ -892,10 +896,11 @@ impl Sender {
             self.pacer.idle(now);
             return None;
         }
-        self.pacer.spend(self.buf.len());
+        let len = self.buf.len() + self.cfg.seal_overhead;
+        self.pacer.spend(len);
         self.stats.datagrams += 1;
-        self.stats.bytes += self.buf.len() as u64;
-        self.stats.wire_bytes += (self.buf.len() + WIRE_OVERHEAD) as u64;
+        self.stats.bytes += len as u64;
+        self.stats.wire_bytes += (len + WIRE_OVERHEAD) as u64;
         Some(&self.buf)
     }
 

@@ -32,13 +32,16 @@ const ROUNDS: u64 = 3;
 
 /// Sends a probe from an ephemeral port of `iface` to `group` and to each of
 /// `unicast`, repeated [`ROUNDS`] times, and collects answers for `wait`.
+/// With `fleet`, probes are sealed and only sealed answers count.
 pub fn probe(
     group: SocketAddrV4,
     iface: Ipv4Addr,
     unicast: &[SocketAddr],
     wait: Duration,
     nonce: u64,
+    fleet: Option<&multicast::auth::FleetKeys>,
 ) -> Result<ProbeReport, multicast::socket::SocketError> {
+    let mut link = multicast::auth::Link::new(fleet, Default::default());
     // TTL 1: the probe asks this subnet only, as agents announce.
     let socket: UdpSocket = multicast::socket::open_sender(iface, 1)?;
     let start = Instant::now();
@@ -59,6 +62,7 @@ pub fn probe(
                 unicast_reply: true,
             }
             .encode(0);
+            let probe = link.outgoing(&probe).to_vec();
             sent_at.push(Instant::now());
             socket.send_to(&probe, group)?;
             for to in unicast {
@@ -97,7 +101,11 @@ pub fn probe(
             let r = reply?.wrapping_sub(nonce);
             sent_at.get(usize::try_from(r).ok()?).copied()
         };
-        match wire::decode(&buf[..n]).map(|d| d.frame) {
+        let Some(plain) = link.incoming(from, &buf[..n]) else {
+            ignored += 1;
+            continue;
+        };
+        match wire::decode(plain).map(|d| d.frame) {
             Ok(Frame::Presence(a)) if round_of(a.reply_to).is_some() => {
                 let rtt = now - round_of(a.reply_to).expect("checked just above");
                 let keep = best.get(&a.node).is_none_or(|b| rtt < b.rtt);

@@ -239,6 +239,7 @@ async fn status(State(agent): State<Arc<Agent>>) -> Json<Value> {
         "iface": { "name": agent.iface_name, "addr": agent.iface_addr.to_string() },
         "subnet": agent.subnet.map(|s| s.to_string()),
         "control_group": agent.config.control_group.to_string(),
+        "repair_port": p.local().repair_port,
         "rank": {
             "preference": p.local().rank.preference,
             "wired": p.local().rank.wired,
@@ -246,6 +247,11 @@ async fn status(State(agent): State<Arc<Agent>>) -> Json<Value> {
             "uptime_s": p.local().rank.uptime_s,
         },
         "trust": agent.gate.status(),
+        "lan": {
+            "authenticated": agent.fleet.is_some(),
+            "fleet_keys": agent.fleet.as_ref().map(|k| k.ids().iter().map(|i| format!("{i:08x}")).collect::<Vec<_>>()),
+            "datagrams": agent.auth_stats.snapshot().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+        },
         "peers": peers,
         "foreign_peers": foreign,
         "presence": {

@@ -44,6 +44,8 @@ struct FileConfig {
     /// Publisher keys: paths of .pub files, or the keys themselves.
     trusted_keys: Option<Vec<String>>,
     insecure_unsigned: Option<bool>,
+    /// Fleet key files: the first seals, every one opens.
+    fleet_keys: Option<Vec<PathBuf>>,
 }
 
 /// Settings the agent runs with, validated.
@@ -73,6 +75,8 @@ pub struct AgentConfig {
     pub trusted_keys: Vec<TrustedKey>,
     /// Lab mode: unsigned orders are taken too.
     pub insecure_unsigned: bool,
+    /// The fleet key(s): `None`, the LAN traffic is not authenticated.
+    pub fleet: Option<multicast::auth::FleetKeys>,
 }
 
 impl AgentConfig {
@@ -134,12 +138,19 @@ impl AgentConfig {
         };
         let trusted_keys = trusted_keys(&args.trust, file.trusted_keys.as_deref())?;
         let insecure_unsigned = args.insecure_unsigned || file.insecure_unsigned.unwrap_or(false);
+        let fleet_files = if args.fleet_key.is_empty() {
+            file.fleet_keys.clone().unwrap_or_default()
+        } else {
+            args.fleet_key.clone()
+        };
+        let fleet = crate::trust::keys::read_fleet_keys(&fleet_files)?;
         if args.lab_corrupt_repair {
             tracing::warn!("lab fault injection: this agent serves corrupted repair symbols");
         }
         Ok(Self {
             trusted_keys,
             insecure_unsigned,
+            fleet,
             rate_bps,
             repair_rate_bps,
             lab_corrupt_repair: args.lab_corrupt_repair,

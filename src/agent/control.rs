@@ -57,17 +57,23 @@ pub async fn run(
     let mut gbuf = vec![0u8; multicast::wire::MAX_DATAGRAM];
     let mut ubuf = vec![0u8; multicast::wire::MAX_DATAGRAM];
     let mut refresh = tokio::time::interval(agent.config.presence_interval * REFRESH_INTERVALS);
+    // One seal for both sockets: a sender's counters form one stream.
+    let mut link = multicast::auth::Link::new(agent.fleet.as_ref(), agent.auth_stats.clone());
     loop {
         let wake = next_wake(&agent);
         tokio::select! {
             r = sockets.group.recv_from(&mut gbuf) => {
-                if let Some((n, from)) = received(r) {
-                    handle(&agent, from, &gbuf[..n]);
+                if let Some((n, from)) = received(r)
+                    && let Some(plain) = link.incoming(from, &gbuf[..n])
+                {
+                    handle(&agent, from, plain);
                 }
             }
             r = sockets.unicast.recv_from(&mut ubuf) => {
-                if let Some((n, from)) = received(r) {
-                    handle(&agent, from, &ubuf[..n]);
+                if let Some((n, from)) = received(r)
+                    && let Some(plain) = link.incoming(from, &ubuf[..n])
+                {
+                    handle(&agent, from, plain);
                 }
             }
             _ = tokio::time::sleep_until(wake.into()) => {
@@ -92,11 +98,11 @@ pub async fn run(
             _ = refresh.tick() => refresh_local(&agent),
             _ = stop.changed() => {
                 agent.presence().leave();
-                flush(&agent, &sockets.unicast, group).await;
+                flush(&agent, &sockets.unicast, group, &mut link).await;
                 return Ok(());
             }
         }
-        flush(&agent, &sockets.unicast, group).await;
+        flush(&agent, &sockets.unicast, group, &mut link).await;
     }
 }
 
@@ -138,7 +144,12 @@ fn received(r: std::io::Result<(usize, SocketAddr)>) -> Option<(usize, SocketAdd
     }
 }
 
-async fn flush(agent: &Agent, socket: &UdpSocket, group: SocketAddr) {
+async fn flush(
+    agent: &Agent,
+    socket: &UdpSocket,
+    group: SocketAddr,
+    link: &mut multicast::auth::Link,
+) {
     let (mut out, events) = {
         let mut p = agent.presence();
         let out: Vec<_> = std::iter::from_fn(|| p.poll_transmit()).collect();
@@ -162,7 +173,7 @@ async fn flush(agent: &Agent, socket: &UdpSocket, group: SocketAddr) {
             Dest::Group => group,
             Dest::To(a) => a,
         };
-        if let Err(e) = socket.send_to(&t.bytes, to).await {
+        if let Err(e) = socket.send_to(link.outgoing(&t.bytes), to).await {
             tracing::debug!("presence send to {to}: {e}");
         }
     }

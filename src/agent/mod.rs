@@ -44,6 +44,10 @@ pub struct Agent {
     pub control_wake: tokio::sync::Notify,
     /// Which orders this agent acts on.
     pub gate: crate::trust::Gate,
+    /// The fleet key(s) that seal LAN traffic; `None`: unauthenticated.
+    pub fleet: Option<multicast::auth::FleetKeys>,
+    /// Datagrams and repair connections dropped for want of the fleet key.
+    pub auth_stats: Arc<multicast::auth::AuthStats>,
 }
 
 impl Agent {
@@ -181,6 +185,19 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
     )
     .context("opening the replay ledger")?;
     announce_trust(&gate);
+    match &config.fleet {
+        Some(k) => tracing::info!(
+            "LAN traffic sealed with fleet key {}",
+            k.ids()
+                .iter()
+                .map(|i| format!("{i:08x}"))
+                .collect::<Vec<_>>()
+                .join(", then ")
+        ),
+        None => tracing::warn!(
+            "no fleet key: this agent's LAN traffic (presence, election, multicast, repair) is unauthenticated; give one with --fleet-key NAME.fleet"
+        ),
+    }
     let iface_addr = crate::lab::pick_iface(config.iface.as_deref())?;
     let (iface_name, prefix) = describe_iface(iface_addr);
     let subnet = prefix.map(|p| Subnet::of(iface_addr, p));
@@ -248,6 +265,8 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         elections: Mutex::new(HashMap::new()),
         control_wake: tokio::sync::Notify::new(),
         gate,
+        fleet: config.fleet.clone(),
+        auth_stats: Arc::default(),
         config,
         token,
     });

@@ -7,7 +7,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::Ordering;
+
+use multicast::auth::FleetKeys;
 use multicast::codec::{Collector, Layout, Plan};
+use multicast::handshake;
 use multicast::wire::Digest;
 use repair::fetch::Rejected;
 use repair::frame::{self, Frame};
@@ -119,11 +123,52 @@ async fn write_frame(stream: &mut TcpStream, f: &Frame) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The fleet-key handshake, server side: the client proves it holds the
+/// key (and learns that this agent does) before any frame is read.
+async fn prove_server(stream: &mut TcpStream, keys: &FleetKeys) -> anyhow::Result<()> {
+    tokio::time::timeout(PEER_TIMEOUT, async {
+        let mut hello = [0u8; handshake::HELLO_LEN];
+        stream.read_exact(&mut hello).await?;
+        let (server, answer) = handshake::Server::answer(keys, &hello)?;
+        stream.write_all(&answer).await?;
+        let mut proof = [0u8; handshake::PROOF_LEN];
+        stream.read_exact(&mut proof).await?;
+        server.finish(&proof)?;
+        anyhow::Ok(())
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no fleet-key handshake within {PEER_TIMEOUT:?}"))?
+}
+
+/// The fleet-key handshake, client side.
+async fn prove_client(stream: &mut TcpStream, keys: &FleetKeys) -> anyhow::Result<()> {
+    tokio::time::timeout(PEER_TIMEOUT, async {
+        let (client, hello) = handshake::Client::start(keys);
+        stream.write_all(&hello).await?;
+        let mut answer = [0u8; handshake::ANSWER_LEN];
+        stream.read_exact(&mut answer).await?;
+        let proof = client.finish(&answer)?;
+        stream.write_all(&proof).await?;
+        anyhow::Ok(())
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no fleet-key handshake within {PEER_TIMEOUT:?}"))?
+}
+
 async fn connection(
     agent: Arc<Agent>,
     mut stream: TcpStream,
     limits: Arc<Limits>,
 ) -> anyhow::Result<()> {
+    if let Some(keys) = &agent.fleet
+        && let Err(e) = prove_server(&mut stream, keys).await
+    {
+        agent
+            .auth_stats
+            .repair_refused
+            .fetch_add(1, Ordering::Relaxed);
+        return Err(e.context("repair connection refused"));
+    }
     let mut buf = Vec::new();
     while let Some(f) = read_frame(&mut stream, &mut buf).await? {
         let Frame::Need {
@@ -204,6 +249,7 @@ pub enum PeerError {
 /// Fetches block `block` from the repair server at `addr`: the verified
 /// bytes and the payload bytes received.
 pub async fn fetch_block(
+    fleet: Option<&FleetKeys>,
     addr: SocketAddr,
     content: Digest,
     layout: Layout,
@@ -220,6 +266,11 @@ pub async fn fetch_block(
             ))
         })?
         .map_err(|e| fail(format!("{addr}: {e}")))?;
+    if let Some(keys) = fleet {
+        prove_client(&mut stream, keys)
+            .await
+            .map_err(|e| fail(format!("{addr}: {}", crate::error_text(e.as_ref()))))?;
+    }
     let mut fetch = BlockFetch::new(layout, block, hash, held);
     write_frame(&mut stream, &fetch.request(content))
         .await

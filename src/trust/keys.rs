@@ -238,6 +238,77 @@ pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
     f.sync_all().map_err(io)
 }
 
+/// First word of a fleet key file.
+const FLEET_HEADER: &str = "somcast-fleet-key-1";
+
+/// `somcast key generate --fleet NAME`: writes `NAME.fleet` (0600, refused
+/// if it exists): the header word and 256 random bits in hex, one line.
+pub fn generate_fleet_file(name: &Path) -> Result<(PathBuf, u32), KeyError> {
+    let path = with_suffix(name, "fleet");
+    let secret = multicast::auth::new_secret();
+    write_secret(
+        &path,
+        format!("{FLEET_HEADER} {}\n", crate::lab::hex(&secret)).as_bytes(),
+    )?;
+    Ok((path, multicast::auth::FleetKey::from_secret(&secret).id()))
+}
+
+/// Reads one fleet key file.
+pub fn read_fleet(path: &Path) -> Result<multicast::auth::FleetKey, KeyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let bad = |reason: &str| KeyError::BadSecret {
+        path: path.into(),
+        reason: format!("not a somcast fleet key: {reason}"),
+    };
+    let mut words = text.split_whitespace();
+    if words.next() != Some(FLEET_HEADER) {
+        return Err(bad(&format!("it does not start with {FLEET_HEADER}")));
+    }
+    let hex = words.next().ok_or_else(|| bad("no key after the header"))?;
+    if words.next().is_some() || hex.len() != 64 {
+        return Err(bad("the key must be 64 hex digits"));
+    }
+    let mut secret = [0u8; 32];
+    for (i, b) in secret.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad("not hex"))?;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(path)
+            && m.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                "{} is readable by others than its owner: anyone who reads it can speak for the fleet on the LAN (chmod 600 it)",
+                path.display()
+            );
+        }
+    }
+    Ok(multicast::auth::FleetKey::from_secret(&secret))
+}
+
+/// The fleet keys from files: none, or one to [`multicast::auth::MAX_KEYS`].
+pub fn read_fleet_keys(files: &[PathBuf]) -> Result<Option<multicast::auth::FleetKeys>, KeyError> {
+    if files.is_empty() {
+        return Ok(None);
+    }
+    if files.len() > multicast::auth::MAX_KEYS {
+        return Err(KeyError::Generate(format!(
+            "{} fleet keys given; at most {} (the current one and the next)",
+            files.len(),
+            multicast::auth::MAX_KEYS
+        )));
+    }
+    let keys = files
+        .iter()
+        .map(|f| read_fleet(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(multicast::auth::FleetKeys::new(keys))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,6 +333,31 @@ mod tests {
         }
         // Never overwritten.
         assert!(matches!(generate_files(&name), Err(KeyError::Exists(_))));
+    }
+
+    #[test]
+    fn a_fleet_key_file_reads_back_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, id) = generate_fleet_file(&dir.path().join("lan")).unwrap();
+        assert_eq!(read_fleet(&path).unwrap().id(), id);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let bad = dir.path().join("bad.fleet");
+        std::fs::write(&bad, "somcast-fleet-key-1 abcd\n").unwrap();
+        assert!(read_fleet(&bad).unwrap_err().to_string().contains("64 hex"));
+        std::fs::write(&bad, "hello\n").unwrap();
+        assert!(
+            read_fleet(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("not a somcast fleet key")
+        );
+        let three = vec![path.clone(), path.clone(), path];
+        assert!(read_fleet_keys(&three).is_err());
     }
 
     #[test]

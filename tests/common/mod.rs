@@ -234,3 +234,22 @@ pub fn origin_bytes(origin: &Proc) -> u64 {
 pub fn cached(cache: &Path, id: &str) -> Option<Vec<u8>> {
     std::fs::read(cache.join("objects").join(id)).ok()
 }
+
+/// `somcast scan --probe --json` on loopback for `group`, with `extra` args.
+pub fn scan_probe(group: SocketAddrV4, extra: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args([
+            "scan",
+            "--iface",
+            "127.0.0.1",
+            "--probe",
+            "--json",
+            "--wait",
+            "700ms",
+        ])
+        .arg("--control-group")
+        .arg(group.to_string())
+        .args(extra)
+        .output()
+        .unwrap()
+}

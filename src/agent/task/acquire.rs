@@ -203,10 +203,18 @@ async fn peer_repair(
                     // sends only what is missing (on a retry, after a failed
                     // peer, the block starts afresh).
                     let held = leftovers.remove(&b);
+                    let fleet = r.agent.fleet.clone();
                     running.spawn(async move {
-                        let res =
-                            crate::agent::repair::fetch_block(addr, content, layout, b, hash, held)
-                                .await;
+                        let res = crate::agent::repair::fetch_block(
+                            fleet.as_ref(),
+                            addr,
+                            content,
+                            layout,
+                            b,
+                            hash,
+                            held,
+                        )
+                        .await;
                         (b, node, res)
                     });
                 }
@@ -368,6 +376,8 @@ async fn represent(
             known_hashes: Some((r.m.block_hashes.clone(), r.m.content)),
             available: Some(available.clone()),
             stop: Some(stop.clone()),
+            fleet: r.agent.fleet.clone(),
+            auth_stats: r.agent.auth_stats.clone(),
             ..SendOptions::default()
         };
         let path = p.data.clone();
@@ -491,6 +501,8 @@ async fn receive(
                 drop_rate,
                 drop_seed: node,
                 stop: None,
+                fleet: agent.fleet.clone(),
+                auth_stats: agent.auth_stats.clone(),
             };
             let mut leftovers = Vec::new();
             let res = multicast::driver::receive_resume(

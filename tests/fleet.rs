@@ -1,0 +1,231 @@
+//! The fleet key on loopback: sealed datagrams and authenticated repair
+//! connections between agents that hold it; a host without it can neither
+//! join, be heard, be elected, serve nor take repair.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{
+    BIN, Proc, TempDir, get_json, json, origin_bytes, origin_dir, package, post, start_agent,
+    start_origin, wait_done, wait_for,
+};
+use somcast::demo::{generate_file, private_group};
+
+fn fleet_key(dir: &Path, name: &str) -> PathBuf {
+    let out = Command::new(BIN)
+        .args(["key", "generate", "--fleet"])
+        .arg(dir.join(name))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.join(format!("{name}.fleet"))
+}
+
+#[test]
+fn a_sealed_transfer_reaches_only_receivers_with_the_key() {
+    let dir = TempDir::new("fleet-lab");
+    let key = fleet_key(&dir.0, "lan");
+    let other = fleet_key(&dir.0, "other");
+    let src = dir.0.join("src.bin");
+    generate_file(&src, 3 * 1024 * 1024 + 5, 3).unwrap();
+    let group = private_group().to_string();
+    let recv = |out: &str, key: Option<&Path>, timeout: &str| {
+        let mut c = Command::new(BIN);
+        c.args([
+            "recv",
+            "--iface",
+            "127.0.0.1",
+            "--json",
+            "--timeout",
+            timeout,
+        ])
+        .args(["--group", &group])
+        .arg("--out")
+        .arg(dir.0.join(out));
+        if let Some(k) = key {
+            c.arg("--key").arg(k);
+        }
+        c.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let with_key = recv("with.bin", Some(&key), "30s");
+    let without = recv("without.bin", None, "4s");
+    let wrong = recv("wrong.bin", Some(&other), "4s");
+    let sent = Command::new(BIN)
+        .args(["send", "--iface", "127.0.0.1", "--json", "--rate", "200M"])
+        .args([
+            "--group",
+            &group,
+            "--min-receivers",
+            "1",
+            "--join-timeout",
+            "20s",
+        ])
+        .arg("--key")
+        .arg(&key)
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let summary = json(&sent.stdout);
+    // Only the receiver with the key could join.
+    assert_eq!(summary["receivers_done"], 1, "{summary}");
+    let o = with_key.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(dir.0.join("with.bin")).unwrap(),
+        std::fs::read(&src).unwrap()
+    );
+    for (what, child, out) in [
+        ("no key", without, "without.bin"),
+        ("another key", wrong, "wrong.bin"),
+    ] {
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "{what}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(!dir.0.join(out).exists(), "{what} wrote a file");
+    }
+}
+
+fn repair_port(a: &Proc) -> SocketAddr {
+    let port = get_json(a.addr, "/v1/status")["repair_port"]
+        .as_u64()
+        .unwrap();
+    SocketAddr::from(([127, 0, 0, 1], port as u16))
+}
+
+#[test]
+fn an_agent_without_the_fleet_key_can_neither_join_nor_serve_nor_take_repair() {
+    let dir = TempDir::new("fleet-agents");
+    let key = fleet_key(&dir.0, "lan");
+    let key_arg = key.to_str().unwrap();
+    let origin = start_origin(&origin_dir(&dir), "0");
+    let size = 6 * 1024 * 1024;
+    let (m, bytes) = package(&dir.0, size, 4, origin.addr);
+    let group = private_group();
+    let caches: Vec<TempDir> = (0..3).map(|_| TempDir::new("fleet-agent")).collect();
+    let keyed: Vec<Proc> = caches[..2]
+        .iter()
+        .map(|c| start_agent(&c.0, group, &["--fleet-key", key_arg]))
+        .collect();
+    let outsider = start_agent(&caches[2].0, group, &[]);
+    // The two with the key see each other, and only each other.
+    for a in &keyed {
+        wait_for(
+            "keyed agents see each other",
+            Duration::from_secs(10),
+            || {
+                get_json(a.addr, "/v1/status")["peers"]
+                    .as_array()
+                    .unwrap()
+                    .len()
+                    == 1
+            },
+        );
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        get_json(outsider.addr, "/v1/status")["peers"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    // scan --probe sees the agents that hold the key it is given.
+    let probe = |key: Option<&str>| {
+        let extra: Vec<&str> = key.map(|k| vec!["--fleet-key", k]).unwrap_or_default();
+        let v = json(&common::scan_probe(group, &extra).stdout);
+        let mut nodes: Vec<String> = v["probe"]["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["node"].as_str().unwrap().to_string())
+            .collect();
+        nodes.sort();
+        nodes
+    };
+    let node = |a: &Proc| {
+        get_json(a.addr, "/v1/status")["node"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let mut pair = vec![node(&keyed[0]), node(&keyed[1])];
+    pair.sort();
+    assert_eq!(probe(Some(key_arg)), pair);
+    assert_eq!(probe(None), vec![node(&outsider)]);
+    let heard = get_json(keyed[0].addr, "/v1/status");
+    assert_eq!(heard["lan"]["authenticated"], true);
+    assert!(
+        heard["lan"]["datagrams"]["unsealed"].as_u64().unwrap() > 0,
+        "{heard}"
+    );
+    assert!(
+        heard["lan"]["datagrams"]["accepted"].as_u64().unwrap() > 0,
+        "{heard}"
+    );
+
+    // One task to all three: the keyed pair shares one origin download;
+    // the outsider, alone in its own world, fetches everything itself.
+    let spec = serde_json::json!({ "id": "f1", "manifest": m, "delay_ms": 1500 });
+    for a in keyed.iter().chain([&outsider]) {
+        post(a, &spec);
+    }
+    let mut roles = Vec::new();
+    for a in &keyed {
+        let s = wait_done(a, "f1", Duration::from_secs(60));
+        assert_eq!(s["state"], "done", "{s}");
+        roles.push(s["role"].as_str().unwrap().to_string());
+    }
+    assert!(
+        roles.contains(&"representative".to_string()) && roles.contains(&"receiver".to_string())
+    );
+    let s = wait_done(&outsider, "f1", Duration::from_secs(60));
+    assert_eq!(s["state"], "done", "{s}");
+    assert_eq!(s["role"], "representative", "{s}");
+    assert_eq!(s["bytes"]["multicast"], 0, "{s}");
+    assert_eq!(s["bytes"]["peers"], 0, "{s}");
+    assert_eq!(s["bytes"]["origin"], size, "{s}");
+    for c in &caches {
+        assert_eq!(
+            common::cached(&c.0, &m.content_id).as_deref(),
+            Some(&bytes[..])
+        );
+    }
+    // Two downloads: the pair's and the outsider's.
+    assert!(origin_bytes(&origin) <= 2 * size * 105 / 100);
+
+    // The repair port of a keyed agent: a plain request gets nothing.
+    let port = repair_port(&keyed[0]);
+    let mut s = TcpStream::connect(port).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(&[0x53; 24]).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(got.is_empty(), "served {} bytes without the key", got.len());
+    wait_for("the refusal is counted", Duration::from_secs(5), || {
+        get_json(keyed[0].addr, "/v1/status")["lan"]["datagrams"]["repair_refused"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    });
+}
