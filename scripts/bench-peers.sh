@@ -13,8 +13,9 @@
 #                          [--tools "somcast udpcast uftp"] [--somcast-args "--block-size 1M"]
 #
 # Tool "somcast-key" is somcast with a fleet key on sender and receivers
-# (every datagram sealed and checked): --tools "somcast somcast-key" measures
-# what the seal costs, side by side in one run.
+# (every datagram sealed and checked), "somcast-encrypt" the same with the
+# sender's --encrypt: --tools "somcast somcast-key somcast-encrypt" measures
+# what the seal and the encryption cost, side by side in one run.
 #
 # --rate is the link rate in Mbit/s. A sender still running after 60 s
 # (udpcast) or 120 s is killed: its row then shows how many receivers had
@@ -104,10 +105,14 @@ settle() {
     sync
 }
 
-SOM_KEY=""
+SOM_KEY="" SOM_ENCRYPT=""
 run_somcast-key() {
     [ -f "$WORK/lan.fleet" ] || "$BIN" key generate --fleet "$WORK/lan" 2>/dev/null
     SOM_KEY=$WORK/lan.fleet run_somcast
+}
+run_somcast-encrypt() {
+    [ -f "$WORK/lan.fleet" ] || "$BIN" key generate --fleet "$WORK/lan" 2>/dev/null
+    SOM_KEY=$WORK/lan.fleet SOM_ENCRYPT=--encrypt run_somcast
 }
 
 run_somcast() {
@@ -124,7 +129,7 @@ run_somcast() {
     c0=$(busy)
     t0=$(now)
     timeout -s KILL 120 ip netns exec "${LAB_PREFIX}-h0" "$BIN" send "$WORK/src" --iface eth0 --group 239.192.0.1:7400 --rate "${PACE}M" \
-        --min-receivers "$RECEIVERS" ${SOM_KEY:+--key "$SOM_KEY"} $SOMCAST_ARGS --json >"$WORK/som-send.json" 2>"$WORK/som-send.err" || true
+        --min-receivers "$RECEIVERS" ${SOM_KEY:+--key "$SOM_KEY"} $SOM_ENCRYPT $SOMCAST_ARGS --json >"$WORK/som-send.json" 2>"$WORK/som-send.err" || true
     t1=$(now)
     cpu=$(cpu_since "$c0")
     reap "${pids[@]}"

@@ -94,6 +94,12 @@ lab_loss_off() {
     ip netns exec "${LAB_PREFIX}-h$1" nft delete table inet lab 2>/dev/null || true
 }
 
+# lab_origin_link RATE: host 0 (the origin) behind RATE both ways.
+lab_origin_link() {
+    ip netns exec "${LAB_PREFIX}-h0" tc qdisc replace dev eth0 root tbf rate "$1" burst 64kb latency 50ms
+    ip netns exec "${LAB_PREFIX}-sw" tc qdisc replace dev "${LAB_PREFIX}p0" root tbf rate "$1" burst 64kb latency 50ms
+}
+
 # lab_up N RATE LOSS
 lab_up() {
     local n=$1 rate=${2:-200mbit} loss=${3:-0}

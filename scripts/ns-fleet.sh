@@ -26,9 +26,7 @@ done
 lab_session fleet
 
 lab_up $((agents + 1)) 1gbit "$loss"
-# The origin's link: 100 Mbit/s both ways.
-ip netns exec "${LAB_PREFIX}-h0" tc qdisc replace dev eth0 root tbf rate 100mbit burst 64kb latency 50ms
-ip netns exec "${LAB_PREFIX}-sw" tc qdisc replace dev "${LAB_PREFIX}p0" root tbf rate 100mbit burst 64kb latency 50ms
+lab_origin_link 100mbit
 
 mkdir -p "$WORK/origin"
 bytes=$(numfmt --from=iec "$size")

@@ -28,8 +28,7 @@ done
 lab_session repair
 
 lab_up $((agents + 1)) 1gbit 0.01
-ip netns exec "${LAB_PREFIX}-h0" tc qdisc replace dev eth0 root tbf rate 100mbit burst 64kb latency 50ms
-ip netns exec "${LAB_PREFIX}-sw" tc qdisc replace dev "${LAB_PREFIX}p0" root tbf rate 100mbit burst 64kb latency 50ms
+lab_origin_link 100mbit
 bytes=$(numfmt --from=iec "$size")
 mkdir -p "$WORK/origin"
 head -c "$bytes" /dev/urandom >"$WORK/origin/late.bin"

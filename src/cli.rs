@@ -125,6 +125,9 @@ pub struct OrderArgs {
     /// Task id (default: 128 random bits); an agent runs an id once, ever.
     #[arg(long)]
     pub id: Option<String>,
+    /// Encrypt the package on the LAN (agents need a fleet key).
+    #[arg(long)]
+    pub encrypt: bool,
 }
 
 /// Which agents a console command talks to.
@@ -253,6 +256,9 @@ pub struct SendArgs {
     /// seal every datagram and take only sealed ones.
     #[arg(long, env = "SOMCAST_FLEET_KEY")]
     pub key: Option<PathBuf>,
+    /// Encrypt the file's bytes on the wire too (XChaCha20 under --key).
+    #[arg(long, requires = "key")]
+    pub encrypt: bool,
     /// Print one JSON summary object on stdout at the end.
     #[arg(long)]
     pub json: bool,
@@ -407,6 +413,10 @@ pub struct AgentArgs {
     /// open) to roll the fleet's key (SOMCAST_FLEET_KEY: comma-separated).
     #[arg(long = "fleet-key", env = "SOMCAST_FLEET_KEY", value_delimiter = ',')]
     pub fleet_key: Vec<PathBuf>,
+    /// Encrypt the packages this agent multicasts, as representative, for
+    /// every task (a task can ask for it too); needs --fleet-key.
+    #[arg(long, env = "SOMCAST_ENCRYPT")]
+    pub encrypt: bool,
 }
 
 fn parse_probability(s: &str) -> Result<f64, String> {

@@ -56,7 +56,7 @@ pub fn key(cmd: &KeyCommand) -> anyhow::Result<bool> {
     if *fleet {
         let (path, id) = crate::trust::keys::generate_fleet_file(name)?;
         eprintln!(
-            "fleet key {id:08x}: {} (give it to every agent with --fleet-key; anyone who holds it speaks for the fleet on the LAN)",
+            "fleet key {id:04x}: {} (give it to every agent with --fleet-key; anyone who holds it speaks for the fleet on the LAN)",
             path.display()
         );
         return Ok(true);
@@ -199,6 +199,7 @@ async fn make_bundle(http: &reqwest::Client, order: &OrderArgs) -> anyhow::Resul
             .transpose()?,
         expires: time(&order.expires, "expires")?,
         manifest_url: src.starts_with("http").then(|| src.clone()),
+        encrypt: order.encrypt,
     };
     issue::task(env, &task_order, signer.as_ref(), now)
 }

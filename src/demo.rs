@@ -82,7 +82,7 @@ fn run_in(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
         let out: PathBuf = dir.join(format!("received-{i}.bin"));
         let opts = RecvOptions {
             fleet: None,
-            auth_stats: Default::default(),
+            auth: Default::default(),
             session: ReceiverConfig {
                 receiver_id: random_id(),
                 idle_timeout: Duration::from_secs(30),

@@ -81,6 +81,7 @@ async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
             trusted_keys: vec![publisher.public.clone()],
             insecure_unsigned: false,
             fleet: fleet.clone(),
+            encrypt: false,
         };
         agents.push(crate::agent::start(config).await?);
     }
@@ -93,6 +94,7 @@ async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
         not_before: None,
         expires: now_unix() + 3600,
         manifest_url: None,
+        encrypt: false,
     };
     let bundle = issue::task(
         issue::manifest(&manifest, Some(&publisher))?,

@@ -83,6 +83,7 @@ pub fn send(args: &SendArgs) -> anyhow::Result<bool> {
         ttl: args.ttl,
         stop: Some(interrupt_flag()),
         fleet: crate::trust::keys::read_fleet_keys(args.key.as_slice())?,
+        encrypt: args.encrypt,
         ..SendOptions::default()
     };
     let bar = progress_bar(0, args.json);
@@ -195,7 +196,7 @@ pub fn recv(args: &RecvArgs) -> anyhow::Result<bool> {
         drop_seed: args.seed,
         stop: Some(interrupt_flag()),
         fleet: crate::trust::keys::read_fleet_keys(args.key.as_slice())?,
-        auth_stats: Default::default(),
+        auth: Default::default(),
     };
     let bar = progress_bar(0, args.json);
     let mut on_progress = |p: RecvProgress| {

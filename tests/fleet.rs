@@ -106,6 +106,17 @@ fn a_sealed_transfer_reaches_only_receivers_with_the_key() {
     }
 }
 
+/// Waits until agent `a` has `n` peers.
+fn wait_peers(a: &Proc, n: usize, what: &str) {
+    wait_for(what, Duration::from_secs(10), || {
+        get_json(a.addr, "/v1/status")["peers"]
+            .as_array()
+            .unwrap()
+            .len()
+            == n
+    });
+}
+
 fn repair_port(a: &Proc) -> SocketAddr {
     let port = get_json(a.addr, "/v1/status")["repair_port"]
         .as_u64()
@@ -130,17 +141,7 @@ fn an_agent_without_the_fleet_key_can_neither_join_nor_serve_nor_take_repair() {
     let outsider = start_agent(&caches[2].0, group, &[]);
     // The two with the key see each other, and only each other.
     for a in &keyed {
-        wait_for(
-            "keyed agents see each other",
-            Duration::from_secs(10),
-            || {
-                get_json(a.addr, "/v1/status")["peers"]
-                    .as_array()
-                    .unwrap()
-                    .len()
-                    == 1
-            },
-        );
+        wait_peers(a, 1, "keyed agents see each other");
     }
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
@@ -228,4 +229,136 @@ fn an_agent_without_the_fleet_key_can_neither_join_nor_serve_nor_take_repair() {
             .unwrap()
             >= 1
     });
+}
+
+/// Every datagram of a lab transfer, as a host on the LAN hears it.
+fn sniff(
+    group: std::net::SocketAddrV4,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<Vec<u8>> {
+    let (socket, _) =
+        multicast::socket::open_receiver(group, std::net::Ipv4Addr::LOCALHOST).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut heard = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Ok(n) = socket.recv(&mut buf) {
+            heard.push(buf[..n].to_vec());
+        }
+    }
+    heard
+}
+
+#[test]
+fn with_encrypt_the_package_bytes_never_appear_on_the_wire() {
+    let dir = TempDir::new("fleet-encrypt");
+    let key = fleet_key(&dir.0, "lan");
+    let src = dir.0.join("src.bin");
+    generate_file(&src, 1024 * 1024 + 9, 5).unwrap();
+    let original = std::fs::read(&src).unwrap();
+    // 32 bytes of the file from its first symbol, which a plain transfer
+    // carries verbatim.
+    let pattern = &original[700..732];
+    for encrypt in [false, true] {
+        let group = private_group();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sniffer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || sniff(group, stop))
+        };
+        let out = dir.0.join(format!("out-{encrypt}.bin"));
+        let recv = Command::new(BIN)
+            .args(["recv", "--iface", "127.0.0.1", "--timeout", "30s"])
+            .args(["--group", &group.to_string()])
+            .arg("--out")
+            .arg(&out)
+            .arg("--key")
+            .arg(&key)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut send = Command::new(BIN);
+        send.args(["send", "--iface", "127.0.0.1", "--rate", "200M"])
+            .args(["--group", &group.to_string(), "--min-receivers", "1"])
+            .arg("--key")
+            .arg(&key)
+            .arg(&src);
+        if encrypt {
+            send.arg("--encrypt");
+        }
+        let sent = send.output().unwrap();
+        assert!(
+            sent.status.success(),
+            "{}",
+            String::from_utf8_lossy(&sent.stderr)
+        );
+        let r = recv.wait_with_output().unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        assert_eq!(std::fs::read(&out).unwrap(), original);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let heard = sniffer.join().unwrap();
+        assert!(
+            heard.len() > 700,
+            "the sniffer heard {} datagrams",
+            heard.len()
+        );
+        let seen = heard
+            .iter()
+            .any(|d| d.windows(pattern.len()).any(|w| w == pattern));
+        assert_eq!(
+            seen, !encrypt,
+            "encrypt {encrypt}: file bytes on the wire: {seen}"
+        );
+    }
+}
+
+/// Mid-roll: one agent seals with the old key, the other with the new, and
+/// each holds both: they hear each other and share one transfer.
+#[test]
+fn agents_mid_key_roll_still_share_a_transfer() {
+    let dir = TempDir::new("fleet-roll");
+    let old = fleet_key(&dir.0, "old");
+    let new = fleet_key(&dir.0, "new");
+    let (old, new) = (old.to_str().unwrap(), new.to_str().unwrap());
+    let origin = start_origin(&origin_dir(&dir), "0");
+    let size = 3 * 1024 * 1024;
+    let (m, bytes) = package(&dir.0, size, 6, origin.addr);
+    let group = private_group();
+    let caches: Vec<TempDir> = (0..2).map(|_| TempDir::new("fleet-roll-agent")).collect();
+    let agents = [
+        start_agent(
+            &caches[0].0,
+            group,
+            &["--fleet-key", old, "--fleet-key", new],
+        ),
+        start_agent(
+            &caches[1].0,
+            group,
+            &["--fleet-key", new, "--fleet-key", old],
+        ),
+    ];
+    for a in &agents {
+        wait_peers(a, 1, "the two agents hear each other");
+    }
+    let spec = serde_json::json!({ "id": "roll", "manifest": m, "delay_ms": 1500 });
+    for a in &agents {
+        post(a, &spec);
+    }
+    let mut multicast = 0;
+    for a in &agents {
+        let s = wait_done(a, "roll", Duration::from_secs(60));
+        assert_eq!(s["state"], "done", "{s}");
+        multicast += s["bytes"]["multicast"].as_u64().unwrap();
+    }
+    assert_eq!(multicast, size, "one agent received the other's multicast");
+    assert!(origin_bytes(&origin) <= size * 105 / 100);
+    for c in &caches {
+        assert_eq!(
+            common::cached(&c.0, &m.content_id).as_deref(),
+            Some(&bytes[..])
+        );
+    }
 }

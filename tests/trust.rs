@@ -31,6 +31,7 @@ fn order(id: &str, marker: &Path) -> TaskOrder {
         not_before: None,
         expires: now_unix() + 600,
         manifest_url: None,
+        encrypt: false,
     }
 }
 
@@ -172,6 +173,12 @@ fn a_signed_task_runs_once_and_every_bad_order_is_refused_with_its_reason() {
         v["error"].as_str().unwrap().contains("not the manifest"),
         "{v}"
     );
+    // Encryption asked of an agent without a fleet key.
+    let mut enc = order("t-enc", &marker);
+    enc.encrypt = true;
+    let (c, v) = post(&agent, &bundle(m, &enc, Some(publisher)), None);
+    assert_eq!(c, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("no fleet key"), "{v}");
     // The bare unsigned spec of earlier versions, even with the token.
     let bare = serde_json::json!({ "id": "t-bare", "manifest": m, "run": "true" });
     let (c, body) = http(
@@ -208,6 +215,7 @@ fn a_signed_task_runs_once_and_every_bad_order_is_refused_with_its_reason() {
         ("not_yet_valid", 1),
         ("unsigned", 2),
         ("manifest", 1),
+        ("malformed", 1),
         ("replayed", 1),
     ] {
         assert_eq!(refused[reason], n, "{reason}: {status}");

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest as _, Sha256};
 use thiserror::Error;
 
-use crate::auth::{AuthStats, FleetKeys, Link};
+use crate::auth::{AuthState, FleetKeys, Link};
 use crate::batch::{RecvBatch, SendBatch};
 use crate::codec::{self, BlockEncoder, Layout, LayoutError, Plan, sha256};
 use crate::fileio;
@@ -143,8 +143,10 @@ pub struct SendOptions {
     pub stop: Option<Arc<AtomicBool>>,
     /// Seal every datagram with the fleet key, and take only sealed ones.
     pub fleet: Option<FleetKeys>,
+    /// With `fleet`: encrypt what is sent, not only authenticate it.
+    pub encrypt: bool,
     /// Where dropped datagrams are counted (shared by an agent's sockets).
-    pub auth_stats: Arc<AuthStats>,
+    pub auth: Arc<AuthState>,
 }
 
 impl Default for SendOptions {
@@ -159,7 +161,8 @@ impl Default for SendOptions {
             available: None,
             stop: None,
             fleet: None,
-            auth_stats: Arc::default(),
+            encrypt: false,
+            auth: Arc::default(),
         }
     }
 }
@@ -309,7 +312,8 @@ pub fn send_file(
     // that takes the lot (as a lab that drops whole segmented sends does)
     // costs each block at most one symbol.
     let mut send_batch = SendBatch::new(sender.interleave() as usize);
-    let mut link = Link::new(opts.fleet.as_ref(), opts.auth_stats.clone());
+    let mut link = Link::new(opts.fleet.as_ref(), opts.auth.clone());
+    link.set_encrypt(opts.encrypt);
     // After the encoder is spawned, which is to keep the default slice.
     let _slice = crate::background::PacingSlice::enter();
     // Set once `opts.stop` is seen: the closing frames go out, then the
@@ -342,7 +346,7 @@ pub fn send_file(
         loop {
             match socket.recv_from(&mut buf) {
                 Ok((n, from)) => {
-                    if let Some(plain) = link.incoming(from, &buf[..n]) {
+                    if let Some(plain) = link.incoming(&buf[..n]) {
                         sender.handle_datagram(now, from, plain)
                     }
                 }
@@ -684,7 +688,7 @@ pub struct RecvOptions {
     /// Take only datagrams sealed with the fleet key; seal the feedback.
     pub fleet: Option<FleetKeys>,
     /// Where dropped datagrams are counted (shared by an agent's sockets).
-    pub auth_stats: Arc<AuthStats>,
+    pub auth: Arc<AuthState>,
 }
 
 impl Default for RecvOptions {
@@ -695,7 +699,7 @@ impl Default for RecvOptions {
             drop_seed: 1,
             stop: None,
             fleet: None,
-            auth_stats: Arc::default(),
+            auth: Arc::default(),
         }
     }
 }
@@ -797,7 +801,7 @@ fn receive_core(
         .spawn(move || decode_worker(job_rx, done_tx, hash_whole_file))
         .map_err(RecvError::Recv)?;
     let mut batch = RecvBatch::for_socket(&socket);
-    let mut link = Link::new(opts.fleet.as_ref(), opts.auth_stats.clone());
+    let mut link = Link::new(opts.fleet.as_ref(), opts.auth.clone());
     let mut last_progress = start;
     let mut session_start = None;
     let mut verified_at = None;
@@ -835,7 +839,7 @@ fn receive_core(
                     for i in 0..n {
                         let (bytes, from) = batch.get(i);
                         if !drops.drop()
-                            && let Some(plain) = link.incoming(from, bytes)
+                            && let Some(plain) = link.incoming(bytes)
                         {
                             receiver.handle_datagram(now, from, plain);
                         }

@@ -6,6 +6,8 @@
 //! ```text
 //! client -> server  Hello  "SRH1" | key id (4 LE) | client nonce (16)              24 B
 //! server -> client  Answer "SRA1" | key id (4 LE) | server nonce (16) | tag S (16)  40 B
+//!
+//! (Key ids are 16 bits, sent as a 32-bit number.)
 //! client -> server  Proof  tag C (16)                                              16 B
 //! ```
 //!
@@ -16,6 +18,9 @@
 //! does not match the client's new nonce, a replayed Proof not the server's.
 //! The server picks the key by the client's key id among the ones it holds
 //! (current and next), so connections work through a key roll.
+
+use chacha20::XChaCha20;
+use chacha20::cipher::{KeyIvInit, StreamCipher};
 
 use crate::auth::{FleetKey, FleetKeys, same};
 
@@ -52,6 +57,45 @@ fn tag(key: &FleetKey, label: &[u8], client: &[u8; 16], server: &[u8; 16]) -> [u
     t
 }
 
+/// A connection that completed the handshake: its stream key, the keyed
+/// BLAKE3 (repair cipher key) of both nonces, fresh for every connection.
+pub struct Session {
+    key: [u8; 32],
+}
+
+impl Session {
+    fn new(fleet: &FleetKey, client: &[u8; 16], server: &[u8; 16]) -> Session {
+        let mut h = blake3::Hasher::new_keyed(fleet.repair_cipher_key());
+        h.update(client);
+        h.update(server);
+        Session {
+            key: *h.finalize().as_bytes(),
+        }
+    }
+
+    /// The ciphers of both directions, (what this side sends, what it
+    /// receives): XChaCha20 streams with a nonce per direction.
+    pub fn ciphers(&self, client_side: bool) -> (Cipher, Cipher) {
+        let dir = |label: &[u8; 3]| {
+            let mut nonce = [0u8; 24];
+            nonce[..3].copy_from_slice(label);
+            Cipher(XChaCha20::new(&self.key.into(), &nonce.into()))
+        };
+        let (c2s, s2c) = (dir(b"c2s"), dir(b"s2c"));
+        if client_side { (c2s, s2c) } else { (s2c, c2s) }
+    }
+}
+
+/// One direction of an encrypted repair connection.
+pub struct Cipher(XChaCha20);
+
+impl Cipher {
+    /// Encrypts or decrypts the next bytes of the stream in place.
+    pub fn apply(&mut self, data: &mut [u8]) {
+        self.0.apply_keystream(data);
+    }
+}
+
 /// The client's side.
 pub struct Client {
     key: FleetKey,
@@ -67,18 +111,22 @@ impl Client {
         };
         let mut hello = [0u8; HELLO_LEN];
         hello[..4].copy_from_slice(HELLO_MAGIC);
-        hello[4..8].copy_from_slice(&c.key.id().to_le_bytes());
+        hello[4..8].copy_from_slice(&u32::from(c.key.id()).to_le_bytes());
         hello[8..].copy_from_slice(&c.nonce);
         (c, hello)
     }
 
-    /// Checks the server's answer; returns the proof to send.
-    pub fn finish(self, answer: &[u8; ANSWER_LEN]) -> Result<[u8; PROOF_LEN], HandshakeError> {
+    /// Checks the server's answer; returns the proof to send and the
+    /// connection's session.
+    pub fn finish(
+        self,
+        answer: &[u8; ANSWER_LEN],
+    ) -> Result<([u8; PROOF_LEN], Session), HandshakeError> {
         if &answer[..4] != ANSWER_MAGIC {
             return Err(HandshakeError::NotAHandshake);
         }
         let id = u32::from_le_bytes([answer[4], answer[5], answer[6], answer[7]]);
-        if id != self.key.id() {
+        if id != u32::from(self.key.id()) {
             return Err(HandshakeError::UnknownKey(id));
         }
         let mut server = [0u8; 16];
@@ -89,7 +137,10 @@ impl Client {
         ) {
             return Err(HandshakeError::BadProof);
         }
-        Ok(tag(&self.key, b"client", &self.nonce, &server))
+        Ok((
+            tag(&self.key, b"client", &self.nonce, &server),
+            Session::new(&self.key, &self.nonce, &server),
+        ))
     }
 }
 
@@ -110,7 +161,11 @@ impl Server {
             return Err(HandshakeError::NotAHandshake);
         }
         let id = u32::from_le_bytes([hello[4], hello[5], hello[6], hello[7]]);
-        let key = keys.find(id).ok_or(HandshakeError::UnknownKey(id))?.clone();
+        let key = u16::try_from(id)
+            .ok()
+            .and_then(|i| keys.find(i))
+            .ok_or(HandshakeError::UnknownKey(id))?
+            .clone();
         let mut client = [0u8; 16];
         client.copy_from_slice(&hello[8..]);
         let s = Server {
@@ -126,13 +181,13 @@ impl Server {
         Ok((s, answer))
     }
 
-    /// Checks the client's proof.
-    pub fn finish(self, proof: &[u8; PROOF_LEN]) -> Result<(), HandshakeError> {
+    /// Checks the client's proof; the connection's session.
+    pub fn finish(self, proof: &[u8; PROOF_LEN]) -> Result<Session, HandshakeError> {
         if same(
             &tag(&self.key, b"client", &self.client, &self.server),
             proof,
         ) {
-            Ok(())
+            Ok(Session::new(&self.key, &self.client, &self.server))
         } else {
             Err(HandshakeError::BadProof)
         }
@@ -151,8 +206,20 @@ mod tests {
     fn both_ends_with_the_key_complete() {
         let (c, hello) = Client::start(&keys(1));
         let (s, answer) = Server::answer(&keys(1), &hello).unwrap();
-        let proof = c.finish(&answer).unwrap();
-        assert_eq!(s.finish(&proof), Ok(()));
+        let (proof, client) = c.finish(&answer).unwrap();
+        let server = s.finish(&proof).ok().unwrap();
+        // What one side encrypts, the other decrypts.
+        let (mut c_tx, mut c_rx) = client.ciphers(true);
+        let (mut s_tx, mut s_rx) = server.ciphers(false);
+        let mut m = *b"need block 7";
+        c_tx.apply(&mut m);
+        assert_ne!(&m, b"need block 7");
+        s_rx.apply(&mut m);
+        assert_eq!(&m, b"need block 7");
+        let mut r = *b"symbols";
+        s_tx.apply(&mut r);
+        c_rx.apply(&mut r);
+        assert_eq!(&r, b"symbols");
     }
 
     #[test]
@@ -166,15 +233,15 @@ mod tests {
         // A server that answers with a recorded answer from another run.
         let (c1, hello1) = Client::start(&keys(1));
         let (_, answer1) = Server::answer(&keys(1), &hello1).unwrap();
-        let _ = c1.finish(&answer1).unwrap();
+        assert!(c1.finish(&answer1).is_ok());
         let (c2, _) = Client::start(&keys(1));
-        assert_eq!(c2.finish(&answer1), Err(HandshakeError::BadProof));
+        assert!(matches!(c2.finish(&answer1), Err(HandshakeError::BadProof)));
         // A client that replays a recorded proof to a new server nonce.
         let (c3, hello3) = Client::start(&keys(1));
         let (_, answer3) = Server::answer(&keys(1), &hello3).unwrap();
-        let proof3 = c3.finish(&answer3).unwrap();
+        let (proof3, _) = c3.finish(&answer3).unwrap();
         let (s4, _) = Server::answer(&keys(1), &hello3).unwrap();
-        assert_eq!(s4.finish(&proof3), Err(HandshakeError::BadProof));
+        assert!(matches!(s4.finish(&proof3), Err(HandshakeError::BadProof)));
         // A peer speaking the plain repair protocol.
         let mut plain = [0u8; HELLO_LEN];
         plain[..2].copy_from_slice(b"SR");

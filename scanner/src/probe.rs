@@ -101,7 +101,7 @@ pub fn probe(
             let r = reply?.wrapping_sub(nonce);
             sent_at.get(usize::try_from(r).ok()?).copied()
         };
-        let Some(plain) = link.incoming(from, &buf[..n]) else {
+        let Some(plain) = link.incoming(&buf[..n]) else {
             ignored += 1;
             continue;
         };

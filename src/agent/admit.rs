@@ -56,6 +56,9 @@ async fn admit(agent: &Arc<Agent>, bundle: Bundle) -> Result<TaskStatus, AdmitEr
     let manifest = agent.gate.check_manifest(&doc, &manifest_env)?;
     let spec = spec_of(&doc, manifest, signer.map(|k| k.to_string()));
     task::check_spec(&spec)?;
+    if spec.encrypt && agent.fleet.is_none() {
+        return Err(SpecError::EncryptWithoutKey.into());
+    }
     agent.gate.record(&doc.id, doc.expires, now)?;
     Ok(task::submit(agent, spec)?)
 }
@@ -83,6 +86,7 @@ fn spec_of(
         rate_bps: doc.rate_bps,
         run_timeout_s,
         signed_by,
+        encrypt: doc.encrypt,
     }
 }
 

@@ -249,8 +249,8 @@ async fn status(State(agent): State<Arc<Agent>>) -> Json<Value> {
         "trust": agent.gate.status(),
         "lan": {
             "authenticated": agent.fleet.is_some(),
-            "fleet_keys": agent.fleet.as_ref().map(|k| k.ids().iter().map(|i| format!("{i:08x}")).collect::<Vec<_>>()),
-            "datagrams": agent.auth_stats.snapshot().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            "fleet_keys": agent.fleet.as_ref().map(|k| k.ids().iter().map(|i| format!("{i:04x}")).collect::<Vec<_>>()),
+            "datagrams": agent.auth.snapshot().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
         },
         "peers": peers,
         "foreign_peers": foreign,

@@ -46,6 +46,7 @@ struct FileConfig {
     insecure_unsigned: Option<bool>,
     /// Fleet key files: the first seals, every one opens.
     fleet_keys: Option<Vec<PathBuf>>,
+    encrypt: Option<bool>,
 }
 
 /// Settings the agent runs with, validated.
@@ -77,6 +78,8 @@ pub struct AgentConfig {
     pub insecure_unsigned: bool,
     /// The fleet key(s): `None`, the LAN traffic is not authenticated.
     pub fleet: Option<multicast::auth::FleetKeys>,
+    /// Encrypt every package this agent multicasts.
+    pub encrypt: bool,
 }
 
 impl AgentConfig {
@@ -144,6 +147,10 @@ impl AgentConfig {
             args.fleet_key.clone()
         };
         let fleet = crate::trust::keys::read_fleet_keys(&fleet_files)?;
+        let encrypt = args.encrypt || file.encrypt.unwrap_or(false);
+        if encrypt && fleet.is_none() {
+            bail!("--encrypt needs a fleet key to encrypt with: give --fleet-key NAME.fleet");
+        }
         if args.lab_corrupt_repair {
             tracing::warn!("lab fault injection: this agent serves corrupted repair symbols");
         }
@@ -151,6 +158,7 @@ impl AgentConfig {
             trusted_keys,
             insecure_unsigned,
             fleet,
+            encrypt,
             rate_bps,
             repair_rate_bps,
             lab_corrupt_repair: args.lab_corrupt_repair,

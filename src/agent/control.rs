@@ -58,20 +58,20 @@ pub async fn run(
     let mut ubuf = vec![0u8; multicast::wire::MAX_DATAGRAM];
     let mut refresh = tokio::time::interval(agent.config.presence_interval * REFRESH_INTERVALS);
     // One seal for both sockets: a sender's counters form one stream.
-    let mut link = multicast::auth::Link::new(agent.fleet.as_ref(), agent.auth_stats.clone());
+    let mut link = multicast::auth::Link::new(agent.fleet.as_ref(), agent.auth.clone());
     loop {
         let wake = next_wake(&agent);
         tokio::select! {
             r = sockets.group.recv_from(&mut gbuf) => {
                 if let Some((n, from)) = received(r)
-                    && let Some(plain) = link.incoming(from, &gbuf[..n])
+                    && let Some(plain) = link.incoming(&gbuf[..n])
                 {
                     handle(&agent, from, plain);
                 }
             }
             r = sockets.unicast.recv_from(&mut ubuf) => {
                 if let Some((n, from)) = received(r)
-                    && let Some(plain) = link.incoming(from, &ubuf[..n])
+                    && let Some(plain) = link.incoming(&ubuf[..n])
                 {
                     handle(&agent, from, plain);
                 }

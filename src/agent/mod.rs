@@ -47,7 +47,7 @@ pub struct Agent {
     /// The fleet key(s) that seal LAN traffic; `None`: unauthenticated.
     pub fleet: Option<multicast::auth::FleetKeys>,
     /// Datagrams and repair connections dropped for want of the fleet key.
-    pub auth_stats: Arc<multicast::auth::AuthStats>,
+    pub auth: Arc<multicast::auth::AuthState>,
 }
 
 impl Agent {
@@ -190,7 +190,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
             "LAN traffic sealed with fleet key {}",
             k.ids()
                 .iter()
-                .map(|i| format!("{i:08x}"))
+                .map(|i| format!("{i:04x}"))
                 .collect::<Vec<_>>()
                 .join(", then ")
         ),
@@ -266,7 +266,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         control_wake: tokio::sync::Notify::new(),
         gate,
         fleet: config.fleet.clone(),
-        auth_stats: Arc::default(),
+        auth: Arc::default(),
         config,
         token,
     });

@@ -101,31 +101,49 @@ fn lookup(
     })
 }
 
-async fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<Option<Frame>> {
-    loop {
-        if let Some((f, used)) = frame::decode(buf)? {
-            buf.drain(..used);
-            return Ok(Some(f));
-        }
-        let mut chunk = [0u8; 64 * 1024];
-        let n = tokio::time::timeout(PEER_TIMEOUT, stream.read(&mut chunk)).await??;
-        if n == 0 {
-            return Ok(None);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
+/// A repair connection: the stream, and with a fleet key the ciphers of
+/// its two directions (every byte after the handshake is encrypted).
+struct Conn {
+    stream: TcpStream,
+    ciphers: Option<(handshake::Cipher, handshake::Cipher)>,
 }
 
-async fn write_frame(stream: &mut TcpStream, f: &Frame) -> anyhow::Result<()> {
-    let mut out = Vec::new();
-    frame::encode(f, &mut out);
-    tokio::time::timeout(PEER_TIMEOUT, stream.write_all(&out)).await??;
-    Ok(())
+impl Conn {
+    async fn read_frame(&mut self, buf: &mut Vec<u8>) -> anyhow::Result<Option<Frame>> {
+        loop {
+            if let Some((f, used)) = frame::decode(buf)? {
+                buf.drain(..used);
+                return Ok(Some(f));
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            let n = tokio::time::timeout(PEER_TIMEOUT, self.stream.read(&mut chunk)).await??;
+            if n == 0 {
+                return Ok(None);
+            }
+            if let Some((_, rx)) = &mut self.ciphers {
+                rx.apply(&mut chunk[..n]);
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    async fn write_frame(&mut self, f: &Frame) -> anyhow::Result<()> {
+        let mut out = Vec::new();
+        frame::encode(f, &mut out);
+        if let Some((tx, _)) = &mut self.ciphers {
+            tx.apply(&mut out);
+        }
+        tokio::time::timeout(PEER_TIMEOUT, self.stream.write_all(&out)).await??;
+        Ok(())
+    }
 }
 
 /// The fleet-key handshake, server side: the client proves it holds the
 /// key (and learns that this agent does) before any frame is read.
-async fn prove_server(stream: &mut TcpStream, keys: &FleetKeys) -> anyhow::Result<()> {
+async fn prove_server(
+    stream: &mut TcpStream,
+    keys: &FleetKeys,
+) -> anyhow::Result<handshake::Session> {
     tokio::time::timeout(PEER_TIMEOUT, async {
         let mut hello = [0u8; handshake::HELLO_LEN];
         stream.read_exact(&mut hello).await?;
@@ -133,23 +151,25 @@ async fn prove_server(stream: &mut TcpStream, keys: &FleetKeys) -> anyhow::Resul
         stream.write_all(&answer).await?;
         let mut proof = [0u8; handshake::PROOF_LEN];
         stream.read_exact(&mut proof).await?;
-        server.finish(&proof)?;
-        anyhow::Ok(())
+        anyhow::Ok(server.finish(&proof)?)
     })
     .await
     .map_err(|_| anyhow::anyhow!("no fleet-key handshake within {PEER_TIMEOUT:?}"))?
 }
 
 /// The fleet-key handshake, client side.
-async fn prove_client(stream: &mut TcpStream, keys: &FleetKeys) -> anyhow::Result<()> {
+async fn prove_client(
+    stream: &mut TcpStream,
+    keys: &FleetKeys,
+) -> anyhow::Result<handshake::Session> {
     tokio::time::timeout(PEER_TIMEOUT, async {
         let (client, hello) = handshake::Client::start(keys);
         stream.write_all(&hello).await?;
         let mut answer = [0u8; handshake::ANSWER_LEN];
         stream.read_exact(&mut answer).await?;
-        let proof = client.finish(&answer)?;
+        let (proof, session) = client.finish(&answer)?;
         stream.write_all(&proof).await?;
-        anyhow::Ok(())
+        anyhow::Ok(session)
     })
     .await
     .map_err(|_| anyhow::anyhow!("no fleet-key handshake within {PEER_TIMEOUT:?}"))?
@@ -160,17 +180,19 @@ async fn connection(
     mut stream: TcpStream,
     limits: Arc<Limits>,
 ) -> anyhow::Result<()> {
-    if let Some(keys) = &agent.fleet
-        && let Err(e) = prove_server(&mut stream, keys).await
-    {
-        agent
-            .auth_stats
-            .repair_refused
-            .fetch_add(1, Ordering::Relaxed);
-        return Err(e.context("repair connection refused"));
-    }
+    let ciphers = match &agent.fleet {
+        Some(keys) => match prove_server(&mut stream, keys).await {
+            Ok(session) => Some(session.ciphers(false)),
+            Err(e) => {
+                agent.auth.repair_refused.fetch_add(1, Ordering::Relaxed);
+                return Err(e.context("repair connection refused"));
+            }
+        },
+        None => None,
+    };
+    let mut conn = Conn { stream, ciphers };
     let mut buf = Vec::new();
-    while let Some(f) = read_frame(&mut stream, &mut buf).await? {
+    while let Some(f) = conn.read_frame(&mut buf).await? {
         let Frame::Need {
             content,
             block,
@@ -182,11 +204,11 @@ async fn connection(
             continue; // a Stop for a block already finished, or noise
         };
         let Some((layout, hash, path)) = lookup(&agent, &content, block) else {
-            write_frame(&mut stream, &Frame::NotHeld { block }).await?;
+            conn.write_frame(&Frame::NotHeld { block }).await?;
             continue;
         };
         let Ok(_slot) = limits.slots.try_acquire() else {
-            write_frame(&mut stream, &Frame::Busy).await?;
+            conn.write_frame(&Frame::Busy).await?;
             continue;
         };
         let want = Want {
@@ -215,7 +237,7 @@ async fn connection(
         })
         .await?;
         let Some(mut serving) = serving else {
-            write_frame(&mut stream, &Frame::NotHeld { block }).await?;
+            conn.write_frame(&Frame::NotHeld { block }).await?;
             continue;
         };
         while let Some(mut f) = serving.next_frame() {
@@ -229,7 +251,7 @@ async fn connection(
             }
             // A requester that has decoded closes the connection: the write
             // fails and this block is over.
-            write_frame(&mut stream, &f).await?;
+            conn.write_frame(&f).await?;
         }
     }
     Ok(())
@@ -266,18 +288,23 @@ pub async fn fetch_block(
             ))
         })?
         .map_err(|e| fail(format!("{addr}: {e}")))?;
-    if let Some(keys) = fleet {
-        prove_client(&mut stream, keys)
-            .await
-            .map_err(|e| fail(format!("{addr}: {}", crate::error_text(e.as_ref()))))?;
-    }
+    let ciphers = match fleet {
+        Some(keys) => Some(
+            prove_client(&mut stream, keys)
+                .await
+                .map_err(|e| fail(format!("{addr}: {}", crate::error_text(e.as_ref()))))?
+                .ciphers(true),
+        ),
+        None => None,
+    };
+    let mut conn = Conn { stream, ciphers };
     let mut fetch = BlockFetch::new(layout, block, hash, held);
-    write_frame(&mut stream, &fetch.request(content))
+    conn.write_frame(&fetch.request(content))
         .await
         .map_err(|e| fail(e.to_string()))?;
     let mut buf = Vec::new();
     loop {
-        let f = match read_frame(&mut stream, &mut buf).await {
+        let f = match conn.read_frame(&mut buf).await {
             Ok(Some(f)) => f,
             Ok(None) => return Err(fail(format!("{addr} closed before the block decoded"))),
             Err(e) => return Err(fail(format!("{addr}: {e}"))),
@@ -289,7 +316,7 @@ pub async fn fetch_block(
             FetchStep::Misbehaved(why) => return Err(fail(format!("{addr}: {why}"))),
             FetchStep::Decode => match fetch.decode() {
                 Ok(data) => {
-                    let _ = write_frame(&mut stream, &Frame::Stop { block }).await;
+                    let _ = conn.write_frame(&Frame::Stop { block }).await;
                     return Ok((data, fetch.bytes));
                 }
                 Err(Rejected::NeedMore) => {}

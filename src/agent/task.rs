@@ -76,6 +76,9 @@ fn tasks_dir(agent: &Agent) -> PathBuf {
 /// id and spec is returned as it is (the console may retry).
 pub fn submit(agent: &Arc<Agent>, mut spec: TaskSpec) -> Result<TaskStatus, SpecError> {
     let checked = check_spec(&spec)?;
+    if spec.encrypt && agent.fleet.is_none() {
+        return Err(SpecError::EncryptWithoutKey);
+    }
     let id = spec
         .id
         .clone()

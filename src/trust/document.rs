@@ -172,6 +172,9 @@ pub struct TaskDoc {
     /// Multicast rate, bit/s on the wire; `None`: the agent's.
     #[serde(default)]
     pub rate_bps: Option<u64>,
+    /// Encrypt the package on the LAN (agents need a fleet key).
+    #[serde(default)]
+    pub encrypt: bool,
 }
 
 /// What a control document orders.
@@ -285,6 +288,7 @@ mod tests {
             },
             delay_ms: 0,
             rate_bps: None,
+            encrypt: false,
         })
         .unwrap()
     }

@@ -20,6 +20,8 @@ pub struct TaskOrder {
     pub expires: u64,
     /// Where agents can fetch the manifest if it does not travel along.
     pub manifest_url: Option<String>,
+    /// Encrypt the package on the LAN.
+    pub encrypt: bool,
 }
 
 /// The text of a document as written: pretty JSON, newline-terminated, so
@@ -95,6 +97,7 @@ pub fn task(
         action: order.action.clone(),
         delay_ms: order.delay_ms,
         rate_bps: order.rate_bps,
+        encrypt: order.encrypt,
     };
     document::check_window(
         now.max(doc.not_before.unwrap_or(0)),

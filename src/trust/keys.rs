@@ -243,7 +243,7 @@ const FLEET_HEADER: &str = "somcast-fleet-key-1";
 
 /// `somcast key generate --fleet NAME`: writes `NAME.fleet` (0600, refused
 /// if it exists): the header word and 256 random bits in hex, one line.
-pub fn generate_fleet_file(name: &Path) -> Result<(PathBuf, u32), KeyError> {
+pub fn generate_fleet_file(name: &Path) -> Result<(PathBuf, u16), KeyError> {
     let path = with_suffix(name, "fleet");
     let secret = multicast::auth::new_secret();
     write_secret(

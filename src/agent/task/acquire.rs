@@ -377,7 +377,8 @@ async fn represent(
             available: Some(available.clone()),
             stop: Some(stop.clone()),
             fleet: r.agent.fleet.clone(),
-            auth_stats: r.agent.auth_stats.clone(),
+            encrypt: r.spec.encrypt || r.agent.config.encrypt,
+            auth: r.agent.auth.clone(),
             ..SendOptions::default()
         };
         let path = p.data.clone();
@@ -502,7 +503,7 @@ async fn receive(
                 drop_seed: node,
                 stop: None,
                 fleet: agent.fleet.clone(),
-                auth_stats: agent.auth_stats.clone(),
+                auth: agent.auth.clone(),
             };
             let mut leftovers = Vec::new();
             let res = multicast::driver::receive_resume(

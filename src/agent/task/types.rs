@@ -29,6 +29,9 @@ pub struct TaskSpec {
     /// The publisher key that signed the task; `None`: unsigned (lab mode).
     #[serde(default)]
     pub signed_by: Option<String>,
+    /// Encrypt the package on the LAN when this agent multicasts it.
+    #[serde(default)]
+    pub encrypt: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,4 +125,6 @@ pub enum SpecError {
     Delay(u64),
     #[error("the command ({0} bytes) must be 1-{MAX_COMMAND} bytes")]
     Command(usize),
+    #[error("the task asks for --encrypt, but this agent has no fleet key to encrypt with")]
+    EncryptWithoutKey,
 }
