@@ -61,6 +61,10 @@ async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
             human_bytes(args.size),
             args.delay
         );
+        eprintln!(
+            "demo: the task is signed by publisher key {} (the only key the agents trust); their LAN traffic is sealed with a fleet key of the demo's own",
+            publisher.public.id
+        );
     }
     let mut agents: Vec<Running> = Vec::new();
     for i in 0..args.agents {

@@ -440,18 +440,6 @@ impl Link {
         }
     }
 
-    pub fn plain() -> Link {
-        Link {
-            sealer: None,
-            opener: None,
-            scratch: Vec::new(),
-        }
-    }
-
-    pub fn is_sealed(&self) -> bool {
-        self.sealer.is_some()
-    }
-
     /// Encrypt what this link sends (it must be sealed to).
     pub fn set_encrypt(&mut self, on: bool) {
         if let Some(s) = &mut self.sealer {

@@ -284,6 +284,39 @@ mod tests {
     }
 
     #[test]
+    fn trust_and_fleet_keys_come_from_the_file_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = crate::trust::Signer::generate().unwrap();
+        let pubfile = dir.path().join("p.pub");
+        std::fs::write(&pubfile, format!("{}\n", signer.public.to_line())).unwrap();
+        let (fleet, id) = crate::trust::keys::generate_fleet_file(&dir.path().join("lan")).unwrap();
+        let other = crate::trust::Signer::generate().unwrap();
+        let file = dir.path().join("somcast.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "trusted_keys = [{:?}, {:?}]\nfleet_keys = [{:?}]\nencrypt = true\n",
+                pubfile.display().to_string(),
+                other.public.to_line(),
+                fleet.display().to_string()
+            ),
+        )
+        .unwrap();
+        let c = AgentConfig::load(&args(&["--config", file.to_str().unwrap()])).unwrap();
+        let mut ids: Vec<_> = c.trusted_keys.iter().map(|k| k.id).collect();
+        ids.sort();
+        let mut want = vec![signer.public.id, other.public.id];
+        want.sort();
+        assert_eq!(ids, want);
+        assert_eq!(c.fleet.unwrap().ids(), vec![id]);
+        assert!(c.encrypt && !c.insecure_unsigned);
+        // --encrypt without a fleet key is refused.
+        std::fs::write(&file, "encrypt = true\n").unwrap();
+        let e = AgentConfig::load(&args(&["--config", file.to_str().unwrap()])).unwrap_err();
+        assert!(e.to_string().contains("needs a fleet key"), "{e:#}");
+    }
+
+    #[test]
     fn a_bad_config_file_is_refused_with_its_reason() {
         let dir = std::env::temp_dir().join(format!("somcast-badcfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
