@@ -62,6 +62,15 @@ impl Default for ElectionConfig {
     }
 }
 
+/// Why an offer was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BadOffer {
+    #[error("an offer of a data group other than the content's")]
+    Group,
+    #[error("an offer to start later than the task's startup delay")]
+    Start,
+}
+
 /// Where this agent stands in the election.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -194,17 +203,35 @@ impl Election {
     }
 
     /// Takes a claim or offer heard on the control group (any content; other
-    /// contents are ignored).
-    pub fn handle_frame(&mut self, now: Instant, frame: &Frame<'_>) {
+    /// contents are ignored). An offer for this content that no agent of
+    /// ours could have made is dropped: the reason comes back, to count.
+    pub fn handle_frame(&mut self, now: Instant, frame: &Frame<'_>) -> Result<(), BadOffer> {
         match frame {
             Frame::Claim(c) if c.content == self.content && c.standing != self.me => {
                 self.heard_claim(now, c.standing)
             }
             Frame::Offer(o) if o.content == self.content && o.standing != self.me => {
+                self.check_offer(o)?;
                 self.heard_offer(now, o)
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// Every agent derives the data group from the content id and starts
+    /// within the task's startup delay: an offer of another group (a
+    /// unicast address, a group nobody joins) or of a start beyond that
+    /// delay would only park or fail the subnet.
+    fn check_offer(&self, o: &Offer) -> Result<(), BadOffer> {
+        if o.data_group != self.group.ip().octets() || o.data_port != self.group.port() {
+            return Err(BadOffer::Group);
+        }
+        let slack = self.cfg.announce * 2;
+        if Duration::from_millis(u64::from(o.start_in_ms)) > self.cfg.startup_delay + slack {
+            return Err(BadOffer::Start);
+        }
+        Ok(())
     }
 
     fn heard_claim(&mut self, now: Instant, other: Standing) {

@@ -94,6 +94,47 @@ fn the_api_wants_its_token_and_names_unknown_endpoints() {
     let (code, body) = get(a.addr, "/v1/nothing", Some(TOKEN));
     assert_eq!(code, 404);
     assert!(body.contains("no such endpoint"), "{body}");
+    // The auth scheme is case-insensitive.
+    let mut s = std::net::TcpStream::connect(a.addr).unwrap();
+    std::io::Write::write_all(
+        &mut s,
+        format!("GET /v1/status HTTP/1.1\r\nHost: t\r\nauthorization: bearer {TOKEN}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
+
+#[test]
+fn the_cache_and_the_generated_token_are_private() {
+    let dir = TempDir::new("private");
+    let cache = dir.0.join("cache");
+    let a = common::start_agent_with(&cache, private_group(), &[]);
+    drop(a);
+    // Without --token, an agent makes one from the OS random source.
+    let b = Command::new(BIN)
+        .args(["agent", "--iface", "127.0.0.1", "--api", "127.0.0.1:0"])
+        .arg("--cache")
+        .arg(dir.0.join("cache2"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let token = dir.0.join("cache2").join("api-token");
+    wait_for("the token file", Duration::from_secs(5), || token.exists());
+    let mut b = b;
+    let _ = b.kill();
+    let _ = b.wait();
+    let t = std::fs::read_to_string(&token).unwrap();
+    assert_eq!(t.trim().len(), 32, "128 bits in hex: {t:?}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&cache), 0o700);
+        assert_eq!(mode(&dir.0.join("cache2")), 0o700);
+        assert_eq!(mode(&token), 0o600);
+    }
 }
 
 #[test]

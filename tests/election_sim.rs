@@ -103,7 +103,9 @@ impl Subnet {
             } else {
                 let bytes = self.frames[frame].clone();
                 let f = wire::decode(&bytes).unwrap().frame;
-                self.agents[i].handle_frame(at, &f);
+                self.agents[i]
+                    .handle_frame(at, &f)
+                    .expect("agents make valid offers");
             }
             self.after(i);
             self.track_overlap();
@@ -261,4 +263,56 @@ fn a_silent_representative_is_replaced_after_three_intervals() {
             .iter()
             .any(|(_, e)| matches!(e, ElectionEvent::RepresentativeLost { .. }))
     );
+}
+
+/// A forged offer for the content with a unicast data group, another
+/// group, or a start beyond the startup delay is dropped with its reason;
+/// the agent goes on to elect as if it had not been sent.
+#[test]
+fn impossible_offers_are_dropped_and_the_election_goes_on() {
+    use somcast::election::BadOffer;
+    let t0 = Instant::now();
+    let group = SocketAddrV4::new(Ipv4Addr::new(239, 193, 0xC0, 0xC0), 7400);
+    let me = Standing {
+        node: 1,
+        ..Standing::default()
+    };
+    let mut e = Election::new(config(), CONTENT, me, 11, group, t0, 1);
+    let offer = |data_group: [u8; 4], start_in_ms: u32| {
+        wire::Frame::Offer(wire::Offer {
+            content: CONTENT,
+            standing: Standing {
+                node: 99,
+                preference: 255,
+                ..Standing::default()
+            },
+            session: 5,
+            data_group,
+            data_port: 7400,
+            start_in_ms,
+        })
+    };
+    assert_eq!(
+        e.handle_frame(t0, &offer([10, 0, 0, 1], 0)),
+        Err(BadOffer::Group)
+    );
+    assert_eq!(
+        e.handle_frame(t0, &offer([239, 193, 1, 1], 0)),
+        Err(BadOffer::Group)
+    );
+    assert_eq!(
+        e.handle_frame(t0, &offer(group.ip().octets(), u32::MAX)),
+        Err(BadOffer::Start)
+    );
+    assert_eq!(e.poll_event(), None);
+    assert_eq!(e.role(), Role::Discovering);
+    // A possible offer is followed.
+    assert_eq!(
+        e.handle_frame(t0, &offer(group.ip().octets(), 2000)),
+        Ok(())
+    );
+    assert!(matches!(
+        e.poll_event(),
+        Some(ElectionEvent::Follow { session: 5, .. })
+    ));
 }

@@ -220,16 +220,13 @@ pub fn hash_file(file: &File, layout: &Layout) -> io::Result<(Vec<Digest>, Diges
     })
 }
 
-/// A random 64-bit id from the OS-seeded hasher keys, without a dependency.
+/// A random 64-bit id from the OS random source. (std's `RandomState`
+/// keys, used before, are seeded once per thread and then counted up, so
+/// one id told the next: no good for session ids, node ids and tokens.)
 pub fn random_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish()
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("the OS random source is available");
+    u64::from_le_bytes(b)
 }
 
 /// Sends `path` to `group` through the interface with address `iface`.

@@ -76,10 +76,13 @@ async fn require_token(
     if req.method() == axum::http::Method::POST && !agent.gate.insecure() {
         return next.run(req).await;
     }
+    // The scheme is case-insensitive (RFC 9110 11.1).
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token);
     match given {
         Some(t) if same(t.trim().as_bytes(), agent.token.as_bytes()) => next.run(req).await,
         _ => {
@@ -247,6 +250,9 @@ async fn status(State(agent): State<Arc<Agent>>) -> Json<Value> {
             "uptime_s": p.local().rank.uptime_s,
         },
         "trust": agent.gate.status(),
+        "election": {
+            "offers_refused": agent.offers_refused.load(std::sync::atomic::Ordering::Relaxed),
+        },
         "lan": {
             "authenticated": agent.fleet.is_some(),
             "fleet_keys": agent.fleet.as_ref().map(|k| k.ids().iter().map(|i| format!("{i:04x}")).collect::<Vec<_>>()),

@@ -123,7 +123,12 @@ fn handle(agent: &Agent, from: SocketAddr, bytes: &[u8]) {
     match wire::decode(bytes) {
         Ok(d) if matches!(d.frame, Frame::Claim(_) | Frame::Offer(_)) => {
             for slot in agent.elections().values_mut() {
-                slot.election.handle_frame(now, &d.frame);
+                if let Err(why) = slot.election.handle_frame(now, &d.frame) {
+                    agent
+                        .offers_refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!("dropped from {from}: {why}");
+                }
             }
         }
         Ok(d) => agent.presence().handle_frame(now, from, d.frame),

@@ -46,6 +46,8 @@ pub struct Agent {
     pub gate: crate::trust::Gate,
     /// The fleet key(s) that seal LAN traffic; `None`: unauthenticated.
     pub fleet: Option<multicast::auth::FleetKeys>,
+    /// Offers dropped as impossible (see `election::BadOffer`).
+    pub offers_refused: std::sync::atomic::AtomicU64,
     /// Datagrams and repair connections dropped for want of the fleet key.
     pub auth: Arc<multicast::auth::AuthState>,
 }
@@ -170,7 +172,7 @@ impl Running {
 
 /// Starts an agent on the current tokio runtime.
 pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
-    std::fs::create_dir_all(&config.cache)
+    make_private_dir(&config.cache)
         .with_context(|| format!("creating cache directory {}", config.cache.display()))?;
     let (node, note) = scanner::node::load_or_create(&config.cache, multicast::driver::random_id)
         .with_context(|| format!("node id in {}", config.cache.display()))?;
@@ -267,6 +269,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         gate,
         fleet: config.fleet.clone(),
         auth: Arc::default(),
+        offers_refused: Default::default(),
         config,
         token,
     });
@@ -339,11 +342,9 @@ fn load_token(config: &AgentConfig) -> anyhow::Result<String> {
             return Ok(t);
         }
     }
-    let t = format!(
-        "{:016x}{:016x}",
-        multicast::driver::random_id(),
-        multicast::driver::random_id()
-    );
+    let mut raw = [0u8; 16];
+    getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("the OS random source: {e}"))?;
+    let t = crate::lab::hex(&raw);
     write_private(&path, &t).with_context(|| format!("writing {}", path.display()))?;
     tracing::warn!(
         "no --token given: the control API token is in {}",
@@ -352,12 +353,37 @@ fn load_token(config: &AgentConfig) -> anyhow::Result<String> {
     Ok(t)
 }
 
+/// Replaces `path` with `text`: a temporary file created readable by its
+/// owner only (0600 from its first byte, where there are modes), synced,
+/// then renamed over `path`.
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    scanner::node::write_atomically(path, format!("{text}\n").as_bytes())?;
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_os_string();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp)?;
+    f.write_all(format!("{text}\n").as_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
+/// The cache holds task files with their commands, the API token and the
+/// replay ledger: readable by the agent's user only.
+fn make_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
 }
