@@ -14,7 +14,10 @@
 //!    heard: representative.
 //! 3. Defer: wait for the better agent's `Offer`; none within the
 //!    contention window plus two announce intervals (it died, or its claims
-//!    reached us but nothing else): discover again.
+//!    reached us but nothing else): discover again. A claimant deferred to
+//!    twice in vain is no candidate: its claims are ignored from then on
+//!    (its offers are not), so one that claims and never offers stalls the
+//!    election for two rounds, not forever.
 //! 4. Representative: announce an `Offer` (session, data group, time left to
 //!    the start) at once, twice more within half an interval, then every
 //!    interval. Hearing a better representative's offer (a healed
@@ -24,6 +27,10 @@
 //! 5. Follow: a representative's offers keep coming; silence for three
 //!    intervals means it is gone, and the election starts again (with a
 //!    short discovery window: everyone is already waiting).
+//!
+//! Offers that no agent could make (a data group other than the one the
+//! content id gives, a start beyond the startup delay) are dropped and
+//! their reason returned, to be counted.
 //!
 //! Standings are frozen when the machine starts, so every agent compares
 //! the same numbers. Call order: [`Election::handle_frame`] for each claim
@@ -116,6 +123,8 @@ enum State {
     },
     Defer {
         until: Instant,
+        /// The node whose better claim this agent defers to.
+        to: u64,
     },
     Represent {
         start: Instant,
@@ -144,7 +153,18 @@ pub struct Election {
     /// The session of the representative followed last, to tell a new
     /// offer from a repeated one.
     following: Option<(u64, u64)>,
+    /// Claimants this agent deferred to that never offered, with how many
+    /// times; past [`DEFERS_BEFORE_IGNORING`] their claims are ignored.
+    no_shows: Vec<(u64, u32)>,
 }
+
+/// A better claimant that has twice had its contention and two announce
+/// intervals to offer, and did not, is not a candidate: it crashed, cannot
+/// send offers, or claims to stall the election. Its offers still count.
+const DEFERS_BEFORE_IGNORING: u32 = 2;
+/// Claimants remembered as no-shows at most (each stalls us for seconds, so
+/// a few suffice; a flood of forged node ids is for the fleet key to stop).
+const MAX_NO_SHOWS: usize = 64;
 
 impl Election {
     /// `session` and `group` are what this agent would announce if it won.
@@ -170,6 +190,7 @@ impl Election {
             out: VecDeque::new(),
             events: VecDeque::new(),
             following: None,
+            no_shows: Vec::new(),
         }
     }
 
@@ -247,10 +268,18 @@ impl Election {
         if other < self.me {
             return; // we would beat it; our own claims will tell it
         }
+        if self
+            .no_shows
+            .iter()
+            .any(|&(n, c)| n == other.node && c >= DEFERS_BEFORE_IGNORING)
+        {
+            return;
+        }
         match self.state {
             State::Discover { .. } | State::Claim { .. } => {
                 self.state = State::Defer {
                     until: now + self.cfg.contention + self.cfg.announce * 2,
+                    to: other.node,
                 };
             }
             State::Defer { .. } | State::Represent { .. } | State::Follow { .. } => {}
@@ -326,7 +355,10 @@ impl Election {
                     next: now + self.cfg.contention / 4,
                 };
             }
-            State::Defer { until } if now >= until => self.rediscover(now, false),
+            State::Defer { until, to } if now >= until => {
+                self.no_show(to);
+                self.rediscover(now, false)
+            }
             State::Represent { next, .. } if now >= next => self.send_offer(now),
             State::Follow {
                 rep, last_heard, ..
@@ -368,6 +400,15 @@ impl Election {
     /// arrive: silence beyond it means the representative is gone.
     fn silence(&self) -> Duration {
         self.cfg.announce * 3 + self.cfg.announce / 2
+    }
+
+    /// Counts a claimant that was deferred to and did not offer.
+    fn no_show(&mut self, node: u64) {
+        if let Some((_, c)) = self.no_shows.iter_mut().find(|(n, _)| *n == node) {
+            *c += 1;
+        } else if self.no_shows.len() < MAX_NO_SHOWS {
+            self.no_shows.push((node, 1));
+        }
     }
 
     fn rediscover(&mut self, now: Instant, short: bool) {
@@ -412,7 +453,7 @@ impl Election {
         Some(match self.state {
             State::Discover { until } => until,
             State::Claim { until, next } => until.min(next),
-            State::Defer { until } => until,
+            State::Defer { until, .. } => until,
             State::Represent { next, .. } => next,
             State::Follow {
                 last_heard,

@@ -83,6 +83,15 @@ impl Subnet {
         s
     }
 
+    /// A frame from outside the agents, heard by every one of them at `at`.
+    fn inject(&mut self, at: Instant, bytes: Vec<u8>) {
+        self.frames.push(bytes);
+        let f = self.frames.len() - 1;
+        for j in 0..self.agents.len() {
+            self.push(at, j, f);
+        }
+    }
+
     fn push(&mut self, at: Instant, agent: usize, frame: usize) {
         self.seq += 1;
         self.queue.push(Reverse((at, self.seq, agent, frame)));
@@ -315,4 +324,34 @@ fn impossible_offers_are_dropped_and_the_election_goes_on() {
         e.poll_event(),
         Some(ElectionEvent::Follow { session: 5, .. })
     ));
+}
+
+/// A claimant with the best possible standing that repeats its claim and
+/// never offers does not keep the subnet electing: after it has twice had
+/// its chance, its claims are ignored and the agents elect one of them.
+#[test]
+fn a_claimant_that_never_offers_stalls_the_election_only_briefly() {
+    let mut s = Subnet::new(5, 0.0, 9, Duration::ZERO);
+    let forged = wire::Frame::Claim(wire::Claim {
+        content: CONTENT,
+        standing: Standing {
+            preference: 255,
+            held_permille: 1000,
+            wired: true,
+            free_disk_gib: u32::MAX,
+            uptime_h: u32::MAX,
+            node: u64::MAX,
+        },
+    })
+    .encode(0);
+    let t0 = s.now;
+    for k in 0..160u32 {
+        s.inject(t0 + Duration::from_millis(250) * k, forged.clone());
+    }
+    s.run_for(Duration::from_secs(25));
+    assert_eq!(s.representatives().len(), 1, "events: {:?}", s.events);
+    let receivers = (0..5)
+        .filter(|&i| s.agents[i].role() == Role::Receiver)
+        .count();
+    assert_eq!(receivers, 4);
 }
