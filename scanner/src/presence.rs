@@ -58,6 +58,10 @@ pub struct PresenceConfig {
     /// Most peers kept, local and foreign each: a spoofing host cannot grow
     /// the table without bound.
     pub max_peers: usize,
+    /// Most peers one source address may hold in a table: one host runs one
+    /// agent, a lab a handful; a host announcing thousands of node ids
+    /// cannot crowd out the rest.
+    pub max_peers_per_source: usize,
 }
 
 impl Default for PresenceConfig {
@@ -68,6 +72,7 @@ impl Default for PresenceConfig {
             answer_burst: 400,
             candidates_per_interval: 32,
             max_peers: 4096,
+            max_peers_per_source: 32,
         }
     }
 }
@@ -197,8 +202,12 @@ pub struct PresenceStats {
     /// Probes left unanswered by the rate limit.
     pub answers_limited: u64,
     pub bytes_sent: u64,
-    /// Peers refused because the table was full.
+    /// Peers refused because the table was full of live, confirmed peers.
     pub table_full: u64,
+    /// Peers refused because their source address holds its share.
+    pub source_limited: u64,
+    /// Peers dropped to admit a new one: heard once only, or overdue.
+    pub evicted: u64,
 }
 
 /// The presence state machine of one agent on one subnet.
@@ -460,9 +469,22 @@ impl Presence {
                 }
             }
             None => {
-                if table.len() >= self.cfg.max_peers {
-                    self.stats.table_full += 1;
+                let from_source = table.values().filter(|p| p.addr.ip() == from.ip()).count();
+                if from_source >= self.cfg.max_peers_per_source {
+                    self.stats.source_limited += 1;
                     return;
+                }
+                if table.len() >= self.cfg.max_peers {
+                    match admission_victim(table, now) {
+                        Some(victim) => {
+                            table.remove(&victim);
+                            self.stats.evicted += 1;
+                        }
+                        None => {
+                            self.stats.table_full += 1;
+                            return;
+                        }
+                    }
                 }
                 table.insert(
                     node,
@@ -607,6 +629,29 @@ impl Presence {
         self.stats.bytes_sent += bytes.len() as u64;
         self.out.push_back(Transmit { dest, bytes });
     }
+}
+
+/// The peer a full table gives up for a newcomer: of those heard only once
+/// (never confirmed by a second announcement), the least recently heard;
+/// else one overdue (silent past its own interval and a half); else none,
+/// and the newcomer waits. So a burst of forged one-off announcements
+/// cannot keep a live agent out, and live peers are never pushed out.
+fn admission_victim(table: &HashMap<u64, Peer>, now: Instant) -> Option<u64> {
+    let unconfirmed = table
+        .iter()
+        .filter(|(_, p)| p.last_heard == p.first_seen)
+        .min_by_key(|(_, p)| p.last_heard);
+    if let Some((&node, _)) = unconfirmed {
+        return Some(node);
+    }
+    table
+        .iter()
+        .filter(|(_, p)| {
+            let interval = Duration::from_millis(u64::from(p.announce.interval_ms));
+            now.saturating_duration_since(p.last_heard) > interval + interval / 2
+        })
+        .min_by_key(|(_, p)| p.last_heard)
+        .map(|(&node, _)| node)
 }
 
 #[cfg(test)]

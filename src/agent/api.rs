@@ -269,6 +269,9 @@ async fn status(State(agent): State<Arc<Agent>>) -> Json<Value> {
             "answers_sent": s.answers_sent,
             "answers_limited": s.answers_limited,
             "bytes_sent": s.bytes_sent,
+            "table_full": s.table_full,
+            "source_limited": s.source_limited,
+            "evicted": s.evicted,
         },
     }))
 }
