@@ -362,3 +362,46 @@ fn agents_mid_key_roll_still_share_a_transfer() {
         );
     }
 }
+
+/// The repair server bounds what a client can hold: eight connections from
+/// one address, and a request frame declared longer than any request is
+/// refused before it is buffered.
+#[test]
+fn the_repair_server_caps_connections_per_source_and_request_size() {
+    let dir = TempDir::new("repair-caps");
+    let agent = start_agent(&dir.0, private_group(), &[]);
+    let port = repair_port(&agent);
+    let open = || {
+        let s = TcpStream::connect(port).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        s
+    };
+    // A closed connection reads 0 at once; an open one times out.
+    let closed = |s: &mut TcpStream| match s.read(&mut [0u8; 1]) {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    };
+    let mut held: Vec<TcpStream> = (0..8).map(|_| open()).collect();
+    let mut ninth = open();
+    assert!(
+        closed(&mut ninth),
+        "a ninth connection from one address is refused"
+    );
+    assert!(!closed(&mut held[0]), "the first eight stay open");
+    drop(held.pop());
+    std::thread::sleep(Duration::from_millis(200));
+    let mut again = open();
+    assert!(!closed(&mut again), "a slot given back is taken again");
+    // A 4 MiB frame declared: closed before the body, whatever follows.
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut big = open();
+    big.write_all(&(4u32 << 20).to_le_bytes()).unwrap();
+    assert!(closed(&mut big), "a huge request frame is refused at once");
+    let refused = get_json(agent.addr, "/v1/status")["lan"]["datagrams"]["repair_refused"]
+        .as_u64()
+        .unwrap();
+    assert!(refused >= 1, "the refused connection is counted");
+}

@@ -3,7 +3,8 @@
 //! concurrency limit and an upload rate cap, and a client that fetches one
 //! block from one peer with timeouts.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,12 +26,26 @@ use crate::lab::hex;
 
 /// Blocks served at once; more requests get `Busy` and ask another peer.
 const MAX_UPLOADS: usize = 4;
-/// A peer that sends nothing for this long is given up.
+/// A peer that does not complete a frame (or a handshake) within this long
+/// is given up: one that trickles a byte at a time gains nothing.
 const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A block from one peer takes at most this long, however it trickles (4
+/// MiB at 600 kbit/s); then the next peer, or the origin.
+const BLOCK_DEADLINE: Duration = Duration::from_secs(60);
+/// Repair connections served at once, and from one address: enough for
+/// every peer's three blocks in flight on a busy subnet, few enough that
+/// connections cannot exhaust the agent's file descriptors or memory.
+const MAX_CONNECTIONS: usize = 64;
+const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
+/// Requests are a few dozen bytes: a longer frame declared to the server
+/// is hostile, and is refused before any of it is buffered.
+const MAX_REQUEST: usize = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 struct Limits {
     slots: Semaphore,
+    /// Open connections by source address.
+    connections: std::sync::Mutex<HashMap<IpAddr, usize>>,
     /// Upload cap of the repair server, bit/s (0 = none).
     rate_bps: u64,
     link_free: tokio::sync::Mutex<tokio::time::Instant>,
@@ -60,22 +75,36 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let limits = Arc::new(Limits {
         slots: Semaphore::new(MAX_UPLOADS),
+        connections: Default::default(),
         rate_bps: agent.config.repair_rate_bps,
         link_free: tokio::sync::Mutex::new(tokio::time::Instant::now()),
     });
     loop {
-        tokio::select! {
-            r = listener.accept() => {
-                let Ok((stream, from)) = r else { continue };
-                let (agent, limits) = (agent.clone(), limits.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = connection(agent, stream, limits).await {
-                        tracing::debug!("repair connection from {from}: {e}");
-                    }
-                });
-            }
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
             _ = stop.wait_for(|s| *s) => return Ok(()),
-        }
+        };
+        let (stream, from) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors (EMFILE) and the like: accepting
+                // again at once would spin.
+                tracing::warn!("repair: accept failed: {e}; pausing 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(slot) = ConnectionSlot::take(&limits, from.ip()) else {
+            agent.auth.repair_refused.fetch_add(1, Ordering::Relaxed);
+            continue; // dropped: closed at once
+        };
+        let (agent, limits) = (agent.clone(), limits.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = connection(agent, stream, limits).await {
+                tracing::debug!("repair connection from {from}: {e}");
+            }
+        });
     }
 }
 
@@ -101,22 +130,78 @@ fn lookup(
     })
 }
 
+/// One of the server's connection slots, given back when dropped.
+struct ConnectionSlot {
+    limits: Arc<Limits>,
+    from: IpAddr,
+}
+
+impl ConnectionSlot {
+    fn take(limits: &Arc<Limits>, from: IpAddr) -> Option<ConnectionSlot> {
+        let mut c = limits.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = c.values().sum();
+        let mine = c.get(&from).copied().unwrap_or(0);
+        if total >= MAX_CONNECTIONS || mine >= MAX_CONNECTIONS_PER_SOURCE {
+            return None;
+        }
+        *c.entry(from).or_default() += 1;
+        Some(ConnectionSlot {
+            limits: limits.clone(),
+            from,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut c = self
+            .limits
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = c.get_mut(&self.from) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.from);
+            }
+        }
+    }
+}
+
 /// A repair connection: the stream, and with a fleet key the ciphers of
 /// its two directions (every byte after the handshake is encrypted).
 struct Conn {
     stream: TcpStream,
     ciphers: Option<(handshake::Cipher, handshake::Cipher)>,
+    /// Longest frame this side takes: a request on the server.
+    max_frame: usize,
 }
 
 impl Conn {
+    /// The next frame, which must arrive whole within [`PEER_TIMEOUT`].
     async fn read_frame(&mut self, buf: &mut Vec<u8>) -> anyhow::Result<Option<Frame>> {
+        tokio::time::timeout(PEER_TIMEOUT, self.read_frame_inner(buf))
+            .await
+            .map_err(|_| anyhow::anyhow!("no whole frame within {PEER_TIMEOUT:?}"))?
+    }
+
+    async fn read_frame_inner(&mut self, buf: &mut Vec<u8>) -> anyhow::Result<Option<Frame>> {
         loop {
+            if let Some(len) = buf.get(..4) {
+                let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+                if len > self.max_frame {
+                    anyhow::bail!(
+                        "a frame of {len} bytes declared (at most {})",
+                        self.max_frame
+                    );
+                }
+            }
             if let Some((f, used)) = frame::decode(buf)? {
                 buf.drain(..used);
                 return Ok(Some(f));
             }
             let mut chunk = [0u8; 64 * 1024];
-            let n = tokio::time::timeout(PEER_TIMEOUT, self.stream.read(&mut chunk)).await??;
+            let n = self.stream.read(&mut chunk).await?;
             if n == 0 {
                 return Ok(None);
             }
@@ -190,7 +275,11 @@ async fn connection(
         },
         None => None,
     };
-    let mut conn = Conn { stream, ciphers };
+    let mut conn = Conn {
+        stream,
+        ciphers,
+        max_frame: MAX_REQUEST,
+    };
     let mut buf = Vec::new();
     while let Some(f) = conn.read_frame(&mut buf).await? {
         let Frame::Need {
@@ -279,6 +368,25 @@ pub async fn fetch_block(
     hash: Digest,
     held: Option<Box<Collector>>,
 ) -> Result<(Vec<u8>, u64), PeerError> {
+    let fetch = fetch_block_within(fleet, addr, content, layout, block, hash, held);
+    tokio::time::timeout(BLOCK_DEADLINE, fetch)
+        .await
+        .unwrap_or_else(|_| {
+            Err(PeerError::Failed(format!(
+                "{addr}: block {block} not complete within {BLOCK_DEADLINE:?}"
+            )))
+        })
+}
+
+async fn fetch_block_within(
+    fleet: Option<&FleetKeys>,
+    addr: SocketAddr,
+    content: Digest,
+    layout: Layout,
+    block: u32,
+    hash: Digest,
+    held: Option<Box<Collector>>,
+) -> Result<(Vec<u8>, u64), PeerError> {
     let fail = |e: String| PeerError::Failed(e);
     let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
@@ -297,7 +405,11 @@ pub async fn fetch_block(
         ),
         None => None,
     };
-    let mut conn = Conn { stream, ciphers };
+    let mut conn = Conn {
+        stream,
+        ciphers,
+        max_frame: frame::MAX_FRAME,
+    };
     let mut fetch = BlockFetch::new(layout, block, hash, held);
     conn.write_frame(&fetch.request(content))
         .await

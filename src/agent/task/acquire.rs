@@ -227,7 +227,15 @@ async fn peer_repair(
             running.abort_all();
             bail!("cancelled");
         }
-        let Some(done) = running.join_next().await else {
+        // A cancel must not wait for a slow peer's block.
+        let done = tokio::select! {
+            d = running.join_next() => d,
+            _ = r.until_cancelled() => {
+                running.abort_all();
+                bail!("cancelled");
+            }
+        };
+        let Some(done) = done else {
             break;
         };
         let (b, node, res) = done.context("repair task")?;
