@@ -151,6 +151,10 @@ impl Cache {
             .and_then(|t| serde_json::from_str::<PartialState>(&t).ok())
             .filter(|s| s.content_id == m.raw.content_id && s.done.len() == blocks)
             .map(|s| s.done.chars().map(|c| c == '1').collect());
+        // An earlier version made the file read-only before moving it into
+        // the cache: a crash between the two left it so, and unwritable
+        // for an agent that does not run as root.
+        make_owner_writable(&data)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -222,10 +226,13 @@ impl Cache {
         let id = m.id();
         let target = self.object_path(&id);
         let mut perms = p.file.metadata()?.permissions();
-        perms.set_readonly(true);
-        fs::set_permissions(&p.data, perms)?;
         drop(p.file);
+        // Rename, then make it read-only: a crash between the two leaves a
+        // verified, writable object, never a read-only partial that a
+        // resume could not write to.
         fs::rename(&p.data, &target)?;
+        perms.set_readonly(true);
+        fs::set_permissions(&target, perms)?;
         let _ = fs::remove_file(&p.state);
         let mut meta = self.meta(&id).unwrap_or_default();
         meta.size = m.layout.file_size();
@@ -295,6 +302,26 @@ impl Cache {
         }
         evicted
     }
+}
+
+/// Gives a file's owner write permission back, if the file exists.
+fn make_owner_writable(path: &Path) -> io::Result<()> {
+    let Ok(meta) = fs::metadata(path) else {
+        return Ok(());
+    };
+    let mut perms = meta.permissions();
+    if !perms.readonly() {
+        return Ok(());
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        perms.set_mode(perms.mode() | 0o200);
+    }
+    #[cfg(not(unix))]
+    #[allow(clippy::permissions_set_readonly_false)] // no world bits there
+    perms.set_readonly(false);
+    fs::set_permissions(path, perms)
 }
 
 fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -394,6 +421,36 @@ mod tests {
             .unwrap()
             .check()
             .unwrap()
+    }
+
+    #[test]
+    fn a_partial_left_read_only_is_written_again_and_a_commit_ends_read_only() {
+        let dir = temp();
+        let cache = Cache::open(&dir, CacheLimits::default()).unwrap();
+        let bytes = vec![5u8; 300_000];
+        let m = manifest_for(&dir, &bytes);
+        let data = dir.join("partial").join(format!("{}.data", m.id()));
+        fs::create_dir_all(data.parent().unwrap()).unwrap();
+        fs::write(&data, vec![0u8; bytes.len()]).unwrap();
+        let mut perms = fs::metadata(&data).unwrap().permissions();
+        perms.set_readonly(true);
+        fs::set_permissions(&data, perms).unwrap();
+        let mut p = cache.partial(&m).unwrap();
+        // Checked on the bits, not by writing: root writes read-only files.
+        assert!(!fs::metadata(&data).unwrap().permissions().readonly());
+        p.write_block(0, &bytes).unwrap();
+        let object = cache.commit(p).unwrap();
+        assert!(fs::metadata(&object).unwrap().permissions().readonly());
+        assert_eq!(fs::read(&object).unwrap(), bytes);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&object).unwrap().permissions().mode();
+            assert_eq!(mode & 0o222, 0, "no write bit left: {mode:o}");
+        }
+        // Read-only files go with their directory on Unix; Windows needs
+        // the bit cleared first, which is the Windows issue's.
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

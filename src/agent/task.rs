@@ -115,6 +115,7 @@ pub fn submit(agent: &Arc<Agent>, mut spec: TaskSpec) -> Result<TaskStatus, Spec
         seconds: None,
         error: None,
         install: None,
+        install_started: None,
         repair_seconds: 0.0,
         path: None,
         pinned_until: None,
@@ -183,9 +184,26 @@ pub fn restore(agent: &Arc<Agent>) {
                 continue;
             }
         };
-        let resume = !stored.status.state.is_terminal();
-        let id = stored.status.id.clone();
         let mut status = stored.status;
+        // Stopped while its install command ran: the command may have done
+        // its work or half of it, and may still be running; it is never
+        // started a second time.
+        if !status.state.is_terminal()
+            && let (Some(at), None) = (status.install_started, &status.install)
+        {
+            status.state = State::Failed;
+            status.finished = Some(now_unix());
+            status.error = Some(format!(
+                "the agent stopped while the install command ran (started at unix time {at}); it is not run again: check the host for its outcome"
+            ));
+            tracing::warn!(
+                "task {}: {}",
+                status.id,
+                status.error.as_deref().unwrap_or("")
+            );
+        }
+        let resume = !status.state.is_terminal();
+        let id = status.id.clone();
         if resume {
             status.state = State::Queued;
             status.error = None;

@@ -27,7 +27,13 @@ pub(super) async fn finish(r: &Run, path: &Path) -> anyhow::Result<()> {
     let Some(cmd) = r.spec.run.clone() else {
         return Ok(());
     };
-    r.state(State::Installing);
+    // Durable before the command starts: after a crash from here on the
+    // command is never started again (see `restore`).
+    update(&r.agent, &r.id, |s| {
+        s.state = State::Installing;
+        s.install_started = Some(now_unix());
+    });
+    save(&r.agent, &r.id);
     let timeout = Duration::from_secs(r.spec.run_timeout_s.unwrap_or(DEFAULT_RUN_TIMEOUT_S));
     let result = run_command(&cmd, path, timeout, r).await?;
     let code = result.exit_code;
@@ -53,6 +59,9 @@ async fn run_command(
     let mut c = {
         let mut c = tokio::process::Command::new("sh");
         c.arg("-c").arg(cmd).arg("somcast-install").arg(path);
+        // A process group of its own, so that stopping it stops whatever
+        // it started too.
+        c.process_group(0);
         c
     };
     #[cfg(not(unix))]
@@ -68,11 +77,17 @@ async fn run_command(
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     let child = c.spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let mut group = ProcessGroup(child.id());
     let out = tokio::select! {
         out = child.wait_with_output() => Some(out?),
         _ = tokio::time::sleep(timeout) => None,
         _ = r.until_cancelled() => bail!("cancelled"),
     };
+    if out.is_some() {
+        // It ended by itself: what it left running (a service it started)
+        // is its business.
+        group.0 = None;
+    }
     Ok(match out {
         Some(o) => {
             let mut text = o.stdout;
@@ -90,4 +105,22 @@ async fn run_command(
             output_tail: String::new(),
         },
     })
+}
+
+/// Kills an install command's whole process group when dropped before the
+/// command ended by itself: on timeout, on cancel, and when the agent
+/// stops. Elsewhere the command alone is killed, by `kill_on_drop`.
+struct ProcessGroup(Option<u32>);
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()) {
+            // SAFETY: killpg only sends a signal; the group id is the one
+            // the command was started with.
+            unsafe {
+                libc::killpg(pid, libc::SIGKILL);
+            }
+        }
+    }
 }

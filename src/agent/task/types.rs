@@ -93,6 +93,11 @@ pub struct TaskStatus {
     pub seconds: Option<f64>,
     pub error: Option<String>,
     pub install: Option<InstallResult>,
+    /// When the install command was started (unix seconds), recorded on
+    /// disk before it starts: a restarted agent that finds it set without
+    /// a result never starts the command again.
+    #[serde(default)]
+    pub install_started: Option<u64>,
     /// Time spent fetching from peers (wall clock of the repair rounds).
     #[serde(default)]
     pub repair_seconds: f64,
