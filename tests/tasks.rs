@@ -431,3 +431,28 @@ fn a_cancelled_task_stops_and_leaves_nothing_in_the_cache() {
         "the fetch went on after the cancel: {served}"
     );
 }
+
+#[test]
+fn tasks_for_the_same_content_at_once_share_one_download() {
+    let dir = TempDir::new("same-content");
+    let origin = start_origin(&origin_dir(&dir), "100M");
+    let size = 6 * 1024 * 1024;
+    let (m, bytes) = package(&dir.0, size, 23, origin.addr);
+    let cache = TempDir::new("same-content-agent");
+    let agent = start_agent(&cache.0, private_group(), &[]);
+    for i in 0..3 {
+        let spec =
+            json!({ "id": format!("same-{i}"), "manifest": m, "delay_ms": 0, "cache_only": true });
+        assert_eq!(post_task(&agent, &spec).0, 201);
+    }
+    for i in 0..3 {
+        let s = wait_done(&agent, &format!("same-{i}"), Duration::from_secs(60));
+        assert_eq!(s["state"], "done", "{s}");
+    }
+    assert_eq!(cached(&cache.0, &m.content_id).as_deref(), Some(&bytes[..]));
+    let served = origin_bytes(&origin);
+    assert!(
+        served <= size * 105 / 100,
+        "origin sent {served} for {size}: the content was fetched more than once"
+    );
+}

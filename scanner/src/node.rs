@@ -56,18 +56,30 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// that can be rebuilt and is written often.
 pub fn replace_file(path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
     use std::io::Write;
+    // A name of its own per write: two writers of one file at once each
+    // rename a whole file (the last one wins), never one another's half.
     let tmp: PathBuf = {
         let mut name = path.file_name().unwrap_or_default().to_os_string();
-        name.push(".tmp");
+        name.push(format!(
+            ".{}.{:x}.tmp",
+            std::process::id(),
+            multicast::driver::random_id()
+        ));
         path.with_file_name(name)
     };
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    if sync {
-        f.sync_all()?;
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        if sync {
+            f.sync_all()?;
+        }
+        drop(f);
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    drop(f);
-    std::fs::rename(&tmp, path)
+    result
 }
 
 #[cfg(test)]

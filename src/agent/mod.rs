@@ -46,6 +46,9 @@ pub struct Agent {
     pub gate: crate::trust::Gate,
     /// The fleet key(s) that seal LAN traffic; `None`: unauthenticated.
     pub fleet: Option<multicast::auth::FleetKeys>,
+    /// One lock per content being worked on: tasks for the same content
+    /// take turns, so the second finds the first's download in the cache.
+    pub contents: Mutex<HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>,
     /// Offers dropped as impossible (see `election::BadOffer`).
     pub offers_refused: std::sync::atomic::AtomicU64,
     /// Datagrams and repair connections dropped for want of the fleet key.
@@ -72,6 +75,23 @@ impl Agent {
         self.elections
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The lock of one content id (see `contents`); entries no task holds
+    /// any more are dropped as new ones come, so the map stays as small as
+    /// the number of contents in progress.
+    pub fn content_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self
+            .contents
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(lock) = map.get(id).and_then(std::sync::Weak::upgrade) {
+            return lock;
+        }
+        map.retain(|_, w| w.strong_count() > 0);
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        map.insert(id.to_string(), Arc::downgrade(&lock));
+        lock
     }
 
     /// The contents this agent holds, for its presence announcements: the
@@ -270,6 +290,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         fleet: config.fleet.clone(),
         auth: Arc::default(),
         offers_refused: Default::default(),
+        contents: Mutex::new(HashMap::new()),
         config,
         token,
     });

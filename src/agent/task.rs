@@ -394,6 +394,13 @@ async fn run(agent: Arc<Agent>, id: String) {
 
 async fn drive(r: &Run) -> anyhow::Result<()> {
     let cid = r.m.id();
+    // Another task for this content goes first; then this one finds the
+    // object in the cache (one download per content on an agent).
+    let content_lock = r.agent.content_lock(&cid);
+    let _turn = tokio::select! {
+        turn = content_lock.lock_owned() => turn,
+        _ = r.until_cancelled() => bail!("cancelled"),
+    };
     if let Some(path) = r.agent.cache.get(&cid) {
         update(&r.agent, &r.id, |s| {
             s.role = Some("cached".into());
