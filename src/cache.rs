@@ -265,6 +265,43 @@ impl Cache {
     /// size cap and the disk keeps its free floor; pinned and in-use
     /// objects stay. Returns the ids evicted.
     pub fn evict(&self) -> Vec<String> {
+        self.evict_to(0)
+    }
+
+    /// Makes room for `need` more bytes above the free-disk floor, evicting
+    /// what may be evicted; or says, with the figures, why it cannot.
+    pub fn make_room(&self, need: u64) -> Result<(), String> {
+        let enough = |free: u64| free >= need.saturating_add(self.limits.min_free_bytes);
+        let free = fs4::available_space(&self.root).unwrap_or(u64::MAX);
+        if enough(free) {
+            return Ok(());
+        }
+        let evicted = self.evict_to(need);
+        let free = fs4::available_space(&self.root).unwrap_or(u64::MAX);
+        if enough(free) {
+            return Ok(());
+        }
+        Err(format!(
+            "not enough disk space in {}: the download needs {} and the cache keeps {} free (cache_min_free), but only {} is free after evicting {} object(s); free some space or lower cache_min_free",
+            self.root.display(),
+            crate::units::human_bytes(need),
+            crate::units::human_bytes(self.limits.min_free_bytes),
+            crate::units::human_bytes(free),
+            evicted.len()
+        ))
+    }
+
+    /// Removes a download's partial data and state (a failed task's: it
+    /// would keep the disk full for nothing).
+    pub fn discard_partial(&self, id: &str) {
+        let dir = self.root.join("partial");
+        let _ = fs::remove_file(dir.join(format!("{id}.data")));
+        let _ = fs::remove_file(dir.join(format!("{id}.state.json")));
+    }
+
+    /// Evicts least recently used objects (never pinned or in use) until
+    /// the cache is under its cap and `need` bytes fit above its floor.
+    fn evict_to(&self, need: u64) -> Vec<String> {
         let now = now_unix();
         let in_use = self
             .in_use
@@ -277,7 +314,9 @@ impl Cache {
         let mut free = fs4::available_space(&self.root).unwrap_or(u64::MAX);
         let mut evicted = Vec::new();
         for (id, meta) in objects {
-            if total <= self.limits.max_bytes && free >= self.limits.min_free_bytes {
+            if total <= self.limits.max_bytes
+                && free >= self.limits.min_free_bytes.saturating_add(need)
+            {
                 break;
             }
             let pinned = meta.pinned_until.is_some_and(|t| t > now);

@@ -456,3 +456,29 @@ fn tasks_for_the_same_content_at_once_share_one_download() {
         "origin sent {served} for {size}: the content was fetched more than once"
     );
 }
+
+#[test]
+fn a_download_that_does_not_fit_is_refused_up_front_and_leaves_nothing() {
+    let dir = TempDir::new("no-room");
+    let origin = start_origin(&origin_dir(&dir), "0");
+    let (m, _) = package(&dir.0, 3 * 1024 * 1024, 24, origin.addr);
+    let cache = TempDir::new("no-room-agent");
+    // A free-disk floor no disk here meets.
+    let agent = start_agent(&cache.0, private_group(), &["--cache-min-free", "1000T"]);
+    let spec = json!({ "id": "big", "manifest": m, "delay_ms": 0 });
+    assert_eq!(post_task(&agent, &spec).0, 201);
+    let s = wait_done(&agent, "big", Duration::from_secs(20));
+    assert_eq!(s["state"], "failed", "{s}");
+    assert!(
+        s["error"]
+            .as_str()
+            .unwrap()
+            .contains("not enough disk space"),
+        "{s}"
+    );
+    assert_eq!(origin_bytes(&origin), 0, "nothing fetched");
+    let partial: Vec<_> = std::fs::read_dir(cache.0.join("partial"))
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(partial.is_empty(), "left behind: {partial:?}");
+}

@@ -28,6 +28,7 @@ impl AdmitError {
         match self {
             AdmitError::Refused(r) => r.http_status(),
             AdmitError::Spec(SpecError::Conflict(_)) => 409,
+            AdmitError::Spec(SpecError::Storage(_)) => 503,
             AdmitError::Spec(_) => 400,
         }
     }

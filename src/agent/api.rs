@@ -154,6 +154,9 @@ async fn start_task(State(agent): State<Arc<Agent>>, body: Bytes) -> Response {
         Err(e @ SpecError::Conflict(_)) => {
             ApiError(StatusCode::CONFLICT, e.to_string()).into_response()
         }
+        Err(e @ SpecError::Storage(_)) => {
+            ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response()
+        }
         Err(e) => ApiError(StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     }
 }

@@ -122,7 +122,12 @@ pub fn submit(agent: &Arc<Agent>, mut spec: TaskSpec) -> Result<TaskStatus, Spec
         signed_by: spec.signed_by.clone(),
     };
     insert(agent, spec, status.clone());
-    save(agent, &id);
+    // Accepted means on disk: a task the agent could not record is not
+    // taken (it would be gone after a restart).
+    if let Err(e) = try_save(agent, &id) {
+        agent.tasks().remove(&id);
+        return Err(SpecError::Storage(crate::error_text(&e)));
+    }
     tokio::spawn(run(agent.clone(), id));
     Ok(status)
 }
@@ -235,11 +240,20 @@ pub fn cancel(agent: &Agent, id: &str) -> Option<TaskStatus> {
     Some(t.status.clone())
 }
 
+/// Writes the task's record (spec and status) to disk, synced; a failure
+/// is logged (the next save tries again).
 fn save(agent: &Agent, id: &str) {
+    if let Err(e) = try_save(agent, id) {
+        tracing::warn!("task {id}: cannot save its state: {e}");
+    }
+}
+
+/// Writes the task's record, synced, or says why it could not.
+fn try_save(agent: &Agent, id: &str) -> std::io::Result<()> {
     let stored = {
         let mut tasks = agent.tasks();
         let Some(t) = tasks.get_mut(id) else {
-            return;
+            return Ok(());
         };
         t.last_saved = Instant::now();
         serde_json::to_vec_pretty(&Stored {
@@ -248,13 +262,10 @@ fn save(agent: &Agent, id: &str) {
         })
     };
     let dir = tasks_dir(agent);
-    let result = stored.map_err(std::io::Error::other).and_then(|bytes| {
+    stored.map_err(std::io::Error::other).and_then(|bytes| {
         std::fs::create_dir_all(&dir)?;
         scanner::node::write_atomically(&dir.join(format!("{id}.json")), &bytes)
-    });
-    if let Err(e) = result {
-        tracing::warn!("task {id}: cannot save its state: {e}");
-    }
+    })
 }
 
 fn update(agent: &Agent, id: &str, f: impl FnOnce(&mut TaskStatus)) {
@@ -401,6 +412,18 @@ async fn drive(r: &Run) -> anyhow::Result<()> {
         turn = content_lock.lock_owned() => turn,
         _ = r.until_cancelled() => bail!("cancelled"),
     };
+    let result = drive_in_turn(r).await;
+    if result.is_err() {
+        // Nobody resumes it (the next task for this content waits for this
+        // turn to end): a failed or cancelled task's partial would only
+        // keep its disk space.
+        r.agent.cache.discard_partial(&cid);
+    }
+    result
+}
+
+async fn drive_in_turn(r: &Run) -> anyhow::Result<()> {
+    let cid = r.m.id();
     if let Some(path) = r.agent.cache.get(&cid) {
         update(&r.agent, &r.id, |s| {
             s.role = Some("cached".into());
@@ -414,6 +437,17 @@ async fn drive(r: &Run) -> anyhow::Result<()> {
         .await
         .context("opening the download")?
         .context("opening the download")?;
+    // Room for the blocks still to come, above the free-disk floor, before
+    // anything is fetched.
+    let need = {
+        let layout = partial.layout();
+        let missing = u64::from(layout.block_count() - partial.done_count());
+        (missing * u64::from(layout.block_size())).min(layout.file_size())
+    };
+    let agent = r.agent.clone();
+    tokio::task::spawn_blocking(move || agent.cache.make_room(need))
+        .await?
+        .map_err(|why| anyhow!(why))?;
     let partial = Arc::new(Mutex::new(partial));
     r.progress(&partial);
     if !lock(&partial).is_complete() {

@@ -33,7 +33,8 @@ pub(super) async fn finish(r: &Run, path: &Path) -> anyhow::Result<()> {
         s.state = State::Installing;
         s.install_started = Some(now_unix());
     });
-    save(&r.agent, &r.id);
+    try_save(&r.agent, &r.id)
+        .context("recording the install's start on disk; the command was not started")?;
     let timeout = Duration::from_secs(r.spec.run_timeout_s.unwrap_or(DEFAULT_RUN_TIMEOUT_S));
     let result = run_command(&cmd, path, timeout, r).await?;
     let code = result.exit_code;

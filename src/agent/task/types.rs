@@ -132,4 +132,6 @@ pub enum SpecError {
     Command(usize),
     #[error("the task asks for --encrypt, but this agent has no fleet key to encrypt with")]
     EncryptWithoutKey,
+    #[error("cannot record the task on disk ({0}); nothing was started")]
+    Storage(String),
 }
