@@ -111,10 +111,23 @@ async fn file_handler(
     if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
         return error(StatusCode::BAD_REQUEST, format!("bad path {path:?}"));
     }
-    let full = o.dir.join(rel);
+    // Only regular files under the root: a symlink may point within it,
+    // never out of it, and a FIFO or device is never opened (a FIFO's open
+    // waits for a writer forever).
+    let not_found = || error(StatusCode::NOT_FOUND, format!("no such file: {path}"));
+    let (Ok(root), Ok(full)) = (
+        tokio::fs::canonicalize(&o.dir).await,
+        tokio::fs::canonicalize(o.dir.join(rel)).await,
+    ) else {
+        return not_found();
+    };
+    let regular = tokio::fs::metadata(&full).await.is_ok_and(|m| m.is_file());
+    if !full.starts_with(&root) || !regular {
+        return not_found();
+    }
     let mut file = match tokio::fs::File::open(&full).await {
         Ok(f) => f,
-        Err(_) => return error(StatusCode::NOT_FOUND, format!("no such file: {path}")),
+        Err(_) => return not_found(),
     };
     let size = match file.metadata().await {
         Ok(m) if m.is_file() => m.len(),
@@ -178,21 +191,27 @@ async fn file_handler(
     r
 }
 
-/// One range of `bytes=a-b`, `bytes=a-` or `bytes=-n`, clamped to the size;
-/// `None` when it cannot be satisfied (or is malformed, or a multi-range).
+/// One range of `bytes=a-b`, `bytes=a-` or `bytes=-n` (the unit in any
+/// case), clamped to the size as RFC 9110 14.1.2 says, even when a number
+/// is too large for 64 bits; `None` when it cannot be satisfied (or is
+/// malformed, or a multi-range).
 fn parse_range(value: &str, size: u64) -> Option<(u64, u64)> {
-    let spec = value.trim().strip_prefix("bytes=")?;
-    if spec.contains(',') || size == 0 {
+    let (unit, spec) = value.trim().split_once('=')?;
+    if !unit.trim().eq_ignore_ascii_case("bytes") || spec.contains(',') || size == 0 {
         return None;
     }
+    // Digits only; more than u64 holds means "past any end".
+    let number = |s: &str| -> Option<u64> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(s.parse().unwrap_or(u64::MAX))
+    };
     let (a, b) = spec.split_once('-')?;
     let (start, end) = match (a.trim(), b.trim()) {
-        ("", n) => {
-            let n: u64 = n.parse().ok()?;
-            (size.saturating_sub(n), size - 1)
-        }
-        (a, "") => (a.parse().ok()?, size - 1),
-        (a, b) => (a.parse().ok()?, b.parse::<u64>().ok()?.min(size - 1)),
+        ("", n) => (size.saturating_sub(number(n)?), size - 1),
+        (a, "") => (number(a)?, size - 1),
+        (a, b) => (number(a)?, number(b)?.min(size - 1)),
     };
     (start <= end && start < size).then_some((start, end))
 }
@@ -211,5 +230,16 @@ mod tests {
         assert_eq!(parse_range("bytes=5-1", 1000), None);
         assert_eq!(parse_range("bytes=0-1,5-6", 1000), None);
         assert_eq!(parse_range("items=0-1", 1000), None);
+        // The unit in any case; an end too large for 64 bits is clamped.
+        assert_eq!(parse_range("BYTES=0-9", 1000), Some((0, 9)));
+        assert_eq!(
+            parse_range("bytes=10-99999999999999999999999", 1000),
+            Some((10, 999))
+        );
+        assert_eq!(
+            parse_range("bytes=-99999999999999999999999", 1000),
+            Some((0, 999))
+        );
+        assert_eq!(parse_range("bytes=+1-5", 1000), None);
     }
 }
