@@ -417,6 +417,10 @@ pub struct AgentArgs {
     /// every task (a task can ask for it too); needs --fleet-key.
     #[arg(long, env = "SOMCAST_ENCRYPT")]
     pub encrypt: bool,
+    /// Finished tasks are forgotten after this long (default 30d); at most
+    /// the newest 1000 are kept in any case.
+    #[arg(long, env = "SOMCAST_TASK_RETENTION", value_parser = parse_duration)]
+    pub task_retention: Option<Duration>,
 }
 
 fn parse_probability(s: &str) -> Result<f64, String> {

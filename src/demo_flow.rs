@@ -86,6 +86,7 @@ async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
             insecure_unsigned: false,
             fleet: fleet.clone(),
             encrypt: false,
+            task_retention: crate::agent::config::DEFAULT_TASK_RETENTION,
         };
         agents.push(crate::agent::start(config).await?);
     }

@@ -482,3 +482,32 @@ fn a_download_that_does_not_fit_is_refused_up_front_and_leaves_nothing() {
         .unwrap_or_default();
     assert!(partial.is_empty(), "left behind: {partial:?}");
 }
+
+#[test]
+fn finished_tasks_are_pruned_after_the_retention() {
+    let dir = TempDir::new("prune");
+    let origin = start_origin(&origin_dir(&dir), "0");
+    let (m, _) = package(&dir.0, 100_000, 25, origin.addr);
+    let cache = TempDir::new("prune-agent");
+    let agent = start_agent(&cache.0, private_group(), &["--task-retention", "1s"]);
+    let old = json!({ "id": "old", "manifest": m, "delay_ms": 0, "cache_only": true });
+    assert_eq!(post_task(&agent, &old).0, 201);
+    assert_eq!(
+        wait_done(&agent, "old", Duration::from_secs(20))["state"],
+        "done"
+    );
+    assert!(cache.0.join("tasks").join("old.json").exists());
+    std::thread::sleep(Duration::from_millis(2500));
+    // The next task's end prunes the old one, record and all.
+    let new = json!({ "id": "new", "manifest": m, "delay_ms": 0, "cache_only": true });
+    assert_eq!(post_task(&agent, &new).0, 201);
+    assert_eq!(
+        wait_done(&agent, "new", Duration::from_secs(20))["state"],
+        "done"
+    );
+    wait_for("the old task is pruned", Duration::from_secs(5), || {
+        get(agent.addr, "/v1/tasks/old", Some(TOKEN)).0 == 404
+    });
+    assert!(!cache.0.join("tasks").join("old.json").exists());
+    assert_eq!(get(agent.addr, "/v1/tasks/new", Some(TOKEN)).0, 200);
+}

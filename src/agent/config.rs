@@ -23,6 +23,8 @@ pub const DEFAULT_REPAIR_RATE: u64 = 800_000_000;
 /// Where the control API listens unless told otherwise: this host only, so
 /// a fresh install exposes nothing.
 pub const DEFAULT_API: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7480));
+/// Finished tasks kept this long by default: a month of rollout history.
+pub const DEFAULT_TASK_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 /// Default presence interval: at 5 s an agent sends about 17 B/s.
 pub const DEFAULT_PRESENCE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -47,6 +49,7 @@ struct FileConfig {
     /// Fleet key files: the first seals, every one opens.
     fleet_keys: Option<Vec<PathBuf>>,
     encrypt: Option<bool>,
+    task_retention: Option<String>,
 }
 
 /// Settings the agent runs with, validated.
@@ -80,6 +83,8 @@ pub struct AgentConfig {
     pub fleet: Option<multicast::auth::FleetKeys>,
     /// Encrypt every package this agent multicasts.
     pub encrypt: bool,
+    /// How long finished tasks are kept.
+    pub task_retention: Duration,
 }
 
 impl AgentConfig {
@@ -148,6 +153,12 @@ impl AgentConfig {
         };
         let fleet = crate::trust::keys::read_fleet_keys(&fleet_files)?;
         let encrypt = args.encrypt || file.encrypt.unwrap_or(false);
+        let task_retention = match (&args.task_retention, &file.task_retention) {
+            (Some(d), _) => *d,
+            (None, Some(s)) => parse_duration(s)
+                .map_err(|e| anyhow::anyhow!("task_retention in the config file: {e}"))?,
+            (None, None) => DEFAULT_TASK_RETENTION,
+        };
         if encrypt && fleet.is_none() {
             bail!("--encrypt needs a fleet key to encrypt with: give --fleet-key NAME.fleet");
         }
@@ -159,6 +170,7 @@ impl AgentConfig {
             insecure_unsigned,
             fleet,
             encrypt,
+            task_retention,
             rate_bps,
             repair_rate_bps,
             lab_corrupt_repair: args.lab_corrupt_repair,

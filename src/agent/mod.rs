@@ -295,6 +295,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         token,
     });
     task::restore(&agent);
+    task::prune(&agent, crate::cache::now_unix());
     let (stop_tx, stop_rx) = watch::channel(false);
     let sockets = control::open(&agent)?;
     tracing::info!(

@@ -401,6 +401,50 @@ async fn run(agent: Arc<Agent>, id: String) {
     if !evicted.is_empty() {
         tracing::info!("cache: evicted {} object(s)", evicted.len());
     }
+    prune(&agent, now_unix());
+}
+
+/// Finished tasks kept at most, however recent: the API lists them all,
+/// and presence summarizes the contents of the newest.
+pub const MAX_FINISHED: usize = 1000;
+
+/// Forgets finished tasks older than the retention, and the oldest beyond
+/// [`MAX_FINISHED`]: their records on disk go too. (Their ids stay in the
+/// replay ledger until their documents expire: pruning never lets an order
+/// run again.)
+pub fn prune(agent: &Agent, now: u64) {
+    let retention = agent.config.task_retention.as_secs();
+    let gone: Vec<String> = {
+        let mut tasks = agent.tasks();
+        let mut finished: Vec<(u64, String)> = tasks
+            .values()
+            .filter(|t| t.status.state.is_terminal())
+            .map(|t| {
+                (
+                    t.status.finished.unwrap_or(t.status.created),
+                    t.status.id.clone(),
+                )
+            })
+            .collect();
+        finished.sort();
+        let over = finished.len().saturating_sub(MAX_FINISHED);
+        let gone: Vec<String> = finished
+            .into_iter()
+            .enumerate()
+            .filter(|(i, (at, _))| *i < over || now.saturating_sub(*at) > retention)
+            .map(|(_, (_, id))| id)
+            .collect();
+        for id in &gone {
+            tasks.remove(id);
+        }
+        gone
+    };
+    for id in &gone {
+        let _ = std::fs::remove_file(tasks_dir(agent).join(format!("{id}.json")));
+    }
+    if !gone.is_empty() {
+        tracing::info!("pruned {} finished task(s)", gone.len());
+    }
 }
 
 async fn drive(r: &Run) -> anyhow::Result<()> {
