@@ -343,6 +343,26 @@ impl Cache {
     }
 }
 
+/// Removes a directory tree that may hold read-only files (cache objects):
+/// Windows refuses to delete those until their read-only bit is cleared.
+pub fn remove_tree(dir: &Path) -> io::Result<()> {
+    fn clear(dir: &Path) -> io::Result<()> {
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                clear(&path)?;
+            } else if kind.is_file() {
+                make_owner_writable(&path)?;
+            } // a link goes as it is, its target untouched
+        }
+        Ok(())
+    }
+    clear(dir)?;
+    fs::remove_dir_all(dir)
+}
+
 /// Gives a file's owner write permission back, if the file exists.
 fn make_owner_writable(path: &Path) -> io::Result<()> {
     let Ok(meta) = fs::metadata(path) else {
@@ -487,9 +507,34 @@ mod tests {
             let mode = fs::metadata(&object).unwrap().permissions().mode();
             assert_eq!(mode & 0o222, 0, "no write bit left: {mode:o}");
         }
-        // Read-only files go with their directory on Unix; Windows needs
-        // the bit cleared first, which is the Windows issue's.
-        let _ = fs::remove_dir_all(&dir);
+        remove_tree(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_tree_with_read_only_objects_is_removed_and_links_are_not_followed() {
+        let dir = temp();
+        let outside = temp();
+        fs::write(outside.join("keep"), b"x").unwrap();
+        let objects = dir.join("a").join("objects");
+        fs::create_dir_all(&objects).unwrap();
+        let obj = objects.join("obj");
+        fs::write(&obj, b"object").unwrap();
+        let mut perms = fs::metadata(&obj).unwrap().permissions();
+        perms.set_readonly(true);
+        fs::set_permissions(&obj, perms.clone()).unwrap();
+        fs::set_permissions(outside.join("keep"), perms).unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(outside.join("keep"), dir.join("link")).unwrap();
+        remove_tree(&dir).unwrap();
+        assert!(!dir.exists());
+        // The link's target kept its read-only bit.
+        assert!(
+            fs::metadata(outside.join("keep"))
+                .unwrap()
+                .permissions()
+                .readonly()
+        );
+        remove_tree(&outside).unwrap();
     }
 
     #[test]

@@ -49,14 +49,21 @@ pub fn generate_file(path: &Path, size: u64, seed: u64) -> std::io::Result<()> {
 }
 
 pub fn run(args: &DemoArgs) -> anyhow::Result<bool> {
-    let dir = std::env::temp_dir().join(format!("somcast-demo-{}", std::process::id()));
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // A new directory every run (a process id alone is reused quickly on
+    // Windows, and a leftover directory would hold the last run's tasks).
+    let dir = tempfile::Builder::new()
+        .prefix("somcast-demo-")
+        .tempdir()
+        .context("creating the demo's temporary directory")?
+        .keep();
     let result = if args.lab {
         run_in(&dir, args)
     } else {
         crate::demo_flow::run(&dir, args)
     };
-    let _ = fs::remove_dir_all(&dir);
+    if let Err(e) = crate::cache::remove_tree(&dir) {
+        eprintln!("demo: could not remove {}: {e}", dir.display());
+    }
     result
 }
 
