@@ -30,7 +30,10 @@
 //!
 //! Offers that no agent could make (a data group other than the one the
 //! content id gives, a start beyond the startup delay) are dropped and
-//! their reason returned, to be counted.
+//! their reason returned, to be counted. A representative whose session
+//! never showed up on the data group is abandoned by the agent
+//! ([`Election::abandon`]): its claims and offers are ignored from then on
+//! and the election starts again.
 //!
 //! Standings are frozen when the machine starts, so every agent compares
 //! the same numbers. Call order: [`Election::handle_frame`] for each claim
@@ -156,6 +159,9 @@ pub struct Election {
     /// Claimants this agent deferred to that never offered, with how many
     /// times; past [`DEFERS_BEFORE_IGNORING`] their claims are ignored.
     no_shows: Vec<(u64, u32)>,
+    /// Representatives whose offers were not followed by a session: their
+    /// claims and offers are ignored for this election.
+    abandoned: Vec<u64>,
 }
 
 /// A better claimant that has twice had its contention and two announce
@@ -191,6 +197,20 @@ impl Election {
             events: VecDeque::new(),
             following: None,
             no_shows: Vec::new(),
+            abandoned: Vec::new(),
+        }
+    }
+
+    /// The representative `node` offered the content but sent nothing: it
+    /// is no candidate any more, and if it was followed the election starts
+    /// again (with a short window: everyone is waiting).
+    pub fn abandon(&mut self, now: Instant, node: u64) {
+        if !self.abandoned.contains(&node) && self.abandoned.len() < MAX_NO_SHOWS {
+            self.abandoned.push(node);
+        }
+        if matches!(self.state, State::Follow { rep, .. } if rep.node == node) {
+            self.following = None;
+            self.rediscover(now, true);
         }
     }
 
@@ -228,6 +248,8 @@ impl Election {
     /// ours could have made is dropped: the reason comes back, to count.
     pub fn handle_frame(&mut self, now: Instant, frame: &Frame<'_>) -> Result<(), BadOffer> {
         match frame {
+            Frame::Claim(Claim { standing, .. }) | Frame::Offer(Offer { standing, .. })
+                if self.abandoned.contains(&standing.node) => {}
             Frame::Claim(c) if c.content == self.content && c.standing != self.me => {
                 self.heard_claim(now, c.standing)
             }

@@ -355,3 +355,36 @@ fn a_claimant_that_never_offers_stalls_the_election_only_briefly() {
         .count();
     assert_eq!(receivers, 4);
 }
+
+/// A followed representative that never sent its session is abandoned:
+/// the agent elects again and ignores that node's offers from then on.
+#[test]
+fn an_abandoned_representative_is_not_followed_again() {
+    let t0 = Instant::now();
+    let group = SocketAddrV4::new(Ipv4Addr::new(239, 193, 0xC0, 0xC0), 7400);
+    let me = Standing {
+        node: 1,
+        ..Standing::default()
+    };
+    let mut e = Election::new(config(), CONTENT, me, 11, group, t0, 1);
+    let offer = wire::Frame::Offer(wire::Offer {
+        content: CONTENT,
+        standing: Standing {
+            node: 99,
+            preference: 255,
+            ..Standing::default()
+        },
+        session: 5,
+        data_group: group.ip().octets(),
+        data_port: 7400,
+        start_in_ms: 1000,
+    });
+    e.handle_frame(t0, &offer).unwrap();
+    assert_eq!(e.role(), Role::Receiver);
+    assert!(matches!(e.poll_event(), Some(ElectionEvent::Follow { .. })));
+    e.abandon(t0, 99);
+    assert_eq!(e.role(), Role::Discovering);
+    e.handle_frame(t0, &offer).unwrap();
+    assert_eq!(e.role(), Role::Discovering, "its offer is ignored now");
+    assert_eq!(e.poll_event(), None);
+}

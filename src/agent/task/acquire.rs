@@ -97,6 +97,20 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
                         pending = next;
                         carried = left;
                     }
+                    Received::NoShow(left) => {
+                        // Every receiver would otherwise go to the origin on
+                        // its own: elect again without it instead.
+                        tracing::warn!(
+                            "task {}: {representative:016x} offered the content but sent nothing; electing again without it",
+                            r.id
+                        );
+                        r.state(State::Electing);
+                        carried = left;
+                        if let Some(slot) = r.agent.elections().get_mut(&r.id) {
+                            slot.election.abandon(Instant::now(), representative);
+                        }
+                        r.agent.control_wake.notify_one();
+                    }
                 }
             }
             ElectionEvent::SteppedDown => r.state(State::Electing),
@@ -449,6 +463,9 @@ enum Received {
     Incomplete(String, Leftovers),
     /// The representative was lost or replaced: the event that says so.
     Interrupted(Option<ElectionEvent>, Leftovers),
+    /// Nothing of the session was heard: the offer was not followed by a
+    /// sender (forged, or a representative that cannot reach the group).
+    NoShow(Leftovers),
 }
 
 /// A receiver: joins the data group now, takes the session from `start`.
@@ -568,6 +585,9 @@ async fn receive(
     }
     let why = match res {
         Ok(_) => "the session ended".into(),
+        Err(RecvError::Failed(multicast::ReceiveFailure::NoSender(_))) => {
+            return Ok(Received::NoShow(leftovers));
+        }
         Err(e) => e.to_string(),
     };
     Ok(Received::Incomplete(why, leftovers))
