@@ -268,7 +268,7 @@ pub fn read_fleet(path: &Path) -> Result<multicast::auth::FleetKey, KeyError> {
         return Err(bad(&format!("it does not start with {FLEET_HEADER}")));
     }
     let hex = words.next().ok_or_else(|| bad("no key after the header"))?;
-    if words.next().is_some() || hex.len() != 64 {
+    if words.next().is_some() || hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad("the key must be 64 hex digits"));
     }
     let mut secret = [0u8; 32];
@@ -348,6 +348,8 @@ mod tests {
         }
         let bad = dir.path().join("bad.fleet");
         std::fs::write(&bad, "somcast-fleet-key-1 abcd\n").unwrap();
+        assert!(read_fleet(&bad).unwrap_err().to_string().contains("64 hex"));
+        std::fs::write(&bad, format!("somcast-fleet-key-1 a{}b\n", "é".repeat(31))).unwrap();
         assert!(read_fleet(&bad).unwrap_err().to_string().contains("64 hex"));
         std::fs::write(&bad, "hello\n").unwrap();
         assert!(
