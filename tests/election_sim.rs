@@ -274,19 +274,28 @@ fn a_silent_representative_is_replaced_after_three_intervals() {
     );
 }
 
-/// A forged offer for the content with a unicast data group, another
-/// group, or a start beyond the startup delay is dropped with its reason;
-/// the agent goes on to elect as if it had not been sent.
-#[test]
-fn impossible_offers_are_dropped_and_the_election_goes_on() {
-    use somcast::election::BadOffer;
+/// One agent's election, alone: its start, its data group and the machine.
+fn lone_agent() -> (Instant, SocketAddrV4, Election) {
     let t0 = Instant::now();
     let group = SocketAddrV4::new(Ipv4Addr::new(239, 193, 0xC0, 0xC0), 7400);
     let me = Standing {
         node: 1,
         ..Standing::default()
     };
-    let mut e = Election::new(config(), CONTENT, me, 11, group, t0, 1);
+    (
+        t0,
+        group,
+        Election::new(config(), CONTENT, me, 11, group, t0, 1),
+    )
+}
+
+/// A forged offer for the content with a unicast data group, another
+/// group, or a start beyond the startup delay is dropped with its reason;
+/// the agent goes on to elect as if it had not been sent.
+#[test]
+fn impossible_offers_are_dropped_and_the_election_goes_on() {
+    use somcast::election::BadOffer;
+    let (t0, group, mut e) = lone_agent();
     let offer = |data_group: [u8; 4], start_in_ms: u32| {
         wire::Frame::Offer(wire::Offer {
             content: CONTENT,
@@ -360,13 +369,7 @@ fn a_claimant_that_never_offers_stalls_the_election_only_briefly() {
 /// the agent elects again and ignores that node's offers from then on.
 #[test]
 fn an_abandoned_representative_is_not_followed_again() {
-    let t0 = Instant::now();
-    let group = SocketAddrV4::new(Ipv4Addr::new(239, 193, 0xC0, 0xC0), 7400);
-    let me = Standing {
-        node: 1,
-        ..Standing::default()
-    };
-    let mut e = Election::new(config(), CONTENT, me, 11, group, t0, 1);
+    let (t0, group, mut e) = lone_agent();
     let offer = wire::Frame::Offer(wire::Offer {
         content: CONTENT,
         standing: Standing {

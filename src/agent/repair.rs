@@ -359,6 +359,7 @@ pub enum PeerError {
 
 /// Fetches block `block` from the repair server at `addr`: the verified
 /// bytes and the payload bytes received.
+/// Within [`BLOCK_DEADLINE`], however the peer trickles.
 pub async fn fetch_block(
     fleet: Option<&FleetKeys>,
     addr: SocketAddr,
@@ -368,7 +369,61 @@ pub async fn fetch_block(
     hash: Digest,
     held: Option<Box<Collector>>,
 ) -> Result<(Vec<u8>, u64), PeerError> {
-    let fetch = fetch_block_within(fleet, addr, content, layout, block, hash, held);
+    let fetch = async {
+        let fail = |e: String| PeerError::Failed(e);
+        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| {
+                fail(format!(
+                    "no connection to {addr} within {CONNECT_TIMEOUT:?}"
+                ))
+            })?
+            .map_err(|e| fail(format!("{addr}: {e}")))?;
+        let ciphers = match fleet {
+            Some(keys) => Some(
+                prove_client(&mut stream, keys)
+                    .await
+                    .map_err(|e| fail(format!("{addr}: {}", crate::error_text(e.as_ref()))))?
+                    .ciphers(true),
+            ),
+            None => None,
+        };
+        let mut conn = Conn {
+            stream,
+            ciphers,
+            max_frame: frame::MAX_FRAME,
+        };
+        let mut fetch = BlockFetch::new(layout, block, hash, held);
+        conn.write_frame(&fetch.request(content))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let mut buf = Vec::new();
+        loop {
+            let f = match conn.read_frame(&mut buf).await {
+                Ok(Some(f)) => f,
+                Ok(None) => return Err(fail(format!("{addr} closed before the block decoded"))),
+                Err(e) => return Err(fail(format!("{addr}: {e}"))),
+            };
+            match fetch.handle(f) {
+                FetchStep::More => {}
+                FetchStep::Elsewhere => return Err(PeerError::Declined),
+                FetchStep::Busy => return Err(PeerError::Busy),
+                FetchStep::Misbehaved(why) => return Err(fail(format!("{addr}: {why}"))),
+                FetchStep::Decode => match fetch.decode() {
+                    Ok(data) => {
+                        let _ = conn.write_frame(&Frame::Stop { block }).await;
+                        return Ok((data, fetch.bytes));
+                    }
+                    Err(Rejected::NeedMore) => {}
+                    Err(Rejected::Corrupt) => {
+                        return Err(fail(format!(
+                            "{addr} served block {block} that fails its SHA-256"
+                        )));
+                    }
+                },
+            }
+        }
+    };
     tokio::time::timeout(BLOCK_DEADLINE, fetch)
         .await
         .unwrap_or_else(|_| {
@@ -376,68 +431,4 @@ pub async fn fetch_block(
                 "{addr}: block {block} not complete within {BLOCK_DEADLINE:?}"
             )))
         })
-}
-
-async fn fetch_block_within(
-    fleet: Option<&FleetKeys>,
-    addr: SocketAddr,
-    content: Digest,
-    layout: Layout,
-    block: u32,
-    hash: Digest,
-    held: Option<Box<Collector>>,
-) -> Result<(Vec<u8>, u64), PeerError> {
-    let fail = |e: String| PeerError::Failed(e);
-    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| {
-            fail(format!(
-                "no connection to {addr} within {CONNECT_TIMEOUT:?}"
-            ))
-        })?
-        .map_err(|e| fail(format!("{addr}: {e}")))?;
-    let ciphers = match fleet {
-        Some(keys) => Some(
-            prove_client(&mut stream, keys)
-                .await
-                .map_err(|e| fail(format!("{addr}: {}", crate::error_text(e.as_ref()))))?
-                .ciphers(true),
-        ),
-        None => None,
-    };
-    let mut conn = Conn {
-        stream,
-        ciphers,
-        max_frame: frame::MAX_FRAME,
-    };
-    let mut fetch = BlockFetch::new(layout, block, hash, held);
-    conn.write_frame(&fetch.request(content))
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    let mut buf = Vec::new();
-    loop {
-        let f = match conn.read_frame(&mut buf).await {
-            Ok(Some(f)) => f,
-            Ok(None) => return Err(fail(format!("{addr} closed before the block decoded"))),
-            Err(e) => return Err(fail(format!("{addr}: {e}"))),
-        };
-        match fetch.handle(f) {
-            FetchStep::More => {}
-            FetchStep::Elsewhere => return Err(PeerError::Declined),
-            FetchStep::Busy => return Err(PeerError::Busy),
-            FetchStep::Misbehaved(why) => return Err(fail(format!("{addr}: {why}"))),
-            FetchStep::Decode => match fetch.decode() {
-                Ok(data) => {
-                    let _ = conn.write_frame(&Frame::Stop { block }).await;
-                    return Ok((data, fetch.bytes));
-                }
-                Err(Rejected::NeedMore) => {}
-                Err(Rejected::Corrupt) => {
-                    return Err(fail(format!(
-                        "{addr} served block {block} that fails its SHA-256"
-                    )));
-                }
-            },
-        }
-    }
 }
