@@ -236,6 +236,11 @@ async fn task_async(cmd: &TaskCommand) -> anyhow::Result<bool> {
             timeout,
         } => {
             let c = Console::new(targets.as_ref())?;
+            if *wait && c.token.is_none() {
+                bail!(
+                    "--wait reads each agent's status, which needs the agents' API token: give --token (or SOMCAST_TOKEN); nothing was sent"
+                );
+            }
             let bundle = match task {
                 Some(path) => {
                     let bytes = std::fs::read(path)

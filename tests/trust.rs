@@ -357,6 +357,26 @@ fn the_console_signs_and_starts_a_task_that_the_agent_runs() {
     let cache = TempDir::new("trust-cli-agent");
     let agent = trusting(&cache.0, &name.with_extension("pub"));
     let url = format!("http://{}", agent.addr);
+    // --wait reads status, which takes the token: refused up front.
+    let out = Command::new(BIN)
+        .args([
+            "task",
+            "start",
+            "--task",
+            task.to_str().unwrap(),
+            "--agent",
+            "http://127.0.0.1:9",
+            "--wait",
+        ])
+        .env_remove("SOMCAST_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs the agents' API token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // No token needed to start a signed task; the token reads the status.
     run(&[
         "task",
