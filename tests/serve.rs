@@ -1,10 +1,11 @@
-//! `somcast serve`: only regular files under its root.
+//! `somcast serve`: only regular files under its root (symlinks and
+//! FIFOs: Unix).
+#![cfg(unix)]
 
 mod common;
 
 use common::{TempDir, get, origin_dir, start_origin};
 
-#[cfg(unix)]
 #[test]
 fn serve_keeps_to_regular_files_under_its_root() {
     use std::io::{Read, Write};

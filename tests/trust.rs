@@ -357,25 +357,30 @@ fn the_console_signs_and_starts_a_task_that_the_agent_runs() {
     let cache = TempDir::new("trust-cli-agent");
     let agent = trusting(&cache.0, &name.with_extension("pub"));
     let url = format!("http://{}", agent.addr);
+    // A console command that must fail (exit 1) saying `why`.
+    let fails = |args: &[&str], why: &str| {
+        let out = Command::new(BIN)
+            .args(args)
+            .env_remove("SOMCAST_TOKEN")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    };
+    let task_arg = task.to_str().unwrap();
     // --wait reads status, which takes the token: refused up front.
-    let out = Command::new(BIN)
-        .args([
+    fails(
+        &[
             "task",
             "start",
             "--task",
-            task.to_str().unwrap(),
+            task_arg,
             "--agent",
             "http://127.0.0.1:9",
             "--wait",
-        ])
-        .env_remove("SOMCAST_TOKEN")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("needs the agents' API token"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        "needs the agents' API token",
     );
     // No token needed to start a signed task; the token reads the status.
     run(&[
@@ -390,21 +395,8 @@ fn the_console_signs_and_starts_a_task_that_the_agent_runs() {
     assert_eq!(s["state"], "done", "{s}");
     assert_eq!(std::fs::read(&marker).unwrap(), bytes);
     // The same document again: refused, exit 1.
-    let out = Command::new(BIN)
-        .args([
-            "task",
-            "start",
-            "--task",
-            task.to_str().unwrap(),
-            "--agent",
-            &url,
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("accepted before"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    fails(
+        &["task", "start", "--task", task_arg, "--agent", &url],
+        "accepted before",
     );
 }

@@ -1,5 +1,6 @@
 //! SplitMix64: a small seedable generator for jitter, nonces, loss
-//! injection and simulations. Not for secrets.
+//! injection and simulations, not for secrets; and [`random_id`], which is
+//! for ids that must not be guessed, from the OS random source.
 
 /// SplitMix64 (Steele, Lea, Flood 2014).
 #[derive(Clone, Debug)]
@@ -18,6 +19,15 @@ impl SplitMix64 {
     pub fn unit(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
+}
+
+/// A random 64-bit id from the OS random source. (std's `RandomState`
+/// keys, used before, are seeded once per thread and then counted up, so
+/// one id told the next: no good for session ids, node ids and tokens.)
+pub fn random_id() -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("the OS random source is available");
+    u64::from_le_bytes(b)
 }
 
 #[cfg(test)]
