@@ -56,6 +56,41 @@ pub enum Command {
     Task(TaskCommand),
     /// A lab origin: serves a directory over HTTP with Range support.
     Serve(ServeArgs),
+    /// The agent as a Windows service: install, uninstall, start, stop.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Register `somcast agent` with the service control manager (starts
+    /// with Windows, as LocalSystem, restarted on failure), write a starting
+    /// config file if there is none, and let the agent through the Windows
+    /// firewall. Run it from where somcast.exe will stay.
+    Install {
+        /// The agent's config file (default %ProgramData%\somcast\agent.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Leave the Windows firewall alone (the rules are in the README).
+        #[arg(long)]
+        no_firewall: bool,
+    },
+    /// Stop the service and remove it and its firewall rule; the config,
+    /// cache and logs stay.
+    Uninstall,
+    /// Start the installed service and wait until it runs.
+    Start,
+    /// Stop the service (the agent's clean stop) and wait until it has.
+    Stop,
+    /// The service control manager's entry point, not for use by hand.
+    #[command(hide = true)]
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// The log file (`service install` names the one it printed).
+        #[arg(long)]
+        log: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,7 +135,8 @@ pub struct OrderArgs {
     /// Stage the package in the cache only (pinned), run nothing.
     #[arg(long, conflicts_with = "run")]
     pub cache_only: bool,
-    /// Command run with the verified file's path ($1, SOMCAST_FILE).
+    /// Command run with the verified file's path: `sh -c` with $1 and
+    /// $SOMCAST_FILE; on Windows `cmd /C` with %SOMCAST_FILE%.
     #[arg(long)]
     pub run: Option<String>,
     /// Longest run of the command; then it is stopped.

@@ -16,6 +16,7 @@ pub mod lab;
 pub mod manifest;
 pub mod scan;
 pub mod serve;
+pub mod service;
 pub mod trust;
 pub mod units;
 

@@ -2,13 +2,17 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use somcast::cli::{Cli, Command};
+use somcast::cli::{Cli, Command, ServiceCommand};
+use somcast::service;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The agent is a daemon: its events are its output.
-    let quiet = if matches!(cli.command, Command::Agent(_)) {
+    let quiet = if matches!(
+        cli.command,
+        Command::Agent(_) | Command::Service(ServiceCommand::Run { .. })
+    ) {
         "info"
     } else {
         "warn"
@@ -18,13 +22,27 @@ fn main() -> ExitCode {
         1 => "info",
         _ => "debug",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("SOMCAST_LOG").unwrap_or_else(|_| EnvFilter::new(default)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let filter = EnvFilter::try_from_env("SOMCAST_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    // The Windows service has no console: its log is a file.
+    if let Command::Service(ServiceCommand::Run { log, .. }) = &cli.command {
+        match service::open_log(log) {
+            Ok(file) => tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::sync::Mutex::new(file))
+                .with_ansi(false)
+                .init(),
+            Err(e) => {
+                eprintln!("error: opening the log {}: {e}", log.display());
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .init();
+    }
     let result = match &cli.command {
         Command::Send(a) => somcast::lab::send(a),
         Command::Recv(a) => somcast::lab::recv(a),
@@ -35,6 +53,7 @@ fn main() -> ExitCode {
         Command::Manifest(m) => somcast::console::manifest(m),
         Command::Task(t) => somcast::console::task(t),
         Command::Serve(s) => somcast::serve::main(&s.dir, s.listen, s.rate),
+        Command::Service(s) => service::main(s),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -65,10 +65,22 @@ async fn run_command(
         c.process_group(0);
         c
     };
-    #[cfg(not(unix))]
+    #[cfg(windows)]
     let mut c = {
+        // cmd.exe does its own parsing of its command line: /S /C "..."
+        // takes everything between the first and the last quote as it is,
+        // so a command with quoted paths of its own survives. /D: no
+        // AutoRun from the registry. The package is %SOMCAST_FILE%.
         let mut c = tokio::process::Command::new("cmd");
-        c.arg("/C").arg(cmd).arg(path);
+        c.raw_arg(format!("/D /S /C \"{cmd}\""));
+        // A console process group of its own, no window.
+        c.creation_flags(0x0000_0200 | 0x0800_0000);
+        c
+    };
+    #[cfg(not(any(unix, windows)))]
+    let mut c = {
+        let mut c = tokio::process::Command::new(cmd);
+        c.arg(path);
         c
     };
     c.env("SOMCAST_FILE", path)
@@ -122,6 +134,16 @@ impl Drop for ProcessGroup {
             unsafe {
                 libc::killpg(pid, libc::SIGKILL);
             }
+        }
+        // Windows has no process groups to signal: taskkill /T ends the
+        // command's whole tree (what cmd started too).
+        #[cfg(windows)]
+        if let Some(pid) = self.0 {
+            let _ = std::process::Command::new("taskkill")
+                .args(["/T", "/F", "/PID", &pid.to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
         }
     }
 }
