@@ -6,7 +6,8 @@
 #      objects removed);
 #   4. two agents and an origin on loopback: a signed task whose command goes
 #      through cmd /C and exits 0, then one that exits 3 with output: the
-#      agents report the exit code and the output; `scan --probe` finds both;
+#      agents report the exit code and the output; a long command cancelled
+#      while it runs ends with its process tree; `scan --probe` finds both;
 #   5. `somcast service install | start | stop | uninstall` with Wine's
 #      service manager: the service agent answers its API, stops cleanly
 #      (its log says so), and is gone after uninstall.
@@ -131,6 +132,31 @@ for api in "${apis[@]}"; do
     [ "$(task_field "$api" "$id1" 't["state"]')" = done ] || fail "first task not done on $api"
 done
 echo "   exit codes 0 and 3 reported by both agents (tasks $id1, $id2)"
+# A command that would run for two minutes, cancelled while it runs: the
+# task ends within seconds and its process tree with it.
+long_run='ping -n 120 127.0.0.1 >nul'
+win task start --manifest pkg.json --sign publisher.key --run "$long_run" --delay 2s \
+    "${targets[@]}" >task3.out 2>task3.err || { cat task3.err; fail "the long task was not taken"; }
+id3=$(head -1 task3.out | tr -d '\r')
+for _ in $(seq 150); do
+    [ "$(task_field "${apis[0]}" "$id3" 't["state"]')" = installing ] &&
+        [ "$(task_field "${apis[1]}" "$id3" 't["state"]')" = installing ] && break
+    sleep 0.2
+done
+pgrep -f 'ping -n 120 127.0.0.1' >/dev/null || fail "the long command is not running"
+win task cancel "$id3" --sign publisher.key "${targets[@]}" >cancel.out 2>&1 || { cat cancel.out; fail "task cancel"; }
+for _ in $(seq 50); do
+    [ "$(task_field "${apis[0]}" "$id3" 't["state"]')" = cancelled ] &&
+        [ "$(task_field "${apis[1]}" "$id3" 't["state"]')" = cancelled ] && break
+    sleep 0.2
+done
+for api in "${apis[@]}"; do
+    state=$(task_field "$api" "$id3" 't["state"]')
+    [ "$state" = cancelled ] || fail "the cancelled task is '$state' on $api after 10 s"
+done
+for _ in $(seq 25); do pgrep -f 'ping -n 120 127.0.0.1' >/dev/null || break; sleep 0.2; done
+pgrep -f 'ping -n 120 127.0.0.1' >/dev/null && fail "the cancelled command's process tree still runs"
+echo "   a running command cancelled: task cancelled, its processes ended"
 win scan --iface 127.0.0.1 --probe --control-group "$group" --json >scan.json 2>scan.err ||
     { cat scan.err; fail "scan --probe"; }
 found=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["probe"]["agents"]))' scan.json)

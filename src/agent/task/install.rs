@@ -90,7 +90,7 @@ async fn run_command(
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     let child = c.spawn().with_context(|| format!("starting {cmd:?}"))?;
-    let mut group = ProcessGroup(child.id());
+    let mut tree = ProcessTree::of(&child);
     let out = tokio::select! {
         out = child.wait_with_output() => Some(out?),
         _ = tokio::time::sleep(timeout) => None,
@@ -99,7 +99,7 @@ async fn run_command(
     if out.is_some() {
         // It ended by itself: what it left running (a service it started)
         // is its business.
-        group.0 = None;
+        tree.release();
     }
     Ok(match out {
         Some(o) => {
@@ -120,30 +120,121 @@ async fn run_command(
     })
 }
 
-/// Kills an install command's whole process group when dropped before the
+/// Ends an install command's whole process tree when dropped before the
 /// command ended by itself: on timeout, on cancel, and when the agent
-/// stops. Elsewhere the command alone is killed, by `kill_on_drop`.
-struct ProcessGroup(Option<u32>);
+/// stops. On Unix the command leads a process group of its own, killed with
+/// killpg; on Windows it runs in a job object (what it starts joins the
+/// job), terminated as a whole. Elsewhere the command alone is killed, by
+/// `kill_on_drop`.
+struct ProcessTree {
+    #[cfg(unix)]
+    group: Option<i32>,
+    #[cfg(windows)]
+    job: Option<job::Job>,
+}
 
-impl Drop for ProcessGroup {
+impl ProcessTree {
+    fn of(child: &tokio::process::Child) -> Self {
+        #[cfg(not(any(unix, windows)))]
+        let _ = child;
+        ProcessTree {
+            #[cfg(unix)]
+            group: child.id().and_then(|p| i32::try_from(p).ok()),
+            #[cfg(windows)]
+            job: child.raw_handle().and_then(|h| {
+                job::Job::holding(h)
+                    .inspect_err(|e| {
+                        tracing::warn!("no job object for the install command ({e}): stopping it will not stop what it started")
+                    })
+                    .ok()
+            }),
+        }
+    }
+
+    /// The command ended by itself: what it left running (a service it
+    /// started) is its business.
+    fn release(&mut self) {
+        #[cfg(unix)]
+        {
+            self.group = None;
+        }
+        #[cfg(windows)]
+        {
+            self.job = None;
+        }
+    }
+}
+
+impl Drop for ProcessTree {
     fn drop(&mut self) {
         #[cfg(unix)]
-        if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()) {
+        if let Some(pid) = self.group {
             // SAFETY: killpg only sends a signal; the group id is the one
             // the command was started with.
             unsafe {
                 libc::killpg(pid, libc::SIGKILL);
             }
         }
-        // Windows has no process groups to signal: taskkill /T ends the
-        // command's whole tree (what cmd started too).
         #[cfg(windows)]
-        if let Some(pid) = self.0 {
-            let _ = std::process::Command::new("taskkill")
-                .args(["/T", "/F", "/PID", &pid.to_string()])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
+        if let Some(job) = &self.job {
+            job.terminate();
+        }
+    }
+}
+
+#[cfg(windows)]
+mod job {
+    use std::os::windows::io::RawHandle;
+
+    use windows_sys::Win32::Foundation::{CloseHandle, HANDLE};
+    use windows_sys::Win32::System::JobObjects::{
+        AssignProcessToJobObject, CreateJobObjectW, TerminateJobObject,
+    };
+
+    /// A job object that holds one process and what it starts.
+    pub struct Job(HANDLE);
+
+    // SAFETY: a job handle may be used and closed from any thread.
+    unsafe impl Send for Job {}
+    unsafe impl Sync for Job {}
+
+    impl Job {
+        /// A new, unnamed job with `process` in it; what the process starts
+        /// from then on is in the job too. Called right after the spawn: a
+        /// child started in that instant would escape, and cmd.exe takes
+        /// far longer than that to start anything.
+        pub fn holding(process: RawHandle) -> std::io::Result<Job> {
+            // SAFETY: plain Win32 calls; the job handle is owned by the
+            // returned value (or closed here), the process handle is the
+            // live child's, borrowed.
+            unsafe {
+                let job = CreateJobObjectW(std::ptr::null(), std::ptr::null());
+                if job.is_null() {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let job = Job(job);
+                if AssignProcessToJobObject(job.0, process as HANDLE) == 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(job)
+            }
+        }
+
+        pub fn terminate(&self) {
+            // SAFETY: the handle is open for as long as self lives.
+            unsafe {
+                TerminateJobObject(self.0, 1);
+            }
+        }
+    }
+
+    impl Drop for Job {
+        fn drop(&mut self) {
+            // SAFETY: the handle is ours and closed once. Closing does not
+            // end the processes (no kill-on-close limit).
+            unsafe {
+                CloseHandle(self.0);
+            }
         }
     }
 }
