@@ -4,7 +4,11 @@
 //!
 //! 1. Waits for a SESSION (of any session, or the one it was told to
 //!    follow), validates its geometry, and sends JOIN to the sender's
-//!    feedback port. Datagrams of other sessions are counted and ignored.
+//!    feedback port. Told which session to follow, it follows it at once;
+//!    following the first one heard, it binds to the first sender that
+//!    answers its JOIN with a JOIN_ACK, so replayed announcements of a
+//!    session that is not running (or not serving it) cannot capture it.
+//!    Datagrams of other sessions are counted and ignored.
 //! 2. Collects symbols per block, each checked (block index, ESI, length,
 //!    duplicate) before it is kept. At most `max_buffered_bytes` of symbols
 //!    are held: a symbol of a new block beyond that is dropped (and the block
@@ -185,6 +189,9 @@ pub struct ReceiverStats {
     /// Datagrams that did not parse, or failed a check.
     pub malformed: u64,
     pub other_session: u64,
+    /// Sessions heard, joined and not (yet) acknowledged, while following
+    /// the first one that answers.
+    pub unanswered_sessions: u64,
     pub blocks_done: u32,
     /// Blocks that decoded to the wrong hash and were collected again.
     pub hash_failures: u32,
@@ -281,11 +288,27 @@ enum Phase {
     Over,
 }
 
+/// Sessions a receiver waits on for a JOIN_ACK at once; the oldest gives way.
+const MAX_CANDIDATES: usize = 8;
+
+/// A session joined and not yet acknowledged.
+struct Candidate {
+    session: u64,
+    /// Where its SESSION came from, and its feedback address.
+    from: SocketAddr,
+    sender: SocketAddr,
+    info: SessionInfo,
+    joined: Option<Instant>,
+}
+
 /// One multicast transfer from the receiving side. See the module docs.
 pub struct Receiver {
     cfg: ReceiverConfig,
     started: Instant,
     active: Option<Active>,
+    /// Sessions joined and waiting for their JOIN_ACK (following the first
+    /// that answers), newest last, at most `MAX_CANDIDATES`.
+    candidates: VecDeque<Candidate>,
     jobs: VecDeque<DecodeJob>,
     transmits: VecDeque<(SocketAddr, Vec<u8>)>,
     events: VecDeque<ReceiverEvent>,
@@ -298,6 +321,7 @@ impl Receiver {
             cfg,
             started: now,
             active: None,
+            candidates: VecDeque::new(),
             jobs: VecDeque::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -326,14 +350,25 @@ impl Receiver {
             return;
         };
         let Some(active) = self.active.as_mut() else {
-            if let Frame::Session(info) = dgram.frame {
-                if self.cfg.session.is_none_or(|s| s == dgram.session) {
+            match (dgram.frame, self.cfg.session) {
+                (Frame::Session(info), Some(s)) if s == dgram.session => {
                     self.start(now, from, dgram.session, info);
-                } else {
-                    self.stats.other_session += 1;
                 }
-            } else {
-                self.stats.other_session += 1;
+                (Frame::Session(info), None) => self.candidate(now, from, dgram.session, info),
+                (Frame::JoinAck { receiver }, None) if receiver == self.cfg.receiver_id => {
+                    if let Some(i) = self
+                        .candidates
+                        .iter()
+                        .position(|c| c.session == dgram.session && c.sender.ip() == from.ip())
+                    {
+                        let c = self.candidates.remove(i).expect("position is in range");
+                        self.candidates.clear();
+                        self.start(now, c.from, c.session, c.info);
+                    } else {
+                        self.stats.other_session += 1;
+                    }
+                }
+                _ => self.stats.other_session += 1,
             }
             return;
         };
@@ -399,7 +434,7 @@ impl Receiver {
                     active.info.file_sha256 = info.file_sha256;
                 }
             }
-            Frame::DoneAck { .. } => {}
+            Frame::DoneAck { .. } | Frame::JoinAck { .. } => {}
             Frame::Feedback { .. }
             | Frame::Presence(_)
             | Frame::Probe { .. }
@@ -407,6 +442,57 @@ impl Receiver {
             | Frame::Claim(_)
             | Frame::Offer(_) => self.stats.other_session += 1,
         }
+    }
+
+    /// A SESSION heard while following the first sender that answers: JOIN
+    /// it (again, when its last JOIN is a feedback interval old) and wait
+    /// for its JOIN_ACK. The sender repeats SESSION while it runs, so a
+    /// lost JOIN or JOIN_ACK is made good on the next one.
+    fn candidate(&mut self, now: Instant, from: SocketAddr, session: u64, info: SessionInfo) {
+        if let Err(e) = Layout::from_session(&info) {
+            self.stats.malformed += 1;
+            tracing::debug!("ignoring session {session:x}: {e}");
+            return;
+        }
+        let sender = SocketAddr::new(from.ip(), info.feedback_port);
+        let gap = Duration::from_millis(u64::from(info.feedback_interval_ms.clamp(5, 5000)));
+        let i = match self
+            .candidates
+            .iter()
+            .position(|c| c.session == session && c.sender == sender)
+        {
+            Some(i) => i,
+            None => {
+                if self.candidates.len() == MAX_CANDIDATES {
+                    self.candidates.pop_front();
+                }
+                self.stats.unanswered_sessions += 1;
+                self.candidates.push_back(Candidate {
+                    session,
+                    from,
+                    sender,
+                    info: info.clone(),
+                    joined: None,
+                });
+                self.candidates.len() - 1
+            }
+        };
+        let c = &mut self.candidates[i];
+        // The newest announcement (a late file hash) is the one to start from.
+        c.info = info;
+        c.from = from;
+        if c.joined
+            .is_some_and(|t| now.saturating_duration_since(t) < gap)
+        {
+            return;
+        }
+        c.joined = Some(now);
+        let frame = Frame::Feedback {
+            receiver: self.cfg.receiver_id,
+            feedback: Feedback::Join,
+        };
+        self.stats.feedback_sent += 1;
+        self.transmits.push_back((sender, frame.encode(session)));
     }
 
     fn start(&mut self, now: Instant, from: SocketAddr, session: u64, info: SessionInfo) {
@@ -875,7 +961,13 @@ mod tests {
             feedback_interval_ms: 40,
             name: String::new(),
         };
-        let mut rx = Receiver::new(now, ReceiverConfig::default());
+        let mut rx = Receiver::new(
+            now,
+            ReceiverConfig {
+                session: Some(5),
+                ..ReceiverConfig::default()
+            },
+        );
         let session = |i: SessionInfo| Frame::Session(i).encode(5);
         rx.handle_datagram(now, from, &session(info(25_000, None)));
         assert!(rx.session().is_some());
@@ -889,6 +981,143 @@ mod tests {
         rx.handle_datagram(now, from, &session(info(25_000, Some([3; 32]))));
         assert_eq!(rx.file_sha256(), Some([2; 32]));
         assert_eq!(rx.layout().map(|l| l.file_size()), Some(25_000));
+    }
+
+    fn small_session(feedback_port: u16) -> SessionInfo {
+        SessionInfo {
+            file_size: 25_000,
+            block_size: 10_000,
+            symbol_size: 1000,
+            block_count: 3,
+            file_sha256: None,
+            feedback_port,
+            feedback_interval_ms: 40,
+            name: String::new(),
+        }
+    }
+
+    fn joins(rx: &mut Receiver) -> Vec<(SocketAddr, u64)> {
+        std::iter::from_fn(|| rx.poll_transmit())
+            .map(|(to, bytes)| {
+                let d = wire::decode(&bytes).unwrap();
+                assert!(matches!(
+                    d.frame,
+                    Frame::Feedback {
+                        receiver: 9,
+                        feedback: Feedback::Join
+                    }
+                ));
+                (to, d.session)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn following_the_first_session_binds_only_to_one_that_acknowledges_the_join() {
+        let t0 = Instant::now();
+        let stale: SocketAddr = "10.0.0.7:7400".parse().unwrap();
+        let live: SocketAddr = "10.0.0.1:7400".parse().unwrap();
+        let mut rx = Receiver::new(
+            t0,
+            ReceiverConfig {
+                receiver_id: 9,
+                ..ReceiverConfig::default()
+            },
+        );
+        // A replayed announcement of a session that is not running: joined,
+        // not followed; its data and its closing end of pass change nothing.
+        rx.handle_datagram(t0, stale, &Frame::Session(small_session(7401)).encode(1));
+        assert_eq!(joins(&mut rx), vec![("10.0.0.7:7401".parse().unwrap(), 1)]);
+        assert!(rx.session().is_none());
+        let data = Frame::Data(wire::Data {
+            block: 0,
+            esi: 0,
+            payload: &[0; 1000],
+        });
+        rx.handle_datagram(t0, stale, &data.encode(1));
+        let close = Frame::EndOfPass {
+            pass: 1,
+            closing: true,
+        };
+        rx.handle_datagram(t0, stale, &close.encode(1));
+        assert!(rx.session().is_none());
+        assert!(rx.poll_event().is_none());
+        // Repeated announcements: JOIN again only a feedback interval later.
+        let t1 = t0 + Duration::from_millis(10);
+        rx.handle_datagram(t1, stale, &Frame::Session(small_session(7401)).encode(1));
+        assert!(joins(&mut rx).is_empty());
+        let t2 = t0 + Duration::from_millis(50);
+        rx.handle_datagram(t2, stale, &Frame::Session(small_session(7401)).encode(1));
+        assert_eq!(joins(&mut rx).len(), 1);
+        // The live sender: joined too.
+        rx.handle_datagram(t2, live, &Frame::Session(small_session(7401)).encode(2));
+        assert_eq!(joins(&mut rx), vec![("10.0.0.1:7401".parse().unwrap(), 2)]);
+        // Acknowledgements that are not this receiver's, not from the
+        // session's sender, or of a session never heard: nothing.
+        rx.handle_datagram(t2, live, &Frame::JoinAck { receiver: 8 }.encode(2));
+        rx.handle_datagram(t2, stale, &Frame::JoinAck { receiver: 9 }.encode(2));
+        rx.handle_datagram(t2, live, &Frame::JoinAck { receiver: 9 }.encode(3));
+        assert!(rx.session().is_none());
+        assert_eq!(rx.stats().unanswered_sessions, 2);
+        // The live sender's acknowledgement: bound to it, and from then on
+        // the stale session's frames are another session's.
+        rx.handle_datagram(t2, live, &Frame::JoinAck { receiver: 9 }.encode(2));
+        assert_eq!(rx.session().map(|(s, _)| s), Some(2));
+        assert!(matches!(
+            rx.poll_event(),
+            Some(ReceiverEvent::SessionFound { session: 2, .. })
+        ));
+        let other = rx.stats().other_session;
+        rx.handle_datagram(t2, stale, &close.encode(1));
+        assert_eq!(rx.stats().other_session, other + 1);
+        assert!(rx.poll_event().is_none());
+        assert!(!rx.is_over());
+    }
+
+    #[test]
+    fn sessions_waiting_for_an_acknowledgement_are_bounded() {
+        let t0 = Instant::now();
+        let from: SocketAddr = "10.0.0.1:7400".parse().unwrap();
+        let mut rx = Receiver::new(
+            t0,
+            ReceiverConfig {
+                receiver_id: 9,
+                ..ReceiverConfig::default()
+            },
+        );
+        for session in 0..100 {
+            rx.handle_datagram(
+                t0,
+                from,
+                &Frame::Session(small_session(7401)).encode(session),
+            );
+        }
+        assert_eq!(rx.candidates.len(), MAX_CANDIDATES);
+        // The newest are kept: an acknowledgement of one of them binds.
+        rx.handle_datagram(t0, from, &Frame::JoinAck { receiver: 9 }.encode(3));
+        assert!(rx.session().is_none());
+        rx.handle_datagram(t0, from, &Frame::JoinAck { receiver: 9 }.encode(99));
+        assert_eq!(rx.session().map(|(s, _)| s), Some(99));
+    }
+
+    #[test]
+    fn a_receiver_told_its_session_follows_it_without_waiting() {
+        let t0 = Instant::now();
+        let from: SocketAddr = "10.0.0.1:7400".parse().unwrap();
+        let mut rx = Receiver::new(
+            t0,
+            ReceiverConfig {
+                receiver_id: 9,
+                session: Some(4),
+                ..ReceiverConfig::default()
+            },
+        );
+        rx.handle_datagram(t0, from, &Frame::Session(small_session(7401)).encode(3));
+        assert!(rx.session().is_none());
+        assert!(joins(&mut rx).is_empty());
+        rx.handle_datagram(t0, from, &Frame::Session(small_session(7401)).encode(4));
+        assert_eq!(rx.session().map(|(s, _)| s), Some(4));
+        assert_eq!(joins(&mut rx).len(), 1);
     }
 
     #[test]

@@ -67,6 +67,10 @@ const DRAIN_INTERLEAVE: usize = 2;
 /// waited a whole 20 ms for the next one.
 const BEACON_FIRST_GAP: Duration = Duration::from_millis(2);
 const BEACON_INTERVAL: Duration = Duration::from_millis(20);
+/// Receivers the sender keeps track of at once.
+const MAX_RECEIVERS: usize = 16_384;
+/// Least time between two JOIN_ACKs to one receiver.
+const JOIN_ACK_GAP: Duration = Duration::from_millis(100);
 
 mod types;
 pub use types::*;
@@ -120,6 +124,9 @@ impl BlockTx {
 #[derive(Debug)]
 struct Peer {
     last_heard: Instant,
+    /// When its JOIN was last acknowledged: one JOIN_ACK per receiver per
+    /// `JOIN_ACK_GAP`, however many JOINs come.
+    join_acked: Option<Instant>,
     done: bool,
     lost: bool,
     loss_ppm: u32,
@@ -291,6 +298,18 @@ impl Sender {
             self.stats.dropped_datagrams += 1;
             return;
         }
+        if !self.peers.contains_key(&receiver) && self.peers.len() >= MAX_RECEIVERS {
+            // Ids are the receivers' own: a flood of made-up ones must not
+            // grow the table. A newcomer takes the place of a receiver
+            // gone silent, or is not heard.
+            let lost = self.peers.iter().find(|(_, p)| p.lost).map(|(&id, _)| id);
+            let Some(lost) = lost else {
+                self.stats.dropped_datagrams += 1;
+                return;
+            };
+            self.peers.remove(&lost);
+            self.stats.receivers_lost -= 1;
+        }
         self.stats.feedback_datagrams += 1;
         if !self.peers.contains_key(&receiver) {
             self.stats.receivers_joined += 1;
@@ -299,6 +318,7 @@ impl Sender {
         }
         let peer = self.peers.entry(receiver).or_insert(Peer {
             last_heard: now,
+            join_acked: None,
             done: false,
             lost: false,
             loss_ppm: 0,
@@ -310,7 +330,15 @@ impl Sender {
             self.stats.receivers_lost -= 1;
         }
         match feedback {
-            Feedback::Join => {}
+            Feedback::Join => {
+                if peer
+                    .join_acked
+                    .is_none_or(|t| now.saturating_duration_since(t) >= JOIN_ACK_GAP)
+                {
+                    peer.join_acked = Some(now);
+                    self.queue_control(&Frame::JoinAck { receiver });
+                }
+            }
             Feedback::Done => {
                 if !peer.done {
                     peer.done = true;

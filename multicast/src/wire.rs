@@ -235,6 +235,13 @@ pub enum Frame<'a> {
     DoneAck {
         receiver: u64,
     },
+    /// The sender took this receiver's JOIN. A receiver that follows the
+    /// first session it hears binds to one only when it has this, so
+    /// replayed announcements of a session that is not running cannot
+    /// capture it.
+    JoinAck {
+        receiver: u64,
+    },
     /// Control group: an agent is here.
     Presence(Announce),
     /// Control group or unicast: "who is there?" `from_node` is `None` when
@@ -301,6 +308,7 @@ mod kind {
     pub const BYE: u8 = 9;
     pub const CLAIM: u8 = 10;
     pub const OFFER: u8 = 11;
+    pub const JOIN_ACK: u8 = 12;
 }
 
 /// Why a datagram was refused.
@@ -371,7 +379,9 @@ impl Frame<'_> {
                 },
                 std::mem::take(out),
             ),
-            Frame::DoneAck { receiver } => postcard::to_extend(receiver, std::mem::take(out)),
+            Frame::DoneAck { receiver } | Frame::JoinAck { receiver } => {
+                postcard::to_extend(receiver, std::mem::take(out))
+            }
             Frame::Presence(announce) => postcard::to_extend(announce, std::mem::take(out)),
             Frame::Probe {
                 nonce,
@@ -415,6 +425,7 @@ impl Frame<'_> {
             Frame::EndOfPass { .. } => kind::END_OF_PASS,
             Frame::Feedback { .. } => kind::FEEDBACK,
             Frame::DoneAck { .. } => kind::DONE_ACK,
+            Frame::JoinAck { .. } => kind::JOIN_ACK,
             Frame::Presence(_) => kind::PRESENCE,
             Frame::Probe { .. } => kind::PROBE,
             Frame::Bye { .. } => kind::BYE,
@@ -526,6 +537,9 @@ pub fn decode(bytes: &[u8]) -> Result<Datagram<'_>, WireError> {
             }
         }
         kind::DONE_ACK => Frame::DoneAck {
+            receiver: strict(body)?,
+        },
+        kind::JOIN_ACK => Frame::JoinAck {
             receiver: strict(body)?,
         },
         kind::PRESENCE => Frame::Presence(check_announce(strict(body)?)?),
@@ -646,6 +660,7 @@ mod tests {
                 feedback: Feedback::Join,
             },
             Frame::DoneAck { receiver: 78 },
+            Frame::JoinAck { receiver: 79 },
             Frame::Presence(sample_announce()),
             Frame::Probe {
                 nonce: 99,

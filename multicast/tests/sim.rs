@@ -685,3 +685,51 @@ fn a_receiver_that_lost_the_last_block_and_the_end_of_pass_still_asks_for_it() {
     sim.assert_all_verified();
     assert_eq!(sim.sender.stats().receivers_lost, 0);
 }
+
+#[test]
+fn a_replayed_session_that_closes_does_not_capture_a_receiver() {
+    // Datagrams of an earlier transfer, replayed from the sender's own
+    // address around every real one: its SESSION, its data and its closing
+    // end of pass. The receiver hears the stale SESSION first (it misses
+    // the real one's first announcements) and must still take the real file.
+    let data = file_bytes(400_000, 8);
+    let mut sim = Sim::new(data, 100_000, 500, cfg(), 8);
+    let r = sim.add_receiver(0.0, Duration::ZERO, 48 << 20);
+    let stale = wire::SessionInfo {
+        file_size: 300_000,
+        block_size: 100_000,
+        symbol_size: 500,
+        block_count: 3,
+        file_sha256: Some([7; 32]),
+        feedback_port: 5000,
+        feedback_interval_ms: 40,
+        name: "old.bin".into(),
+    };
+    let replay = vec![
+        Frame::Session(stale).encode(0x01D),
+        Frame::Data(wire::Data {
+            block: 0,
+            esi: 0,
+            payload: &[3; 500],
+        })
+        .encode(0x01D),
+        Frame::EndOfPass {
+            pass: 1,
+            closing: true,
+        }
+        .encode(0x01D),
+    ];
+    sim.tamper = Box::new(move |_, _| replay.clone());
+    let mut real_sessions = 0;
+    sim.receivers[r].drop = Some(Box::new(move |bytes| {
+        let d = wire::decode(bytes).unwrap();
+        let first_real = d.session != 0x01D && matches!(d.frame, Frame::Session(_));
+        real_sessions += u32::from(first_real);
+        first_real && real_sessions <= 3
+    }));
+    sim.run(Duration::from_secs(30));
+    sim.assert_all_verified();
+    let stats = sim.receivers[r].rx.stats();
+    assert_eq!(stats.unanswered_sessions, 2, "{stats:?}");
+    assert!(stats.other_session > 0, "{stats:?}");
+}

@@ -330,3 +330,73 @@ fn session_beacons_come_quickly_at_first_then_every_20_ms() {
         "SESSION at {sessions:?} ms"
     );
 }
+
+/// JOIN_ACKs queued by the sender, by receiver id, in order.
+fn join_acks(s: &mut Sender, now: Instant) -> Vec<u64> {
+    let mut acks = Vec::new();
+    while let Some(bytes) = s.poll_transmit(now) {
+        if let Ok(wire::Datagram {
+            frame: Frame::JoinAck { receiver },
+            session: 7,
+        }) = wire::decode(bytes)
+        {
+            acks.push(receiver);
+        }
+    }
+    acks
+}
+
+#[test]
+fn every_join_is_acknowledged_at_most_every_100_ms_per_receiver() {
+    let t0 = Instant::now();
+    let mut s = ten_block_sender(t0, SenderConfig::default());
+    let from: SocketAddr = "10.0.0.2:5000".parse().unwrap();
+    let join = |receiver| {
+        Frame::Feedback {
+            receiver,
+            feedback: Feedback::Join,
+        }
+        .encode(7)
+    };
+    s.handle_datagram(t0, from, &join(1));
+    s.handle_datagram(t0, from, &join(2));
+    // Repeated at once: one acknowledgement each.
+    s.handle_datagram(t0, from, &join(1));
+    assert_eq!(join_acks(&mut s, t0), [1, 2]);
+    // Another session's JOIN is not acknowledged.
+    let other = Frame::Feedback {
+        receiver: 3,
+        feedback: Feedback::Join,
+    }
+    .encode(8);
+    s.handle_datagram(t0, from, &other);
+    let t1 = t0 + Duration::from_millis(100);
+    s.handle_datagram(t1, from, &join(1));
+    assert_eq!(join_acks(&mut s, t1), [1]);
+}
+
+#[test]
+fn made_up_receivers_do_not_grow_the_table_past_its_bound() {
+    let t0 = Instant::now();
+    let mut s = ten_block_sender(t0, SenderConfig::default());
+    let from: SocketAddr = "10.0.0.2:5000".parse().unwrap();
+    for receiver in 0..(MAX_RECEIVERS as u64 + 500) {
+        let join = Frame::Feedback {
+            receiver,
+            feedback: Feedback::Join,
+        };
+        s.handle_datagram(t0, from, &join.encode(7));
+    }
+    assert_eq!(s.peers.len(), MAX_RECEIVERS);
+    assert_eq!(s.stats().dropped_datagrams, 500);
+    // Once they have gone silent, a newcomer takes a place.
+    let later = t0 + s.cfg.receiver_timeout + Duration::from_secs(1);
+    s.check_silent_peers(later);
+    let join = Frame::Feedback {
+        receiver: u64::MAX,
+        feedback: Feedback::Join,
+    };
+    s.handle_datagram(later, from, &join.encode(7));
+    assert_eq!(s.peers.len(), MAX_RECEIVERS);
+    assert!(s.peers.contains_key(&u64::MAX));
+}
