@@ -63,10 +63,21 @@ fn an_offer_never_followed_by_a_session_is_abandoned_not_a_reason_for_n_download
     for a in &agents {
         post(a, &spec);
     }
+    let mut abandoned = 0;
     for a in &agents {
         let s = wait_done(a, "so", Duration::from_secs(90));
         assert_eq!(s["state"], "done", "{s}");
+        // The status says why the agent moved on.
+        let history = s["history"].to_string();
+        abandoned += usize::from(history.contains(&format!(
+            "representative {:016x} offered the content but sent nothing: electing again without it",
+            u64::MAX - 1
+        )));
     }
+    assert!(
+        abandoned > 0,
+        "no agent's history tells of the silent offer"
+    );
     stop.store(true, Ordering::Relaxed);
     forger.join().unwrap();
     for c in &caches {

@@ -37,6 +37,14 @@ fn five_agents_share_one_origin_download_and_all_verify() {
         let s = wait_done(a, "fleet-1", Duration::from_secs(60));
         assert_eq!(s["state"], "done", "{s}");
         roles.push(s["role"].as_str().unwrap().to_string());
+        // The history starts with the role and why.
+        let first = s["history"][0]["what"].as_str().unwrap_or_default();
+        match s["role"].as_str() {
+            Some("representative") => {
+                assert!(first.starts_with("representative: multicast to"), "{s}")
+            }
+            _ => assert!(first.starts_with("receiver of "), "{s}"),
+        }
     }
     for c in &caches {
         assert_eq!(cached(&c.0, &m.content_id).as_deref(), Some(&bytes[..]));
@@ -510,4 +518,35 @@ fn finished_tasks_are_pruned_after_the_retention() {
     });
     assert!(!cache.0.join("tasks").join("old.json").exists());
     assert_eq!(get(agent.addr, "/v1/tasks/new", Some(TOKEN)).0, 200);
+}
+
+#[test]
+fn a_task_that_cannot_be_recorded_is_refused_and_not_kept() {
+    let dir = TempDir::new("no-record");
+    let origin = start_origin(&origin_dir(&dir), "0");
+    let (m, bytes) = package(&dir.0, 1024 * 1024, 25, origin.addr);
+    let cache = TempDir::new("no-record-agent");
+    let agent = start_agent(&cache.0, private_group(), &[]);
+    // The task's record cannot be written: a directory stands where it
+    // goes (permissions would not stop root).
+    let record = cache.0.join("tasks").join("rec.json");
+    std::fs::create_dir_all(record.join("in-the-way")).unwrap();
+    let spec = json!({ "id": "rec", "manifest": m, "delay_ms": 0 });
+    let (code, v) = post_task(&agent, &spec);
+    assert_eq!(code, 503, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("rec.json"), "{v}");
+    assert_eq!(get(agent.addr, "/v1/tasks/rec", Some(TOKEN)).0, 404);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        origin_bytes(&origin),
+        0,
+        "nothing fetched for a refused task"
+    );
+    // Once it can be recorded, the same task is taken and done.
+    std::fs::remove_dir_all(&record).unwrap();
+    assert_eq!(post_task(&agent, &spec).0, 201);
+    let s = wait_done(&agent, "rec", Duration::from_secs(30));
+    assert_eq!(s["state"], "done", "{s}");
+    assert_eq!(cached(&cache.0, &m.content_id).as_deref(), Some(&bytes[..]));
+    assert!(record.is_file());
 }

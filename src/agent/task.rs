@@ -120,13 +120,19 @@ pub fn submit(agent: &Arc<Agent>, mut spec: TaskSpec) -> Result<TaskStatus, Spec
         path: None,
         pinned_until: None,
         signed_by: spec.signed_by.clone(),
+        history: Vec::new(),
     };
     insert(agent, spec, status.clone());
     // Accepted means on disk: a task the agent could not record is not
     // taken (it would be gone after a restart).
     if let Err(e) = try_save(agent, &id) {
         agent.tasks().remove(&id);
-        return Err(SpecError::Storage(crate::error_text(&e)));
+        let path = tasks_dir(agent).join(format!("{id}.json"));
+        return Err(SpecError::Storage(format!(
+            "{}: {}",
+            path.display(),
+            crate::error_text(&e)
+        )));
     }
     tokio::spawn(run(agent.clone(), id));
     Ok(status)
@@ -329,6 +335,20 @@ impl Run {
 
     fn state(&self, s: State) {
         set_state(&self.agent, &self.id, s);
+    }
+
+    /// Logs `what` and keeps it in the task's history, for its status.
+    fn note(&self, what: String) {
+        tracing::info!("task {}: {what}", self.id);
+        update(&self.agent, &self.id, |s| {
+            if s.history.len() == MAX_HISTORY {
+                s.history.remove(0);
+            }
+            s.history.push(Step {
+                at: now_unix(),
+                what,
+            });
+        });
     }
 
     fn progress(&self, partial: &Mutex<Partial>) {

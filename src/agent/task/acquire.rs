@@ -53,11 +53,10 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
                 start,
             } => {
                 update(&r.agent, &r.id, |s| s.role = Some("representative".into()));
-                tracing::info!(
-                    "task {}: representative; multicast to {group} in {:?}",
-                    r.id,
+                r.note(format!(
+                    "representative: multicast to {group} in {:?}",
                     start.saturating_duration_since(Instant::now())
-                );
+                ));
                 match represent(r, partial, session, group, start, &mut rx).await? {
                     None => return Ok(()),
                     Some(next) => pending = Some(next),
@@ -70,25 +69,24 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
                 start,
             } => {
                 update(&r.agent, &r.id, |s| s.role = Some("receiver".into()));
-                tracing::info!(
-                    "task {}: receiver of {representative:016x} on {group}",
-                    r.id
-                );
+                r.note(format!("receiver of {representative:016x} on {group}"));
                 let preload = std::mem::take(&mut carried);
                 match receive(r, partial, session, group, start, &mut rx, preload).await? {
                     Received::All => return Ok(()),
                     Received::Incomplete(why, leftovers) => {
-                        tracing::info!(
-                            "task {}: multicast left blocks missing ({why}); repairing from peers",
-                            r.id
-                        );
+                        r.note(format!(
+                            "multicast left blocks missing ({why}): repairing from peers"
+                        ));
                         r.state(State::Repairing);
                         peer_repair(r, partial, leftovers).await?;
-                        if !lock(partial).is_complete() {
-                            tracing::info!(
-                                "task {}: fetching what no peer holds from the origin",
-                                r.id
-                            );
+                        let missing = {
+                            let p = lock(partial);
+                            p.layout().block_count() - p.done_count()
+                        };
+                        if missing > 0 {
+                            r.note(format!(
+                                "{missing} block(s) no peer delivered: fetching them from the origin"
+                            ));
                             origin_fetch(r, partial).await?;
                         }
                         return Ok(());
@@ -100,10 +98,9 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
                     Received::NoShow(left) => {
                         // Every receiver would otherwise go to the origin on
                         // its own: elect again without it instead.
-                        tracing::warn!(
-                            "task {}: {representative:016x} offered the content but sent nothing; electing again without it",
-                            r.id
-                        );
+                        r.note(format!(
+                            "representative {representative:016x} offered the content but sent nothing: electing again without it"
+                        ));
                         r.state(State::Electing);
                         carried = left;
                         if let Some(slot) = r.agent.elections().get_mut(&r.id) {
@@ -115,10 +112,9 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
             }
             ElectionEvent::SteppedDown => r.state(State::Electing),
             ElectionEvent::RepresentativeLost { representative } => {
-                tracing::info!(
-                    "task {}: representative {representative:016x} fell silent; electing again",
-                    r.id
-                );
+                r.note(format!(
+                    "representative {representative:016x} fell silent: electing again"
+                ));
                 r.state(State::Electing);
                 // Stand on what is held now: the agent with most of the
                 // content should take over.
@@ -284,7 +280,7 @@ async fn peer_repair(
                 }
             }
             Err(crate::agent::repair::PeerError::Failed(why)) => {
-                tracing::warn!("task {}: peer {node:016x} dropped: {why}", r.id);
+                r.note(format!("peer {node:016x} dropped for this task: {why}"));
                 chooser.failed(node);
                 queue.push_back(b);
             }

@@ -106,6 +106,22 @@ pub struct TaskStatus {
     /// The publisher key that signed the task; `None`: unsigned (lab mode).
     #[serde(default)]
     pub signed_by: Option<String>,
+    /// Why the task went the way it did: its role, and each time it moved
+    /// on (a peer dropped, a representative abandoned or lost, the origin
+    /// asked), oldest first, the newest `MAX_HISTORY` kept.
+    #[serde(default)]
+    pub history: Vec<Step>,
+}
+
+/// Steps a task status keeps.
+pub const MAX_HISTORY: usize = 32;
+
+/// One entry of a task's history.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Step {
+    /// Unix seconds.
+    pub at: u64,
+    pub what: String,
 }
 
 /// A task as it is kept on disk.
