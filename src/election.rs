@@ -33,7 +33,10 @@
 //! their reason returned, to be counted. A representative whose session
 //! never showed up on the data group is abandoned by the agent
 //! ([`Election::abandon`]): its claims and offers are ignored from then on
-//! and the election starts again.
+//! and the election starts again. Once two candidates have wasted the
+//! election's time so (or were replaced by better ones before they sent),
+//! claims and offers count only from nodes presence vouches for
+//! ([`Election::handle_frame_vouched`]).
 //!
 //! Standings are frozen when the machine starts, so every agent compares
 //! the same numbers. Call order: [`Election::handle_frame`] for each claim
@@ -79,6 +82,10 @@ pub enum BadOffer {
     Group,
     #[error("an offer to start later than the task's startup delay")]
     Start,
+    #[error(
+        "an offer from a node presence does not vouch for, after representatives that never sent"
+    )]
+    Unvouched,
 }
 
 /// Where this agent stands in the election.
@@ -162,12 +169,19 @@ pub struct Election {
     /// Representatives whose offers were not followed by a session: their
     /// claims and offers are ignored for this election.
     abandoned: Vec<u64>,
+    /// Followed representatives replaced by a better one before they sent
+    /// (one is a healed partition; a stream of them is forged).
+    replaced: u32,
 }
 
 /// A better claimant that has twice had its contention and two announce
 /// intervals to offer, and did not, is not a candidate: it crashed, cannot
 /// send offers, or claims to stall the election. Its offers still count.
 const DEFERS_BEFORE_IGNORING: u32 = 2;
+/// Candidates that wasted an election's time (no-shows and abandoned
+/// representatives) before it takes claims and offers only from nodes
+/// presence vouches for.
+const WASTED_BEFORE_WARY: usize = 2;
 /// Claimants remembered as no-shows at most (each stalls us for seconds, so
 /// a few suffice; a flood of forged node ids is for the fleet key to stop).
 const MAX_NO_SHOWS: usize = 64;
@@ -198,6 +212,7 @@ impl Election {
             following: None,
             no_shows: Vec::new(),
             abandoned: Vec::new(),
+            replaced: 0,
         }
     }
 
@@ -247,9 +262,31 @@ impl Election {
     /// contents are ignored). An offer for this content that no agent of
     /// ours could have made is dropped: the reason comes back, to count.
     pub fn handle_frame(&mut self, now: Instant, frame: &Frame<'_>) -> Result<(), BadOffer> {
+        self.handle_frame_vouched(now, frame, true)
+    }
+
+    /// [`Election::handle_frame`], saying whether presence vouches for the
+    /// claim's or offer's node (a peer confirmed by more than one
+    /// announcement, from the address the frame came from). Once two
+    /// candidates have wasted this election's time (claimed and never
+    /// offered, offered and never sent, or were replaced by a better one
+    /// before they sent), only vouched-for nodes count: a stream of forged
+    /// node ids cannot stall it for ever.
+    pub fn handle_frame_vouched(
+        &mut self,
+        now: Instant,
+        frame: &Frame<'_>,
+        vouched: bool,
+    ) -> Result<(), BadOffer> {
+        let wasted = self.abandoned.len() + self.no_shows.len() + self.replaced as usize;
+        let wary = wasted >= WASTED_BEFORE_WARY;
         match frame {
             Frame::Claim(Claim { standing, .. }) | Frame::Offer(Offer { standing, .. })
                 if self.abandoned.contains(&standing.node) => {}
+            Frame::Offer(o) if wary && !vouched && o.content == self.content => {
+                return Err(BadOffer::Unvouched);
+            }
+            Frame::Claim(_) if wary && !vouched => {}
             Frame::Claim(c) if c.content == self.content && c.standing != self.me => {
                 self.heard_claim(now, c.standing)
             }
@@ -323,6 +360,9 @@ impl Election {
             }
             State::Follow { rep, .. } if o.standing < rep => {
                 return; // a worse representative that has not yet heard of ours
+            }
+            State::Follow { rep, .. } if rep.node != o.standing.node => {
+                self.replaced = self.replaced.saturating_add(1);
             }
             _ => {}
         }

@@ -1,5 +1,7 @@
 //! Representative election over a simulated subnet with a virtual clock.
 
+mod common;
+
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -30,6 +32,8 @@ struct Subnet {
     now: Instant,
     queue: BinaryHeap<Reverse<(Instant, u64, usize, usize)>>,
     frames: Vec<Vec<u8>>,
+    /// Frames injected from outside the agents (by index in `frames`).
+    injected: std::collections::HashSet<usize>,
     seq: u64,
     /// Longest stretch with two or more representatives past their start.
     worst_overlap: Duration,
@@ -52,6 +56,7 @@ impl Subnet {
             now: t0,
             queue: BinaryHeap::new(),
             frames: Vec::new(),
+            injected: Default::default(),
             seq: 0,
             worst_overlap: Duration::ZERO,
             overlap_since: None,
@@ -87,6 +92,7 @@ impl Subnet {
     fn inject(&mut self, at: Instant, bytes: Vec<u8>) {
         self.frames.push(bytes);
         let f = self.frames.len() - 1;
+        self.injected.insert(f);
         for j in 0..self.agents.len() {
             self.push(at, j, f);
         }
@@ -112,9 +118,11 @@ impl Subnet {
             } else {
                 let bytes = self.frames[frame].clone();
                 let f = wire::decode(&bytes).unwrap().frame;
-                self.agents[i]
-                    .handle_frame(at, &f)
-                    .expect("agents make valid offers");
+                // Presence vouches for the agents, not for what the test
+                // injects (a forger's frames may be refused).
+                let forged = self.injected.contains(&frame);
+                let r = self.agents[i].handle_frame_vouched(at, &f, !forged);
+                assert!(forged || r.is_ok(), "agents make valid offers: {r:?}");
             }
             self.after(i);
             self.track_overlap();
@@ -166,6 +174,22 @@ impl Subnet {
         (0..self.agents.len())
             .filter(|&i| self.agents[i].role() == Role::Representative)
             .collect()
+    }
+
+    /// One of the agents represents, and every other one follows it (its
+    /// last Follow names that agent).
+    fn assert_one_of_them_represents(&self) {
+        let reps = self.representatives();
+        assert_eq!(reps.len(), 1, "events: {:?}", self.events);
+        let rep = self.agents[reps[0]].standing().node;
+        for i in (0..self.agents.len()).filter(|&i| i != reps[0]) {
+            assert_eq!(self.agents[i].role(), Role::Receiver, "agent {i}");
+            let followed = self.events.iter().rev().find_map(|(j, e)| match e {
+                ElectionEvent::Follow { representative, .. } if *j == i => Some(*representative),
+                _ => None,
+            });
+            assert_eq!(followed, Some(rep), "agent {i} follows someone else");
+        }
     }
 }
 
@@ -343,14 +367,7 @@ fn a_claimant_that_never_offers_stalls_the_election_only_briefly() {
     let mut s = Subnet::new(5, 0.0, 9, Duration::ZERO);
     let forged = wire::Frame::Claim(wire::Claim {
         content: CONTENT,
-        standing: Standing {
-            preference: 255,
-            held_permille: 1000,
-            wired: true,
-            free_disk_gib: u32::MAX,
-            uptime_h: u32::MAX,
-            node: u64::MAX,
-        },
+        standing: common::best_standing(u64::MAX),
     })
     .encode(0);
     let t0 = s.now;
@@ -390,4 +407,86 @@ fn an_abandoned_representative_is_not_followed_again() {
     e.handle_frame(t0, &offer).unwrap();
     assert_eq!(e.role(), Role::Discovering, "its offer is ignored now");
     assert_eq!(e.poll_event(), None);
+}
+
+/// Claimants with the best standing under a fresh node id every 250 ms,
+/// none of them known to presence: once two have wasted the election's
+/// time, claims count only from vouched-for nodes and the agents elect one
+/// of their own.
+#[test]
+fn a_stream_of_claimants_with_fresh_ids_stalls_the_election_only_briefly() {
+    let mut s = Subnet::new(5, 0.0, 10, Duration::ZERO);
+    let t0 = s.now;
+    for k in 0..160u32 {
+        let forged = wire::Frame::Claim(wire::Claim {
+            content: CONTENT,
+            standing: common::best_standing(u64::MAX - u64::from(k)),
+        })
+        .encode(0);
+        s.inject(t0 + Duration::from_millis(250) * k, forged);
+    }
+    s.run_for(Duration::from_secs(25));
+    s.assert_one_of_them_represents();
+}
+
+/// After two representatives that offered and never sent, an offer from a
+/// node presence does not vouch for is refused; a vouched-for one is
+/// followed.
+#[test]
+fn after_two_silent_representatives_only_vouched_offers_count() {
+    use somcast::election::BadOffer;
+    let (t0, group, mut e) = lone_agent();
+    let offer = |node: u64| {
+        wire::Frame::Offer(wire::Offer {
+            content: CONTENT,
+            standing: Standing {
+                node,
+                preference: 255,
+                ..Standing::default()
+            },
+            session: node,
+            data_group: group.ip().octets(),
+            data_port: 7400,
+            start_in_ms: 1000,
+        })
+    };
+    for node in [91, 92] {
+        e.handle_frame_vouched(t0, &offer(node), false).unwrap();
+        assert!(matches!(e.poll_event(), Some(ElectionEvent::Follow { .. })));
+        e.abandon(t0, node);
+    }
+    assert_eq!(
+        e.handle_frame_vouched(t0, &offer(93), false),
+        Err(BadOffer::Unvouched)
+    );
+    assert_eq!(e.role(), Role::Discovering);
+    e.handle_frame_vouched(t0, &offer(94), true).unwrap();
+    assert!(matches!(
+        e.poll_event(),
+        Some(ElectionEvent::Follow { session: 94, .. })
+    ));
+}
+
+/// Offers with the best standing under a fresh, ever better node id every
+/// 250 ms, none known to presence and none followed by a session: each
+/// replaces the one followed before it sent, so after two the agents take
+/// offers only from vouched-for nodes, and elect one of their own.
+#[test]
+fn a_stream_of_offers_with_fresh_ids_stalls_the_election_only_briefly() {
+    let mut s = Subnet::new(5, 0.0, 11, Duration::ZERO);
+    let t0 = s.now;
+    for k in 0..160u32 {
+        let forged = wire::Frame::Offer(wire::Offer {
+            content: CONTENT,
+            standing: common::best_standing(u64::MAX - 1000 + u64::from(k)),
+            session: u64::from(k),
+            data_group: [239, 192, 9, 9],
+            data_port: 7400,
+            start_in_ms: 500,
+        })
+        .encode(0);
+        s.inject(t0 + Duration::from_millis(250) * k, forged);
+    }
+    s.run_for(Duration::from_secs(25));
+    s.assert_one_of_them_represents();
 }

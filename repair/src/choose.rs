@@ -64,6 +64,11 @@ impl<P: Copy + Eq + Hash + Ord> Chooser<P> {
         self.release(peer);
     }
 
+    /// Peers dropped so far.
+    pub fn failures(&self) -> usize {
+        self.dropped.len()
+    }
+
     pub fn is_dropped(&self, peer: &P) -> bool {
         self.dropped.contains(peer)
     }

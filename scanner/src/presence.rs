@@ -141,6 +141,11 @@ impl Peer {
         self.announce.node
     }
 
+    /// Heard more than once: not a one-off (perhaps forged) announcement.
+    pub fn confirmed(&self) -> bool {
+        self.last_heard > self.first_seen
+    }
+
     fn interval(&self) -> Duration {
         Duration::from_millis(u64::from(self.announce.interval_ms))
     }
@@ -285,6 +290,15 @@ impl Presence {
     /// goes out with the next announcement.
     pub fn set_local(&mut self, me: LocalNode) {
         self.me = me;
+    }
+
+    /// Whether `node` is a peer on this subnet confirmed by more than one
+    /// announcement, and `from` is its address: what an election asks of
+    /// a claimant or representative once candidates have wasted its time.
+    pub fn vouches_for(&self, node: u64, from: IpAddr) -> bool {
+        self.local
+            .get(&node)
+            .is_some_and(|p| p.confirmed() && p.addr.ip() == from)
     }
 
     /// Peers on this agent's subnet.
@@ -639,7 +653,7 @@ impl Presence {
 fn admission_victim(table: &HashMap<u64, Peer>, now: Instant) -> Option<u64> {
     let unconfirmed = table
         .iter()
-        .filter(|(_, p)| p.last_heard == p.first_seen)
+        .filter(|(_, p)| !p.confirmed())
         .min_by_key(|(_, p)| p.last_heard);
     if let Some((&node, _)) = unconfirmed {
         return Some(node);

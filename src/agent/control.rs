@@ -121,9 +121,11 @@ fn next_wake(agent: &Agent) -> Instant {
 fn handle(agent: &Agent, from: SocketAddr, bytes: &[u8]) {
     let now = Instant::now();
     match wire::decode(bytes) {
-        Ok(d) if matches!(d.frame, Frame::Claim(_) | Frame::Offer(_)) => {
+        Ok(d) if candidate(&d.frame).is_some() => {
+            let node = candidate(&d.frame).unwrap_or_default();
+            let vouched = agent.presence().vouches_for(node, from.ip());
             for slot in agent.elections().values_mut() {
-                if let Err(why) = slot.election.handle_frame(now, &d.frame) {
+                if let Err(why) = slot.election.handle_frame_vouched(now, &d.frame, vouched) {
                     agent
                         .offers_refused
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -134,6 +136,15 @@ fn handle(agent: &Agent, from: SocketAddr, bytes: &[u8]) {
         Ok(d) => agent.presence().handle_frame(now, from, d.frame),
         // Presence counts what does not decode.
         Err(_) => agent.presence().handle_datagram(now, from, bytes),
+    }
+}
+
+/// The node a claim or offer speaks for.
+fn candidate(frame: &Frame<'_>) -> Option<u64> {
+    match frame {
+        Frame::Claim(c) => Some(c.standing.node),
+        Frame::Offer(o) => Some(o.standing.node),
+        _ => None,
     }
 }
 

@@ -253,3 +253,49 @@ pub fn scan_probe(group: SocketAddrV4, extra: &[&str]) -> std::process::Output {
         .output()
         .unwrap()
 }
+
+/// The best standing there is, under `node`: what a forger claims.
+pub fn best_standing(node: u64) -> multicast::wire::Standing {
+    multicast::wire::Standing {
+        preference: 255,
+        held_permille: 1000,
+        wired: true,
+        free_disk_gib: u32::MAX,
+        uptime_h: u32::MAX,
+        node,
+    }
+}
+
+/// A presence announcement from 127.0.0.1 of `node` holding every one of
+/// `blocks` blocks of `content`, served at `repair_port`.
+pub fn announce_holding(
+    node: u64,
+    seq: u32,
+    repair_port: u16,
+    content: &[u8; 32],
+    blocks: u32,
+) -> Vec<u8> {
+    use multicast::wire::{AddrV4, Announce, Frame, Held};
+    Frame::Presence(Announce {
+        node,
+        incarnation: 1,
+        seq,
+        interval_ms: 600_000,
+        version: "forged".into(),
+        addrs: vec![AddrV4 {
+            addr: [127, 0, 0, 1],
+            prefix: 8,
+        }],
+        api_port: 0,
+        repair_port,
+        rank: Default::default(),
+        held: vec![Held {
+            content: content[..8].try_into().expect("a digest has 32 bytes"),
+            blocks_done: blocks,
+            block_count: blocks,
+            have: vec![[0, blocks]],
+        }],
+        reply_to: None,
+    })
+    .encode(0)
+}

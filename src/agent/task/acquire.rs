@@ -132,6 +132,12 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
     }
 }
 
+/// Peers that may fail a task's repair (time out, refuse, serve a bad
+/// block) before it asks no more of them and leaves the rest to the
+/// origin: a stream of peers that announce what they cannot serve costs a
+/// few deadlines, not the task.
+const MAX_FAILED_PEERS: usize = 4;
+
 /// Symbols a receiver collected for blocks it did not finish.
 type Leftovers = Vec<(u32, Box<multicast::codec::Collector>)>;
 
@@ -148,9 +154,11 @@ async fn peer_repair(
     let prefix: [u8; 8] = r.m.content[..8].try_into().expect("a digest has 32 bytes");
     let holders_of = |b: u32| -> Vec<(u64, SocketAddr)> {
         let p = r.agent.presence();
+        // Only peers confirmed by a second announcement: one forged
+        // announcement does not make a source.
         let mut v: Vec<(u64, SocketAddr)> = p
             .peers()
-            .filter(|peer| peer.announce.repair_port != 0)
+            .filter(|peer| peer.announce.repair_port != 0 && peer.confirmed())
             .filter(|peer| {
                 peer.announce
                     .held
@@ -174,8 +182,10 @@ async fn peer_repair(
             .collect()
     };
     // Three blocks in flight per peer keep its link busy while it reads and
-    // hashes the next; the server takes four at once.
-    let mut chooser: repair::Chooser<u64> = repair::Chooser::new(3);
+    // hashes the next; the server takes four at once. Peers are told apart
+    // by where they serve: node ids are theirs to make up, so one that
+    // failed cannot come back under another.
+    let mut chooser: repair::Chooser<SocketAddr> = repair::Chooser::new(3);
     let mut leftovers: HashMap<u32, Box<multicast::codec::Collector>> =
         leftovers.into_iter().collect();
     let t0 = Instant::now();
@@ -184,7 +194,7 @@ async fn peer_repair(
     let mut waiting: Vec<u32> = Vec::new();
     // A peer that said it does not hold a block (stale HAVE) is not asked
     // for that block again.
-    let mut declined: std::collections::HashSet<(u32, u64)> = Default::default();
+    let mut declined: std::collections::HashSet<(u32, SocketAddr)> = Default::default();
     // Blocks whose holders were all busy, retried after a pause; a block
     // refused this often is left for the origin.
     const BUSY_TRIES: u32 = 50;
@@ -198,15 +208,20 @@ async fn peer_repair(
         while running.len() < PARALLEL {
             let Some(b) = queue.pop_front() else { break };
             let mut holders = holders_of(b);
-            holders.retain(|h| !declined.contains(&(b, h.0)));
-            let nodes: Vec<u64> = holders.iter().map(|h| h.0).collect();
-            match chooser.pick(&nodes) {
-                Some(node) => {
-                    let addr = holders
+            holders.retain(|h| !declined.contains(&(b, h.1)));
+            let mut addrs: Vec<SocketAddr> = holders.iter().map(|h| h.1).collect();
+            addrs.sort();
+            addrs.dedup();
+            if chooser.failures() >= MAX_FAILED_PEERS {
+                addrs.clear(); // the rest is the origin's
+            }
+            match chooser.pick(&addrs) {
+                Some(addr) => {
+                    let node = holders
                         .iter()
-                        .find(|h| h.0 == node)
+                        .find(|h| h.1 == addr)
                         .expect("picked among them")
-                        .1;
+                        .0;
                     let (content, layout, hash) =
                         (r.m.content, r.m.layout, r.m.block_hashes[b as usize]);
                     // Symbols from the multicast go along: the peer then
@@ -225,11 +240,11 @@ async fn peer_repair(
                             held,
                         )
                         .await;
-                        (b, node, res)
+                        (b, node, addr, res)
                     });
                 }
                 // Holders at their limit: try again when one finishes.
-                None if chooser.any_usable(&nodes) => waiting.push(b),
+                None if chooser.any_usable(&addrs) => waiting.push(b),
                 None => {} // nobody (left) to ask: the origin's
             }
         }
@@ -248,13 +263,13 @@ async fn peer_repair(
         let Some(done) = done else {
             break;
         };
-        let (b, node, res) = done.context("repair task")?;
+        let (b, node, addr, res) = done.context("repair task")?;
         queue.extend(waiting.drain(..));
         queue.extend(busy.drain(..));
         match res {
             Ok((data, bytes)) => {
                 fetched = true;
-                chooser.succeeded(node, bytes);
+                chooser.succeeded(addr, bytes);
                 {
                     let mut p = lock(partial);
                     p.write_block(b, &data)
@@ -267,12 +282,12 @@ async fn peer_repair(
                 });
             }
             Err(crate::agent::repair::PeerError::Declined) => {
-                chooser.declined(node);
-                declined.insert((b, node));
+                chooser.declined(addr);
+                declined.insert((b, addr));
                 queue.push_back(b);
             }
             Err(crate::agent::repair::PeerError::Busy) => {
-                chooser.declined(node);
+                chooser.declined(addr);
                 let tries = busy_tries.entry(b).or_default();
                 *tries += 1;
                 if *tries < BUSY_TRIES {
@@ -281,7 +296,12 @@ async fn peer_repair(
             }
             Err(crate::agent::repair::PeerError::Failed(why)) => {
                 r.note(format!("peer {node:016x} dropped for this task: {why}"));
-                chooser.failed(node);
+                chooser.failed(addr);
+                if chooser.failures() == MAX_FAILED_PEERS {
+                    r.note(format!(
+                        "{MAX_FAILED_PEERS} peers failed: no more peers for this task"
+                    ));
+                }
                 queue.push_back(b);
             }
         }
