@@ -457,6 +457,11 @@ pub struct AgentArgs {
     /// the newest 1000 are kept in any case.
     #[arg(long, env = "SOMCAST_TASK_RETENTION", value_parser = parse_duration)]
     pub task_retention: Option<Duration>,
+    /// Also serve GET /metrics (Prometheus) on this address, without a
+    /// token: a scraper needs no rights to the API (0.0.0.0:9480). The API
+    /// serves /metrics too, behind the token.
+    #[arg(long, env = "SOMCAST_METRICS")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 fn parse_probability(s: &str) -> Result<f64, String> {

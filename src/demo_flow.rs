@@ -87,6 +87,7 @@ async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
             fleet: fleet.clone(),
             encrypt: false,
             task_retention: crate::agent::config::DEFAULT_TASK_RETENTION,
+            metrics: None,
         };
         agents.push(crate::agent::start(config).await?);
     }

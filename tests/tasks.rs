@@ -550,3 +550,69 @@ fn a_task_that_cannot_be_recorded_is_refused_and_not_kept() {
     assert_eq!(cached(&cache.0, &m.content_id).as_deref(), Some(&bytes[..]));
     assert!(record.is_file());
 }
+
+/// The value of the sample `name` (with its labels, as written) in a
+/// Prometheus text page.
+fn sample(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn metrics_count_tasks_bytes_peers_and_the_cache_for_a_scraper() {
+    let dir = TempDir::new("metrics");
+    let origin = start_origin(&origin_dir(&dir), "0");
+    let (m, _) = package(&dir.0, SIZE, 28, origin.addr);
+    let group = private_group();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics_addr = free.local_addr().unwrap();
+    drop(free);
+    let caches: Vec<TempDir> = (0..2).map(|_| TempDir::new("metrics-agent")).collect();
+    let a = start_agent(
+        &caches[0].0,
+        group,
+        &["--metrics", &metrics_addr.to_string()],
+    );
+    let b = start_agent(&caches[1].0, group, &[]);
+    let spec = json!({ "id": "met", "manifest": m, "delay_ms": 1000 });
+    assert_eq!(post_task(&a, &spec).0, 201);
+    assert_eq!(post_task(&b, &spec).0, 201);
+    for x in [&a, &b] {
+        assert_eq!(
+            wait_done(x, "met", Duration::from_secs(60))["state"],
+            "done"
+        );
+    }
+    // On the API: the token, like every read.
+    assert_eq!(get(a.addr, "/metrics", None).0, 401);
+    let mut origin_total = 0.0;
+    let mut multicast_total = 0.0;
+    for x in [&a, &b] {
+        let (code, page) = get(x.addr, "/metrics", Some(TOKEN));
+        assert_eq!(code, 200, "{page}");
+        assert!(page.ends_with("# EOF\n"), "{page}");
+        assert_eq!(
+            sample(&page, "somcast_tasks{state=\"done\"}"),
+            Some(1.0),
+            "{page}"
+        );
+        assert_eq!(sample(&page, "somcast_tasks{state=\"failed\"}"), Some(0.0));
+        assert_eq!(sample(&page, "somcast_peers"), Some(1.0), "{page}");
+        assert_eq!(sample(&page, "somcast_cache_objects"), Some(1.0));
+        assert_eq!(sample(&page, "somcast_cache_bytes"), Some(SIZE as f64));
+        origin_total += sample(&page, "somcast_task_bytes{source=\"origin\"}").unwrap();
+        multicast_total += sample(&page, "somcast_multicast_symbols_received_total").unwrap();
+        assert!(sample(&page, "somcast_dropped_total{reason=\"lan_bad_tag\"}").is_some());
+        assert!(sample(&page, "somcast_repair_served_bytes_total").is_some());
+    }
+    // One of them fetched the package, the other had it by multicast.
+    assert_eq!(origin_total, SIZE as f64);
+    assert!(multicast_total > 0.0);
+    // On its own address: no token, and nothing but the metrics.
+    let (code, page) = get(metrics_addr, "/metrics", None);
+    assert_eq!(code, 200);
+    assert_eq!(sample(&page, "somcast_tasks{state=\"done\"}"), Some(1.0));
+    assert_eq!(get(metrics_addr, "/v1/status", None).0, 404);
+    assert_eq!(get(metrics_addr, "/v1/status", Some(TOKEN)).0, 404);
+}

@@ -5,6 +5,8 @@
 //!   status, 400 with the reason for a bad one, 409 for an id in use.
 //! - `GET /v1/tasks`, `GET /v1/tasks/{id}`: statuses.
 //! - `POST /v1/tasks/{id}/cancel`.
+//! - `GET /metrics`: Prometheus text (see `metrics`); also on its own
+//!   address without a token (`--metrics`).
 //!
 //! Orders (start, cancel) are signed documents checked by the agent's trust
 //! gate; the bearer token guards the reads, and the writes too only in the
@@ -44,6 +46,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/tasks", get(list_tasks).post(start_task))
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/cancel", post(cancel_task))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(agent.clone(), require_token))
         .layer(axum::extract::DefaultBodyLimit::max(
@@ -64,6 +67,39 @@ pub async fn serve(
         })
         .await?;
     Ok(())
+}
+
+/// Serves only GET /metrics, without a token, on `listener` until `stop`.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    agent: Arc<Agent>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(agent);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await?;
+    Ok(())
+}
+
+async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
+    // The scrape lists the cache directory: off the runtime's workers.
+    match tokio::task::spawn_blocking(move || super::metrics::render(&agent)).await {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(super::metrics::CONTENT_TYPE),
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 async fn require_token(

@@ -50,6 +50,7 @@ struct FileConfig {
     fleet_keys: Option<Vec<PathBuf>>,
     encrypt: Option<bool>,
     task_retention: Option<String>,
+    metrics: Option<SocketAddr>,
 }
 
 /// Settings the agent runs with, validated.
@@ -85,6 +86,8 @@ pub struct AgentConfig {
     pub encrypt: bool,
     /// How long finished tasks are kept.
     pub task_retention: Duration,
+    /// Where GET /metrics is served without a token, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl AgentConfig {
@@ -171,6 +174,7 @@ impl AgentConfig {
             fleet,
             encrypt,
             task_retention,
+            metrics: args.metrics.or(file.metrics),
             rate_bps,
             repair_rate_bps,
             lab_corrupt_repair: args.lab_corrupt_repair,

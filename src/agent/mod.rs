@@ -6,6 +6,7 @@ pub mod admit;
 pub mod api;
 pub mod config;
 mod control;
+pub mod metrics;
 pub mod repair;
 pub mod task;
 
@@ -53,6 +54,8 @@ pub struct Agent {
     pub offers_refused: std::sync::atomic::AtomicU64,
     /// Datagrams and repair connections dropped for want of the fleet key.
     pub auth: Arc<multicast::auth::AuthState>,
+    /// What only the metrics count.
+    pub counters: metrics::Counters,
 }
 
 impl Agent {
@@ -290,6 +293,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         fleet: config.fleet.clone(),
         auth: Arc::default(),
         offers_refused: Default::default(),
+        counters: Default::default(),
         contents: Mutex::new(HashMap::new()),
         config,
         token,
@@ -310,12 +314,24 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         agent.clone(),
         stop_rx.clone(),
     ));
-    let api_task = tokio::spawn(api::serve(listener, agent.clone(), stop_rx));
+    let mut tasks = vec![control_task, repair_task];
+    if let Some(addr) = agent.config.metrics {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics address {addr}"))?;
+        tracing::info!("metrics on http://{}/metrics", l.local_addr()?);
+        tasks.push(tokio::spawn(api::serve_metrics(
+            l,
+            agent.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(api::serve(listener, agent.clone(), stop_rx)));
     Ok(Running {
         agent,
         api: api_addr,
         stop: stop_tx,
-        tasks: vec![control_task, repair_task, api_task],
+        tasks,
     })
 }
 

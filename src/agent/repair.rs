@@ -341,7 +341,14 @@ async fn connection(
             // A requester that has decoded closes the connection: the write
             // fails and this block is over.
             conn.write_frame(&f).await?;
+            if let Frame::Symbols { payload, .. } = &f {
+                super::metrics::Counters::add(
+                    &agent.counters.repair_bytes_served,
+                    payload.len() as u64,
+                );
+            }
         }
+        super::metrics::Counters::add(&agent.counters.repair_blocks_served, 1);
     }
     Ok(())
 }

@@ -584,6 +584,11 @@ async fn receive(
             _ = r.until_cancelled() => stop.store(true, Ordering::SeqCst),
         }
     };
+    if let Ok(Ok((Ok(report), _))) = &result {
+        let c = &r.agent.counters;
+        crate::agent::metrics::Counters::add(&c.multicast_symbols, report.stats.data_symbols);
+        crate::agent::metrics::Counters::add(&c.multicast_symbols_sent, report.stats.span);
+    }
     if r.cancelled() {
         bail!("cancelled");
     }
