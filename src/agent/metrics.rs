@@ -208,11 +208,7 @@ impl Collector for Scrape {
         )?;
         let (peers, foreign, presence) = {
             let p = a.presence();
-            (
-                p.peers().count(),
-                p.foreign_peers().count(),
-                p.stats(),
-            )
+            (p.peers().count(), p.foreign_peers().count(), p.stats())
         };
         let mut drops: Vec<(String, ConstCounter)> = vec![
             ("malformed".into(), ConstCounter::new(presence.malformed)),
