@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{
     Proc, TOKEN, TempDir, cached, get, get_json, http, json, origin_bytes, origin_dir, package,
-    post_task, start_agent, start_origin, task, wait_done, wait_for,
+    post, post_task, start_agent, start_origin, task, wait_done, wait_for,
 };
 use serde_json::{Value, json};
 use somcast::demo::private_group;
@@ -615,4 +615,93 @@ fn metrics_count_tasks_bytes_peers_and_the_cache_for_a_scraper() {
     assert_eq!(sample(&page, "somcast_tasks{state=\"done\"}"), Some(1.0));
     assert_eq!(get(metrics_addr, "/v1/status", None).0, 404);
     assert_eq!(get(metrics_addr, "/v1/status", Some(TOKEN)).0, 404);
+}
+
+/// Posts a cancel for `id` once `state` is reached, and returns how long the
+/// task took from the cancel's answer to "cancelled".
+fn cancel_in(agent: &common::Proc, id: &str, state: &str) -> Duration {
+    wait_for(
+        &format!("task {id} {state}"),
+        Duration::from_secs(60),
+        || task(agent, id)["state"] == state,
+    );
+    let (code, body) = http(
+        agent.addr,
+        "POST",
+        &format!("/v1/tasks/{id}/cancel"),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(code, 200, "{body}");
+    let t0 = std::time::Instant::now();
+    let s = wait_done(agent, id, Duration::from_secs(20));
+    assert_eq!(s["state"], "cancelled", "{s}");
+    t0.elapsed()
+}
+
+/// A cancel ends the task within about a second whatever it is doing:
+/// fetching from the origin, waiting for the multicast start, receiving
+/// the multicast, running the install command (which is stopped with it).
+#[test]
+fn a_cancel_takes_effect_at_once_in_every_state() {
+    let dir = TempDir::new("cancel-states");
+    // 20 MiB at 16 Mbit/s: 10 s from the origin.
+    let origin = start_origin(&origin_dir(&dir), "16M");
+    let (m, _) = package(&dir.0, 20 * 1024 * 1024, 29, origin.addr);
+    let group = private_group();
+    let caches: Vec<TempDir> = (0..2)
+        .map(|_| TempDir::new("cancel-states-agent"))
+        .collect();
+    let a = start_agent(&caches[0].0, group, &[]);
+    let b = start_agent(&caches[1].0, group, &[]);
+    let mut took = Vec::new();
+    // Fetching: a lone task on `a`, fetching before a start 30 s away.
+    post(
+        &a,
+        &json!({ "id": "c-fetch", "manifest": m, "delay_ms": 30_000 }),
+    );
+    took.push(("fetching", cancel_in(&a, "c-fetch", "fetching")));
+    // Waiting: the representative holds a small package and waits out a
+    // minute's delay.
+    let small_file = origin_dir(&dir).join("small.bin");
+    somcast::demo::generate_file(&small_file, 100_000, 30).unwrap();
+    let small_url = format!("http://{}/small.bin", origin.addr);
+    let small = somcast::manifest::Manifest::create(&small_file, vec![small_url]).unwrap();
+    post(
+        &a,
+        &json!({ "id": "c-wait", "manifest": small, "delay_ms": 60_000 }),
+    );
+    took.push(("waiting", cancel_in(&a, "c-wait", "waiting")));
+    // Receiving: both agents, the multicast at 8 Mbit/s; cancel the receiver.
+    let spec = json!({ "id": "c-recv", "manifest": m, "delay_ms": 1000, "rate_bps": 8_000_000 });
+    post(&a, &spec);
+    post(&b, &spec);
+    let receiver = loop {
+        let (sa, sb) = (task(&a, "c-recv"), task(&b, "c-recv"));
+        if sa["state"] == "receiving" {
+            break &a;
+        }
+        if sb["state"] == "receiving" {
+            break &b;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    took.push(("receiving", cancel_in(receiver, "c-recv", "receiving")));
+    // Installing: a command that would run for a minute.
+    let marker = caches[1].0.join("still-running");
+    let run = format!("sleep 60; touch '{}'", marker.display());
+    post(
+        &b,
+        &json!({ "id": "c-inst", "manifest": small, "delay_ms": 0, "run": run }),
+    );
+    took.push(("installing", cancel_in(&b, "c-inst", "installing")));
+    for (state, t) in &took {
+        eprintln!("cancel while {state}: {t:?}");
+        assert!(
+            *t < Duration::from_secs(2),
+            "cancel while {state} took {t:?}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!marker.exists());
 }
