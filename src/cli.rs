@@ -164,6 +164,19 @@ pub struct OrderArgs {
     /// Encrypt the package on the LAN (agents need a fleet key).
     #[arg(long)]
     pub encrypt: bool,
+    /// Only agents whose address is in this IPv4 CIDR (repeat; any target
+    /// given makes an agent a target).
+    #[arg(long = "target-subnet")]
+    pub target_subnets: Vec<String>,
+    /// Only agents with this tag in their config (`tags`, `--tag`).
+    #[arg(long = "target-tag")]
+    pub target_tags: Vec<String>,
+    /// Only agents whose hostname matches this glob (`kiosk-*`).
+    #[arg(long = "target-host")]
+    pub target_hosts: Vec<String>,
+    /// Only the agent with this node id (16 hex digits).
+    #[arg(long = "target-node")]
+    pub target_nodes: Vec<String>,
 }
 
 /// Which agents a console command talks to.
@@ -232,6 +245,28 @@ pub enum TaskCommand {
         targets: Targets,
         #[arg(long)]
         json: bool,
+    },
+    /// Put a signed task on a channel: a directory of static files that
+    /// any HTTP server serves, polled by agents started with --channel.
+    Publish {
+        /// The channel directory (created if missing).
+        #[arg(long)]
+        channel: PathBuf,
+        /// A task document written by `task sign`, published unchanged.
+        #[arg(long, conflicts_with_all = ["manifest", "sign", "run", "cache_only", "id"])]
+        task: Option<PathBuf>,
+        #[command(flatten)]
+        order: OrderArgs,
+    },
+    /// Withdraw a task from a channel with a signed order: agents that have
+    /// not started it never will, agents running it cancel it.
+    Withdraw {
+        id: String,
+        #[arg(long)]
+        channel: PathBuf,
+        /// The publisher key (NAME.key) that signs the withdrawal.
+        #[arg(long)]
+        sign: PathBuf,
     },
     /// Cancel the task on every target agent.
     Cancel {
@@ -462,6 +497,18 @@ pub struct AgentArgs {
     /// serves /metrics too, behind the token.
     #[arg(long, env = "SOMCAST_METRICS")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// A task channel to poll (http://origin/somcast/channel, where `task
+    /// publish --channel DIR` writes): signed tasks for this agent start
+    /// without anyone reaching its API.
+    #[arg(long, env = "SOMCAST_CHANNEL")]
+    pub channel: Option<String>,
+    /// How often the channel is polled (default 5m), with 10% jitter; an
+    /// unchanged channel costs one conditional request.
+    #[arg(long, env = "SOMCAST_POLL", value_parser = parse_duration)]
+    pub poll: Option<Duration>,
+    /// A tag tasks can target (repeat; SOMCAST_TAGS: comma-separated).
+    #[arg(long = "tag", env = "SOMCAST_TAGS", value_delimiter = ',')]
+    pub tags: Vec<String>,
 }
 
 fn parse_probability(s: &str) -> Result<f64, String> {

@@ -200,11 +200,24 @@ async fn make_bundle(http: &reqwest::Client, order: &OrderArgs) -> anyhow::Resul
         expires: time(&order.expires, "expires")?,
         manifest_url: src.starts_with("http").then(|| src.clone()),
         encrypt: order.encrypt,
+        targets: Some(crate::trust::targets::Targets {
+            subnets: order.target_subnets.clone(),
+            tags: order.target_tags.clone(),
+            hosts: order.target_hosts.clone(),
+            nodes: order.target_nodes.clone(),
+        }),
     };
     issue::task(env, &task_order, signer.as_ref(), now)
 }
 
 /// The id inside a bundle's task document.
+/// A task document file, as `task sign` writes it.
+fn read_bundle(path: &std::path::Path) -> anyhow::Result<Bundle> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice::<Bundle>(&bytes)
+        .with_context(|| format!("{} is not a task document", path.display()))
+}
+
 fn bundle_id(b: &Bundle) -> anyhow::Result<String> {
     let doc: crate::trust::TaskDoc =
         crate::trust::document::parse(&b.task, crate::trust::document::TASK_TYPE)
@@ -242,12 +255,7 @@ async fn task_async(cmd: &TaskCommand) -> anyhow::Result<bool> {
                 );
             }
             let bundle = match task {
-                Some(path) => {
-                    let bytes = std::fs::read(path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    serde_json::from_slice::<Bundle>(&bytes)
-                        .with_context(|| format!("{} is not a task document", path.display()))?
-                }
+                Some(path) => read_bundle(path)?,
                 None => make_bundle(&c.http, order).await?,
             };
             let id = bundle_id(&bundle)?;
@@ -295,6 +303,40 @@ async fn task_async(cmd: &TaskCommand) -> anyhow::Result<bool> {
                 print_table(&statuses);
             }
             Ok(statuses.values().all(|s| s["state"] == "done"))
+        }
+        TaskCommand::Publish {
+            channel,
+            task,
+            order,
+        } => {
+            let bundle = match task {
+                Some(path) => read_bundle(path)?,
+                None if order.sign.is_none() => bail!(
+                    "agents take from a channel only signed tasks: give --sign NAME.key (or --task TASK.json from `task sign`)"
+                ),
+                None => make_bundle(&crate::fetch::client(), order).await?,
+            };
+            if bundle.task.signature.is_none() {
+                bail!("the task is unsigned: agents take from a channel only signed tasks");
+            }
+            let id = bundle_id(&bundle)?;
+            crate::channel::publish(channel, &id, &bundle)?;
+            eprintln!("task {id} published on {}", channel.display());
+            println!("{id}");
+            Ok(true)
+        }
+        TaskCommand::Withdraw { id, channel, sign } => {
+            let signer = Signer::load(sign)?;
+            let now = now_unix();
+            // Valid as long as the task: an agent that could still start it
+            // must still take the withdrawal.
+            let until = crate::channel::task_expires(channel, id)
+                .unwrap_or(now + crate::trust::document::MAX_VALIDITY_S)
+                .max(now + 3600);
+            let order = issue::control_until(ControlAction::Cancel, id, Some(&signer), now, until)?;
+            crate::channel::withdraw(channel, id, &order)?;
+            eprintln!("task {id} withdrawn from {}", channel.display());
+            Ok(true)
         }
         TaskCommand::Cancel { id, targets, sign } => {
             let c = Console::new(targets.as_ref())?;

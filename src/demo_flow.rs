@@ -88,6 +88,9 @@ async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
             encrypt: false,
             task_retention: crate::agent::config::DEFAULT_TASK_RETENTION,
             metrics: None,
+            channel: None,
+            poll: crate::agent::config::DEFAULT_POLL,
+            tags: Vec::new(),
         };
         agents.push(crate::agent::start(config).await?);
     }
@@ -101,6 +104,7 @@ async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
         expires: now_unix() + 3600,
         manifest_url: None,
         encrypt: false,
+        targets: None,
     };
     let bundle = issue::task(
         issue::manifest(&manifest, Some(&publisher))?,

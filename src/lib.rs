@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod cache;
+pub mod channel;
 pub mod cli;
 pub mod console;
 pub mod demo;

@@ -24,6 +24,8 @@ pub struct Stats {
     pub bytes_served: AtomicU64,
     pub requests: AtomicU64,
     pub range_requests: AtomicU64,
+    /// Conditional requests answered 304 Not Modified.
+    pub not_modified: AtomicU64,
 }
 
 struct Origin {
@@ -94,6 +96,7 @@ async fn stats_handler(State(o): State<Arc<Origin>>) -> Json<serde_json::Value> 
         "bytes_served": o.stats.bytes_served.load(Ordering::Relaxed),
         "requests": o.stats.requests.load(Ordering::Relaxed),
         "range_requests": o.stats.range_requests.load(Ordering::Relaxed),
+        "not_modified": o.stats.not_modified.load(Ordering::Relaxed),
     }))
 }
 
@@ -129,10 +132,24 @@ async fn file_handler(
         Ok(f) => f,
         Err(_) => return not_found(),
     };
-    let size = match file.metadata().await {
-        Ok(m) if m.is_file() => m.len(),
+    let (size, etag) = match file.metadata().await {
+        Ok(m) if m.is_file() => (m.len(), etag(&m)),
         _ => return error(StatusCode::NOT_FOUND, format!("no such file: {path}")),
     };
+    // A conditional GET of an unchanged file (a polled channel): 304, no body.
+    let unchanged = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    if unchanged {
+        o.stats.not_modified.fetch_add(1, Ordering::Relaxed);
+        let mut r = Response::new(Body::empty());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        if let Ok(v) = HeaderValue::from_str(&etag) {
+            r.headers_mut().insert(header::ETAG, v);
+        }
+        return r;
+    }
     let range = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
@@ -183,12 +200,26 @@ async fn file_handler(
     let h = r.headers_mut();
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
     if status == StatusCode::PARTIAL_CONTENT
         && let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{size}", start, start + len - 1))
     {
         h.insert(header::CONTENT_RANGE, v);
     }
     r
+}
+
+/// A strong entity tag from the file's size and modification time: a
+/// replaced or rewritten file gets another.
+fn etag(m: &std::fs::Metadata) -> String {
+    let mtime = m
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("\"{:x}-{:x}\"", m.len(), mtime)
 }
 
 /// One range of `bytes=a-b`, `bytes=a-` or `bytes=-n` (the unit in any

@@ -47,6 +47,11 @@ pub fn starting_config(data: &Path) -> String {
          # The fleet key: seals every datagram and repair connection on the LAN.\n\
          # fleet_keys = ['{d}\\fleet.fleet']\n\
          #\n\
+         # The task channel this agent polls, and the tags tasks can target.\n\
+         # channel = \"http://origin.example:8080/somcast\"\n\
+         # poll = \"5m\"\n\
+         # tags = [\"kiosk\", \"floor-2\"]\n\
+         #\n\
          # iface = \"Ethernet\"          # default: the interface of the default route\n\
          # api = \"127.0.0.1:7480\"      # the control API (repair listens on the next port)\n\
          cache = '{d}'\n\
@@ -473,6 +478,8 @@ mod tests {
         let config = crate::agent::AgentConfig::load(args).unwrap();
         assert_eq!(config.cache, dir.path());
         assert_eq!(config.api.port(), 7480);
+        assert_eq!(config.tags, ["kiosk", "floor-2"]);
+        assert!(config.channel.is_some());
     }
 
     #[test]

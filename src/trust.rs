@@ -24,6 +24,7 @@ pub mod document;
 pub mod issue;
 pub mod keys;
 pub mod ledger;
+pub mod targets;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -77,6 +78,8 @@ pub enum Refusal {
     Manifest(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("this agent is not among the task's targets ({0})")]
+    NotTargeted(String),
 }
 
 impl Refusal {
@@ -93,6 +96,7 @@ impl Refusal {
             Refusal::Malformed(_) => "malformed",
             Refusal::Manifest(_) => "manifest",
             Refusal::Unavailable(_) => "unavailable",
+            Refusal::NotTargeted(_) => "not_targeted",
         }
     }
 
@@ -163,6 +167,10 @@ impl Gate {
             )));
         }
         document::check_window(now, doc.issued, doc.not_before, doc.expires)?;
+        if let Some(t) = &doc.targets {
+            t.check()
+                .map_err(|e| Refusal::Malformed(format!("targets: {e}")))?;
+        }
         if self.seen(&doc.id) {
             return Err(Refusal::Replayed(format!("task {}", doc.id)));
         }

@@ -372,6 +372,7 @@ fn one_agent_under_hostile_input_completes_every_task_once() {
             expires: somcast::cache::now_unix() + 3600,
             manifest_url: None,
             encrypt: false,
+            targets: None,
         };
         let manifest = issue::manifest(&m, Some(&publisher)).unwrap();
         let bundle = issue::task(

@@ -32,6 +32,7 @@ fn order(id: &str, marker: &Path) -> TaskOrder {
         expires: now_unix() + 600,
         manifest_url: None,
         encrypt: false,
+        targets: None,
     }
 }
 
@@ -311,15 +312,7 @@ fn the_console_signs_and_starts_a_task_that_the_agent_runs() {
     let dir = TempDir::new("trust-cli");
     let origin = start_origin(&origin_dir(&dir), "0");
     let (_, bytes) = package(&dir.0, 300_000, 11, origin.addr);
-    let run = |args: &[&str]| {
-        let out = Command::new(BIN).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let run = common::cli;
     let name = dir.0.join("publisher");
     run(&["key", "generate", name.to_str().unwrap()]);
     let pkg = dir.0.join("origin").join("pkg.bin");

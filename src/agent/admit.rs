@@ -50,6 +50,11 @@ pub async fn task(agent: &Arc<Agent>, bundle: Bundle) -> Result<TaskStatus, Admi
 async fn admit(agent: &Arc<Agent>, bundle: Bundle) -> Result<TaskStatus, AdmitError> {
     let now = now_unix();
     let (doc, signer) = agent.gate.check_task(&bundle.task, now)?;
+    if let Some(t) = &doc.targets
+        && !t.matches(&agent.identity())
+    {
+        return Err(Refusal::NotTargeted(t.describe()).into());
+    }
     let manifest_env = match bundle.manifest {
         Some(m) => m,
         None => fetch_manifest(agent, &doc).await?,

@@ -289,6 +289,9 @@ async fn status(State(agent): State<Arc<Agent>>) -> Json<Value> {
             "uptime_s": p.local().rank.uptime_s,
         },
         "trust": agent.gate.status(),
+        "channel": super::channel::status(&agent),
+        "tags": agent.config.tags,
+        "hostname": agent.hostname,
         "election": {
             "offers_refused": agent.offers_refused.load(std::sync::atomic::Ordering::Relaxed),
         },

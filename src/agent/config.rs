@@ -51,6 +51,9 @@ struct FileConfig {
     encrypt: Option<bool>,
     task_retention: Option<String>,
     metrics: Option<SocketAddr>,
+    channel: Option<String>,
+    poll: Option<String>,
+    tags: Option<Vec<String>>,
 }
 
 /// Settings the agent runs with, validated.
@@ -88,7 +91,15 @@ pub struct AgentConfig {
     pub task_retention: Duration,
     /// Where GET /metrics is served without a token, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// The task channel polled, if any: its base URL.
+    pub channel: Option<reqwest::Url>,
+    pub poll: Duration,
+    /// Tags tasks can target.
+    pub tags: Vec<String>,
 }
+
+/// How often a channel is polled unless told.
+pub const DEFAULT_POLL: Duration = Duration::from_secs(300);
 
 impl AgentConfig {
     pub fn load(args: &AgentArgs) -> anyhow::Result<Self> {
@@ -162,6 +173,37 @@ impl AgentConfig {
                 .map_err(|e| anyhow::anyhow!("task_retention in the config file: {e}"))?,
             (None, None) => DEFAULT_TASK_RETENTION,
         };
+        let channel = args
+            .channel
+            .clone()
+            .or(file.channel)
+            .map(|c| {
+                let url = reqwest::Url::parse(c.trim_end_matches('/'))
+                    .map_err(|e| anyhow::anyhow!("channel {c:?}: {e}"))?;
+                if !matches!(url.scheme(), "http" | "https") {
+                    bail!("channel {c:?}: an http or https URL");
+                }
+                Ok(url)
+            })
+            .transpose()?;
+        let poll = match (&args.poll, &file.poll) {
+            (Some(d), _) => *d,
+            (None, Some(s)) => {
+                parse_duration(s).map_err(|e| anyhow::anyhow!("poll in the config file: {e}"))?
+            }
+            (None, None) => DEFAULT_POLL,
+        };
+        if poll < Duration::from_secs(1) {
+            bail!("--poll {poll:?}: at least 1s");
+        }
+        let tags = if args.tags.is_empty() {
+            file.tags.clone().unwrap_or_default()
+        } else {
+            args.tags.clone()
+        };
+        if let Some(t) = tags.iter().find(|t| t.is_empty() || t.len() > 255) {
+            bail!("tag {t:?}: 1-255 characters");
+        }
         if encrypt && fleet.is_none() {
             bail!("--encrypt needs a fleet key to encrypt with: give --fleet-key NAME.fleet");
         }
@@ -175,6 +217,9 @@ impl AgentConfig {
             encrypt,
             task_retention,
             metrics: args.metrics.or(file.metrics),
+            channel,
+            poll,
+            tags,
             rate_bps,
             repair_rate_bps,
             lab_corrupt_repair: args.lab_corrupt_repair,

@@ -4,6 +4,7 @@
 
 pub mod admit;
 pub mod api;
+pub mod channel;
 pub mod config;
 mod control;
 pub mod metrics;
@@ -56,6 +57,10 @@ pub struct Agent {
     pub auth: Arc<multicast::auth::AuthState>,
     /// What only the metrics count.
     pub counters: metrics::Counters,
+    /// This host's name, for tasks that target hostnames.
+    pub hostname: String,
+    /// What the task channel's poller has seen, for the status.
+    pub channel: Mutex<channel::Status>,
 }
 
 impl Agent {
@@ -294,6 +299,8 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         auth: Arc::default(),
         offers_refused: Default::default(),
         counters: Default::default(),
+        hostname: hostname(),
+        channel: Default::default(),
         contents: Mutex::new(HashMap::new()),
         config,
         token,
@@ -315,6 +322,9 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         stop_rx.clone(),
     ));
     let mut tasks = vec![control_task, repair_task];
+    if agent.config.channel.is_some() {
+        tasks.push(tokio::spawn(channel::run(agent.clone(), stop_rx.clone())));
+    }
     if let Some(addr) = agent.config.metrics {
         let l = tokio::net::TcpListener::bind(addr)
             .await
@@ -424,6 +434,37 @@ fn make_private_dir(dir: &Path) -> std::io::Result<()> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
+}
+
+/// The host's name ("" when it cannot be read).
+fn hostname() -> String {
+    #[cfg(unix)]
+    {
+        let mut buf = [0u8; 256];
+        // SAFETY: gethostname writes at most buf.len() bytes into buf.
+        let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+        if r == 0 {
+            let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+            return String::from_utf8_lossy(&buf[..end]).into_owned();
+        }
+        String::new()
+    }
+    #[cfg(not(unix))]
+    {
+        std::env::var("COMPUTERNAME").unwrap_or_default()
+    }
+}
+
+impl Agent {
+    /// What tasks' targets are matched against.
+    pub fn identity(&self) -> crate::trust::targets::Identity {
+        crate::trust::targets::Identity {
+            addr: self.iface_addr,
+            tags: self.config.tags.clone(),
+            hostname: self.hostname.clone(),
+            node: self.node,
+        }
+    }
 }
 
 /// Resolves on SIGINT, and on SIGTERM where there is one.

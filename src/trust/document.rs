@@ -175,6 +175,9 @@ pub struct TaskDoc {
     /// Encrypt the package on the LAN (agents need a fleet key).
     #[serde(default)]
     pub encrypt: bool,
+    /// Which agents the task is for; absent: every agent that gets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<super::targets::Targets>,
 }
 
 /// What a control document orders.
@@ -289,6 +292,7 @@ mod tests {
             delay_ms: 0,
             rate_bps: None,
             encrypt: false,
+            targets: None,
         })
         .unwrap()
     }

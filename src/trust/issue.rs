@@ -22,6 +22,8 @@ pub struct TaskOrder {
     pub manifest_url: Option<String>,
     /// Encrypt the package on the LAN.
     pub encrypt: bool,
+    /// Which agents it is for; `None`: all.
+    pub targets: Option<super::targets::Targets>,
 }
 
 /// The text of a document as written: pretty JSON, newline-terminated, so
@@ -98,7 +100,11 @@ pub fn task(
         delay_ms: order.delay_ms,
         rate_bps: order.rate_bps,
         encrypt: order.encrypt,
+        targets: order.targets.clone().filter(|t| !t.is_all()),
     };
+    if let Some(t) = &doc.targets {
+        t.check().map_err(|e| anyhow::anyhow!("targets: {e}"))?;
+    }
     document::check_window(
         now.max(doc.not_before.unwrap_or(0)),
         now,
@@ -121,6 +127,18 @@ pub fn control(
     signer: Option<&Signer>,
     now: u64,
 ) -> anyhow::Result<Envelope> {
+    control_until(action, task, signer, now, now + 3600)
+}
+
+/// A control document valid until `expires` (a channel's withdrawal lasts
+/// as long as the task it withdraws).
+pub fn control_until(
+    action: ControlAction,
+    task: &str,
+    signer: Option<&Signer>,
+    now: u64,
+    expires: u64,
+) -> anyhow::Result<Envelope> {
     let doc = ControlDoc {
         doc_type: CONTROL_TYPE.into(),
         format: FORMAT,
@@ -128,7 +146,7 @@ pub fn control(
         action,
         task: task.into(),
         issued: now,
-        expires: now + 3600,
+        expires,
     };
     seal(text(&doc)?, signer, &format!("somcast {action:?} {task}"))
 }

@@ -299,3 +299,14 @@ pub fn announce_holding(
     })
     .encode(0)
 }
+
+/// `somcast ARGS`, which must succeed: its standard output.
+pub fn cli(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
