@@ -177,6 +177,11 @@ pub struct OrderArgs {
     /// Only the agent with this node id (16 hex digits).
     #[arg(long = "target-node")]
     pub target_nodes: Vec<String>,
+    /// Each agent POSTs a JSON report here when the task ends (`somcast
+    /// serve --reports DIR` takes them at /reports; any HTTP endpoint that
+    /// takes a POST will do).
+    #[arg(long)]
+    pub report_url: Option<String>,
 }
 
 /// Which agents a console command talks to.
@@ -238,11 +243,17 @@ pub enum TaskCommand {
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         timeout: Duration,
     },
-    /// The task's state on every target agent.
+    /// The task's state on every target agent, or from the agents'
+    /// reports (--reports DIR or URL): counts by state and subnet, failures
+    /// by reason, origin bytes per subnet, the slowest agents.
     Status {
         id: String,
         #[command(flatten)]
         targets: Targets,
+        /// A reports directory (`serve --reports DIR`) or its URL
+        /// (http://origin:8080/reports).
+        #[arg(long)]
+        reports: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -288,6 +299,10 @@ pub struct ServeArgs {
     /// Lab WAN link: bits per second shared by all downloads (0 = unlimited).
     #[arg(long, default_value = "0", value_parser = parse_rate)]
     pub rate: u64,
+    /// Take agents' task reports at POST /reports and keep them here
+    /// (`task status ID --reports` reads them, or GET /reports/ID).
+    #[arg(long)]
+    pub reports: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -206,6 +206,7 @@ async fn make_bundle(http: &reqwest::Client, order: &OrderArgs) -> anyhow::Resul
             hosts: order.target_hosts.clone(),
             nodes: order.target_nodes.clone(),
         }),
+        report_url: order.report_url.clone(),
     };
     issue::task(env, &task_order, signer.as_ref(), now)
 }
@@ -290,7 +291,27 @@ async fn task_async(cmd: &TaskCommand) -> anyhow::Result<bool> {
             let ok = watch(&c, &id, *timeout).await?;
             Ok(ok && refused == 0)
         }
-        TaskCommand::Status { id, targets, json } => {
+        TaskCommand::Status {
+            id,
+            targets: _,
+            reports: Some(src),
+            json,
+        } => {
+            let reports = crate::report::load(src, id).await?;
+            if reports.is_empty() {
+                bail!("no reports of task {id} in {src}");
+            }
+            let s = crate::report::summarize(id, &reports);
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                crate::report::print(&s);
+            }
+            Ok(s.by_state.get("done") == Some(&s.agents))
+        }
+        TaskCommand::Status {
+            id, targets, json, ..
+        } => {
             let c = Console::new(targets.as_ref())?;
             let statuses = poll(&c, id).await;
             if *json {

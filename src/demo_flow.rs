@@ -35,10 +35,9 @@ async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
     generate_file(&file, args.size, 42).context("generating the demo package")?;
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
     let origin = listener.local_addr()?;
-    let origin_task =
-        tokio::spawn(
-            async move { axum::serve(listener, crate::serve::router(&origin_dir, 0)).await },
-        );
+    let origin_task = tokio::spawn(async move {
+        axum::serve(listener, crate::serve::router(&origin_dir, 0, None)).await
+    });
     let url = format!("http://{origin}/package.msi");
     let manifest = {
         let file = file.clone();
@@ -105,6 +104,7 @@ async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
         manifest_url: None,
         encrypt: false,
         targets: None,
+        report_url: None,
     };
     let bundle = issue::task(
         issue::manifest(&manifest, Some(&publisher))?,

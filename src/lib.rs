@@ -15,6 +15,7 @@ pub mod election;
 pub mod fetch;
 pub mod lab;
 pub mod manifest;
+pub mod report;
 pub mod scan;
 pub mod serve;
 pub mod service;

@@ -36,25 +36,98 @@ struct Origin {
     rate_bps: u64,
     /// When the shared link is free again.
     link_free: tokio::sync::Mutex<tokio::time::Instant>,
+    /// Where POSTed task reports go, one file per task and node.
+    reports: Option<PathBuf>,
 }
 
-pub fn router(dir: &Path, rate_bps: u64) -> Router {
+/// Longest report taken.
+const MAX_REPORT: usize = 64 * 1024;
+
+pub fn router(dir: &Path, rate_bps: u64, reports: Option<&Path>) -> Router {
     let origin = Arc::new(Origin {
         dir: dir.to_owned(),
         stats: Stats::default(),
         rate_bps,
         link_free: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+        reports: reports.map(Path::to_owned),
     });
-    Router::new()
+    let mut r = Router::new()
         .route("/stats", get(stats_handler))
-        .route("/{*path}", get(file_handler))
-        .with_state(origin)
+        .route("/{*path}", get(file_handler));
+    if reports.is_some() {
+        r = r
+            .route(
+                "/reports",
+                axum::routing::post(report_post)
+                    .layer(axum::extract::DefaultBodyLimit::max(MAX_REPORT)),
+            )
+            .route("/reports/{task}", get(report_list));
+    }
+    r.with_state(origin)
+}
+
+/// `POST /reports`: an agent's report of a task, kept as
+/// `<reports>/<task>/<node>.json` (a later one replaces it).
+async fn report_post(State(o): State<Arc<Origin>>, body: axum::body::Bytes) -> Response {
+    let Some(root) = &o.reports else {
+        return error(StatusCode::NOT_FOUND, "no reports here".into());
+    };
+    let v: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not JSON: {e}")),
+    };
+    let (Some(task), Some(node)) = (v["task"].as_str(), v["node"].as_str()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a report names its task and node".into(),
+        );
+    };
+    let node_ok = node.len() == 16 && node.bytes().all(|b| b.is_ascii_hexdigit());
+    if !crate::trust::document::valid_id(task) || !node_ok {
+        return error(StatusCode::BAD_REQUEST, "bad task id or node id".into());
+    }
+    let dir = root.join(task);
+    let path = dir.join(format!("{node}.json"));
+    let written = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dir)?;
+        scanner::node::write_atomically(&path, &body)
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => StatusCode::CREATED.into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `GET /reports/{task}`: every report of the task, as a JSON array.
+async fn report_list(State(o): State<Arc<Origin>>, UrlPath(task): UrlPath<String>) -> Response {
+    let Some(root) = &o.reports else {
+        return error(StatusCode::NOT_FOUND, "no reports here".into());
+    };
+    if !crate::trust::document::valid_id(&task) {
+        return error(StatusCode::BAD_REQUEST, "bad task id".into());
+    }
+    let dir = root.join(&task);
+    let all = tokio::task::spawn_blocking(move || crate::report::read_dir(&dir)).await;
+    match all {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 /// Runs the origin until the process ends.
-pub fn main(dir: &Path, listen: SocketAddr, rate_bps: u64) -> anyhow::Result<bool> {
+pub fn main(
+    dir: &Path,
+    listen: SocketAddr,
+    rate_bps: u64,
+    reports: Option<&Path>,
+) -> anyhow::Result<bool> {
     if !dir.is_dir() {
         anyhow::bail!("{} is not a directory", dir.display());
+    }
+    if let Some(r) = reports {
+        std::fs::create_dir_all(r).with_context(|| format!("creating {}", r.display()))?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -68,7 +141,13 @@ pub fn main(dir: &Path, listen: SocketAddr, rate_bps: u64) -> anyhow::Result<boo
             "somcast serve: {} on http://{addr}/ (GET /stats for bytes served)",
             dir.display()
         );
-        axum::serve(listener, router(dir, rate_bps)).await?;
+        if let Some(r) = reports {
+            eprintln!(
+                "somcast serve: task reports to POST /reports, kept in {}",
+                r.display()
+            );
+        }
+        axum::serve(listener, router(dir, rate_bps, reports)).await?;
         anyhow::Ok(())
     })?;
     Ok(true)

@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use common::{
@@ -59,18 +60,25 @@ fn another_package(dir: &Path, origin: &Proc, key: &str, name: &str, seed: u64) 
     manifest_for(dir, origin, key, name)
 }
 
-#[test]
-fn published_tasks_reach_their_targets_and_withdrawn_ones_stop() {
-    let dir = TempDir::new("channel");
-    let origin = start_origin(&origin_dir(&dir), "0");
-    let (_, _) = package(&dir.0, 1024 * 1024, 40, origin.addr);
-    let key = dir.0.join("publisher");
+/// A publisher key pair and a signed manifest of a 1 MiB `pkg.bin` on the
+/// origin: (key file, public key file, manifest).
+fn publisher_and_package(dir: &Path, origin: &Proc, seed: u64) -> (String, String, PathBuf) {
+    package(dir, 1024 * 1024, seed, origin.addr);
+    let key = dir.join("publisher");
     cli(&["key", "generate", key.to_str().unwrap()]);
     let (key_file, pub_file) = (
         format!("{}.key", key.display()),
         format!("{}.pub", key.display()),
     );
-    let manifest = manifest_for(&dir.0, &origin, &key_file, "pkg");
+    let manifest = manifest_for(dir, origin, &key_file, "pkg");
+    (key_file, pub_file, manifest)
+}
+
+#[test]
+fn published_tasks_reach_their_targets_and_withdrawn_ones_stop() {
+    let dir = TempDir::new("channel");
+    let origin = start_origin(&origin_dir(&dir), "0");
+    let (key_file, pub_file, manifest) = publisher_and_package(&dir.0, &origin, 40);
     let chan = dir.0.join("origin").join("chan");
     let chan_s = chan.to_str().unwrap();
     let url = format!("http://{}/chan", origin.addr);
@@ -240,5 +248,116 @@ fn published_tasks_reach_their_targets_and_withdrawn_ones_stop() {
             want,
             "agent {i} ran a withdrawn task"
         );
+    }
+}
+
+/// Agents POST a report when a task ends, to the URL the signed task
+/// names; a collector that is down gets it later (the report waits on
+/// disk); `task status --reports` sums them up from the directory or URL.
+#[test]
+fn reports_reach_the_collector_even_late_and_task_status_sums_them() {
+    let dir = TempDir::new("reports");
+    let rdir = dir.0.join("reports");
+    let origin = common::start_origin_with(
+        &origin_dir(&dir),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--reports",
+            rdir.to_str().unwrap(),
+        ],
+    );
+    let (key_file, pub_file, manifest) = publisher_and_package(&dir.0, &origin, 43);
+    let group = private_group();
+    let caches: Vec<TempDir> = (0..2).map(|_| TempDir::new("reports-agent")).collect();
+    let agents: Vec<Proc> = caches
+        .iter()
+        .map(|c| start_agent_with(&c.0, group, &["--trust", &pub_file]))
+        .collect();
+    // The second agent's command fails with status 3.
+    std::fs::write(caches[1].0.join("fail-me"), "").unwrap();
+    let run = "test -e \"$(dirname \"$(dirname \"$1\")\")/fail-me\" && exit 3; true";
+    let start = |report_url: &str| -> String {
+        let mut args = vec![
+            "task",
+            "start",
+            "--manifest",
+            manifest.to_str().unwrap(),
+            "--sign",
+            &key_file,
+            "--run",
+            run,
+            "--delay",
+            "1s",
+            "--report-url",
+            report_url,
+        ];
+        let urls: Vec<String> = agents
+            .iter()
+            .map(|a| format!("http://{}", a.addr))
+            .collect();
+        for u in &urls {
+            args.extend(["--agent", u]);
+        }
+        let out = Command::new(common::BIN).args(&args).output().unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let id = start(&format!("http://{}/reports", origin.addr));
+    for a in &agents {
+        wait_done(a, &id, Duration::from_secs(60));
+    }
+    wait_for("both reports", Duration::from_secs(30), || {
+        std::fs::read_dir(rdir.join(&id)).map_or(0, |d| d.count()) == 2
+    });
+    for src in [
+        rdir.to_str().unwrap().to_string(),
+        format!("http://{}/reports", origin.addr),
+    ] {
+        let out = Command::new(common::BIN)
+            .args(["task", "status", &id, "--reports", &src, "--json"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "one agent failed: exit 1");
+        let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(s["agents"], 2, "{s}");
+        assert_eq!(s["by_state"]["done"], 1, "{s}");
+        assert_eq!(s["by_state"]["failed"], 1, "{s}");
+        assert_eq!(
+            s["failures"]["the install command exited with status N"], 1,
+            "{s}"
+        );
+        let origin_ratio = s["origin_by_subnet"]["127.0.0.0/8"]["per_package"]
+            .as_f64()
+            .unwrap_or(f64::NAN);
+        assert!(origin_ratio <= 1.05, "{s}");
+    }
+
+    // A collector that is down: the report waits in the agents' caches and
+    // goes out once the collector is up.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let late_addr = free.local_addr().unwrap();
+    drop(free);
+    let id2 = start(&format!("http://{late_addr}/reports"));
+    for (a, c) in agents.iter().zip(&caches) {
+        wait_done(a, &id2, Duration::from_secs(60));
+        wait_for("the report queued", Duration::from_secs(10), || {
+            c.0.join("reports").join(format!("{id2}.json")).exists()
+        });
+    }
+    let rdir2 = dir.0.join("reports-late");
+    let _late = common::start_origin_with(
+        &origin_dir(&dir),
+        &[
+            "--listen",
+            &late_addr.to_string(),
+            "--reports",
+            rdir2.to_str().unwrap(),
+        ],
+    );
+    wait_for("the late reports", Duration::from_secs(40), || {
+        std::fs::read_dir(rdir2.join(&id2)).map_or(0, |d| d.count()) == 2
+    });
+    for c in &caches {
+        assert!(!c.0.join("reports").join(format!("{id2}.json")).exists());
     }
 }

@@ -373,6 +373,7 @@ fn one_agent_under_hostile_input_completes_every_task_once() {
             manifest_url: None,
             encrypt: false,
             targets: None,
+            report_url: None,
         };
         let manifest = issue::manifest(&m, Some(&publisher)).unwrap();
         let bundle = issue::task(

@@ -33,6 +33,7 @@ fn order(id: &str, marker: &Path) -> TaskOrder {
         manifest_url: None,
         encrypt: false,
         targets: None,
+        report_url: None,
     }
 }
 

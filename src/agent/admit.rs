@@ -93,6 +93,7 @@ fn spec_of(
         run_timeout_s,
         signed_by,
         encrypt: doc.encrypt,
+        report_url: doc.report_url.clone(),
     }
 }
 

@@ -9,6 +9,7 @@ pub mod config;
 mod control;
 pub mod metrics;
 pub mod repair;
+pub mod report;
 pub mod task;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -61,6 +62,8 @@ pub struct Agent {
     pub hostname: String,
     /// What the task channel's poller has seen, for the status.
     pub channel: Mutex<channel::Status>,
+    /// Wakes the report sender when a report is queued.
+    pub reports_wake: tokio::sync::Notify,
 }
 
 impl Agent {
@@ -301,6 +304,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         counters: Default::default(),
         hostname: hostname(),
         channel: Default::default(),
+        reports_wake: tokio::sync::Notify::new(),
         contents: Mutex::new(HashMap::new()),
         config,
         token,
@@ -322,6 +326,9 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         stop_rx.clone(),
     ));
     let mut tasks = vec![control_task, repair_task];
+    // Reports queued before a restart go out at once.
+    agent.reports_wake.notify_one();
+    tasks.push(tokio::spawn(report::run(agent.clone(), stop_rx.clone())));
     if agent.config.channel.is_some() {
         tasks.push(tokio::spawn(channel::run(agent.clone(), stop_rx.clone())));
     }

@@ -413,6 +413,13 @@ async fn run(agent: Arc<Agent>, id: String) {
         }
     });
     save(&agent, &id);
+    let ended = agent
+        .tasks()
+        .get(&id)
+        .and_then(|t| Some((t.status.clone(), t.spec.report_url.clone()?)));
+    if let Some((status, url)) = ended {
+        super::report::enqueue(&agent, &status, &url);
+    }
     match &result {
         Ok(()) => tracing::info!("task {id}: done"),
         Err(e) => tracing::warn!("task {id}: {}", crate::error_text(e.as_ref())),

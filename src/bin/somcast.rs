@@ -52,7 +52,7 @@ fn main() -> ExitCode {
         Command::Key(k) => somcast::console::key(k),
         Command::Manifest(m) => somcast::console::manifest(m),
         Command::Task(t) => somcast::console::task(t),
-        Command::Serve(s) => somcast::serve::main(&s.dir, s.listen, s.rate),
+        Command::Serve(s) => somcast::serve::main(&s.dir, s.listen, s.rate, s.reports.as_deref()),
         Command::Service(s) => service::main(s),
     };
     match result {

@@ -178,6 +178,9 @@ pub struct TaskDoc {
     /// Which agents the task is for; absent: every agent that gets it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub targets: Option<super::targets::Targets>,
+    /// Where each agent POSTs a JSON report when the task ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_url: Option<String>,
 }
 
 /// What a control document orders.
@@ -293,6 +296,7 @@ mod tests {
             rate_bps: None,
             encrypt: false,
             targets: None,
+            report_url: None,
         })
         .unwrap()
     }

@@ -24,6 +24,8 @@ pub struct TaskOrder {
     pub encrypt: bool,
     /// Which agents it is for; `None`: all.
     pub targets: Option<super::targets::Targets>,
+    /// Where agents report when the task ends.
+    pub report_url: Option<String>,
 }
 
 /// The text of a document as written: pretty JSON, newline-terminated, so
@@ -101,7 +103,13 @@ pub fn task(
         rate_bps: order.rate_bps,
         encrypt: order.encrypt,
         targets: order.targets.clone().filter(|t| !t.is_all()),
+        report_url: order.report_url.clone(),
     };
+    if let Some(u) = &doc.report_url
+        && !(u.starts_with("http://") || u.starts_with("https://"))
+    {
+        bail!("--report-url {u:?}: an http or https URL");
+    }
     if let Some(t) = &doc.targets {
         t.check().map_err(|e| anyhow::anyhow!("targets: {e}"))?;
     }

@@ -118,11 +118,14 @@ pub fn start_agent_with(cache: &Path, group: SocketAddrV4, extra: &[&str]) -> Pr
 
 /// `somcast serve DIR` on a free port.
 pub fn start_origin(dir: &Path, rate: &str) -> Proc {
-    spawn_until(
-        &["serve", "--listen", "127.0.0.1:0", "--rate", rate],
-        &[dir.as_os_str()],
-        " on http://",
-    )
+    start_origin_with(dir, &["--listen", "127.0.0.1:0", "--rate", rate])
+}
+
+/// `somcast serve DIR ARGS`.
+pub fn start_origin_with(dir: &Path, args: &[&str]) -> Proc {
+    let mut all = vec!["serve"];
+    all.extend_from_slice(args);
+    spawn_until(&all, &[dir.as_os_str()], " on http://")
 }
 
 /// A bare HTTP/1.1 request: status code and body.

@@ -32,6 +32,9 @@ pub struct TaskSpec {
     /// Encrypt the package on the LAN when this agent multicasts it.
     #[serde(default)]
     pub encrypt: bool,
+    /// Where the agent POSTs its report when the task ends.
+    #[serde(default)]
+    pub report_url: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
