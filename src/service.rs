@@ -445,37 +445,17 @@ mod tests {
 
     #[test]
     fn starting_config_is_a_valid_agent_config() {
+        use crate::agent::config::{load_text, uncomment_keys};
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.toml");
-        std::fs::write(
-            &path,
-            starting_config(Path::new("C:\\ProgramData\\somcast")),
+        load_text(
+            &starting_config(Path::new("C:\\ProgramData\\somcast")),
+            dir.path(),
         )
         .unwrap();
-        use clap::Parser;
-        let cli = crate::cli::Cli::try_parse_from([
-            "somcast".as_ref(),
-            "agent".as_ref(),
-            "--config".as_ref(),
-            path.as_os_str(),
-        ])
-        .unwrap();
-        let crate::cli::Command::Agent(args) = &cli.command else {
-            panic!("not the agent command");
-        };
-        crate::agent::AgentConfig::load(args).unwrap();
         // The commented keys are ones the agent knows: uncommented, they load.
-        let text = starting_config(dir.path());
-        let live: String = text
-            .lines()
-            .map(|l| l.strip_prefix("# ").unwrap_or(l))
-            .filter(|l| l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')))
-            .filter(|l| !l.starts_with("trusted_keys") && !l.starts_with("fleet_keys"))
-            .map(|l| format!("{}\n", l.split(" #").next().unwrap()))
-            .collect();
+        let live = uncomment_keys(&starting_config(dir.path()));
         assert!(live.contains("cache_max"), "{live}");
-        std::fs::write(&path, live.replace("\"Ethernet\"", "\"127.0.0.1\"")).unwrap();
-        let config = crate::agent::AgentConfig::load(args).unwrap();
+        let config = load_text(&live.replace("\"Ethernet\"", "\"127.0.0.1\""), dir.path()).unwrap();
         assert_eq!(config.cache, dir.path());
         assert_eq!(config.api.port(), 7480);
         assert_eq!(config.tags, ["kiosk", "floor-2"]);

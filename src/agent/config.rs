@@ -310,6 +310,37 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// For tests of config files the project ships: loads `text` as the
+/// agent's config file (written into `dir`).
+#[cfg(test)]
+pub(crate) fn load_text(text: &str, dir: &Path) -> anyhow::Result<AgentConfig> {
+    use clap::Parser;
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, text)?;
+    let cli = crate::cli::Cli::try_parse_from([
+        "somcast".as_ref(),
+        "agent".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+    ])?;
+    let crate::cli::Command::Agent(args) = &cli.command else {
+        anyhow::bail!("not the agent command");
+    };
+    AgentConfig::load(args)
+}
+
+/// For tests of shipped config files: the `# key = value` lines made live
+/// (but the key files, which must exist), each without its trailing comment.
+#[cfg(test)]
+pub(crate) fn uncomment_keys(text: &str) -> String {
+    text.lines()
+        .map(|l| l.strip_prefix("# ").unwrap_or(l))
+        .filter(|l| l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')))
+        .filter(|l| !l.starts_with("trusted_keys") && !l.starts_with("fleet_keys"))
+        .map(|l| format!("{}\n", l.split(" #").next().unwrap_or(l)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,5 +442,20 @@ mod tests {
             "{err:#}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_debian_packages_config_loads_as_shipped_and_uncommented() {
+        let text = include_str!("../../scripts/deb/agent.toml");
+        let dir = tempfile::tempdir().unwrap();
+        load_text(text, dir.path()).unwrap();
+        let live = uncomment_keys(text);
+        for key in ["channel", "poll", "tags", "metrics", "cache_max", "rate"] {
+            assert!(live.contains(&format!("{key} = ")), "{key} missing: {live}");
+        }
+        let c = load_text(&live.replace("\"eth0\"", "\"127.0.0.1\""), dir.path()).unwrap();
+        assert_eq!(c.cache, Path::new("/var/cache/somcast"));
+        assert_eq!(c.poll, Duration::from_secs(300));
+        assert_eq!(c.metrics.map(|m| m.port()), Some(9480));
     }
 }
