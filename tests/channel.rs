@@ -361,3 +361,66 @@ fn reports_reach_the_collector_even_late_and_task_status_sums_them() {
         assert!(!c.0.join("reports").join(format!("{id2}.json")).exists());
     }
 }
+
+/// A channel server that answers 503 with Retry-After: 4 is asked again
+/// only after that, not every poll; the error shows in the status.
+#[test]
+fn a_busy_channel_server_is_asked_again_only_after_its_retry_after() {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let asked = Arc::new(AtomicU64::new(0));
+    {
+        let asked = asked.clone();
+        std::thread::spawn(move || {
+            for mut c in listener.incoming().flatten() {
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf);
+                asked.fetch_add(1, Ordering::Relaxed);
+                let _ = c.write_all(
+                    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 4\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        });
+    }
+    let cache = TempDir::new("busy-channel-agent");
+    let url = format!("http://{addr}/chan");
+    let pubkey = cache.0.join("none.pub");
+    let signer = somcast::trust::Signer::generate().unwrap();
+    std::fs::write(&pubkey, format!("{}\n", signer.public.to_line())).unwrap();
+    let a = start_agent_with(
+        &cache.0,
+        private_group(),
+        &[
+            "--trust",
+            pubkey.to_str().unwrap(),
+            "--channel",
+            &url,
+            "--poll",
+            "1s",
+        ],
+    );
+    wait_for("the first poll", Duration::from_secs(10), || {
+        asked.load(Ordering::Relaxed) >= 1
+    });
+    let first = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(
+        asked.load(Ordering::Relaxed),
+        1,
+        "asked again within the Retry-After"
+    );
+    wait_for("the second poll", Duration::from_secs(10), || {
+        asked.load(Ordering::Relaxed) >= 2
+    });
+    assert!(
+        first.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        first.elapsed()
+    );
+    let c = channel(&a);
+    assert!(c["errors"].as_u64().unwrap() >= 1, "{c}");
+    assert!(c["last_error"].as_str().unwrap().contains("503"), "{c}");
+}
