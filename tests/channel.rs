@@ -424,3 +424,46 @@ fn a_busy_channel_server_is_asked_again_only_after_its_retry_after() {
     assert!(c["errors"].as_u64().unwrap() >= 1, "{c}");
     assert!(c["last_error"].as_str().unwrap().contains("503"), "{c}");
 }
+
+/// Even an agent in the insecure lab mode (which takes unsigned tasks
+/// through its API, behind the token) takes no unsigned task from a
+/// channel: whoever can write the web server's files is no publisher.
+#[test]
+fn a_lab_agent_takes_no_unsigned_task_from_a_channel() {
+    use somcast::trust::issue::{self, TaskOrder};
+    let dir = TempDir::new("unsigned-channel");
+    let origin = start_origin(&origin_dir(&dir), "0");
+    let (m, _) = package(&dir.0, 100_000, 44, origin.addr);
+    let order = TaskOrder {
+        id: Some("unsigned-1".into()),
+        action: somcast::trust::Action::Fetch,
+        delay_ms: 0,
+        rate_bps: None,
+        not_before: None,
+        expires: somcast::cache::now_unix() + 600,
+        manifest_url: None,
+        encrypt: false,
+        targets: None,
+        report_url: None,
+    };
+    let now = somcast::cache::now_unix();
+    let bundle = issue::task(issue::manifest(&m, None).unwrap(), &order, None, now).unwrap();
+    let chan = dir.0.join("origin").join("chan");
+    somcast::channel::publish(&chan, "unsigned-1", &bundle).unwrap();
+    let cache = TempDir::new("unsigned-channel-agent");
+    let url = format!("http://{}/chan", origin.addr);
+    let a = common::start_agent(
+        &cache.0,
+        private_group(),
+        &["--channel", &url, "--poll", "1s"],
+    );
+    wait_for("the unsigned task refused", Duration::from_secs(15), || {
+        channel(&a)["refused"].as_u64() == Some(1)
+    });
+    assert_eq!(
+        get(a.addr, "/v1/tasks/unsigned-1", Some(common::TOKEN)).0,
+        404
+    );
+    // The index and the bundle, never the package.
+    assert!(origin_bytes(&origin) < 100_000, "{}", origin_bytes(&origin));
+}

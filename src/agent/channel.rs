@@ -280,6 +280,15 @@ async fn take(agent: &Arc<Agent>, base: &reqwest::Url, id: &str) -> Result<Strin
         Ok(b) => b,
         Err(e) => return Ok(refused(agent, id, &format!("not a task bundle: {e}"))),
     };
+    // Whoever can write the server's files is no publisher: even a lab
+    // agent that takes unsigned tasks through its API takes none from here.
+    if bundle.task.signature.is_none() {
+        return Ok(refused(
+            agent,
+            id,
+            "unsigned: a channel carries only signed tasks",
+        ));
+    }
     let listed = document::parse::<crate::trust::TaskDoc>(&bundle.task, document::TASK_TYPE)
         .map(|d| d.id == id)
         .unwrap_or(true);
@@ -323,6 +332,9 @@ async fn withdraw(agent: &Arc<Agent>, base: &reqwest::Url, id: &str) -> Result<S
         Ok(e) => e,
         Err(e) => return Ok(refused(agent, id, &format!("withdrawal: {e}"))),
     };
+    if env.signature.is_none() {
+        return Ok(refused(agent, id, "withdrawal: unsigned"));
+    }
     match admit::cancel(agent, id, Some(&env)) {
         Ok(running) => {
             lock(agent).withdrawn += 1;
