@@ -11,6 +11,7 @@
 # Loopback only; installs nginx if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lab.sh
 agents=1000 poll=5 seconds=40
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -28,26 +29,8 @@ chmod 0755 "$WORK"
 nginx_pid=
 trap '[ -n "$nginx_pid" ] && kill "$nginx_pid" 2>/dev/null; rm -rf "$WORK"' EXIT
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-mkdir -p "$WORK/www" "$WORK/nginx"
-user_line=$([ "$(id -u)" = 0 ] && echo "user root;" || true)
-cat >"$WORK/nginx.conf" <<CONF
-daemon off;
-$user_line
-worker_processes 1;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx/body;
-    proxy_temp_path $WORK/nginx/proxy;
-    fastcgi_temp_path $WORK/nginx/fastcgi;
-    uwsgi_temp_path $WORK/nginx/uwsgi;
-    scgi_temp_path $WORK/nginx/scgi;
-    types { application/json json; }
-    server { listen 127.0.0.1:$port; root $WORK/www; }
-}
-CONF
+mkdir -p "$WORK/www"
+lab_nginx_conf "$WORK/nginx.conf" "$WORK/nginx" "127.0.0.1:$port" "$WORK/www"
 nginx -p "$WORK/nginx" -c "$WORK/nginx.conf" &
 nginx_pid=$!
 "$BIN" key generate "$WORK/publisher" 2>/dev/null

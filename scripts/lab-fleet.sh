@@ -35,47 +35,9 @@ KEY=$WORK/publisher.key PUB=$WORK/publisher.pub
 trap 'lab_down_matching "^lf-"; rm -rf "$WORK"' EXIT
 lab_down_matching "^lf-"
 
-ip netns add lf-rt
-ip netns exec lf-rt sysctl -qw net.ipv4.ip_forward=1
-ip -n lf-rt link set lo up
-# Origin on its own link to the router (the data centre).
-ip netns add lf-o
-ip link add lf-ro type veth peer name lf-or
-ip link set lf-ro netns lf-rt; ip link set lf-or netns lf-o
-ip -n lf-rt link set lf-ro name eth-o; ip -n lf-o link set lf-or name eth0
-ip -n lf-rt addr add 10.81.9.1/24 dev eth-o; ip -n lf-o addr add 10.81.9.10/24 dev eth0
-ip -n lf-rt link set eth-o up; ip -n lf-o link set eth0 up; ip -n lf-o link set lo up
-ip -n lf-o route add default via 10.81.9.1
-
-hosts=()
-for s in a b; do
-    net=10.81.$([ "$s" = a ] && echo 1 || echo 2)
-    ip netns add "lf-sw$s"
-    ip -n "lf-sw$s" link add br0 type bridge
-    ip -n "lf-sw$s" link set br0 type bridge mcast_snooping 0
-    ip -n "lf-sw$s" link set br0 up
-    # The router's leg in this subnet; its egress is the branch's WAN downlink.
-    ip link add "lf-r$s" type veth peer name "lf-p$s"
-    ip link set "lf-r$s" netns lf-rt; ip link set "lf-p$s" netns "lf-sw$s"
-    ip -n lf-rt link set "lf-r$s" name "eth-$s"
-    ip -n lf-rt addr add "$net.1/24" dev "eth-$s"; ip -n lf-rt link set "eth-$s" up
-    ip -n "lf-sw$s" link set "lf-p$s" master br0; ip -n "lf-sw$s" link set "lf-p$s" up
-    ip netns exec lf-rt tc qdisc add dev "eth-$s" root tbf rate "$wan" burst 64kb latency 100ms
-    for ((i = 1; i <= per; i++)); do
-        h="lf-$s$i"
-        ip netns add "$h"
-        ip link add "lf-v$s$i" type veth peer name "lf-q$s$i"
-        ip link set "lf-v$s$i" netns "$h"; ip link set "lf-q$s$i" netns "lf-sw$s"
-        ip -n "$h" link set "lf-v$s$i" name eth0
-        ip -n "$h" addr add "$net.$((i + 10))/24" dev eth0
-        ip -n "$h" link set eth0 up; ip -n "$h" link set lo up
-        ip -n "$h" route add default via "$net.1"
-        ip -n "lf-sw$s" link set "lf-q$s$i" master br0; ip -n "lf-sw$s" link set "lf-q$s$i" up
-        ip netns exec "$h" sysctl -qw net.core.rmem_max=8388608 2>/dev/null || true
-        lab_ns_loss "$h" "$loss"
-        hosts+=("$h:$net.$((i + 10))")
-    done
-done
+lab_routed lf 10.81 "$wan" "$per" a b
+hosts=("${LAB_ROUTED[@]}")
+for hv in "${hosts[@]}"; do lab_ns_loss "${hv%%:*}" "$loss"; done
 
 mkdir -p "$WORK/origin"
 bytes=$(numfmt --from=iec "$size")

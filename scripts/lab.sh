@@ -142,6 +142,81 @@ lab_up() {
     done
 }
 
+# lab_routed P NET WAN PER S...: several subnets behind a router, as a
+# company's offices or floors: router P-rt; an origin host P-o at NET.9.10
+# on a subnet of its own; for each S (the n-th one NET.n.0/24) a bridge
+# P-swS and PER hosts P-S1.. at NET.n.11.., the router's leg into the subnet
+# limited to WAN (tbf). Sets LAB_ROUTED to the hosts as "namespace:address".
+lab_routed() {
+    local p=$1 net=$2 wan=$3 per=$4 n=0 s i h
+    shift 4
+    ip netns add "$p-rt"
+    ip netns exec "$p-rt" sysctl -qw net.ipv4.ip_forward=1
+    ip -n "$p-rt" link set lo up
+    ip netns add "$p-o"
+    ip link add "$p-ro" type veth peer name "$p-or"
+    ip link set "$p-ro" netns "$p-rt"; ip link set "$p-or" netns "$p-o"
+    ip -n "$p-rt" link set "$p-ro" name eth-o; ip -n "$p-o" link set "$p-or" name eth0
+    ip -n "$p-rt" addr add "$net.9.1/24" dev eth-o; ip -n "$p-o" addr add "$net.9.10/24" dev eth0
+    ip -n "$p-rt" link set eth-o up; ip -n "$p-o" link set eth0 up; ip -n "$p-o" link set lo up
+    ip -n "$p-o" route add default via "$net.9.1"
+    LAB_ROUTED=()
+    for s in "$@"; do
+        n=$((n + 1))
+        ip netns add "$p-sw$s"
+        ip -n "$p-sw$s" link add br0 type bridge
+        ip -n "$p-sw$s" link set br0 type bridge mcast_snooping 0
+        ip -n "$p-sw$s" link set br0 up
+        ip link add "$p-r$s" type veth peer name "$p-p$s"
+        ip link set "$p-r$s" netns "$p-rt"; ip link set "$p-p$s" netns "$p-sw$s"
+        ip -n "$p-rt" link set "$p-r$s" name "eth-$s"
+        ip -n "$p-rt" addr add "$net.$n.1/24" dev "eth-$s"; ip -n "$p-rt" link set "eth-$s" up
+        ip -n "$p-sw$s" link set "$p-p$s" master br0; ip -n "$p-sw$s" link set "$p-p$s" up
+        ip netns exec "$p-rt" tc qdisc add dev "eth-$s" root tbf rate "$wan" burst 64kb latency 100ms
+        for ((i = 1; i <= per; i++)); do
+            h="$p-$s$i"
+            ip netns add "$h"
+            ip link add "$p-v$s$i" type veth peer name "$p-q$s$i"
+            ip link set "$p-v$s$i" netns "$h"; ip link set "$p-q$s$i" netns "$p-sw$s"
+            ip -n "$h" link set "$p-v$s$i" name eth0
+            ip -n "$h" addr add "$net.$n.$((i + 10))/24" dev eth0
+            ip -n "$h" link set eth0 up; ip -n "$h" link set lo up
+            ip -n "$h" route add default via "$net.$n.1"
+            ip -n "$p-sw$s" link set "$p-q$s$i" master br0; ip -n "$p-sw$s" link set "$p-q$s$i" up
+            ip netns exec "$h" sysctl -qw net.core.rmem_max=8388608 2>/dev/null || true
+            LAB_ROUTED+=("$h:$net.$n.$((i + 10))")
+        done
+    done
+}
+
+# lab_nginx_conf CONF DIR LISTEN ROOT: an nginx config in CONF that serves
+# ROOT on LISTEN (static files, ETag), keeping its pid, logs and temporary
+# files under DIR; access log DIR/access.log.
+lab_nginx_conf() {
+    local conf=$1 dir=$2 listen=$3 root=$4 user=
+    [ "$(id -u)" = 0 ] && user="user root;"
+    mkdir -p "$dir"
+    cat >"$conf" <<EOF
+daemon off;
+$user
+worker_processes 1;
+pid $dir/nginx.pid;
+error_log $dir/error.log;
+events { worker_connections 8192; }
+http {
+    access_log $dir/access.log;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    types { application/json json; }
+    default_type application/octet-stream;
+    server { listen $listen; root $root; }
+}
+EOF
+}
+
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     set -euo pipefail
     cmd=${1:-}

@@ -54,70 +54,14 @@ KEY=$WORK/publisher.key PUB=$WORK/publisher.pub
 TOKEN=ns-channel-$$
 O=10.82.9.10
 
-ip netns add nc-rt
-ip netns exec nc-rt sysctl -qw net.ipv4.ip_forward=1
-ip -n nc-rt link set lo up
-ip netns add nc-o
-ip link add nc-ro type veth peer name nc-or
-ip link set nc-ro netns nc-rt; ip link set nc-or netns nc-o
-ip -n nc-rt link set nc-ro name eth-o; ip -n nc-o link set nc-or name eth0
-ip -n nc-rt addr add 10.82.9.1/24 dev eth-o; ip -n nc-o addr add $O/24 dev eth0
-ip -n nc-rt link set eth-o up; ip -n nc-o link set eth0 up; ip -n nc-o link set lo up
-ip -n nc-o route add default via 10.82.9.1
-
-hosts=()
-n=0
-for s in a b c; do
-    n=$((n + 1))
-    net=10.82.$n
-    ip netns add "nc-sw$s"
-    ip -n "nc-sw$s" link add br0 type bridge
-    ip -n "nc-sw$s" link set br0 type bridge mcast_snooping 0
-    ip -n "nc-sw$s" link set br0 up
-    ip link add "nc-r$s" type veth peer name "nc-p$s"
-    ip link set "nc-r$s" netns nc-rt; ip link set "nc-p$s" netns "nc-sw$s"
-    ip -n nc-rt link set "nc-r$s" name "eth-$s"
-    ip -n nc-rt addr add "$net.1/24" dev "eth-$s"; ip -n nc-rt link set "eth-$s" up
-    ip -n "nc-sw$s" link set "nc-p$s" master br0; ip -n "nc-sw$s" link set "nc-p$s" up
-    ip netns exec nc-rt tc qdisc add dev "eth-$s" root tbf rate "$wan" burst 64kb latency 100ms
-    for ((i = 1; i <= per; i++)); do
-        h="nc-$s$i"
-        ip netns add "$h"
-        ip link add "nc-v$s$i" type veth peer name "nc-q$s$i"
-        ip link set "nc-v$s$i" netns "$h"; ip link set "nc-q$s$i" netns "nc-sw$s"
-        ip -n "$h" link set "nc-v$s$i" name eth0
-        ip -n "$h" addr add "$net.$((i + 10))/24" dev eth0
-        ip -n "$h" link set eth0 up; ip -n "$h" link set lo up
-        ip -n "$h" route add default via "$net.1"
-        ip -n "nc-sw$s" link set "nc-q$s$i" master br0; ip -n "nc-sw$s" link set "nc-q$s$i" up
-        ip netns exec "$h" sysctl -qw net.core.rmem_max=8388608 2>/dev/null || true
-        hosts+=("$h:$net.$((i + 10))")
-    done
-done
+lab_routed nc 10.82 "$wan" "$per" a b c
+hosts=("${LAB_ROUTED[@]}")
 agents=${#hosts[@]}
 
 # The origin: nginx serves the packages and the channel.
 www=$WORK/www
-mkdir -p "$www" "$WORK/nginx" "$WORK/reports"
-cat >"$WORK/nginx.conf" <<EOF
-daemon off;
-user root;
-worker_processes 1;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log;
-events { worker_connections 1024; }
-http {
-    access_log $WORK/nginx/access.log;
-    client_body_temp_path $WORK/nginx/body;
-    proxy_temp_path $WORK/nginx/proxy;
-    fastcgi_temp_path $WORK/nginx/fastcgi;
-    uwsgi_temp_path $WORK/nginx/uwsgi;
-    scgi_temp_path $WORK/nginx/scgi;
-    types { application/json json; }
-    default_type application/octet-stream;
-    server { listen $O:8080; root $www; }
-}
-EOF
+mkdir -p "$www" "$WORK/reports"
+lab_nginx_conf "$WORK/nginx.conf" "$WORK/nginx" "$O:8080" "$www"
 ip netns exec nc-o nginx -p "$WORK/nginx" -c "$WORK/nginx.conf" &
 ip netns exec nc-o "$BIN" serve "$WORK/nginx" --listen $O:8081 --reports "$WORK/reports" 2>"$WORK/reports.log" &
 
