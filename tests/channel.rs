@@ -467,3 +467,60 @@ fn a_lab_agent_takes_no_unsigned_task_from_a_channel() {
     // The index and the bundle, never the package.
     assert!(origin_bytes(&origin) < 100_000, "{}", origin_bytes(&origin));
 }
+
+/// A collector that takes the connection and never answers does not hold
+/// up the agent's clean stop: on SIGTERM it exits at once, the report
+/// still queued for the next start.
+#[cfg(unix)]
+#[test]
+fn a_silent_collector_does_not_hold_up_the_agents_stop() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let held = held.clone();
+        std::thread::spawn(move || {
+            for c in silent.incoming().flatten() {
+                held.lock().unwrap().push(c);
+            }
+        });
+    }
+    let dir = TempDir::new("silent-collector");
+    let origin = start_origin(&origin_dir(&dir), "0");
+    let (m, _) = package(&dir.0, 100_000, 45, origin.addr);
+    let cache = TempDir::new("silent-collector-agent");
+    let mut a = common::start_agent(&cache.0, private_group(), &[]);
+    let spec = serde_json::json!({
+        "id": "rep", "manifest": m, "delay_ms": 0,
+        "report_url": format!("http://{silent_addr}/reports"),
+    });
+    assert_eq!(common::post_task(&a, &spec).0, 201);
+    wait_done(&a, "rep", Duration::from_secs(30));
+    wait_for("the report being sent", Duration::from_secs(10), || {
+        !held.lock().unwrap().is_empty()
+    });
+    let t0 = std::time::Instant::now();
+    let pid = a.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = loop {
+        if let Some(s) = a.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "still stopping after 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(
+        cache.0.join("reports").join("rep.json").exists(),
+        "the report is kept"
+    );
+}

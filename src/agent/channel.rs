@@ -117,7 +117,15 @@ pub async fn run(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) -> anyhow::
             _ = tokio::time::sleep(wait) => {}
             _ = stop.wait_for(|s| *s) => return Ok(()),
         }
-        let outcome = poll_once(&agent, &base, &mut memory).await;
+        // A stopping agent does not wait for a slow server; what this poll
+        // judged is saved, the rest is judged again next time.
+        let outcome = tokio::select! {
+            o = poll_once(&agent, &base, &mut memory) => o,
+            _ = stop.wait_for(|s| *s) => {
+                save(&path, &memory);
+                return Ok(());
+            }
+        };
         {
             let mut s = lock(&agent);
             s.polls += 1;

@@ -144,14 +144,19 @@ pub async fn run(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) -> anyhow::
                 let _ = std::fs::remove_file(&path);
                 continue;
             };
-            let sent = agent
+            let post = agent
                 .http
                 .post(&q.url)
                 .timeout(POST_TIMEOUT)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(serde_json::to_vec(&q.report).unwrap_or_default())
-                .send()
-                .await;
+                .send();
+            // A stopping agent does not wait for a slow collector: the
+            // report stays queued.
+            let sent = tokio::select! {
+                r = post => r,
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            };
             match sent {
                 Ok(r) if r.status().is_success() => {
                     let _ = std::fs::remove_file(&path);
