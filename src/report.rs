@@ -36,7 +36,7 @@ pub async fn load(src: &str, task: &str) -> anyhow::Result<Vec<Report>> {
     }
     let values: Vec<Value> = if src.starts_with("http://") || src.starts_with("https://") {
         let url = format!("{}/{task}", src.trim_end_matches('/'));
-        let resp = crate::fetch::client()
+        let mut resp = crate::fetch::client()
             .get(&url)
             .timeout(std::time::Duration::from_secs(60))
             .send()
@@ -45,7 +45,16 @@ pub async fn load(src: &str, task: &str) -> anyhow::Result<Vec<Report>> {
         if !resp.status().is_success() {
             bail!("GET {url}: HTTP {}", resp.status());
         }
-        let body = resp.bytes().await.with_context(|| format!("GET {url}"))?;
+        // A collector's answer is read to a bound, like anything from the
+        // network: every report at its largest.
+        let max = MAX_REPORTS * 8 * 1024;
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.with_context(|| format!("GET {url}"))? {
+            body.extend_from_slice(&chunk);
+            if body.len() > max {
+                bail!("GET {url}: longer than {max} bytes");
+            }
+        }
         serde_json::from_slice(&body).with_context(|| format!("{url}: not a list of reports"))?
     } else {
         let dir = Path::new(src).join(task);
