@@ -398,8 +398,17 @@ fn the_repair_server_caps_connections_per_source_and_request_size() {
     drop(held);
     std::thread::sleep(Duration::from_millis(200));
     let mut big = open();
+    big.write_all(b"SR\x01\x01").unwrap();
     big.write_all(&(4u32 << 20).to_le_bytes()).unwrap();
     assert!(closed(&mut big), "a huge request frame is refused at once");
+    // Something that is no repair frame (an old length-first client, or
+    // another protocol) is refused on its first eight bytes.
+    let mut stranger = open();
+    stranger.write_all(b"GET / HT").unwrap();
+    assert!(
+        closed(&mut stranger),
+        "a frame without the magic is refused"
+    );
     let refused = get_json(agent.addr, "/v1/status")["lan"]["datagrams"]["repair_refused"]
         .as_u64()
         .unwrap();

@@ -455,8 +455,8 @@ pub fn encode_data(session: u64, block: u32, esi: u32, payload: &[u8], out: &mut
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
-/// Postcard's unsigned varint: seven bits a byte, low bits first.
-fn push_varint(out: &mut Vec<u8>, mut v: u32) {
+/// Appends postcard's unsigned varint: seven bits a byte, low bits first.
+pub fn push_varint(out: &mut Vec<u8>, mut v: u32) {
     while v >= 0x80 {
         out.push(v as u8 | 0x80);
         v >>= 7;

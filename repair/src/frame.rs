@@ -1,18 +1,43 @@
-//! Repair frames on a TCP stream: a 4-byte little-endian length, then a
-//! postcard body. A length above [`MAX_FRAME`] or a body that does not parse
-//! exactly is an error: the connection is dropped, never a panic.
+//! Repair frames on a TCP stream. Every frame has an 8-byte header, then a
+//! postcard body:
+//!
+//! ```text
+//! +-------+---------+------+-------------+------------------+
+//! | magic | version | kind | body length | postcard body    |
+//! | "SR"  | 1 B     | 1 B  | 4 B (LE)    | `length` bytes   |
+//! +-------+---------+------+-------------+------------------+
+//! ```
+//!
+//! A wrong magic or version, an unknown kind, a length above the reader's
+//! cap (checked before any of the body is buffered), or a body that does not
+//! parse exactly is a [`FrameError`]: the connection is dropped, never a
+//! panic. docs/PROTOCOL.md §4 specifies each body.
 
-use multicast::wire::Digest;
+use multicast::wire::{Digest, push_varint};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+/// "SR": a somcast repair frame.
+pub const MAGIC: [u8; 2] = *b"SR";
+/// Bumped on any incompatible change of a body or of the header.
+pub const VERSION: u8 = 1;
+/// magic + version + kind + body length.
+pub const HEADER_LEN: usize = 8;
 /// Largest frame body: 64 symbols of the largest T with room to spare.
 pub const MAX_FRAME: usize = 4 * 1024 * 1024 + 1024;
 /// Symbols per `Symbols` frame: about 90 KB at T = 1400, so a stop takes
 /// effect within a frame or two.
 pub const SYMBOLS_PER_FRAME: u32 = 64;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+mod kind {
+    pub const NEED: u8 = 1;
+    pub const SYMBOLS: u8 = 2;
+    pub const NOT_HELD: u8 = 3;
+    pub const BUSY: u8 = 4;
+    pub const STOP: u8 = 5;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
     /// Requester: what it lacks of one block.
     Need {
@@ -40,44 +65,175 @@ pub enum Frame {
     Stop { block: u32 },
 }
 
+#[derive(Serialize, Deserialize)]
+struct NeedBody {
+    content: Digest,
+    block: u32,
+    held: u32,
+    need: u32,
+    highest_esi: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct SymbolsBody<'a> {
+    block: u32,
+    first_esi: u32,
+    #[serde(borrow)]
+    payload: &'a [u8],
+}
+
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum FrameError {
-    #[error("frame of {0} bytes is over the {MAX_FRAME}-byte cap")]
-    TooLong(usize),
+    #[error("not a somcast repair frame (bad magic)")]
+    BadMagic,
+    #[error("repair protocol version {0} is not supported (this build speaks {VERSION})")]
+    BadVersion(u8),
+    #[error("unknown repair frame kind {0}")]
+    BadKind(u8),
+    #[error("frame of {len} bytes is over the {max}-byte cap")]
+    TooLong { len: usize, max: usize },
     #[error("frame body does not parse: {0}")]
-    BadBody(String),
+    BadBody(postcard::Error),
+    #[error("{0} bytes left after the frame body")]
+    TrailingBytes(usize),
 }
 
-/// Appends one frame, length first.
+/// Appends one frame, header first.
 pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(frame.kind());
+    out.extend_from_slice(&[0; 4]);
     // Serializing these plain types into a Vec cannot fail.
-    let body = postcard::to_stdvec(frame).expect("postcard serialization into a Vec is infallible");
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
+    let infallible = "postcard serialization into a Vec is infallible for repair frames";
+    match frame {
+        Frame::Need {
+            content,
+            block,
+            held,
+            need,
+            highest_esi,
+        } => {
+            let body = NeedBody {
+                content: *content,
+                block: *block,
+                held: *held,
+                need: *need,
+                highest_esi: *highest_esi,
+            };
+            *out = postcard::to_extend(&body, std::mem::take(out)).expect(infallible);
+        }
+        // By hand: serde would copy the payload a byte at a time. The bytes
+        // are postcard's encoding of (u32, u32, &[u8]).
+        Frame::Symbols {
+            block,
+            first_esi,
+            payload,
+        } => {
+            out.reserve(15 + payload.len());
+            push_varint(out, *block);
+            push_varint(out, *first_esi);
+            push_varint(out, payload.len() as u32);
+            out.extend_from_slice(payload);
+        }
+        Frame::NotHeld { block } | Frame::Stop { block } => push_varint(out, *block),
+        Frame::Busy => {}
+    }
+    let len = (out.len() - start - HEADER_LEN) as u32;
+    out[start + 4..start + HEADER_LEN].copy_from_slice(&len.to_le_bytes());
 }
 
-/// Decodes the first frame in `buf`: `Ok(None)` when more bytes are needed,
-/// else the frame and the bytes it took.
-pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
-    let Some(len) = buf.get(..4) else {
-        return Ok(None);
-    };
-    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLong(len));
+impl Frame {
+    fn kind(&self) -> u8 {
+        match self {
+            Frame::Need { .. } => kind::NEED,
+            Frame::Symbols { .. } => kind::SYMBOLS,
+            Frame::NotHeld { .. } => kind::NOT_HELD,
+            Frame::Busy => kind::BUSY,
+            Frame::Stop { .. } => kind::STOP,
+        }
     }
-    let Some(body) = buf.get(4..4 + len) else {
+}
+
+/// Checks the header at the start of `buf`, once it is all there: the body
+/// length it declares, or why the connection must be dropped. `max` is the
+/// reader's cap on the body ([`MAX_FRAME`] or less).
+pub fn check_header(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
+    let Some(header) = buf.get(..HEADER_LEN) else {
         return Ok(None);
     };
-    let (frame, rest) =
-        postcard::take_from_bytes::<Frame>(body).map_err(|e| FrameError::BadBody(e.to_string()))?;
+    if header[..2] != MAGIC {
+        return Err(FrameError::BadMagic);
+    }
+    if header[2] != VERSION {
+        return Err(FrameError::BadVersion(header[2]));
+    }
+    if !(kind::NEED..=kind::STOP).contains(&header[3]) {
+        return Err(FrameError::BadKind(header[3]));
+    }
+    let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+    if len > max.min(MAX_FRAME) {
+        return Err(FrameError::TooLong {
+            len,
+            max: max.min(MAX_FRAME),
+        });
+    }
+    Ok(Some(len))
+}
+
+/// Decodes the first frame in `buf`, whose body may be at most `max` bytes:
+/// `Ok(None)` when more bytes are needed, else the frame and the bytes it
+/// took.
+pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Frame, usize)>, FrameError> {
+    let Some(len) = check_header(buf, max)? else {
+        return Ok(None);
+    };
+    let Some(body) = buf.get(HEADER_LEN..HEADER_LEN + len) else {
+        return Ok(None);
+    };
+    let frame = match buf[3] {
+        kind::NEED => {
+            let b: NeedBody = strict(body)?;
+            Frame::Need {
+                content: b.content,
+                block: b.block,
+                held: b.held,
+                need: b.need,
+                highest_esi: b.highest_esi,
+            }
+        }
+        kind::SYMBOLS => {
+            let b: SymbolsBody = strict(body)?;
+            Frame::Symbols {
+                block: b.block,
+                first_esi: b.first_esi,
+                payload: b.payload.to_vec(),
+            }
+        }
+        kind::NOT_HELD => Frame::NotHeld {
+            block: strict(body)?,
+        },
+        kind::STOP => Frame::Stop {
+            block: strict(body)?,
+        },
+        _ => {
+            if !body.is_empty() {
+                return Err(FrameError::TrailingBytes(body.len()));
+            }
+            Frame::Busy
+        }
+    };
+    Ok(Some((frame, HEADER_LEN + len)))
+}
+
+/// Parses a whole body: trailing bytes are an error.
+fn strict<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
+    let (v, rest) = postcard::take_from_bytes(body).map_err(FrameError::BadBody)?;
     if !rest.is_empty() {
-        return Err(FrameError::BadBody(format!(
-            "{} bytes after the body",
-            rest.len()
-        )));
+        return Err(FrameError::TrailingBytes(rest.len()));
     }
-    Ok(Some((frame, 4 + len)))
+    Ok(v)
 }
 
 #[cfg(test)]
@@ -113,7 +269,7 @@ mod tests {
         let mut buf = Vec::new();
         for b in stream {
             buf.push(b);
-            while let Some((f, used)) = decode(&buf).unwrap() {
+            while let Some((f, used)) = decode(&buf, MAX_FRAME).unwrap() {
                 got.push(f);
                 buf.drain(..used);
             }
@@ -123,22 +279,73 @@ mod tests {
 
     #[test]
     fn an_oversized_length_is_refused_before_anything_is_buffered() {
-        let mut buf = ((MAX_FRAME + 1) as u32).to_le_bytes().to_vec();
-        buf.push(0);
-        assert_eq!(decode(&buf), Err(FrameError::TooLong(MAX_FRAME + 1)));
+        let mut buf = b"SR\x01\x02".to_vec();
+        buf.extend_from_slice(&((MAX_FRAME + 1) as u32).to_le_bytes());
+        let too_long = FrameError::TooLong {
+            len: MAX_FRAME + 1,
+            max: MAX_FRAME,
+        };
+        assert_eq!(decode(&buf, MAX_FRAME), Err(too_long));
+        // A reader's own cap is lower: a requester's frame is small.
+        buf[4..8].copy_from_slice(&5000u32.to_le_bytes());
+        let too_long = FrameError::TooLong {
+            len: 5000,
+            max: 4096,
+        };
+        assert_eq!(decode(&buf, 4096), Err(too_long));
+    }
+
+    #[test]
+    fn a_wrong_magic_version_or_kind_is_refused() {
+        let mut good = Vec::new();
+        encode(&Frame::Stop { block: 3 }, &mut good);
+        assert!(decode(&good, MAX_FRAME).unwrap().is_some());
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert_eq!(decode(&bad, MAX_FRAME), Err(FrameError::BadMagic));
+        let mut bad = good.clone();
+        bad[2] = VERSION + 1;
+        assert_eq!(
+            decode(&bad, MAX_FRAME),
+            Err(FrameError::BadVersion(VERSION + 1))
+        );
+        let mut bad = good.clone();
+        bad[3] = 9;
+        assert_eq!(decode(&bad, MAX_FRAME), Err(FrameError::BadKind(9)));
+        // Busy has no body; a byte after it is refused.
+        let mut bad = Vec::new();
+        encode(&Frame::Busy, &mut bad);
+        bad[4] = 1;
+        bad.push(0);
+        assert_eq!(decode(&bad, MAX_FRAME), Err(FrameError::TrailingBytes(1)));
+    }
+
+    #[test]
+    fn symbols_encoded_by_hand_are_postcards_bytes() {
+        let payload = vec![7u8; 300];
+        let mut out = Vec::new();
+        let f = Frame::Symbols {
+            block: 200,
+            first_esi: 1 << 23,
+            payload: payload.clone(),
+        };
+        encode(&f, &mut out);
+        let by_serde = postcard::to_stdvec(&(200u32, 1u32 << 23, payload)).unwrap();
+        assert_eq!(&out[HEADER_LEN..], &by_serde[..]);
     }
 
     proptest! {
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
-            let _ = decode(&bytes);
+            let _ = decode(&bytes, MAX_FRAME);
         }
 
         #[test]
-        fn random_bodies_behind_a_valid_length_never_panic(body in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let mut buf = (body.len() as u32).to_le_bytes().to_vec();
+        fn random_bodies_behind_a_valid_header_never_panic(kind in 0u8..7, body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut buf = vec![b'S', b'R', VERSION, kind];
+            buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
             buf.extend_from_slice(&body);
-            let _ = decode(&buf);
+            let _ = decode(&buf, MAX_FRAME);
         }
     }
 }

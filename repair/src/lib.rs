@@ -7,7 +7,8 @@
 //! stream as soon as the block decodes and checks its SHA-256; a peer whose
 //! symbols do not decode to the right block is dropped.
 //!
-//! - [`frame`]: length-prefixed postcard frames with a size cap.
+//! - [`frame`]: framed postcard bodies (magic, version, kind, length) with a
+//!   size cap; docs/PROTOCOL.md §4.
 //! - [`serve`]: the answering side, sans-IO.
 //! - [`fetch`]: the asking side for one block, sans-IO.
 //! - [`choose`]: which peer to ask, spread by load, with a per-peer limit.

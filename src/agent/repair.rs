@@ -187,16 +187,10 @@ impl Conn {
 
     async fn read_frame_inner(&mut self, buf: &mut Vec<u8>) -> anyhow::Result<Option<Frame>> {
         loop {
-            if let Some(len) = buf.get(..4) {
-                let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
-                if len > self.max_frame {
-                    anyhow::bail!(
-                        "a frame of {len} bytes declared (at most {})",
-                        self.max_frame
-                    );
-                }
-            }
-            if let Some((f, used)) = frame::decode(buf)? {
+            // The header is checked (and the frame refused) before more of
+            // a frame declared too long is buffered.
+            frame::check_header(buf, self.max_frame)?;
+            if let Some((f, used)) = frame::decode(buf, self.max_frame)? {
                 buf.drain(..used);
                 return Ok(Some(f));
             }
