@@ -477,7 +477,7 @@ pub struct AgentArgs {
     /// this agent receives (1 = a network where multicast does not reach).
     #[arg(long, hide = true, env = "SOMCAST_LAB_DROP_RATE", value_parser = parse_probability)]
     pub lab_drop_rate: Option<f64>,
-    /// Upload cap of peer repair, bit/s (default 800M; 0 = none).
+    /// Upload cap of peer repair, bit/s (default: none; 0 = none).
     #[arg(long, env = "SOMCAST_REPAIR_RATE", value_parser = parse_rate)]
     pub repair_rate: Option<u64>,
     /// Cache size cap for eviction (default 20G).

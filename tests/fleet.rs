@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::{
     BIN, Proc, TempDir, get_json, json, origin_bytes, origin_dir, package, post, start_agent,
-    start_origin, wait_done, wait_for,
+    start_origin, wait_done, wait_for, wait_peers,
 };
 use somcast::demo::{generate_file, private_group};
 
@@ -107,16 +107,6 @@ fn a_sealed_transfer_reaches_only_receivers_with_the_key() {
 }
 
 /// Waits until agent `a` has `n` peers.
-fn wait_peers(a: &Proc, n: usize, what: &str) {
-    wait_for(what, Duration::from_secs(10), || {
-        get_json(a.addr, "/v1/status")["peers"]
-            .as_array()
-            .unwrap()
-            .len()
-            == n
-    });
-}
-
 fn repair_port(a: &Proc) -> SocketAddr {
     let port = get_json(a.addr, "/v1/status")["repair_port"]
         .as_u64()

@@ -254,6 +254,7 @@ fn repair_examples() -> Vec<(&'static str, rframe::Frame)> {
         ("repair-not-held", rframe::Frame::NotHeld { block: 1 }),
         ("repair-busy", rframe::Frame::Busy),
         ("repair-stop", rframe::Frame::Stop { block: 1 }),
+        ("repair-end", rframe::Frame::End { block: 1 }),
     ]
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{
     Proc, TempDir, cached, finished, origin_bytes, package, post, start_agent, start_origin, task,
-    wait_for,
+    wait_for, wait_peers,
 };
 use serde_json::{Value, json};
 use somcast::demo::private_group;
@@ -242,5 +242,49 @@ fn where_multicast_does_not_reach_peers_carry_the_load_not_the_origin() {
     assert!(
         served as f64 <= 1.05 * size as f64,
         "origin sent {served} for {size}"
+    );
+}
+
+/// A subnet whose switch passes the control group but no multicast data:
+/// the representative fetches from the origin all the same, and every
+/// receiver, hearing its offers but none of its session, takes the
+/// package from peers over unicast instead of electing again and again.
+#[test]
+fn a_subnet_without_multicast_data_distributes_over_unicast_from_one_download() {
+    let dir = TempDir::new("deaf-subnet");
+    let origin_dir = dir.0.join("origin");
+    std::fs::create_dir_all(&origin_dir).unwrap();
+    let origin = start_origin(&origin_dir, "0");
+    let size = 6 * 1024 * 1024 + 5;
+    let (m, bytes) = package(&dir.0, size, 15, origin.addr);
+    let group = private_group();
+    let caches: Vec<TempDir> = (0..4).map(|_| TempDir::new("deaf-agent")).collect();
+    let agents: Vec<_> = caches
+        .iter()
+        .map(|c| start_agent(&c.0, group, &["--lab-drop-rate", "1"]))
+        .collect();
+    for a in &agents {
+        wait_peers(a, 3, "four agents hear each other");
+    }
+    let spec = json!({ "id": "deaf", "manifest": m, "delay_ms": 300 });
+    for a in &agents {
+        post(a, &spec);
+    }
+    let mut over_unicast = 0;
+    for (a, c) in agents.iter().zip(&caches) {
+        wait_for("done", Duration::from_secs(120), || {
+            finished(&task(a, "deaf"))
+        });
+        let s = task(a, "deaf");
+        assert_eq!(s["state"], "done", "{s}");
+        assert_eq!(s["bytes"]["multicast"], 0, "nothing was heard: {s}");
+        assert_eq!(cached(&c.0, &m.content_id).as_deref(), Some(&bytes[..]));
+        over_unicast += usize::from(s["history"].to_string().contains("over unicast"));
+    }
+    assert_eq!(over_unicast, 3, "every receiver switched to unicast");
+    let served = origin_bytes(&origin);
+    assert!(
+        served as f64 <= 1.05 * size as f64,
+        "origin sent {served} for {size}: one download for the subnet"
     );
 }

@@ -133,6 +133,8 @@ impl BlockFetch {
                 }
             }
             Frame::NotHeld { .. } => FetchStep::Elsewhere,
+            // The end of the peer's answer: the pipeline decides what next.
+            Frame::End { .. } => FetchStep::More,
             Frame::Busy => FetchStep::Busy,
             Frame::Need { .. } | Frame::Stop { .. } => {
                 FetchStep::Misbehaved("a requester's frame from the serving side".into())

@@ -35,6 +35,7 @@ mod kind {
     pub const NOT_HELD: u8 = 3;
     pub const BUSY: u8 = 4;
     pub const STOP: u8 = 5;
+    pub const END: u8 = 6;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +64,9 @@ pub enum Frame {
     Busy,
     /// Requester: the block decoded; send no more of it.
     Stop { block: u32 },
+    /// Peer: every symbol it planned for the block is sent (or the
+    /// requester stopped it); its answer to the next request follows.
+    End { block: u32 },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -137,7 +141,9 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             push_varint(out, payload.len() as u32);
             out.extend_from_slice(payload);
         }
-        Frame::NotHeld { block } | Frame::Stop { block } => push_varint(out, *block),
+        Frame::NotHeld { block } | Frame::Stop { block } | Frame::End { block } => {
+            push_varint(out, *block)
+        }
         Frame::Busy => {}
     }
     let len = (out.len() - start - HEADER_LEN) as u32;
@@ -152,6 +158,7 @@ impl Frame {
             Frame::NotHeld { .. } => kind::NOT_HELD,
             Frame::Busy => kind::BUSY,
             Frame::Stop { .. } => kind::STOP,
+            Frame::End { .. } => kind::END,
         }
     }
 }
@@ -169,7 +176,7 @@ pub fn check_header(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError>
     if header[2] != VERSION {
         return Err(FrameError::BadVersion(header[2]));
     }
-    if !(kind::NEED..=kind::STOP).contains(&header[3]) {
+    if !(kind::NEED..=kind::END).contains(&header[3]) {
         return Err(FrameError::BadKind(header[3]));
     }
     let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
@@ -217,6 +224,9 @@ pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Frame, usize)>, FrameErr
         kind::STOP => Frame::Stop {
             block: strict(body)?,
         },
+        kind::END => Frame::End {
+            block: strict(body)?,
+        },
         _ => {
             if !body.is_empty() {
                 return Err(FrameError::TrailingBytes(body.len()));
@@ -259,6 +269,7 @@ mod tests {
             Frame::NotHeld { block: 2 },
             Frame::Busy,
             Frame::Stop { block: 7 },
+            Frame::End { block: 7 },
         ];
         let mut stream = Vec::new();
         for f in &frames {

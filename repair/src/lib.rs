@@ -11,14 +11,18 @@
 //!   size cap; docs/PROTOCOL.md §4.
 //! - [`serve`]: the answering side, sans-IO.
 //! - [`fetch`]: the asking side for one block, sans-IO.
+//! - [`pipeline`]: the asking side for many blocks from one peer over one
+//!   connection, requests pipelined, sans-IO.
 //! - [`choose`]: which peer to ask, spread by load, with a per-peer limit.
 
 pub mod choose;
 pub mod fetch;
 pub mod frame;
+pub mod pipeline;
 pub mod serve;
 
 pub use choose::Chooser;
 pub use fetch::{BlockFetch, FetchStep};
 pub use frame::{Frame, FrameError};
+pub use pipeline::Pipeline;
 pub use serve::{Serving, Want};

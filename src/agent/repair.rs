@@ -14,9 +14,9 @@ use multicast::auth::FleetKeys;
 use multicast::codec::{Collector, Layout, Plan};
 use multicast::handshake;
 use multicast::wire::Digest;
-use repair::fetch::Rejected;
 use repair::frame::{self, Frame};
-use repair::{BlockFetch, FetchStep, Serving, Want};
+use repair::pipeline::{Decoded, Step};
+use repair::{BlockFetch, Serving, Want};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
@@ -24,13 +24,15 @@ use tokio::sync::{Semaphore, watch};
 use super::Agent;
 use crate::lab::hex;
 
-/// Blocks served at once; more requests get `Busy` and ask another peer.
-const MAX_UPLOADS: usize = 4;
+/// Blocks served at once (each being sent, or read and planned ahead of
+/// its turn on a pipelined connection); more requests get `Busy` and ask
+/// another peer. Each holds a block in memory (4 MiB by default).
+const MAX_UPLOADS: usize = 8;
 /// A peer that does not complete a frame (or a handshake) within this long
 /// is given up: one that trickles a byte at a time gains nothing.
 const PEER_TIMEOUT: Duration = Duration::from_secs(10);
-/// A block from one peer takes at most this long, however it trickles (4
-/// MiB at 600 kbit/s); then the next peer, or the origin.
+/// A block from one peer takes at most this long from its turn, however
+/// it trickles (4 MiB at 600 kbit/s); then the next peer, or the origin.
 const BLOCK_DEADLINE: Duration = Duration::from_secs(60);
 /// Repair connections served at once, and from one address: enough for
 /// every peer's three blocks in flight on a busy subnet, few enough that
@@ -168,51 +170,106 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// A repair connection: the stream, and with a fleet key the ciphers of
-/// its two directions (every byte after the handshake is encrypted).
-struct Conn {
-    stream: TcpStream,
-    ciphers: Option<(handshake::Cipher, handshake::Cipher)>,
-    /// Longest frame this side takes: a request on the server.
+/// The reading side of a repair connection, with the fleet key's cipher of
+/// that direction (every byte after the handshake is encrypted).
+struct FrameReader {
+    rd: tokio::net::tcp::OwnedReadHalf,
+    rx: Option<handshake::Cipher>,
+    /// Longest frame body this side takes: a request on the server.
     max_frame: usize,
+    buf: Vec<u8>,
 }
 
-impl Conn {
+/// The writing side, with its cipher.
+struct FrameWriter {
+    wr: tokio::net::tcp::OwnedWriteHalf,
+    tx: Option<handshake::Cipher>,
+}
+
+/// Splits a connection (after the handshake, if any) into its two sides.
+fn split(
+    stream: TcpStream,
+    ciphers: Option<(handshake::Cipher, handshake::Cipher)>,
+    max_frame: usize,
+) -> (FrameReader, FrameWriter) {
+    let (rd, wr) = stream.into_split();
+    let (tx, rx) = ciphers.unzip();
+    let reader = FrameReader {
+        rd,
+        rx,
+        max_frame,
+        buf: Vec::new(),
+    };
+    (reader, FrameWriter { wr, tx })
+}
+
+impl FrameReader {
     /// The next frame, which must arrive whole within [`PEER_TIMEOUT`].
-    async fn read_frame(&mut self, buf: &mut Vec<u8>) -> anyhow::Result<Option<Frame>> {
-        tokio::time::timeout(PEER_TIMEOUT, self.read_frame_inner(buf))
+    async fn read_frame(&mut self) -> anyhow::Result<Option<Frame>> {
+        tokio::time::timeout(PEER_TIMEOUT, self.next_frame())
             .await
             .map_err(|_| anyhow::anyhow!("no whole frame within {PEER_TIMEOUT:?}"))?
     }
 
-    async fn read_frame_inner(&mut self, buf: &mut Vec<u8>) -> anyhow::Result<Option<Frame>> {
+    /// The next frame, however long it takes.
+    async fn next_frame(&mut self) -> anyhow::Result<Option<Frame>> {
         loop {
-            // The header is checked (and the frame refused) before more of
-            // a frame declared too long is buffered.
-            frame::check_header(buf, self.max_frame)?;
-            if let Some((f, used)) = frame::decode(buf, self.max_frame)? {
-                buf.drain(..used);
+            if let Some(f) = self.buffered()? {
                 return Ok(Some(f));
             }
             let mut chunk = [0u8; 64 * 1024];
-            let n = self.stream.read(&mut chunk).await?;
+            let n = self.rd.read(&mut chunk).await?;
             if n == 0 {
                 return Ok(None);
             }
-            if let Some((_, rx)) = &mut self.ciphers {
-                rx.apply(&mut chunk[..n]);
-            }
-            buf.extend_from_slice(&chunk[..n]);
+            self.take(&mut chunk[..n]);
         }
     }
 
+    /// A whole frame if one has arrived, without waiting.
+    fn try_frame(&mut self) -> anyhow::Result<Option<Frame>> {
+        loop {
+            if let Some(f) = self.buffered()? {
+                return Ok(Some(f));
+            }
+            let mut chunk = [0u8; 4096];
+            let n = match self.rd.try_read(&mut chunk) {
+                Ok(0) => return Ok(None), // closed: the next read says so
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            self.take(&mut chunk[..n]);
+        }
+    }
+
+    /// The first whole frame in the buffer. The header is checked (and the
+    /// frame refused) before more of a frame declared too long is read.
+    fn buffered(&mut self) -> anyhow::Result<Option<Frame>> {
+        frame::check_header(&self.buf, self.max_frame)?;
+        let Some((f, used)) = frame::decode(&self.buf, self.max_frame)? else {
+            return Ok(None);
+        };
+        self.buf.drain(..used);
+        Ok(Some(f))
+    }
+
+    fn take(&mut self, bytes: &mut [u8]) {
+        if let Some(rx) = &mut self.rx {
+            rx.apply(bytes);
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+}
+
+impl FrameWriter {
     async fn write_frame(&mut self, f: &Frame) -> anyhow::Result<()> {
         let mut out = Vec::new();
         frame::encode(f, &mut out);
-        if let Some((tx, _)) = &mut self.ciphers {
+        if let Some(tx) = &mut self.tx {
             tx.apply(&mut out);
         }
-        tokio::time::timeout(PEER_TIMEOUT, self.stream.write_all(&out)).await??;
+        tokio::time::timeout(PEER_TIMEOUT, self.wr.write_all(&out)).await??;
         Ok(())
     }
 }
@@ -254,6 +311,71 @@ async fn prove_client(
     .map_err(|_| anyhow::anyhow!("no fleet-key handshake within {PEER_TIMEOUT:?}"))?
 }
 
+/// A request taken off the connection, on its way to an answer.
+enum Answer<'a> {
+    /// At once: NOT_HELD or BUSY.
+    Now(Frame),
+    /// The block is being read, checked and planned off the runtime.
+    Block {
+        block: u32,
+        _upload: tokio::sync::SemaphorePermit<'a>,
+        plan: tokio::task::JoinHandle<Option<Serving>>,
+    },
+}
+
+/// Starts the answer to a request: the block's reading and planning runs
+/// while the connection still sends the answer before it.
+fn start_answer<'a>(agent: &Arc<Agent>, limits: &'a Limits, f: Frame) -> Option<Answer<'a>> {
+    let Frame::Need {
+        content,
+        block,
+        held,
+        need,
+        highest_esi,
+    } = f
+    else {
+        return None; // a Stop for a block already finished, or noise
+    };
+    let Some((layout, hash, path)) = lookup(agent, &content, block) else {
+        return Some(Answer::Now(Frame::NotHeld { block }));
+    };
+    let Ok(upload) = limits.slots.try_acquire() else {
+        return Some(Answer::Now(Frame::Busy));
+    };
+    let want = Want {
+        block,
+        held,
+        need,
+        highest_esi,
+    };
+    let plan = tokio::task::spawn_blocking(move || -> Option<Serving> {
+        let f = std::fs::File::open(&path).ok()?;
+        let mut data = vec![0u8; layout.block_len(block)];
+        multicast::driver::read_exact_at(&f, &mut data, layout.offset(block)).ok()?;
+        if multicast::codec::sha256(&data) != hash {
+            tracing::warn!("repair: block {block} on disk fails its hash; not serving it");
+            return None;
+        }
+        let plan = Serving::needs_plan(&want).then(|| Plan::new(layout));
+        Some(Serving::new(
+            &layout,
+            plan.as_ref(),
+            want,
+            &data,
+            multicast::driver::random_id() as u32,
+        ))
+    });
+    Some(Answer::Block {
+        block,
+        _upload: upload,
+        plan,
+    })
+}
+
+/// Requests a requester may queue on one connection before it is
+/// answered; more is a requester that does not wait for answers.
+const MAX_QUEUED_REQUESTS: usize = 16;
+
 async fn connection(
     agent: Arc<Agent>,
     mut stream: TcpStream,
@@ -269,58 +391,44 @@ async fn connection(
         },
         None => None,
     };
-    let mut conn = Conn {
-        stream,
-        ciphers,
-        max_frame: MAX_REQUEST,
-    };
-    let mut buf = Vec::new();
-    while let Some(f) = conn.read_frame(&mut buf).await? {
-        let Frame::Need {
-            content,
-            block,
-            held,
-            need,
-            highest_esi,
-        } = f
-        else {
-            continue; // a Stop for a block already finished, or noise
-        };
-        let Some((layout, hash, path)) = lookup(&agent, &content, block) else {
-            conn.write_frame(&Frame::NotHeld { block }).await?;
-            continue;
-        };
-        let Ok(_slot) = limits.slots.try_acquire() else {
-            conn.write_frame(&Frame::Busy).await?;
-            continue;
-        };
-        let want = Want {
-            block,
-            held,
-            need,
-            highest_esi,
-        };
-        // Read and check the block, and plan the answer, off the runtime.
-        let serving = tokio::task::spawn_blocking(move || -> Option<Serving> {
-            let f = std::fs::File::open(&path).ok()?;
-            let mut data = vec![0u8; layout.block_len(block)];
-            multicast::driver::read_exact_at(&f, &mut data, layout.offset(block)).ok()?;
-            if multicast::codec::sha256(&data) != hash {
-                tracing::warn!("repair: block {block} on disk fails its hash; not serving it");
-                return None;
+    // Answers go out as written: Nagle would hold an END (or a frame's
+    // tail) back until the requester's delayed ACK.
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = split(stream, ciphers, MAX_REQUEST);
+    // Requests read while an answer was being sent, oldest first; the
+    // next one's block is read and planned ahead.
+    let mut queued: std::collections::VecDeque<Frame> = Default::default();
+    let mut next: Option<Answer> = None;
+    loop {
+        let answer = match next.take() {
+            Some(a) => a,
+            None => {
+                let f = match queued.pop_front() {
+                    Some(f) => f,
+                    None => match rd.read_frame().await? {
+                        Some(f) => f,
+                        None => return Ok(()),
+                    },
+                };
+                match start_answer(&agent, &limits, f) {
+                    Some(a) => a,
+                    None => continue,
+                }
             }
-            let plan = Serving::needs_plan(&want).then(|| Plan::new(layout));
-            Some(Serving::new(
-                &layout,
-                plan.as_ref(),
-                want,
-                &data,
-                multicast::driver::random_id() as u32,
-            ))
-        })
-        .await?;
-        let Some(mut serving) = serving else {
-            conn.write_frame(&Frame::NotHeld { block }).await?;
+        };
+        let (block, plan) = match answer {
+            Answer::Now(f) => {
+                wr.write_frame(&f).await?;
+                continue;
+            }
+            Answer::Block {
+                block,
+                _upload,
+                plan,
+            } => (block, (plan.await?, _upload)),
+        };
+        let (Some(mut serving), _upload) = plan else {
+            wr.write_frame(&Frame::NotHeld { block }).await?;
             continue;
         };
         while let Some(mut f) = serving.next_frame() {
@@ -332,19 +440,38 @@ async fn connection(
                     *byte ^= 0x01;
                 }
             }
-            // A requester that has decoded closes the connection: the write
-            // fails and this block is over.
-            conn.write_frame(&f).await?;
+            wr.write_frame(&f).await?;
             if let Frame::Symbols { payload, .. } = &f {
                 super::metrics::Counters::add(
                     &agent.counters.repair_bytes_served,
                     payload.len() as u64,
                 );
             }
+            // What the requester sent meanwhile: a STOP for this block
+            // ends it; requests queue, and the next is prepared now.
+            let mut stopped = false;
+            while let Some(f) = rd.try_frame()? {
+                match f {
+                    Frame::Stop { block: b } if b == block => stopped = true,
+                    Frame::Need { .. } if queued.len() < MAX_QUEUED_REQUESTS => queued.push_back(f),
+                    Frame::Need { .. } => {
+                        anyhow::bail!("more than {MAX_QUEUED_REQUESTS} requests queued")
+                    }
+                    _ => {}
+                }
+            }
+            if next.is_none()
+                && let Some(f) = queued.pop_front()
+            {
+                next = start_answer(&agent, &limits, f);
+            }
+            if stopped {
+                break;
+            }
         }
+        wr.write_frame(&Frame::End { block }).await?;
         super::metrics::Counters::add(&agent.counters.repair_blocks_served, 1);
     }
-    Ok(())
 }
 
 /// Why a peer did not deliver a block.
@@ -358,78 +485,194 @@ pub enum PeerError {
     Failed(String),
 }
 
-/// Fetches block `block` from the repair server at `addr`: the verified
-/// bytes and the payload bytes received.
-/// Within [`BLOCK_DEADLINE`], however the peer trickles.
-pub async fn fetch_block(
-    fleet: Option<&FleetKeys>,
+/// One block for [`fetch_from_peer`]: its hash, and the symbols already
+/// held of it (from the multicast), if any.
+pub struct PeerJob {
+    pub block: u32,
+    pub hash: Digest,
+    pub held: Option<Box<Collector>>,
+}
+
+/// What came of one [`PeerJob`] at a peer: the verified bytes and the
+/// payload bytes received, or why not.
+pub type PeerResult = (SocketAddr, u32, Result<(Vec<u8>, u64), PeerError>);
+
+/// Requests kept outstanding on one connection: enough that the peer
+/// always has the next block read and planned when it ends one.
+pub const PIPELINE_DEPTH: usize = 3;
+
+/// Fetches the blocks sent on `jobs` from the repair server at `addr`,
+/// over one connection with up to [`PIPELINE_DEPTH`] requests outstanding.
+/// Every job gets exactly one result on `results`; after a failure every
+/// later job fails too, so the caller should stop sending. Each block
+/// completes within [`BLOCK_DEADLINE`] of reaching the front of the
+/// queue, however the peer trickles.
+pub async fn fetch_from_peer(
+    fleet: Option<FleetKeys>,
     addr: SocketAddr,
     content: Digest,
     layout: Layout,
-    block: u32,
-    hash: Digest,
-    held: Option<Box<Collector>>,
-) -> Result<(Vec<u8>, u64), PeerError> {
-    let fetch = async {
-        let fail = |e: String| PeerError::Failed(e);
-        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-            .await
-            .map_err(|_| {
-                fail(format!(
-                    "no connection to {addr} within {CONNECT_TIMEOUT:?}"
-                ))
-            })?
-            .map_err(|e| fail(format!("{addr}: {e}")))?;
-        let ciphers = match fleet {
-            Some(keys) => Some(
-                prove_client(&mut stream, keys)
-                    .await
-                    .map_err(|e| fail(format!("{addr}: {}", crate::error_text(e.as_ref()))))?
-                    .ciphers(true),
-            ),
-            None => None,
-        };
-        let mut conn = Conn {
-            stream,
-            ciphers,
-            max_frame: frame::MAX_FRAME,
-        };
-        let mut fetch = BlockFetch::new(layout, block, hash, held);
-        conn.write_frame(&fetch.request(content))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let mut buf = Vec::new();
+    mut jobs: tokio::sync::mpsc::Receiver<PeerJob>,
+    results: tokio::sync::mpsc::UnboundedSender<PeerResult>,
+) {
+    let mut link: Option<PeerLink> = None;
+    let mut pipeline = repair::Pipeline::new(content);
+    let mut front_since = tokio::time::Instant::now();
+    let mut front = None;
+    let outcome: Result<(), String> = async {
         loop {
-            let f = match conn.read_frame(&mut buf).await {
-                Ok(Some(f)) => f,
-                Ok(None) => return Err(fail(format!("{addr} closed before the block decoded"))),
-                Err(e) => return Err(fail(format!("{addr}: {e}"))),
-            };
-            match fetch.handle(f) {
-                FetchStep::More => {}
-                FetchStep::Elsewhere => return Err(PeerError::Declined),
-                FetchStep::Busy => return Err(PeerError::Busy),
-                FetchStep::Misbehaved(why) => return Err(fail(format!("{addr}: {why}"))),
-                FetchStep::Decode => match fetch.decode() {
-                    Ok(data) => {
-                        let _ = conn.write_frame(&Frame::Stop { block }).await;
-                        return Ok((data, fetch.bytes));
+            // New jobs, without waiting while something is outstanding.
+            while pipeline.len() < PIPELINE_DEPTH {
+                let job = if pipeline.is_empty() {
+                    match jobs.recv().await {
+                        Some(j) => j,
+                        None => return Ok(()),
                     }
-                    Err(Rejected::NeedMore) => {}
-                    Err(Rejected::Corrupt) => {
-                        return Err(fail(format!(
-                            "{addr} served block {block} that fails its SHA-256"
-                        )));
+                } else {
+                    match jobs.try_recv() {
+                        Ok(j) => j,
+                        Err(_) => break,
+                    }
+                };
+                let fetch = BlockFetch::new(layout, job.block, job.hash, job.held);
+                let request = pipeline.ask(fetch);
+                if link.is_none() {
+                    link = Some(PeerLink::open(fleet.as_ref(), addr, &layout).await?);
+                }
+                let l = link.as_mut().expect("connected above");
+                l.send(&request).await?;
+            }
+            let l = link.as_mut().expect("a job was asked");
+            if pipeline.front() != front {
+                front = pipeline.front();
+                front_since = tokio::time::Instant::now();
+            }
+            let f = l.recv(front_since + BLOCK_DEADLINE, front).await?;
+            match pipeline.handle(f) {
+                Step::More => {}
+                Step::Declined(b) => {
+                    let _ = results.send((addr, b, Err(PeerError::Declined)));
+                }
+                Step::Busy(b) => {
+                    let _ = results.send((addr, b, Err(PeerError::Busy)));
+                }
+                Step::Reask(request) => l.send(&request).await?,
+                Step::Misbehaved(why) => return Err(why),
+                Step::Decode => match off_the_runtime(|| pipeline.decode_front()) {
+                    Decoded::Block { block, data, bytes } => {
+                        let _ = results.send((addr, block, Ok((data, bytes))));
+                        l.send(&Frame::Stop { block }).await?;
+                    }
+                    Decoded::NeedMore => {}
+                    Decoded::Corrupt(b) => {
+                        return Err(format!("served block {b} that fails its SHA-256"));
                     }
                 },
             }
         }
-    };
-    tokio::time::timeout(BLOCK_DEADLINE, fetch)
-        .await
-        .unwrap_or_else(|_| {
-            Err(PeerError::Failed(format!(
-                "{addr}: block {block} not complete within {BLOCK_DEADLINE:?}"
-            )))
-        })
+    }
+    .await;
+    if let Err(why) = outcome {
+        let why = format!("{addr}: {why}");
+        for b in pipeline.undelivered() {
+            let _ = results.send((addr, b, Err(PeerError::Failed(why.clone()))));
+        }
+        jobs.close();
+        while let Some(job) = jobs.recv().await {
+            let _ = results.send((addr, job.block, Err(PeerError::Failed(why.clone()))));
+        }
+    }
+}
+
+/// Frames read ahead of the requester's processing: enough to keep the
+/// socket drained while a block is decoded and hashed, few enough to bound
+/// memory (each at most 64 symbols).
+const READ_AHEAD: usize = 16;
+
+/// A requester's connection to one peer. A task of its own reads frames,
+/// so the socket keeps draining (and the peer's link busy) while a block
+/// is decoded and hashed.
+struct PeerLink {
+    wr: FrameWriter,
+    frames: tokio::sync::mpsc::Receiver<anyhow::Result<Option<Frame>>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PeerLink {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl PeerLink {
+    async fn open(
+        fleet: Option<&FleetKeys>,
+        addr: SocketAddr,
+        layout: &Layout,
+    ) -> Result<PeerLink, String> {
+        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| format!("no connection within {CONNECT_TIMEOUT:?}"))?
+            .map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        let ciphers = match fleet {
+            Some(keys) => Some(
+                prove_client(&mut stream, keys)
+                    .await
+                    .map_err(|e| crate::error_text(e.as_ref()))?
+                    .ciphers(true),
+            ),
+            None => None,
+        };
+        // No answer frame is longer than a full SYMBOLS frame of this
+        // layout's symbols.
+        let longest =
+            repair::frame::SYMBOLS_PER_FRAME as usize * usize::from(layout.symbol_size()) + 64;
+        let (mut rd, wr) = split(stream, ciphers, longest.min(frame::MAX_FRAME));
+        let (tx, frames) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let reader = tokio::spawn(async move {
+            loop {
+                let f = rd.next_frame().await;
+                let last = !matches!(f, Ok(Some(_)));
+                if tx.send(f).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Ok(PeerLink { wr, frames, reader })
+    }
+
+    async fn send(&mut self, f: &Frame) -> Result<(), String> {
+        self.wr.write_frame(f).await.map_err(|e| e.to_string())
+    }
+
+    /// The next frame: within [`PEER_TIMEOUT`], and before `deadline` (the
+    /// front block's).
+    async fn recv(
+        &mut self,
+        deadline: tokio::time::Instant,
+        front: Option<u32>,
+    ) -> Result<Frame, String> {
+        let frame_due = tokio::time::Instant::now() + PEER_TIMEOUT;
+        match tokio::time::timeout_at(deadline.min(frame_due), self.frames.recv()).await {
+            Err(_) if deadline < frame_due => Err(format!(
+                "block {} not complete within {BLOCK_DEADLINE:?}",
+                front.unwrap_or_default()
+            )),
+            Err(_) => Err(format!("no whole frame within {PEER_TIMEOUT:?}")),
+            Ok(Some(Ok(Some(f)))) => Ok(f),
+            Ok(Some(Ok(None)) | None) => Err("closed the connection".into()),
+            Ok(Some(Err(e))) => Err(e.to_string()),
+        }
+    }
+}
+
+/// Runs CPU-bound work (a block's assembly and SHA-256, some milliseconds)
+/// without holding up the runtime's other tasks: the connection's reader
+/// keeps draining the socket meanwhile.
+fn off_the_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }

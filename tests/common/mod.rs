@@ -313,3 +313,14 @@ pub fn cli(args: &[&str]) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// Waits until the agent's presence lists exactly `n` peers.
+pub fn wait_peers(a: &Proc, n: usize, what: &str) {
+    wait_for(what, Duration::from_secs(10), || {
+        get_json(a.addr, "/v1/status")["peers"]
+            .as_array()
+            .unwrap()
+            .len()
+            == n
+    });
+}

@@ -95,6 +95,27 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
                         pending = next;
                         carried = left;
                     }
+                    Received::NoShow(left) if holds_some(r, representative) => {
+                        // Offers and presence arrive, the data does not (a
+                        // switch that prunes the data group, Wi-Fi client
+                        // isolation): the representative fetches all the
+                        // same, and every receiver takes it from peers.
+                        r.note(format!(
+                            "multicast from representative {representative:016x} does not arrive here, though it holds blocks: taking the package from peers over unicast"
+                        ));
+                        r.state(State::Repairing);
+                        if from_peers_only(r, partial, left).await? {
+                            return Ok(());
+                        }
+                        r.note(format!(
+                            "no peer made progress for {PEER_STALL:?}: electing again without {representative:016x}"
+                        ));
+                        r.state(State::Electing);
+                        if let Some(slot) = r.agent.elections().get_mut(&r.id) {
+                            slot.election.abandon(Instant::now(), representative);
+                        }
+                        r.agent.control_wake.notify_one();
+                    }
                     Received::NoShow(left) => {
                         // Every receiver would otherwise go to the origin on
                         // its own: elect again without it instead.
@@ -132,6 +153,75 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
     }
 }
 
+/// Whether `node`, heard twice by presence, announces blocks of this
+/// task's content: a representative that fetches, whatever its multicast.
+fn holds_some(r: &Run, node: u64) -> bool {
+    let prefix = &r.m.content[..8];
+    r.agent.presence().peers().any(|p| {
+        p.node() == node
+            && p.confirmed()
+            && p.announce
+                .held
+                .iter()
+                .any(|h| h.content == prefix && h.blocks_done > 0)
+    })
+}
+
+/// Blocks of this task's content that confirmed peers announce, summed:
+/// it grows while anyone on the subnet makes progress.
+fn blocks_on_peers(r: &Run) -> u64 {
+    let prefix = &r.m.content[..8];
+    r.agent
+        .presence()
+        .peers()
+        .filter(|p| p.confirmed())
+        .flat_map(|p| p.announce.held.iter())
+        .filter(|h| h.content == prefix)
+        .map(|h| u64::from(h.blocks_done))
+        .sum()
+}
+
+/// Multicast does not reach this agent: takes every block from peers as
+/// they get it (the representative from the origin, the others from it and
+/// each other). `Ok(true)` once every block is here; `Ok(false)` when
+/// nobody on the subnet made progress for [`PEER_STALL`] (the
+/// representative died, or was a forger): then the election goes on
+/// without it.
+async fn from_peers_only(
+    r: &Run,
+    partial: &Arc<Mutex<Partial>>,
+    leftovers: Leftovers,
+) -> anyhow::Result<bool> {
+    let mut leftovers = leftovers;
+    let mut seen = None;
+    let mut progress_at = Instant::now();
+    loop {
+        peer_repair(r, partial, std::mem::take(&mut leftovers)).await?;
+        let (done, count) = {
+            let p = lock(partial);
+            (p.done_count(), p.layout().block_count())
+        };
+        if done == count {
+            return Ok(true);
+        }
+        let now = (done, blocks_on_peers(r));
+        if seen != Some(now) {
+            seen = Some(now);
+            progress_at = Instant::now();
+        } else if progress_at.elapsed() >= PEER_STALL {
+            return Ok(false);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = r.until_cancelled() => bail!("cancelled"),
+        }
+    }
+}
+
+/// How long a task that takes its package from peers only waits for any
+/// peer's progress before it elects again.
+const PEER_STALL: Duration = Duration::from_secs(15);
+
 /// Peers that may fail a task's repair (time out, refuse, serve a bad
 /// block) before it asks no more of them and leaves the rest to the
 /// origin: a stream of peers that announce what they cannot serve costs a
@@ -142,15 +232,16 @@ const MAX_FAILED_PEERS: usize = 4;
 type Leftovers = Vec<(u32, Box<multicast::codec::Collector>)>;
 
 /// Fetches every missing block that a peer on the subnet holds, from
-/// those peers (spread by load, a few at a time); what no peer could
-/// deliver is left for the origin.
+/// those peers (spread by load, several requests pipelined on one
+/// connection per peer); what no peer could deliver is left for the origin.
 async fn peer_repair(
     r: &Run,
     partial: &Arc<Mutex<Partial>>,
     leftovers: Leftovers,
 ) -> anyhow::Result<()> {
-    /// Blocks fetched from peers at once.
-    const PARALLEL: usize = 4;
+    use crate::agent::repair::{PIPELINE_DEPTH, PeerError, PeerJob, PeerResult};
+    /// Blocks asked of all peers at once.
+    const MAX_IN_FLIGHT: usize = 16;
     let prefix: [u8; 8] = r.m.content[..8].try_into().expect("a digest has 32 bytes");
     let holders_of = |b: u32| -> Vec<(u64, SocketAddr)> {
         let p = r.agent.presence();
@@ -181,16 +272,20 @@ async fn peer_repair(
             .filter(|&b| !p.done[b as usize])
             .collect()
     };
-    // Three blocks in flight per peer keep its link busy while it reads and
-    // hashes the next; the server takes four at once. Peers are told apart
-    // by where they serve: node ids are theirs to make up, so one that
-    // failed cannot come back under another.
-    let mut chooser: repair::Chooser<SocketAddr> = repair::Chooser::new(3);
+    // Each peer gets as many blocks as its connection pipelines; the
+    // server reads and plans the next while it sends one. Peers are told
+    // apart by where they serve: node ids are theirs to make up, so one
+    // that failed cannot come back under another.
+    let mut chooser: repair::Chooser<SocketAddr> = repair::Chooser::new(PIPELINE_DEPTH as u32);
     let mut leftovers: HashMap<u32, Box<multicast::codec::Collector>> =
         leftovers.into_iter().collect();
     let t0 = Instant::now();
     let mut fetched = false;
-    let mut running = tokio::task::JoinSet::new();
+    // One connection (a task) per peer, fed blocks through its channel.
+    let mut workers = tokio::task::JoinSet::new();
+    let mut peers: HashMap<SocketAddr, (u64, tokio::sync::mpsc::Sender<PeerJob>)> = HashMap::new();
+    let (results_tx, mut results) = tokio::sync::mpsc::unbounded_channel::<PeerResult>();
+    let mut in_flight = 0usize;
     let mut waiting: Vec<u32> = Vec::new();
     // A peer that said it does not hold a block (stale HAVE) is not asked
     // for that block again.
@@ -201,11 +296,11 @@ async fn peer_repair(
     let mut busy: Vec<u32> = Vec::new();
     let mut busy_tries: HashMap<u32, u32> = HashMap::new();
     loop {
-        if running.is_empty() && queue.is_empty() && !busy.is_empty() {
+        if in_flight == 0 && queue.is_empty() && !busy.is_empty() {
             tokio::time::sleep(Duration::from_millis(100)).await;
             queue.extend(busy.drain(..));
         }
-        while running.len() < PARALLEL {
+        while in_flight < MAX_IN_FLIGHT {
             let Some(b) = queue.pop_front() else { break };
             let mut holders = holders_of(b);
             holders.retain(|h| !declined.contains(&(b, h.1)));
@@ -222,71 +317,81 @@ async fn peer_repair(
                         .find(|h| h.1 == addr)
                         .expect("picked among them")
                         .0;
-                    let (content, layout, hash) =
-                        (r.m.content, r.m.layout, r.m.block_hashes[b as usize]);
-                    // Symbols from the multicast go along: the peer then
-                    // sends only what is missing (on a retry, after a failed
-                    // peer, the block starts afresh).
-                    let held = leftovers.remove(&b);
-                    let fleet = r.agent.fleet.clone();
-                    running.spawn(async move {
-                        let res = crate::agent::repair::fetch_block(
-                            fleet.as_ref(),
+                    let (_, jobs) = peers.entry(addr).or_insert_with(|| {
+                        let (tx, rx) = tokio::sync::mpsc::channel(PIPELINE_DEPTH);
+                        let (fleet, content, layout) =
+                            (r.agent.fleet.clone(), r.m.content, r.m.layout);
+                        workers.spawn(crate::agent::repair::fetch_from_peer(
+                            fleet,
                             addr,
                             content,
                             layout,
-                            b,
-                            hash,
-                            held,
-                        )
-                        .await;
-                        (b, node, addr, res)
+                            rx,
+                            results_tx.clone(),
+                        ));
+                        (node, tx)
                     });
+                    // Symbols from the multicast go along: the peer then
+                    // sends only what is missing (on a retry, after a failed
+                    // peer, the block starts afresh).
+                    let job = PeerJob {
+                        block: b,
+                        hash: r.m.block_hashes[b as usize],
+                        held: leftovers.remove(&b),
+                    };
+                    // The chooser keeps a peer within the channel's room.
+                    if jobs.try_send(job).is_err() {
+                        chooser.declined(addr);
+                        queue.push_back(b);
+                        break;
+                    }
+                    in_flight += 1;
                 }
                 // Holders at their limit: try again when one finishes.
                 None if chooser.any_usable(&addrs) => waiting.push(b),
                 None => {} // nobody (left) to ask: the origin's
             }
         }
-        if r.cancelled() {
-            running.abort_all();
-            bail!("cancelled");
+        if in_flight == 0 {
+            if busy.is_empty() {
+                break;
+            }
+            continue;
         }
         // A cancel must not wait for a slow peer's block.
-        let done = tokio::select! {
-            d = running.join_next() => d,
+        let (addr, b, res) = tokio::select! {
+            d = results.recv() => d.context("repair workers gone")?,
             _ = r.until_cancelled() => {
-                running.abort_all();
+                workers.abort_all();
                 bail!("cancelled");
             }
         };
-        let Some(done) = done else {
-            break;
-        };
-        let (b, node, addr, res) = done.context("repair task")?;
+        in_flight -= 1;
         queue.extend(waiting.drain(..));
         queue.extend(busy.drain(..));
+        let node = peers.get(&addr).map(|p| p.0).unwrap_or_default();
         match res {
             Ok((data, bytes)) => {
                 fetched = true;
                 chooser.succeeded(addr, bytes);
-                {
-                    let mut p = lock(partial);
-                    p.write_block(b, &data)
-                        .context("writing a repaired block")?;
-                    note_blocks(&r.agent, &r.id, &p);
-                }
+                // Off the runtime: a 4 MiB write must not stall the
+                // connections' readers.
+                let p = partial.clone();
+                tokio::task::spawn_blocking(move || lock(&p).write_block(b, &data))
+                    .await?
+                    .context("writing a repaired block")?;
+                note_blocks(&r.agent, &r.id, &lock(partial));
                 update(&r.agent, &r.id, |s| {
                     s.bytes.peers += bytes;
                     *s.bytes.by_peer.entry(format!("{node:016x}")).or_default() += bytes;
                 });
             }
-            Err(crate::agent::repair::PeerError::Declined) => {
+            Err(PeerError::Declined) => {
                 chooser.declined(addr);
                 declined.insert((b, addr));
                 queue.push_back(b);
             }
-            Err(crate::agent::repair::PeerError::Busy) => {
+            Err(PeerError::Busy) => {
                 chooser.declined(addr);
                 let tries = busy_tries.entry(b).or_default();
                 *tries += 1;
@@ -294,10 +399,14 @@ async fn peer_repair(
                     busy.push(b);
                 }
             }
-            Err(crate::agent::repair::PeerError::Failed(why)) => {
-                r.note(format!("peer {node:016x} dropped for this task: {why}"));
+            Err(PeerError::Failed(why)) => {
+                // Every block asked of a failed peer fails with it: one note.
+                let first = !chooser.is_dropped(&addr);
+                if first {
+                    r.note(format!("peer {node:016x} dropped for this task: {why}"));
+                }
                 chooser.failed(addr);
-                if chooser.failures() == MAX_FAILED_PEERS {
+                if first && chooser.failures() == MAX_FAILED_PEERS {
                     r.note(format!(
                         "{MAX_FAILED_PEERS} peers failed: no more peers for this task"
                     ));
@@ -306,6 +415,8 @@ async fn peer_repair(
             }
         }
     }
+    drop(peers); // the workers' channels close; they end
+    workers.abort_all();
     if fetched {
         let secs = t0.elapsed().as_secs_f64();
         update(&r.agent, &r.id, |s| s.repair_seconds += secs);
@@ -473,6 +584,10 @@ async fn represent(
     Ok(None)
 }
 
+/// A session that nothing of has arrived this long after its start does
+/// not reach this agent: its sender announces every 100 ms.
+const NO_DATA_AFTER_START: Duration = Duration::from_secs(5);
+
 enum Received {
     All,
     /// Why, and the symbols collected for blocks still missing.
@@ -503,6 +618,9 @@ async fn receive(
     });
     let stop = Arc::new(AtomicBool::new(false));
     let wait = start.saturating_duration_since(Instant::now());
+    // What was held before, to tell whether any data arrived at all.
+    let symbols = |v: &Leftovers| v.iter().map(|(_, c)| u64::from(c.held())).sum::<u64>();
+    let held_before = (lock(partial).done_count(), symbols(&preload));
     let recv = {
         let p = partial.clone();
         let agent = r.agent.clone();
@@ -537,7 +655,7 @@ async fn receive(
                 session: ReceiverConfig {
                     receiver_id: node,
                     session: Some(session),
-                    idle_timeout: wait + Duration::from_secs(20),
+                    idle_timeout: wait + NO_DATA_AFTER_START,
                     ..ReceiverConfig::default()
                 },
                 drop_rate,
@@ -597,7 +715,18 @@ async fn receive(
         return Ok(Received::All);
     }
     let (res, leftovers) = result.context("receive thread")??;
+    let nothing_arrived = (lock(partial).done_count(), symbols(&leftovers)) == held_before;
     if let Some(ev) = interrupted {
+        // A representative that finished its pass (and so stopped offering)
+        // without one symbol of it arriving here, 2 s and more after its
+        // start (20 announcements): its multicast does not reach this
+        // agent.
+        if matches!(ev, ElectionEvent::RepresentativeLost { .. })
+            && nothing_arrived
+            && Instant::now() >= start + Duration::from_secs(2)
+        {
+            return Ok(Received::NoShow(leftovers));
+        }
         let next = match ev {
             ElectionEvent::Follow { .. } => Some(ev),
             _ => None,
