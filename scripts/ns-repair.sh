@@ -8,6 +8,11 @@
 #   2. Failover: a second package to all N agents; the representative is
 #      SIGKILLed at half of its pass. Every other agent completes; the
 #      origin sent at most 2x the size.
+#   3. No multicast data: the switch drops every data group (239.193/16)
+#      and passes the control group, as a switch pruning unregistered
+#      groups or Wi-Fi isolation would. A third package to the survivors:
+#      all but the one that fetches complete from peers alone; the origin
+#      sent at most 1.05x the size, no agent received a multicast byte.
 #
 #   scripts/ns-repair.sh [--agents 6] [--size 48M]
 #
@@ -33,8 +38,9 @@ bytes=$(numfmt --from=iec "$size")
 mkdir -p "$WORK/origin"
 head -c "$bytes" /dev/urandom >"$WORK/origin/late.bin"
 head -c "$bytes" /dev/urandom >"$WORK/origin/failover.bin"
+head -c "$bytes" /dev/urandom >"$WORK/origin/deaf.bin"
 lab_exec 0 "$BIN" serve "$WORK/origin" --listen "$LAB_NET.1:8080" 2>/dev/null &
-for f in late failover; do
+for f in late failover deaf; do
     "$BIN" manifest create "$WORK/origin/$f.bin" --url "http://$LAB_NET.1:8080/$f.bin" -o "$WORK/$f.json" --sign "$KEY" 2>/dev/null
 done
 for ((i = 1; i <= agents; i++)); do
@@ -113,3 +119,35 @@ used=$(( $(served) - before ))
 python3 -c "import sys; sys.exit(0 if $used <= 2 * $bytes else 1)" ||
     { echo "FAIL: failover: origin sent $used for $bytes"; exit 1; }
 echo "ok: failover: $((agents - 1)) agents completed; origin sent $used for $bytes ($(python3 -c "print(round($used / $bytes, 3))")x)"
+
+# 3. No multicast data on the subnet.
+ip netns exec "${LAB_PREFIX}-sw" nft -f - <<NFT
+table bridge nodata {
+    chain forward {
+        type filter hook forward priority 0; policy accept;
+        ip daddr 239.193.0.0/16 drop
+    }
+}
+NFT
+survivors=()
+for ((i = 1; i <= agents; i++)); do [ "$i" = "$rep" ] || survivors+=("$i"); done
+before=$(served)
+id=$(start_task "$WORK/deaf.json" "${survivors[@]}")
+for i in "${survivors[@]}"; do wait_until "$i" "$id" 's["state"] == "done"'; done
+used=$(( $(served) - before ))
+unicast=0 from_origin=0
+for i in "${survivors[@]}"; do
+    s=$(api "$i" "/v1/tasks/$id")
+    [ "$(field "$s" 's["bytes"]["multicast"]')" = 0 ] || { echo "FAIL: agent $i heard multicast through the filter: $s"; exit 1; }
+    [ "$(field "$s" '"over unicast" in str(s["history"])')" = True ] && unicast=$((unicast + 1))
+    if [ "$(field "$s" 's["bytes"]["origin"] > 0')" = True ]; then
+        from_origin=$((from_origin + 1))
+    else
+        [ "$(field "$s" "s[\"bytes\"][\"peers\"] >= $bytes")" = True ] || { echo "FAIL: agent $i: $s"; exit 1; }
+    fi
+done
+ip netns exec "${LAB_PREFIX}-sw" nft delete table bridge nodata
+python3 -c "import sys; sys.exit(0 if $used <= 1.05 * $bytes else 1)" ||
+    { echo "FAIL: no multicast data: origin sent $used for $bytes"; exit 1; }
+[ "$from_origin" -le 1 ] || { echo "FAIL: no multicast data: $from_origin agents fetched from the origin"; exit 1; }
+echo "ok: no multicast data: ${#survivors[@]} agents completed, all but $from_origin from peers alone ($unicast switched to unicast on their own); origin sent $used for $bytes ($(python3 -c "print(round($used / $bytes, 3))")x)"
