@@ -146,7 +146,19 @@ for i in "${survivors[@]}"; do
         [ "$(field "$s" "s[\"bytes\"][\"peers\"] >= $bytes")" = True ] || { echo "FAIL: agent $i: $s"; exit 1; }
     fi
 done
+# The control group dropped too: `somcast scan --probe` from one survivor
+# finds the others by unicast only (its neighbour cache knows them from the
+# repair) and names the likely cause.
+ip netns exec "${LAB_PREFIX}-sw" nft add rule bridge nodata forward ip daddr 239.192.0.0/16 drop
+scan=$(lab_exec "${survivors[0]}" "$BIN" scan --probe --json --iface eth0 --wait 2s || true)
 ip netns exec "${LAB_PREFIX}-sw" nft delete table bridge nodata
+read -r only hint < <(python3 -c '
+import json, sys
+v = json.loads(sys.argv[1])
+only = sum(a["reached_by"] == "unicast only" for a in v["probe"]["agents"])
+print(only, any("IGMP snooping" in x for x in v["advice"]))' "$scan")
+[ "$only" -ge 1 ] && [ "$hint" = True ] || { echo "FAIL: scan without multicast: $scan"; exit 1; }
+echo "ok: scan without multicast: $only agent(s) reached by unicast only, the cause named"
 python3 -c "import sys; sys.exit(0 if $used <= 1.05 * $bytes else 1)" ||
     { echo "FAIL: no multicast data: origin sent $used for $bytes"; exit 1; }
 [ "$from_origin" -le 1 ] || { echo "FAIL: no multicast data: $from_origin agents fetched from the origin"; exit 1; }

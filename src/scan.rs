@@ -104,6 +104,24 @@ fn run_probe(
             args.control_group, args.wait
         ));
     }
+    let unicast_only: Vec<String> = report
+        .answers
+        .iter()
+        .filter(|a| !a.by_multicast)
+        .map(|a| a.from.ip().to_string())
+        .collect();
+    if !unicast_only.is_empty() {
+        advice.push(format!(
+            "{} agent(s) ({}) answered a unicast probe but not the probe to {}: multicast from \
+             this host does not reach them. Likely causes: IGMP snooping without a querier on the \
+             switch (it prunes groups nobody is seen to join), Wi-Fi client isolation, or a \
+             firewall that drops the group. Agents there cannot take part in the subnet's election \
+             or sessions until the group passes",
+            unicast_only.len(),
+            unicast_only.join(", "),
+            args.control_group
+        ));
+    }
     Ok((via, report))
 }
 
@@ -126,6 +144,7 @@ fn answer_json(a: &Answer) -> serde_json::Value {
             "uptime_s": an.rank.uptime_s,
         },
         "contents_held": an.held.len(),
+        "reached_by": if a.by_multicast { "multicast" } else { "unicast only" },
     })
 }
 
@@ -149,15 +168,20 @@ fn print_probe(args: &ScanArgs, via: Ipv4Addr, r: &ProbeReport) {
     if r.answers.is_empty() {
         return; // the advice above says what to check
     }
-    println!("node              address                rtt       version  api");
+    println!("node              address                rtt       version  api    reached by");
     for a in &r.answers {
         println!(
-            "{:016x}  {:<21}  {:>6.2} ms  {:<7}  {}",
+            "{:016x}  {:<21}  {:>6.2} ms  {:<7}  {:<5}  {}",
             a.announce.node,
             a.from.to_string(),
             a.rtt.as_secs_f64() * 1000.0,
             a.announce.version,
-            a.announce.api_port
+            a.announce.api_port,
+            if a.by_multicast {
+                "multicast"
+            } else {
+                "unicast only"
+            }
         );
     }
 }

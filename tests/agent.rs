@@ -75,7 +75,10 @@ fn agents_on_loopback_find_each_other_and_scan_probe_lists_them() {
         assert_eq!(a["address"], "127.0.0.1", "addresses are strings: {a}");
         assert!(a["rtt_ms"].as_f64().unwrap() >= 0.0);
         assert_eq!(a["version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(a["reached_by"], "multicast", "the group passes here: {a}");
     }
+    let advice = v["advice"].to_string();
+    assert!(!advice.contains("IGMP"), "no cause to name: {advice}");
 }
 
 #[test]

@@ -15,6 +15,10 @@ pub struct Answer {
     pub from: SocketAddr,
     pub rtt: Duration,
     pub announce: Announce,
+    /// It answered the probe sent to the group: multicast from this host
+    /// reaches it. An agent that answered only the unicast probe (a
+    /// neighbour-cache hint) sits where the group does not pass.
+    pub by_multicast: bool,
 }
 
 /// What a probe found.
@@ -29,6 +33,10 @@ pub struct ProbeReport {
 /// Probes sent per scan, spread over the first half of the wait: one lost
 /// probe must not hide an agent (at 20% loss, three leave 0.8% unseen).
 const ROUNDS: u64 = 3;
+
+/// Set in the nonce of the probes sent by unicast, so an answer tells which
+/// probe it answers: the group's or a unicast one.
+const UNICAST_TAG: u64 = 1 << 62;
 
 /// Sends a probe from an ephemeral port of `iface` to `group` and to each of
 /// `unicast`, repeated [`ROUNDS`] times, and collects answers for `wait`.
@@ -63,11 +71,18 @@ pub fn probe(
             }
             .encode(0);
             let probe = link.outgoing(&probe).to_vec();
+            let direct = Frame::Probe {
+                nonce: nonce.wrapping_add(round) ^ UNICAST_TAG,
+                from_node: None,
+                unicast_reply: true,
+            }
+            .encode(0);
+            let direct = link.outgoing(&direct).to_vec();
             sent_at.push(Instant::now());
             socket.send_to(&probe, group)?;
             for to in unicast {
                 // A neighbour that is gone is no reason to stop.
-                let _ = socket.send_to(&probe, to);
+                let _ = socket.send_to(&direct, to);
             }
             continue;
         }
@@ -97,9 +112,16 @@ pub fn probe(
             Err(e) => return Err(e.into()),
         };
         let now = Instant::now();
+        // The time the answered probe went out, and whether it went to
+        // the group.
         let round_of = |reply: Option<u64>| {
-            let r = reply?.wrapping_sub(nonce);
-            sent_at.get(usize::try_from(r).ok()?).copied()
+            let reply = reply?;
+            [(reply, true), (reply ^ UNICAST_TAG, false)]
+                .into_iter()
+                .find_map(|(r, group)| {
+                    let at = sent_at.get(usize::try_from(r.wrapping_sub(nonce)).ok()?)?;
+                    Some((*at, group))
+                })
         };
         let Some(plain) = link.incoming(&buf[..n]) else {
             ignored += 1;
@@ -107,7 +129,9 @@ pub fn probe(
         };
         match wire::decode(plain).map(|d| d.frame) {
             Ok(Frame::Presence(a)) if round_of(a.reply_to).is_some() => {
-                let rtt = now - round_of(a.reply_to).expect("checked just above");
+                let (sent, group) = round_of(a.reply_to).expect("checked just above");
+                let rtt = now - sent;
+                let by_multicast = group || best.get(&a.node).is_some_and(|b| b.by_multicast);
                 let keep = best.get(&a.node).is_none_or(|b| rtt < b.rtt);
                 if keep {
                     best.insert(
@@ -116,8 +140,11 @@ pub fn probe(
                             from,
                             rtt,
                             announce: a,
+                            by_multicast,
                         },
                     );
+                } else if let Some(b) = best.get_mut(&a.node) {
+                    b.by_multicast = by_multicast;
                 }
             }
             _ => ignored += 1,
