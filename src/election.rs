@@ -49,6 +49,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use multicast::rng::SplitMix64;
+use multicast::transmit::{Dest, Transmit};
 use multicast::wire::{Claim, Digest, Frame, Offer, Standing};
 
 /// Timing of an election.
@@ -527,8 +528,12 @@ impl Election {
         })
     }
 
-    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.out.pop_front()
+    /// Claims and offers, always to the control group.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        Some(Transmit {
+            dest: Dest::Group,
+            bytes: self.out.pop_front()?,
+        })
     }
 
     pub fn poll_event(&mut self) -> Option<ElectionEvent> {

@@ -135,7 +135,8 @@ impl Subnet {
         while let Some(ev) = self.agents[i].poll_event() {
             self.events.push((i, ev));
         }
-        while let Some(bytes) = self.agents[i].poll_transmit() {
+        while let Some(multicast::transmit::Transmit { bytes, .. }) = self.agents[i].poll_transmit()
+        {
             self.frames.push(bytes);
             let f = self.frames.len() - 1;
             for j in 0..self.agents.len() {

@@ -916,9 +916,12 @@ fn receive_core(
                 Err(e) => break 'run Err(write_err(e)),
             }
         }
-        while let Some((to, bytes)) = receiver.poll_transmit() {
-            // Feedback is best effort: the next report repeats it.
-            let _ = socket.send_to(link.outgoing(&bytes), to);
+        while let Some(t) = receiver.poll_transmit() {
+            // Feedback (always unicast to the sender) is best effort: the
+            // next report repeats it.
+            if let crate::transmit::Dest::To(to) = t.dest {
+                let _ = socket.send_to(link.outgoing(&t.bytes), to);
+            }
         }
         if now >= last_progress + PROGRESS_EVERY {
             last_progress = now;

@@ -6,6 +6,7 @@
 //! - [`codec`]: blocks, symbols, encoding plan, checked decoding.
 //! - [`sender`] and [`receiver`]: the protocol as sans-IO state machines.
 //! - [`pacer`]: the token bucket that keeps the sender at its rate.
+//! - [`transmit`]: what the sans-IO machines hand their drivers to send.
 //! - [`socket`]: socket2 setup for groups; [`driver`]: blocking loops that
 //!   run the sessions over real sockets and files.
 
@@ -21,6 +22,7 @@ pub mod receiver;
 pub mod rng;
 pub mod sender;
 pub mod socket;
+pub mod transmit;
 pub mod wire;
 
 pub use codec::{Layout, LayoutError};

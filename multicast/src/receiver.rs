@@ -45,6 +45,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::codec::{Collector, Layout, MIN_DECODE_MARGIN, sha256};
+use crate::transmit::{Dest, Transmit};
 use crate::wire::{self, Digest, Feedback, Frame, MAX_NEEDS_PER_FRAME, Need, SessionInfo};
 
 /// Receiver tuning.
@@ -903,8 +904,13 @@ impl Receiver {
     pub fn poll_job(&mut self) -> Option<DecodeJob> {
         self.jobs.pop_front()
     }
-    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
-        self.transmits.pop_front()
+    /// Feedback, always by unicast to the sender.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        let (to, bytes) = self.transmits.pop_front()?;
+        Some(Transmit {
+            dest: Dest::To(to),
+            bytes,
+        })
     }
     pub fn poll_event(&mut self) -> Option<ReceiverEvent> {
         self.events.pop_front()

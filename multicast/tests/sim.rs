@@ -286,9 +286,9 @@ impl Sim {
                         ReceiverEvent::Failed(f) => r.outcome = Some(Err(f.to_string())),
                     }
                 }
-                while let Some((to, bytes)) = r.rx.poll_transmit() {
-                    assert_eq!(to, sender_addr);
-                    feedback.push(bytes);
+                while let Some(t) = r.rx.poll_transmit() {
+                    assert_eq!(t.dest, multicast::transmit::Dest::To(sender_addr));
+                    feedback.push(t.bytes);
                 }
                 for bytes in feedback {
                     self.push(None, bytes);

@@ -163,19 +163,7 @@ impl Peer {
     }
 }
 
-/// Where a datagram goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dest {
-    Group,
-    To(SocketAddr),
-}
-
-/// A datagram to send.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transmit {
-    pub dest: Dest,
-    pub bytes: Vec<u8>,
-}
+pub use multicast::transmit::{Dest, Transmit};
 
 /// Why a peer left the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -407,8 +395,10 @@ impl Presence {
         }
     }
 
-    /// When [`Presence::handle_timeout`] wants to run next.
-    pub fn poll_timeout(&self) -> Instant {
+    /// When [`Presence::handle_timeout`] wants to run next: always some
+    /// time, as an agent announces itself for as long as it runs (the
+    /// `Option` is the contract every machine shares).
+    pub fn poll_timeout(&self) -> Option<Instant> {
         let mut at = self.next_announce;
         if !self.candidates.is_empty() {
             at = at.min(self.next_candidates);
@@ -420,7 +410,7 @@ impl Presence {
         for p in self.foreign.values() {
             at = at.min(p.last_heard + p.expire_after());
         }
-        at
+        Some(at)
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
@@ -692,8 +682,8 @@ mod tests {
     fn first_announcement_and_group_probe_come_within_a_tenth_of_an_interval() {
         let t0 = Instant::now();
         let mut p = Presence::new(PresenceConfig::default(), node(1), None, t0, 1);
-        assert!(p.poll_timeout() <= t0 + Duration::from_millis(500));
-        p.handle_timeout(p.poll_timeout());
+        assert!(p.poll_timeout().unwrap() <= t0 + Duration::from_millis(500));
+        p.handle_timeout(p.poll_timeout().unwrap());
         let sent = drain(&mut p);
         assert_eq!(sent.len(), 2);
         assert!(sent.iter().all(|t| t.dest == Dest::Group));
@@ -786,7 +776,7 @@ mod tests {
     fn a_group_probe_brings_the_next_announcement_forward_once() {
         let t0 = Instant::now();
         let mut a = Presence::new(PresenceConfig::default(), node(1), None, t0, 1);
-        let first = a.poll_timeout();
+        let first = a.poll_timeout().unwrap();
         a.handle_timeout(first);
         drain(&mut a);
         let greeting = Frame::Probe {
@@ -797,10 +787,10 @@ mod tests {
         .encode(0);
         // Just after an announcement: it already answered.
         a.handle_datagram(first + Duration::from_millis(10), addr(2), &greeting);
-        assert!(a.poll_timeout() >= first + Duration::from_millis(4500));
+        assert!(a.poll_timeout().unwrap() >= first + Duration::from_millis(4500));
         let later = first + Duration::from_secs(2);
         a.handle_datagram(later, addr(2), &greeting);
-        let soon = a.poll_timeout();
+        let soon = a.poll_timeout().unwrap();
         assert!(soon >= later && soon <= later + Duration::from_millis(250));
         assert!(
             drain(&mut a).is_empty(),
@@ -838,7 +828,7 @@ mod tests {
         let mut now = t0;
         let mut probes_to_b = 0;
         while a.peers().count() == 1 {
-            now = a.poll_timeout();
+            now = a.poll_timeout().unwrap();
             a.handle_timeout(now);
             probes_to_b += drain(&mut a)
                 .iter()

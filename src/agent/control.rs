@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use multicast::wire::{self, Frame, Rank};
-use scanner::{Dest, PresenceEvent};
+use scanner::PresenceEvent;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
@@ -107,13 +107,15 @@ pub async fn run(
 }
 
 fn next_wake(agent: &Agent) -> Instant {
-    let mut wake = agent.presence().poll_timeout();
-    for slot in agent.elections().values() {
-        if let Some(t) = slot.election.poll_timeout() {
-            wake = wake.min(t);
-        }
-    }
-    wake
+    let presence = agent.presence().poll_timeout();
+    let elections = agent.elections();
+    let timers = elections.values().filter_map(|s| s.election.poll_timeout());
+    // Presence always has a timer; a second is a safe bound regardless.
+    presence
+        .into_iter()
+        .chain(timers)
+        .min()
+        .unwrap_or_else(|| Instant::now() + std::time::Duration::from_secs(1))
 }
 
 /// One datagram from the control group or the unicast socket: presence
@@ -173,22 +175,14 @@ async fn flush(
         (out, events)
     };
     for slot in agent.elections().values_mut() {
-        while let Some(bytes) = slot.election.poll_transmit() {
-            out.push(scanner::Transmit {
-                dest: Dest::Group,
-                bytes,
-            });
-        }
+        out.extend(std::iter::from_fn(|| slot.election.poll_transmit()));
         while let Some(ev) = slot.election.poll_event() {
             // The task may have ended; its slot goes with it.
             let _ = slot.events.send(ev);
         }
     }
     for t in out {
-        let to = match t.dest {
-            Dest::Group => group,
-            Dest::To(a) => a,
-        };
+        let to = t.to(group);
         if let Err(e) = socket.send_to(link.outgoing(&t.bytes), to).await {
             tracing::debug!("presence send to {to}: {e}");
         }

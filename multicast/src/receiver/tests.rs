@@ -51,7 +51,11 @@ fn small_session(feedback_port: u16) -> SessionInfo {
 
 fn joins(rx: &mut Receiver) -> Vec<(SocketAddr, u64)> {
     std::iter::from_fn(|| rx.poll_transmit())
-        .map(|(to, bytes)| {
+        .map(|t| {
+            let (to, bytes) = match t.dest {
+                crate::transmit::Dest::To(to) => (to, t.bytes),
+                crate::transmit::Dest::Group => panic!("feedback to the group"),
+            };
             let d = wire::decode(&bytes).unwrap();
             assert!(matches!(
                 d.frame,

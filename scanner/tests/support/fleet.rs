@@ -78,7 +78,7 @@ impl Fleet {
                 ..LocalNode::default()
             };
             let p = Presence::new(cfg.clone(), me, None, t0, seed.wrapping_add(i as u64));
-            let at = p.poll_timeout();
+            let at = p.poll_timeout().expect("presence always has a timer");
             fleet.agents.push(p);
             fleet.push(at, Wake::Timer(i));
         }
@@ -119,7 +119,9 @@ impl Fleet {
                         continue;
                     }
                     self.agents[i].handle_timeout(at);
-                    let next = self.agents[i].poll_timeout();
+                    let next = self.agents[i]
+                        .poll_timeout()
+                        .expect("presence always has a timer");
                     self.push(next.max(at + Duration::from_micros(1)), Wake::Timer(i));
                     self.flush(i);
                 }
