@@ -449,8 +449,11 @@ async fn connection(
             }
             // What the requester sent meanwhile: a STOP for this block
             // ends it; requests queue, and the next is prepared now.
+            // At most a few per gap: a requester streaming frames cannot
+            // keep this task from its answer.
             let mut stopped = false;
-            while let Some(f) = rd.try_frame()? {
+            for _ in 0..MAX_QUEUED_REQUESTS {
+                let Some(f) = rd.try_frame()? else { break };
                 match f {
                     Frame::Stop { block: b } if b == block => stopped = true,
                     Frame::Need { .. } if queued.len() < MAX_QUEUED_REQUESTS => queued.push_back(f),

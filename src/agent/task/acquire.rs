@@ -295,6 +295,7 @@ async fn peer_repair(
     const BUSY_TRIES: u32 = 50;
     let mut busy: Vec<u32> = Vec::new();
     let mut busy_tries: HashMap<u32, u32> = HashMap::new();
+    let mut idle_rounds = 0;
     loop {
         if in_flight == 0 && queue.is_empty() && !busy.is_empty() {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -353,11 +354,17 @@ async fn peer_repair(
             }
         }
         if in_flight == 0 {
-            if busy.is_empty() {
+            // Nothing out: done, unless blocks still wait for a turn (a
+            // peer's channel closed as it failed; holders busy). A few
+            // rounds that send nothing end it: the rest is the origin's.
+            queue.extend(waiting.drain(..));
+            idle_rounds += 1;
+            if (busy.is_empty() && queue.is_empty()) || idle_rounds > 3 {
                 break;
             }
             continue;
         }
+        idle_rounds = 0;
         // A cancel must not wait for a slow peer's block.
         let (addr, b, res) = tokio::select! {
             d = results.recv() => d.context("repair workers gone")?,
