@@ -128,7 +128,10 @@ impl Pipeline {
                 FetchStep::More => Step::More,
                 FetchStep::Decode => Step::Decode,
                 FetchStep::Misbehaved(why) => Step::Misbehaved(why),
-                FetchStep::Elsewhere | FetchStep::Busy => unreachable!("symbols are neither"),
+                // Not what symbols yield; never a panic on a peer's frame.
+                FetchStep::Elsewhere | FetchStep::Busy => {
+                    Step::Misbehaved("symbols taken for a refusal".into())
+                }
             },
             Frame::NotHeld { .. } => {
                 self.asked.pop_front();
