@@ -527,10 +527,18 @@ pub async fn fetch_from_peer(
             // New jobs, without waiting while something is outstanding.
             while pipeline.len() < PIPELINE_DEPTH {
                 let job = if pipeline.is_empty() {
-                    match jobs.recv().await {
+                    let idle_from = tokio::time::Instant::now();
+                    let job = match jobs.recv().await {
                         Some(j) => j,
                         None => return Ok(()),
+                    };
+                    // The server closes a connection idle for PEER_TIMEOUT:
+                    // after a long wait for work, start on a fresh one
+                    // rather than fail the peer on a closed one.
+                    if idle_from.elapsed() >= PEER_TIMEOUT / 2 {
+                        link = None;
                     }
+                    job
                 } else {
                     match jobs.try_recv() {
                         Ok(j) => j,
