@@ -4,7 +4,7 @@ use std::net::SocketAddrV4;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::units::{parse_duration, parse_rate, parse_size};
 
@@ -315,10 +315,23 @@ pub struct SendArgs {
     /// Interface name (eth0) or address (10.0.0.5); default: the one with the default route.
     #[arg(long, env = "SOMCAST_IFACE")]
     pub iface: Option<String>,
-    /// Average rate on the wire, headers included, in bit/s (50M, 200M, 1G;
-    /// 0 = unpaced). Time lost waiting for a CPU is made up, at most 3% faster.
+    /// The most the sender sends, bit/s on the wire, headers included
+    /// (50M, 200M, 1G; 0 = unpaced, no rate control). Below it the rate
+    /// adapts to what receivers report (loss, queueing delay).
     #[arg(long, default_value = "100M", value_parser = parse_rate)]
     pub rate: u64,
+    /// The least the rate control goes down to; equal to --rate for a
+    /// fixed rate.
+    #[arg(long, default_value = "1M", value_parser = parse_rate)]
+    pub rate_min: u64,
+    /// How to share the network: foreground competes like a TCP flow,
+    /// background keeps the queue it causes low and yields to other traffic.
+    #[arg(long, value_enum, default_value_t = RateMode::Foreground)]
+    pub mode: RateMode,
+    /// A receiver far slower than the rest: wait for it (the rate follows
+    /// it), or leave it to fetch what it misses elsewhere after the pass.
+    #[arg(long, value_enum, default_value_t = SlowPolicy::Wait)]
+    pub slow_receivers: SlowPolicy,
     /// Least repair symbols per block in the first pass, in percent; raised
     /// automatically to match the loss receivers report.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=400))]
@@ -466,9 +479,18 @@ pub struct AgentArgs {
     /// Operator preference in elections: higher wins (0-255).
     #[arg(long, env = "SOMCAST_PREFERENCE")]
     pub preference: Option<u8>,
-    /// Multicast rate as representative, bit/s on the wire (default 100M).
+    /// The most this agent multicasts as representative, bit/s on the wire
+    /// (default 1G); the rate adapts below it to what receivers report.
     #[arg(long, env = "SOMCAST_RATE", value_parser = parse_rate)]
     pub rate: Option<u64>,
+    /// The least the representative's rate control goes down to (default
+    /// 1M); equal to --rate for a fixed rate.
+    #[arg(long, env = "SOMCAST_RATE_MIN", value_parser = parse_rate)]
+    pub rate_min: Option<u64>,
+    /// How the representative shares the network (default background:
+    /// yields to other traffic).
+    #[arg(long, env = "SOMCAST_RATE_MODE", value_enum)]
+    pub rate_mode: Option<RateMode>,
     /// Lab fault injection: flip a bit in every repair symbol this agent
     /// serves, to see peers detect and bypass it. Never in production.
     #[arg(long, hide = true, env = "SOMCAST_LAB_CORRUPT_REPAIR")]
@@ -562,4 +584,38 @@ fn parse_share(s: &str) -> Result<f64, String> {
         ));
     }
     Ok(v)
+}
+
+/// How a sender shares the network (`multicast::rate::Mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateMode {
+    Foreground,
+    Background,
+}
+
+impl From<RateMode> for multicast::rate::Mode {
+    fn from(m: RateMode) -> Self {
+        match m {
+            RateMode::Foreground => Self::Foreground,
+            RateMode::Background => Self::Background,
+        }
+    }
+}
+
+/// What a sender does about a far slower receiver
+/// (`multicast::rate::SlowReceivers`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SlowPolicy {
+    Wait,
+    Leave,
+}
+
+impl From<SlowPolicy> for multicast::rate::SlowReceivers {
+    fn from(p: SlowPolicy) -> Self {
+        match p {
+            SlowPolicy::Wait => Self::Wait,
+            SlowPolicy::Leave => Self::Leave,
+        }
+    }
 }

@@ -73,6 +73,9 @@ pub fn send(args: &SendArgs) -> anyhow::Result<bool> {
     let opts = SendOptions {
         session: SenderConfig {
             rate_bps: args.rate,
+            rate_min_bps: args.rate_min,
+            rate_mode: args.mode.into(),
+            slow_receivers: args.slow_receivers.into(),
             overhead_pct: args.overhead,
             min_receivers: args.min_receivers,
             join_timeout: args.join_timeout,
@@ -93,8 +96,14 @@ pub fn send(args: &SendArgs) -> anyhow::Result<bool> {
         let sent = (u64::from(p.blocks_sent) * u64::from(p.layout.block_size())).min(total);
         bar.set_position(sent);
         bar.set_message(format!(
-            "receivers {}/{} done",
-            p.stats.receivers_done, p.stats.receivers_joined
+            "receivers {}/{} done, {} Mbit/s{}",
+            p.stats.receivers_done,
+            p.stats.receivers_joined,
+            p.stats.rate_bps / 1_000_000,
+            p.stats
+                .rate_reason
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
         ));
         if let Some(SenderEvent::StartedShort { joined, wanted }) = p.event {
             bar.println(format!(
@@ -180,6 +189,10 @@ pub fn send_summary(r: &SendReport) -> serde_json::Value {
         "receivers_joined": s.receivers_joined,
         "receivers_done": s.receivers_done,
         "receivers_lost": s.receivers_lost,
+        "receivers_left_behind": s.receivers_left,
+        // The rate control's last word: the rate and why.
+        "rate_mbps": s.rate_bps as f64 / 1e6,
+        "rate_reason": s.rate_reason.map(|r| r.to_string()),
     })
 }
 

@@ -57,7 +57,9 @@ pub fn starting_config(data: &Path) -> String {
          cache = '{d}'\n\
          # cache_max = \"20G\"\n\
          # cache_min_free = \"2G\"\n\
-         # rate = \"100M\"\n"
+         # rate = \"1G\"                 # the most it multicasts; it adapts below\n\
+         # rate_min = \"1M\"\n\
+         # rate_mode = \"background\"     # or \"foreground\"\n"
     )
 }
 

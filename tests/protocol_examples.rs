@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use multicast::auth::{AuthState, FleetKey, FleetKeys, Opener, Sealer};
 use multicast::wire::{
-    self, AddrV4, Announce, Data, Feedback, Frame, Held, Need, Offer, Rank, SessionInfo, Standing,
+    self, AddrV4, Announce, Data, Feedback, Frame, Held, Need, Offer, PathReport, Rank,
+    SessionInfo, Standing,
 };
 use repair::frame as rframe;
 
@@ -107,9 +108,11 @@ fn datagram_examples() -> Vec<(&'static str, u64, Frame<'static>)> {
             Frame::Data(Data {
                 block: 1,
                 esi: 300,
+                sent_us: 1_500_000,
                 payload: &[0x11; 16],
             }),
         ),
+        ("leave", SESSION, Frame::Leave { receiver: 7 }),
         (
             "end-of-pass",
             SESSION,
@@ -133,6 +136,12 @@ fn datagram_examples() -> Vec<(&'static str, u64, Frame<'static>)> {
                 receiver: 7,
                 feedback: Feedback::Needs {
                     loss_ppm: 20_000,
+                    path: PathReport {
+                        span: 400,
+                        lost: 8,
+                        recv_kbps: 95_000,
+                        delay_us: 1_500,
+                    },
                     needs: vec![
                         Need {
                             block: 0,

@@ -124,6 +124,7 @@ fn forged(
             let data = Frame::Data(multicast::wire::Data {
                 block: (rng.next_u64() % u64::from(blocks.max(1))) as u32,
                 esi: rng.next_u64() as u32 % 100_000,
+                sent_us: 0,
                 payload: &payload,
             });
             (data.encode(rng.next_u64()), data_group)

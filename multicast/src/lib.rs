@@ -6,6 +6,7 @@
 //! - [`codec`]: blocks, symbols, encoding plan, checked decoding.
 //! - [`sender`] and [`receiver`]: the protocol as sans-IO state machines.
 //! - [`pacer`]: the token bucket that keeps the sender at its rate.
+//! - [`rate`]: the rate controller that finds the rate the subnet takes.
 //! - [`transmit`]: what the sans-IO machines hand their drivers to send.
 //! - [`socket`]: socket2 setup for groups; [`driver`]: blocking loops that
 //!   run the sessions over real sockets and files.
@@ -18,6 +19,7 @@ pub mod driver;
 mod fileio;
 pub mod handshake;
 pub mod pacer;
+pub mod rate;
 pub mod receiver;
 pub mod rng;
 pub mod sender;

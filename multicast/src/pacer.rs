@@ -53,6 +53,26 @@ impl Pacer {
         }
     }
 
+    /// Changes the rate from `now` on; time before `now` counts at the old
+    /// one. A rate of 0 stays unpaced.
+    pub fn set_rate(&mut self, now: Instant, rate_bps: u64) {
+        if self.bytes_per_sec == 0.0 || rate_bps == 0 {
+            return;
+        }
+        self.refill(now);
+        let next = Self::new(now, rate_bps);
+        self.bytes_per_sec = next.bytes_per_sec;
+        self.peak_per_sec = next.peak_per_sec;
+        self.burst = next.burst;
+        self.max_lag = next.max_lag;
+        self.tokens = self.tokens.min(self.max_lag);
+        self.peak = self.peak.min(self.burst);
+    }
+
+    pub fn rate_bps(&self) -> u64 {
+        (self.bytes_per_sec * 8.0) as u64
+    }
+
     fn refill(&mut self, now: Instant) {
         if self.bytes_per_sec == 0.0 {
             return;

@@ -48,6 +48,9 @@ use crate::codec::{Collector, Layout, MIN_DECODE_MARGIN, sha256};
 use crate::transmit::{Dest, Transmit};
 use crate::wire::{self, Digest, Feedback, Frame, MAX_NEEDS_PER_FRAME, Need, SessionInfo};
 
+mod path;
+use path::PathMeter;
+
 /// Receiver tuning.
 #[derive(Clone, Debug)]
 pub struct ReceiverConfig {
@@ -171,6 +174,10 @@ pub enum ReceiveFailure {
     },
     #[error("the sender closed the session with {missing} of {blocks} blocks missing")]
     SenderClosed { missing: u32, blocks: u32 },
+    #[error(
+        "the sender left this receiver behind as far slower than the rest, with {missing} of {blocks} blocks missing after its pass"
+    )]
+    LeftBehind { missing: u32, blocks: u32 },
     #[error("the whole-file SHA-256 does not match the announced one")]
     FileHashMismatch,
     #[error("announced session is not valid: {0}")]
@@ -260,6 +267,9 @@ struct Active {
     feedback_interval: Duration,
     last_heard: Instant,
     phase: Phase,
+    path: PathMeter,
+    /// The sender left us behind (LEAVE): the pass is all we get.
+    left: bool,
 }
 
 impl Active {
@@ -379,7 +389,11 @@ impl Receiver {
         }
         active.last_heard = now;
         match dgram.frame {
-            Frame::Data(d) => self.handle_data(d.block, d.esi, d.payload),
+            Frame::Data(d) => {
+                active.path.on_data(now, d.sent_us, bytes.len());
+                self.handle_data(d.block, d.esi, d.payload)
+            }
+            Frame::Leave { receiver } if receiver == self.cfg.receiver_id => active.left = true,
             Frame::Hashes {
                 first_block,
                 hashes,
@@ -392,7 +406,9 @@ impl Receiver {
                     self.events.push_back(ReceiverEvent::Complete);
                     return;
                 }
-                if closing && active.phase == Phase::Receiving {
+                if closing && active.left {
+                    self.leave_if_missing();
+                } else if closing && active.phase == Phase::Receiving {
                     let failure = ReceiveFailure::SenderClosed {
                         missing: active.missing,
                         blocks: active.layout.block_count(),
@@ -435,7 +451,7 @@ impl Receiver {
                     active.info.file_sha256 = info.file_sha256;
                 }
             }
-            Frame::DoneAck { .. } | Frame::JoinAck { .. } => {}
+            Frame::DoneAck { .. } | Frame::JoinAck { .. } | Frame::Leave { .. } => {}
             Frame::Feedback { .. }
             | Frame::Presence(_)
             | Frame::Probe { .. }
@@ -535,6 +551,8 @@ impl Receiver {
             feedback_interval,
             last_heard: now,
             phase: Phase::Receiving,
+            path: PathMeter::new(now),
+            left: false,
             info,
         });
         self.send_feedback(Feedback::Join);
@@ -795,8 +813,10 @@ impl Receiver {
                 }
                 if now >= active.next_feedback {
                     active.next_feedback = now + active.feedback_interval;
-                    if active.phase == Phase::Receiving {
-                        self.send_needs();
+                    if active.left && active.pass_over && active.decoding == 0 {
+                        self.leave_if_missing();
+                    } else if active.phase == Phase::Receiving {
+                        self.send_needs(now);
                     } else {
                         // Checking a large file takes a while: keep the
                         // sender from giving up on us meanwhile.
@@ -817,7 +837,23 @@ impl Receiver {
         }
     }
 
-    fn send_needs(&mut self) {
+    /// Left behind, the pass over and its blocks decoded: what is missing
+    /// comes from elsewhere.
+    fn leave_if_missing(&mut self) {
+        let active = self.active.as_ref().expect("called with an active session");
+        if active.phase == Phase::Receiving && active.missing > 0 {
+            let failure = ReceiveFailure::LeftBehind {
+                missing: active.missing,
+                blocks: active.layout.block_count(),
+            };
+            self.fail(failure);
+        }
+    }
+
+    /// Reports NEEDS, with the path since the last report, every interval
+    /// (the sender's rate controller counts on it even when nothing is
+    /// needed), except once left behind.
+    fn send_needs(&mut self, now: Instant) {
         self.settle_quiet_blocks();
         let active = self.active.as_ref().expect("called with an active session");
         let k = active.layout.k();
@@ -866,11 +902,18 @@ impl Receiver {
         // What arrives for these now is the repair asked for: nothing more
         // is coming, so they decode as soon as they can.
         active.settled.extend(passed);
-        if needs.is_empty() {
+        let path = active
+            .path
+            .report(now, self.stats.span, self.stats.data_symbols);
+        if active.left {
             return;
         }
         let loss_ppm = (self.stats.reported_loss() * 1e6) as u32;
-        self.send_feedback(Feedback::Needs { loss_ppm, needs });
+        self.send_feedback(Feedback::Needs {
+            loss_ppm,
+            path,
+            needs,
+        });
     }
 
     /// Marks collecting blocks that received nothing since the last tick as

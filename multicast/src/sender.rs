@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use crate::codec::Layout;
 use crate::pacer::{Pacer, WIRE_OVERHEAD};
+use crate::rate::{RateConfig, RateControl, RateEvent};
 use crate::wire::{self, Digest, Feedback, Frame, HASHES_PER_FRAME, MAX_ESI, SessionInfo};
 
 /// Blocks at the end of the first pass that get [`Sender::tail_headroom`].
@@ -69,6 +70,8 @@ const BEACON_FIRST_GAP: Duration = Duration::from_millis(2);
 const BEACON_INTERVAL: Duration = Duration::from_millis(20);
 /// Receivers the sender keeps track of at once.
 const MAX_RECEIVERS: usize = 16_384;
+/// LEAVE frames repeated with each announcement, at most.
+const MAX_LEAVES_PER_ANNOUNCE: usize = 8;
 /// Least time between two JOIN_ACKs to one receiver.
 const JOIN_ACK_GAP: Duration = Duration::from_millis(100);
 
@@ -129,6 +132,8 @@ struct Peer {
     join_acked: Option<Instant>,
     done: bool,
     lost: bool,
+    /// Left behind by the rate controller: not waited for, not repaired.
+    left: bool,
     loss_ppm: u32,
 }
 
@@ -141,6 +146,9 @@ pub struct Sender {
     hashes: Vec<Option<Digest>>,
     phase: Phase,
     pacer: Pacer,
+    rate: RateControl,
+    /// DATA carries the time since this, for receivers' delay trend.
+    epoch: Instant,
     next_announce: Instant,
     /// While announcing, SESSION alone also goes out this often.
     next_beacon: Instant,
@@ -199,8 +207,19 @@ impl Sender {
         let blocks = (0..layout.block_count())
             .map(|_| BlockTx::default())
             .collect();
+        let rate = RateControl::new(
+            now,
+            RateConfig {
+                max_bps: cfg.rate_bps,
+                min_bps: cfg.rate_min_bps.min(cfg.rate_bps),
+                mode: cfg.rate_mode,
+                slow: cfg.slow_receivers,
+            },
+        );
         Self {
-            pacer: Pacer::new(now, cfg.rate_bps),
+            pacer: Pacer::new(now, rate.rate_bps()),
+            rate,
+            epoch: now,
             phase: Phase::Announcing { since: now },
             next_announce: now,
             next_beacon: now,
@@ -321,6 +340,7 @@ impl Sender {
             join_acked: None,
             done: false,
             lost: false,
+            left: false,
             loss_ppm: 0,
         });
         peer.last_heard = now;
@@ -342,16 +362,32 @@ impl Sender {
             Feedback::Done => {
                 if !peer.done {
                     peer.done = true;
+                    self.rate.forget(receiver);
                     self.stats.receivers_done += 1;
                     self.events
                         .push_back(SenderEvent::ReceiverDone { receiver });
                 }
                 self.queue_control(&Frame::DoneAck { receiver });
             }
-            Feedback::Needs { loss_ppm, needs } => {
+            Feedback::Needs {
+                loss_ppm,
+                path,
+                needs,
+            } => {
+                if peer.left {
+                    return;
+                }
                 peer.loss_ppm = loss_ppm;
                 self.stats.max_loss_ppm = self.stats.max_loss_ppm.max(loss_ppm);
                 if self.phase != Phase::Sending {
+                    return;
+                }
+                self.rate.handle_report(receiver, path);
+                if self.pass_done_at.is_none() && !self.rate.follows(receiver) {
+                    // Congested alone while the rest are not: what it lost
+                    // to its own link is repaired after the pass, if it is
+                    // not left behind by then, not at the group's expense
+                    // now.
                     return;
                 }
                 // A receiver claiming more than half its symbols lost gets
@@ -493,7 +529,10 @@ impl Sender {
                         .push_back(SenderEvent::DataStarted { receivers: joined });
                 }
             }
-            Phase::Sending => self.check_finished(now),
+            Phase::Sending => {
+                self.adapt_rate(now);
+                self.check_finished(now);
+            }
             Phase::Closing { .. } | Phase::Finished => {}
         }
         if now >= self.next_announce
@@ -513,6 +552,35 @@ impl Sender {
         self.open_blocks();
     }
 
+    /// Lets the rate controller judge a round when one is due, and paces at
+    /// what it decided; leaves behind the receivers it gives up waiting for.
+    fn adapt_rate(&mut self, now: Instant) {
+        self.rate.set_report_interval(self.feedback_interval());
+        self.rate.handle_timeout(now);
+        self.pacer.set_rate(now, self.rate.rate_bps());
+        self.stats.rate_bps = self.pacer.rate_bps();
+        self.stats.rate_reason = Some(self.rate.reason());
+        while let Some(RateEvent::LeaveBehind { receiver }) = self.rate.poll_event() {
+            if let Some(peer) = self.peers.get_mut(&receiver)
+                && !peer.left
+            {
+                peer.left = true;
+                self.stats.receivers_left += 1;
+                self.queue_control(&Frame::Leave { receiver });
+                self.events.push_back(SenderEvent::LeftBehind { receiver });
+            }
+        }
+    }
+
+    /// How often receivers report: the configured interval, stretched with
+    /// their number so feedback stays near 500 datagrams a second at most.
+    fn feedback_interval(&self) -> Duration {
+        let peers = self.peers.len() as u32;
+        self.cfg
+            .feedback_interval
+            .max(Duration::from_millis(2) * peers)
+    }
+
     /// The gap after a SESSION sent while waiting for joins (see
     /// [`BEACON_FIRST_GAP`]); counts the SESSION.
     fn beacon_gap(&mut self) -> Duration {
@@ -522,15 +590,18 @@ impl Sender {
     }
 
     fn announce(&mut self) {
-        let peers = self.peers.len() as u32;
-        // Each receiver reports about every interval: scale it with their
-        // number so feedback stays near 500 datagrams a second at most.
-        let interval = self
-            .cfg
-            .feedback_interval
-            .max(Duration::from_millis(2) * peers);
-        self.info.feedback_interval_ms = interval.as_millis() as u32;
+        self.info.feedback_interval_ms = self.feedback_interval().as_millis() as u32;
         self.queue_control(&Frame::Session(self.info.clone()));
+        // Receivers left behind that may have lost their LEAVE and still
+        // wait for repair: told again, a few per announcement.
+        let left: Vec<u64> = (self.peers.iter())
+            .filter(|(_, p)| p.left && !p.done && !p.lost)
+            .map(|(&id, _)| id)
+            .take(MAX_LEAVES_PER_ANNOUNCE)
+            .collect();
+        for receiver in left {
+            self.queue_control(&Frame::Leave { receiver });
+        }
         if self.pass_done_at.is_some() {
             // Repeated: a receiver that lost every symbol of the last block
             // learns only from this that it should ask for it (one that had
@@ -625,9 +696,14 @@ impl Sender {
     /// receiver reported 24% for a moment, and the sender put 1.35x the file
     /// on the wire instead of 1.11x).
     fn planning_loss(&self) -> f64 {
-        let mut losses: Vec<u32> = (self.peers.values())
-            .filter(|p| !p.done && !p.lost)
-            .map(|p| p.loss_ppm)
+        let mut losses: Vec<u32> = (self.peers.iter())
+            .filter(|(id, p)| !p.done && !p.lost && !p.left && self.rate.follows(**id))
+            .map(|(&id, p)| match self.rate.reference_loss(id) {
+                // The loss the rate controller finds the path's own, not
+                // what its own probing caused.
+                Some(loss) if !self.rate.is_fixed() => (loss * 1e6) as u32,
+                _ => p.loss_ppm,
+            })
             .collect();
         losses.sort_unstable();
         let loss = match losses.len() {
@@ -727,6 +803,7 @@ impl Sender {
         for (&id, peer) in self.peers.iter_mut() {
             if !peer.done && !peer.lost && now >= peer.last_heard + self.cfg.receiver_timeout {
                 peer.lost = true;
+                self.rate.forget(id);
                 self.stats.receivers_lost += 1;
                 self.events
                     .push_back(SenderEvent::ReceiverLost { receiver: id });
@@ -752,7 +829,7 @@ impl Sender {
             now
         });
         let idle = self.active.is_empty() && self.jobs_out == 0 && self.jobs.is_empty();
-        let pending = self.peers.values().any(|p| !p.done && !p.lost);
+        let pending = self.peers.values().any(|p| !p.done && !p.lost && !p.left);
         let finished = if self.peers.is_empty() {
             now >= pass_done_at + self.cfg.linger
         } else {
@@ -814,13 +891,14 @@ impl Sender {
             };
             let esi = chunk.first_esi + chunk.next;
             let at = chunk.next as usize * t;
-            wire::encode_data(
-                self.session,
+            let sent_us = now.saturating_duration_since(self.epoch).as_micros() as u32;
+            let data = wire::Data {
                 block,
                 esi,
-                &chunk.bytes[at..at + t],
-                &mut self.buf,
-            );
+                sent_us,
+                payload: &chunk.bytes[at..at + t],
+            };
+            wire::encode_data(self.session, &data, &mut self.buf);
             chunk.next += 1;
             if chunk.next == chunk.count {
                 tx.queue.pop_front();
@@ -915,6 +993,7 @@ impl Sender {
                 t = t.min(since + limit);
             }
             Phase::Sending => {
+                t = t.min(self.rate.poll_timeout());
                 // Silent receivers are checked at each announcement.
                 if let Some(at) = self.pass_done_at
                     && self.peers.is_empty()

@@ -20,7 +20,7 @@ use thiserror::Error;
 /// "SC": identifies a somcast datagram among whatever else shares the port.
 pub const MAGIC: [u8; 2] = *b"SC";
 /// Bumped on any incompatible change of a body or of the header.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// magic + version + kind + session id.
 pub const HEADER_LEN: usize = 2 + 1 + 1 + 8;
 /// CRC-32 (IEEE) of header and body.
@@ -82,6 +82,10 @@ pub struct SessionInfo {
 pub struct Data<'a> {
     pub block: u32,
     pub esi: u32,
+    /// The sender's clock when it sent this, in microseconds, wrapping:
+    /// receivers follow the trend of the one-way delay from it (a queue
+    /// building up on the path), never its absolute value.
+    pub sent_us: u32,
     #[serde(borrow)]
     pub payload: &'a [u8],
 }
@@ -97,13 +101,32 @@ pub struct Need {
     pub highest_esi: Option<u32>,
 }
 
+/// What a receiver saw of the path from the sender since its last report:
+/// the rate controller's input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathReport {
+    /// Symbols the sender sent for blocks this receiver followed in the
+    /// interval, counted by ESI (those lost included).
+    pub span: u32,
+    /// Of those, how many never arrived.
+    pub lost: u32,
+    /// Data bytes that arrived in the interval, per second, in kbit/s.
+    pub recv_kbps: u32,
+    /// Queueing delay: the least one-way delay in the interval above the
+    /// least seen recently, in microseconds.
+    pub delay_us: u32,
+}
+
 /// A receiver's message to the sender (unicast).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Feedback {
     Join,
+    /// Sent every feedback interval while receiving, `needs` empty or not.
     Needs {
-        /// Share of data symbols lost, in parts per million.
+        /// Share of data symbols lost since the start, in parts per million:
+        /// what the first pass provisions repair for.
         loss_ppm: u32,
+        path: PathReport,
         needs: Vec<Need>,
     },
     Done,
@@ -242,6 +265,12 @@ pub enum Frame<'a> {
     JoinAck {
         receiver: u64,
     },
+    /// The rate controller leaves this receiver behind: it is far slower
+    /// than the rest. It takes what the pass brings and then finishes from
+    /// peers or the origin; the sender no longer waits for it.
+    Leave {
+        receiver: u64,
+    },
     /// Control group: an agent is here.
     Presence(Announce),
     /// Control group or unicast: "who is there?" `from_node` is `None` when
@@ -309,6 +338,7 @@ mod kind {
     pub const CLAIM: u8 = 10;
     pub const OFFER: u8 = 11;
     pub const JOIN_ACK: u8 = 12;
+    pub const LEAVE: u8 = 13;
 }
 
 /// Why a datagram was refused.
@@ -379,9 +409,9 @@ impl Frame<'_> {
                 },
                 std::mem::take(out),
             ),
-            Frame::DoneAck { receiver } | Frame::JoinAck { receiver } => {
-                postcard::to_extend(receiver, std::mem::take(out))
-            }
+            Frame::DoneAck { receiver }
+            | Frame::JoinAck { receiver }
+            | Frame::Leave { receiver } => postcard::to_extend(receiver, std::mem::take(out)),
             Frame::Presence(announce) => postcard::to_extend(announce, std::mem::take(out)),
             Frame::Probe {
                 nonce,
@@ -426,6 +456,7 @@ impl Frame<'_> {
             Frame::Feedback { .. } => kind::FEEDBACK,
             Frame::DoneAck { .. } => kind::DONE_ACK,
             Frame::JoinAck { .. } => kind::JOIN_ACK,
+            Frame::Leave { .. } => kind::LEAVE,
             Frame::Presence(_) => kind::PRESENCE,
             Frame::Probe { .. } => kind::PROBE,
             Frame::Bye { .. } => kind::BYE,
@@ -440,15 +471,17 @@ impl Frame<'_> {
 /// by hand (three varints and the bytes) instead of letting serde copy the
 /// payload a byte at a time. The bytes are the same as
 /// `Frame::Data(..).encode_into` (a test checks).
-pub fn encode_data(session: u64, block: u32, esi: u32, payload: &[u8], out: &mut Vec<u8>) {
+pub fn encode_data(session: u64, data: &Data, out: &mut Vec<u8>) {
+    let payload = data.payload;
     out.clear();
-    out.reserve(HEADER_LEN + 3 * 5 + payload.len() + TRAILER_LEN);
+    out.reserve(HEADER_LEN + 4 * 5 + payload.len() + TRAILER_LEN);
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
     out.push(kind::DATA);
     out.extend_from_slice(&session.to_le_bytes());
-    push_varint(out, block);
-    push_varint(out, esi);
+    push_varint(out, data.block);
+    push_varint(out, data.esi);
+    push_varint(out, data.sent_us);
     push_varint(out, payload.len() as u32);
     out.extend_from_slice(payload);
     let crc = crc32fast::hash(out);
@@ -517,11 +550,16 @@ pub fn decode(bytes: &[u8]) -> Result<Datagram<'_>, WireError> {
         }
         kind::FEEDBACK => {
             let f: FeedbackBody = strict(body)?;
-            if let Feedback::Needs { needs, loss_ppm } = &f.feedback {
+            if let Feedback::Needs {
+                needs,
+                loss_ppm,
+                path,
+            } = &f.feedback
+            {
                 if needs.len() > MAX_NEEDS_PER_FRAME {
                     return Err(WireError::OutOfRange("need count"));
                 }
-                if *loss_ppm > 1_000_000 {
+                if *loss_ppm > 1_000_000 || path.lost > path.span {
                     return Err(WireError::OutOfRange("loss"));
                 }
                 if needs
@@ -540,6 +578,9 @@ pub fn decode(bytes: &[u8]) -> Result<Datagram<'_>, WireError> {
             receiver: strict(body)?,
         },
         kind::JOIN_ACK => Frame::JoinAck {
+            receiver: strict(body)?,
+        },
+        kind::LEAVE => Frame::Leave {
             receiver: strict(body)?,
         },
         kind::PRESENCE => Frame::Presence(check_announce(strict(body)?)?),
@@ -638,8 +679,10 @@ mod tests {
             Frame::Data(Data {
                 block: 2,
                 esi: 3000,
+                sent_us: u32::MAX,
                 payload: &[9; 1400],
             }),
+            Frame::Leave { receiver: 79 },
             Frame::EndOfPass {
                 pass: 1,
                 closing: false,
@@ -648,6 +691,12 @@ mod tests {
                 receiver: 77,
                 feedback: Feedback::Needs {
                     loss_ppm: 50_000,
+                    path: PathReport {
+                        span: 400,
+                        lost: 20,
+                        recv_kbps: 95_000,
+                        delay_us: 1_200,
+                    },
                     needs: vec![Need {
                         block: 1,
                         need: 12,
@@ -792,6 +841,7 @@ mod tests {
         let bytes = Frame::Data(Data {
             block: 0,
             esi: MAX_ESI + 1,
+            sent_us: 0,
             payload: &[0; 8],
         })
         .encode(1);
@@ -817,21 +867,24 @@ mod tests {
     proptest! {
         #[test]
         fn the_data_fast_path_encodes_as_the_frame_does(session: u64, block: u32, esi: u32,
+                            sent_us: u32,
                             payload in proptest::collection::vec(any::<u8>(), 0..1500)) {
             let mut fast = Vec::new();
-            encode_data(session, block, esi, &payload, &mut fast);
-            let frame = Frame::Data(Data { block, esi, payload: &payload });
+            let data = Data { block, esi, sent_us, payload: &payload };
+            encode_data(session, &data, &mut fast);
+            let frame = Frame::Data(data);
             prop_assert_eq!(fast, frame.encode(session));
         }
 
         #[test]
-        fn data_round_trips(session: u64, block: u32, esi in 0..=MAX_ESI,
+        fn data_round_trips(session: u64, block: u32, esi in 0..=MAX_ESI, sent_us: u32,
                             payload in proptest::collection::vec(any::<u8>(), 0..2000)) {
             let mut buf = Vec::new();
-            encode_data(session, block, esi, &payload, &mut buf);
+            let data = Data { block, esi, sent_us, payload: &payload };
+            encode_data(session, &data, &mut buf);
             let got = decode(&buf).unwrap();
             prop_assert_eq!(got.session, session);
-            prop_assert_eq!(got.frame, Frame::Data(Data { block, esi, payload: &payload }));
+            prop_assert_eq!(got.frame, Frame::Data(data));
         }
 
         #[test]
@@ -849,8 +902,10 @@ mod tests {
 
         #[test]
         fn feedback_round_trips(receiver: u64, loss in 0u32..=1_000_000,
+                                span: u32, recv_kbps: u32, delay_us: u32,
                                 needs in proptest::collection::vec(arb_need(), 0..MAX_NEEDS_PER_FRAME)) {
-            let frame = Frame::Feedback { receiver, feedback: Feedback::Needs { loss_ppm: loss, needs } };
+            let path = PathReport { span, lost: span / 3, recv_kbps, delay_us };
+            let frame = Frame::Feedback { receiver, feedback: Feedback::Needs { loss_ppm: loss, path, needs } };
             let bytes = frame.encode(3);
             let got = decode(&bytes).unwrap();
             prop_assert_eq!(got.frame, frame);

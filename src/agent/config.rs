@@ -13,9 +13,11 @@ use crate::trust::TrustedKey;
 use crate::trust::keys::read_public;
 use crate::units::{parse_duration, parse_rate, parse_size};
 
-/// Multicast rate when neither task nor agent sets one: a tenth of a
-/// gigabit link, a quarter of a 400 Mbit/s one.
-pub const DEFAULT_RATE: u64 = 100_000_000;
+/// The most a representative multicasts when neither task nor agent says:
+/// a gigabit link. The rate control finds what the subnet takes below it.
+pub const DEFAULT_RATE: u64 = 1_000_000_000;
+/// The least the rate control goes down to by default.
+pub const DEFAULT_RATE_MIN: u64 = multicast::sender::DEFAULT_RATE_MIN;
 /// Peer repair upload cap: none. A peer's upload is one TCP flow per
 /// requester, which TCP's congestion control shares fairly with the
 /// endpoint's own traffic; a cap (`--repair-rate`) slowed every rendezvous
@@ -43,6 +45,8 @@ struct FileConfig {
     presence_interval: Option<String>,
     preference: Option<u8>,
     rate: Option<String>,
+    rate_min: Option<String>,
+    rate_mode: Option<crate::cli::RateMode>,
     repair_rate: Option<String>,
     cache_max: Option<String>,
     cache_min_free: Option<String>,
@@ -71,8 +75,12 @@ pub struct AgentConfig {
     pub control_group: SocketAddrV4,
     pub presence_interval: Duration,
     pub preference: u8,
-    /// Multicast rate of tasks that do not set one, bit/s on the wire.
+    /// The most a representative multicasts for tasks that do not set a
+    /// rate, bit/s on the wire.
     pub rate_bps: u64,
+    /// The least its rate control goes down to.
+    pub rate_min_bps: u64,
+    pub rate_mode: multicast::rate::Mode,
     /// Upload cap of peer repair, bit/s (0 = none).
     pub repair_rate_bps: u64,
     /// Lab fault injection: serve corrupted repair symbols.
@@ -146,6 +154,15 @@ impl AgentConfig {
             Some(r) => r,
             None => from_file(&file.rate, "rate", parse_rate)?.unwrap_or(DEFAULT_RATE),
         };
+        let rate_min_bps = match args.rate_min {
+            Some(r) => r,
+            None => from_file(&file.rate_min, "rate_min", parse_rate)?.unwrap_or(DEFAULT_RATE_MIN),
+        };
+        let rate_mode = args
+            .rate_mode
+            .or(file.rate_mode)
+            .unwrap_or(crate::cli::RateMode::Background)
+            .into();
         let repair_rate_bps = match args.repair_rate {
             Some(r) => r,
             None => from_file(&file.repair_rate, "repair_rate", parse_rate)?
@@ -224,6 +241,8 @@ impl AgentConfig {
             poll,
             tags,
             rate_bps,
+            rate_min_bps,
+            rate_mode,
             repair_rate_bps,
             lab_corrupt_repair: args.lab_corrupt_repair,
             lab_drop_rate: args.lab_drop_rate.unwrap_or(0.0),

@@ -89,6 +89,7 @@ fn following_the_first_session_binds_only_to_one_that_acknowledges_the_join() {
     let data = Frame::Data(wire::Data {
         block: 0,
         esi: 0,
+        sent_us: 0,
         payload: &[0; 1000],
     });
     rx.handle_datagram(t0, stale, &data.encode(1));

@@ -25,6 +25,7 @@ fn sender_with_losses(losses_ppm: &[u32]) -> Sender {
         s.handle_datagram(now, from, &report(Feedback::Join).encode(7));
         let needs = Feedback::Needs {
             loss_ppm,
+            path: Default::default(),
             needs: Vec::new(),
         };
         s.handle_datagram(now, from, &report(needs).encode(7));

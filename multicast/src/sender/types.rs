@@ -5,8 +5,14 @@ use super::*;
 /// Sender tuning. Every field has a sensible default.
 #[derive(Clone, Debug)]
 pub struct SenderConfig {
-    /// Bits per second on the wire, headers included; 0 for unpaced.
+    /// The most bits per second on the wire, headers included; 0 for
+    /// unpaced (and no rate control).
     pub rate_bps: u64,
+    /// The least the rate controller goes down to; `rate_bps` for a fixed
+    /// rate.
+    pub rate_min_bps: u64,
+    pub rate_mode: crate::rate::Mode,
+    pub slow_receivers: crate::rate::SlowReceivers,
     /// Least share of repair symbols per block in the first pass, percent.
     pub overhead_pct: u32,
     /// Bytes of blocks sent interleaved at once. Receivers buffer about
@@ -30,10 +36,17 @@ pub struct SenderConfig {
     pub seal_overhead: usize,
 }
 
+/// The least rate the controller falls to by default: enough to keep a
+/// session alive beside traffic that fills the link.
+pub const DEFAULT_RATE_MIN: u64 = 1_000_000;
+
 impl Default for SenderConfig {
     fn default() -> Self {
         Self {
             rate_bps: 100_000_000,
+            rate_min_bps: DEFAULT_RATE_MIN,
+            rate_mode: crate::rate::Mode::Background,
+            slow_receivers: crate::rate::SlowReceivers::Wait,
             overhead_pct: 5,
             interleave_bytes: 16 << 20,
             announce_interval: Duration::from_millis(100),
@@ -118,6 +131,10 @@ pub enum SenderEvent {
     ReceiverLost {
         receiver: u64,
     },
+    /// The rate controller left this receiver to finish from elsewhere.
+    LeftBehind {
+        receiver: u64,
+    },
     Finished,
 }
 
@@ -141,4 +158,9 @@ pub struct SenderStats {
     pub receivers_lost: u32,
     /// Largest loss any receiver reported, parts per million.
     pub max_loss_ppm: u32,
+    /// Receivers left behind as far slower than the rest.
+    pub receivers_left: u32,
+    /// The rate now, and why (`None` before the data starts).
+    pub rate_bps: u64,
+    pub rate_reason: Option<crate::rate::Reason>,
 }

@@ -522,9 +522,18 @@ async fn represent(
     let send = {
         let p = lock(partial);
         let opts = SendOptions {
-            session: SenderConfig {
-                rate_bps: r.spec.rate_bps.unwrap_or(r.agent.config.rate_bps),
-                ..SenderConfig::default()
+            session: {
+                let config = &r.agent.config;
+                let rate_bps = r.spec.rate_bps.unwrap_or(config.rate_bps);
+                SenderConfig {
+                    rate_bps,
+                    rate_min_bps: config.rate_min_bps.min(rate_bps),
+                    rate_mode: config.rate_mode,
+                    // A receiver far slower than the rest finishes from
+                    // peers rather than holding the subnet back.
+                    slow_receivers: multicast::rate::SlowReceivers::Leave,
+                    ..SenderConfig::default()
+                }
             },
             block_size: p.layout().block_size(),
             symbol_size: p.layout().symbol_size(),

@@ -1,0 +1,578 @@
+//! The sender's rate controller, sans-IO: what rate fits the subnet now.
+//!
+//! # Signals
+//!
+//! Every receiver reports, each feedback interval, a [`PathReport`]: the
+//! symbols the sender sent it by ESI and how many never arrived, the rate
+//! that arrived, and the queueing delay (its least one-way delay in the
+//! interval above the least it saw lately; DATA carries the send time).
+//!
+//! # Rounds
+//!
+//! The controller judges once a round (100 ms, or 2.5 feedback intervals
+//! when many receivers stretch them). A receiver is *congested* in a round
+//! when its queueing delay passed the mode's target, or when its loss rose
+//! clearly above its own *reference loss*: the loss it sees when the sender
+//! is not the cause (the random loss of a Wi-Fi link or a bad cable). The
+//! reference follows a lower loss at once and a higher one slowly, and only
+//! in rounds without congestion, so random loss alone, even 20%, never
+//! reads as congestion and never brings the rate down.
+//!
+//! - Congested (in `wait`, any receiver; in `leave`, more than a third of
+//!   them): the rate falls to what gets through to the worst of them
+//!   (its arrival rate, corrected for its reference loss) or by the mode's
+//!   decrease factor, whichever is lower; the next two rounds are not
+//!   judged (their reports still show the queue that the old rate built).
+//! - Not congested: the rate grows, by half a round until the first
+//!   congestion (so from the safe start rate the link is found within a
+//!   second or two), then cautiously near the rate where congestion was
+//!   last seen and faster away from it. In background mode the growth
+//!   shrinks as the delay nears the target, in the manner of LEDBAT.
+//! - In `leave`, a receiver congested alone for [`SLOW_ROUNDS`] rounds in a
+//!   row while the rate is more than twice what gets through to it is *left
+//!   behind*: the sender tells it (LEAVE) to finish from peers or the origin
+//!   after the pass, and no longer waits for it.
+//!
+//! `min_bps` equal to `max_bps` is a fixed rate: the controller only
+//! watches.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::wire::PathReport;
+
+/// How the sender shares the network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Yields to other traffic: keeps the queueing delay it causes under
+    /// [`BACKGROUND_DELAY`] and backs off hard. The agents' default.
+    #[default]
+    Background,
+    /// Competes like a TCP flow: reacts to loss, and to delay only past
+    /// [`FOREGROUND_DELAY`].
+    Foreground,
+}
+
+/// What the sender does about a receiver far slower than the rest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SlowReceivers {
+    /// The rate follows the slowest receiver (the lab CLI's default).
+    #[default]
+    Wait,
+    /// The slow receiver is left to finish from peers (the agents').
+    Leave,
+}
+
+/// Rate controller settings.
+#[derive(Clone, Copy, Debug)]
+pub struct RateConfig {
+    /// The most the sender may send, bits per second on the wire.
+    pub max_bps: u64,
+    /// The least it falls to, whatever the signals say.
+    pub min_bps: u64,
+    pub mode: Mode,
+    pub slow: SlowReceivers,
+}
+
+impl RateConfig {
+    /// A rate that does not adapt.
+    pub fn fixed(bps: u64) -> Self {
+        Self {
+            max_bps: bps,
+            min_bps: bps,
+            mode: Mode::Background,
+            slow: SlowReceivers::Wait,
+        }
+    }
+}
+
+/// Why the rate is what it is, for status and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// `--rate-min` equals `--rate`.
+    Fixed,
+    /// Rising from the safe start rate; no congestion seen yet.
+    Starting,
+    /// Rising or holding; nothing is congested.
+    Clear,
+    /// At `--rate`.
+    AtMax,
+    /// Brought down: a queue built up toward this receiver.
+    Delay { receiver: u64 },
+    /// Brought down: this receiver lost more than its reference loss.
+    Loss { receiver: u64 },
+    /// At `--rate-min` and still congested.
+    AtMin,
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::Fixed => write!(f, "fixed rate"),
+            Reason::Starting => write!(f, "starting: finding the link"),
+            Reason::Clear => write!(f, "clear: no congestion reported"),
+            Reason::AtMax => write!(f, "at the maximum rate"),
+            Reason::Delay { receiver } => {
+                write!(f, "queueing delay toward receiver {receiver:016x}")
+            }
+            Reason::Loss { receiver } => write!(f, "loss toward receiver {receiver:016x}"),
+            Reason::AtMin => write!(f, "at the minimum rate, still congested"),
+        }
+    }
+}
+
+/// What the controller asks of the sender.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateEvent {
+    /// Tell this receiver to finish from elsewhere after the pass.
+    LeaveBehind { receiver: u64 },
+}
+
+/// Where the controller starts: low enough for any office link, found
+/// upward within seconds.
+pub const START_BPS: u64 = 20_000_000;
+/// Background mode keeps the queue it causes below this.
+pub const BACKGROUND_DELAY: Duration = Duration::from_millis(25);
+/// Foreground mode reacts to delay only past this (a standing queue that
+/// long is congestion whatever the loss).
+pub const FOREGROUND_DELAY: Duration = Duration::from_millis(100);
+/// The shortest round.
+pub const MIN_ROUND: Duration = Duration::from_millis(100);
+/// Rounds a receiver is congested alone before it is left behind.
+pub const SLOW_ROUNDS: u32 = 8;
+/// Growth per round before the first congestion.
+const STARTUP_GROWTH: f64 = 1.5;
+/// Growth per round close to where congestion was last seen, and away
+/// from it.
+const NEAR_GROWTH: f64 = 1.02;
+const FAR_GROWTH: f64 = 1.10;
+/// Loss above the reference, beyond its noise, that is congestion.
+const LOSS_MARGIN: f64 = 0.03;
+/// Fewer symbols than this in a round tell nothing about its loss.
+const MIN_SPAN: u32 = 30;
+/// How fast the reference loss follows a higher loss (per round).
+const REFERENCE_GAIN: f64 = 1.0 / 16.0;
+/// How fast it follows a lower one.
+const LOWER_GAIN: f64 = 0.5;
+/// Rounds clear of congestion well above the ceiling after which it is
+/// forgotten and the rate grows as at the start: the other traffic that
+/// caused it is gone.
+const CEILING_ROUNDS: u32 = 3;
+/// Receivers the controller follows; the sender tracks no more.
+const MAX_TRACKED: usize = 16_384;
+
+#[derive(Debug, Default)]
+struct Track {
+    /// This round's reports, summed.
+    span: u64,
+    lost: u64,
+    /// Largest delay and mean arrival rate over this round's reports.
+    delay_us: Option<u32>,
+    kbps_sum: u64,
+    reports: u32,
+    /// Its loss when the sender is not the cause.
+    reference: Option<f64>,
+    /// Consecutive rounds congested while most others were not.
+    alone: u32,
+    left: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Judged {
+    receiver: u64,
+    delayed: bool,
+    lossy: bool,
+    /// What gets through to it, bits per second, when congested.
+    capacity: f64,
+}
+
+/// The rate controller. Feed it reports, call [`RateControl::handle_timeout`]
+/// at [`RateControl::poll_timeout`], read [`RateControl::rate_bps`].
+#[derive(Debug)]
+pub struct RateControl {
+    cfg: RateConfig,
+    rate: f64,
+    round: Duration,
+    next_round: Instant,
+    /// Skip judging until then: reports still describe an older rate.
+    hold_until: Instant,
+    /// The rate at which congestion was last seen, if ever.
+    ceiling: Option<f64>,
+    /// Rounds in a row clear of congestion above the ceiling.
+    above_ceiling: u32,
+    reason: Reason,
+    tracks: HashMap<u64, Track>,
+    events: Vec<RateEvent>,
+}
+
+impl RateControl {
+    pub fn new(now: Instant, cfg: RateConfig) -> Self {
+        let max = cfg.max_bps.max(cfg.min_bps);
+        let start = START_BPS.clamp(cfg.min_bps, max) as f64;
+        let reason = if cfg.min_bps >= max {
+            Reason::Fixed
+        } else {
+            Reason::Starting
+        };
+        Self {
+            cfg: RateConfig {
+                max_bps: max,
+                ..cfg
+            },
+            rate: start,
+            round: MIN_ROUND,
+            next_round: now + MIN_ROUND,
+            hold_until: now,
+            ceiling: None,
+            above_ceiling: 0,
+            reason,
+            tracks: HashMap::new(),
+            events: Vec::new(),
+        }
+    }
+
+    pub fn rate_bps(&self) -> u64 {
+        self.rate as u64
+    }
+
+    pub fn reason(&self) -> Reason {
+        self.reason
+    }
+
+    /// Whether the rate is fixed (`min_bps` equal to `max_bps`).
+    pub fn is_fixed(&self) -> bool {
+        self.reason == Reason::Fixed
+    }
+
+    /// The loss this receiver sees when the sender is not the cause, once
+    /// known: what the first pass provisions repair for. `None` also for a
+    /// receiver the rate does not answer to (left behind, or congested
+    /// alone while the rest are not): its loss is its link's, not the
+    /// group's.
+    pub fn reference_loss(&self, receiver: u64) -> Option<f64> {
+        let t = self.tracks.get(&receiver)?;
+        if t.left || t.alone > 0 {
+            return None;
+        }
+        t.reference
+    }
+
+    /// Whether the rate answers to this receiver's reports.
+    pub fn follows(&self, receiver: u64) -> bool {
+        self.tracks
+            .get(&receiver)
+            .is_none_or(|t| !t.left && t.alone == 0)
+    }
+
+    /// Receivers left behind so far.
+    pub fn left_behind(&self) -> usize {
+        self.tracks.values().filter(|t| t.left).count()
+    }
+
+    /// Receivers report about every `interval`: a round spans a few of
+    /// their reports.
+    pub fn set_report_interval(&mut self, interval: Duration) {
+        self.round = MIN_ROUND.max(interval * 5 / 2);
+    }
+
+    /// A receiver's report.
+    pub fn handle_report(&mut self, receiver: u64, report: PathReport) {
+        if !self.tracks.contains_key(&receiver) && self.tracks.len() >= MAX_TRACKED {
+            return;
+        }
+        let t = self.tracks.entry(receiver).or_default();
+        t.span += u64::from(report.span);
+        t.lost += u64::from(report.lost.min(report.span));
+        // Each report's delay is already the least of its interval (jitter
+        // filtered out); the largest of them is the queue at its highest.
+        t.delay_us = Some(
+            t.delay_us
+                .map_or(report.delay_us, |d| d.max(report.delay_us)),
+        );
+        t.kbps_sum += u64::from(report.recv_kbps);
+        t.reports += 1;
+    }
+
+    /// A receiver is done, or gone: it no longer counts.
+    pub fn forget(&mut self, receiver: u64) {
+        self.tracks.remove(&receiver);
+    }
+
+    pub fn poll_event(&mut self) -> Option<RateEvent> {
+        self.events.pop()
+    }
+
+    pub fn poll_timeout(&self) -> Instant {
+        self.next_round
+    }
+
+    /// Ends a round when it is due: judges the reports and sets the rate.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now < self.next_round {
+            return;
+        }
+        self.next_round = now + self.round;
+        let judging = now >= self.hold_until && !self.is_fixed();
+        let target = match self.cfg.mode {
+            Mode::Background => BACKGROUND_DELAY,
+            Mode::Foreground => FOREGROUND_DELAY,
+        };
+        let rate = self.rate;
+        let mut judged = Vec::new();
+        let mut heard = 0usize;
+        let mut headroom = Vec::new();
+        for (&receiver, t) in self.tracks.iter_mut() {
+            let round = std::mem::replace(
+                t,
+                Track {
+                    reference: t.reference,
+                    alone: t.alone,
+                    left: t.left,
+                    ..Track::default()
+                },
+            );
+            if t.left || round.reports == 0 {
+                continue;
+            }
+            heard += 1;
+            let delay = Duration::from_micros(u64::from(round.delay_us.unwrap_or(0)));
+            headroom.push((receiver, 1.0 - delay.as_secs_f64() / target.as_secs_f64()));
+            let loss =
+                (round.span >= u64::from(MIN_SPAN)).then(|| round.lost as f64 / round.span as f64);
+            let reference = t.reference.or(loss).unwrap_or(0.0);
+            let lossy = loss.is_some_and(|p| {
+                let noise = 3.0 * (reference * (1.0 - reference) / round.span as f64).sqrt();
+                p > reference + LOSS_MARGIN + noise
+            });
+            let delayed = delay > target;
+            if let Some(p) = loss {
+                // A lower loss is the path's own soon; a higher one only
+                // slowly, and never from a congested round.
+                t.reference = Some(match t.reference {
+                    None => p,
+                    Some(r) if p < r => r + (p - r) * LOWER_GAIN,
+                    Some(r) if !lossy && !delayed => r + (p - r) * REFERENCE_GAIN,
+                    Some(r) => r,
+                });
+            }
+            if lossy || delayed {
+                let arrived = round.kbps_sum as f64 * 1000.0 / f64::from(round.reports);
+                let delivered = loss.map_or(1.0, |p| (1.0 - p) / (1.0 - reference).max(0.05));
+                let capacity = (arrived / (1.0 - reference).max(0.05))
+                    .min(rate * delivered)
+                    .max(1.0);
+                judged.push(Judged {
+                    receiver,
+                    delayed,
+                    lossy,
+                    capacity,
+                });
+            }
+        }
+        if !judging || heard == 0 {
+            return;
+        }
+        let acting = self.acting_on(&judged, heard);
+        match acting
+            .iter()
+            .min_by(|a, b| a.capacity.total_cmp(&b.capacity))
+        {
+            Some(worst) => self.decrease(now, worst),
+            None => {
+                // Receivers congested alone (in `leave`) do not hold the
+                // growth back either.
+                let ignored = |id: &u64| judged.iter().any(|j| j.receiver == *id);
+                let least = (headroom.iter())
+                    .filter(|(id, _)| !ignored(id))
+                    .map(|&(_, h)| h)
+                    .fold(1.0f64, f64::min);
+                self.increase(least.max(0.0));
+            }
+        }
+    }
+
+    /// The congested receivers the rate answers to: all of them in `wait`;
+    /// in `leave`, all when more than a third are congested, else none,
+    /// and those congested alone for long at well under the rate are left
+    /// behind.
+    fn acting_on(&mut self, judged: &[Judged], heard: usize) -> Vec<Judged> {
+        let congested: Vec<u64> = judged.iter().map(|j| j.receiver).collect();
+        for (id, t) in self.tracks.iter_mut() {
+            if !congested.contains(id) {
+                t.alone = 0;
+            }
+        }
+        if self.cfg.slow == SlowReceivers::Wait || judged.len() * 3 > heard {
+            for j in judged {
+                if let Some(t) = self.tracks.get_mut(&j.receiver) {
+                    t.alone = 0;
+                }
+            }
+            return judged.to_vec();
+        }
+        for j in judged {
+            let Some(t) = self.tracks.get_mut(&j.receiver) else {
+                continue;
+            };
+            t.alone += 1;
+            if t.alone >= SLOW_ROUNDS && j.capacity * 2.0 < self.rate {
+                t.left = true;
+                self.events.push(RateEvent::LeaveBehind {
+                    receiver: j.receiver,
+                });
+            }
+        }
+        Vec::new()
+    }
+
+    fn decrease(&mut self, now: Instant, worst: &Judged) {
+        let factor = match self.cfg.mode {
+            Mode::Background => 0.8,
+            Mode::Foreground => 0.875,
+        };
+        self.ceiling = Some(self.rate);
+        let target = (self.rate * factor).min(worst.capacity * 0.95);
+        self.rate = target.max(self.cfg.min_bps as f64);
+        // The queue built up drains over the next round, and its reports
+        // still show it: judging again only after two rounds keeps one
+        // congestion from being answered twice.
+        self.hold_until = now + self.round * 2;
+        self.reason = if self.rate <= self.cfg.min_bps as f64 {
+            Reason::AtMin
+        } else if worst.delayed && !worst.lossy {
+            Reason::Delay {
+                receiver: worst.receiver,
+            }
+        } else {
+            Reason::Loss {
+                receiver: worst.receiver,
+            }
+        };
+    }
+
+    /// Grows the rate after a round without congestion; `headroom` is the
+    /// share of the delay target still free (1 with no queue at all).
+    fn increase(&mut self, headroom: f64) {
+        if self.ceiling.is_some_and(|c| self.rate > 1.1 * c) {
+            self.above_ceiling += 1;
+            if self.above_ceiling >= CEILING_ROUNDS {
+                self.ceiling = None;
+            }
+        } else {
+            self.above_ceiling = 0;
+        }
+        let growth = match self.ceiling {
+            None => STARTUP_GROWTH,
+            Some(c) if self.rate < 0.9 * c || self.rate > 1.1 * c => FAR_GROWTH,
+            Some(_) => NEAR_GROWTH,
+        };
+        let growth = match self.cfg.mode {
+            Mode::Background => 1.0 + (growth - 1.0) * headroom,
+            Mode::Foreground => growth,
+        };
+        let max = self.cfg.max_bps as f64;
+        self.rate = (self.rate * growth).min(max);
+        self.reason = if self.rate >= max {
+            Reason::AtMax
+        } else if self.ceiling.is_none() {
+            Reason::Starting
+        } else {
+            Reason::Clear
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(mode: Mode, slow: SlowReceivers) -> RateConfig {
+        RateConfig {
+            max_bps: 1_000_000_000,
+            min_bps: 1_000_000,
+            mode,
+            slow,
+        }
+    }
+
+    /// A report of one interval at `rate` through a link of `capacity` with
+    /// `random` loss and `delay_ms` of queue.
+    fn report(rate: f64, capacity: f64, random: f64, delay_ms: u32) -> PathReport {
+        let through = rate.min(capacity) * (1.0 - random);
+        let span = (rate * 0.04 / 11_600.0) as u32;
+        let lost = span - (f64::from(span) * through / rate) as u32;
+        PathReport {
+            span,
+            lost,
+            recv_kbps: (through / 1000.0) as u32,
+            delay_us: delay_ms * 1000,
+        }
+    }
+
+    /// Runs `rounds` rounds of two reports per receiver; `links` gives each
+    /// receiver's (capacity, random loss) and whether a queue shows as
+    /// delay when the rate passes the capacity. Returns the rates.
+    fn drive(rc: &mut RateControl, links: &[(f64, f64)], rounds: usize) -> Vec<f64> {
+        let start = Instant::now();
+        let mut rates = Vec::new();
+        for i in 0..rounds {
+            for (id, &(cap, random)) in links.iter().enumerate() {
+                let rate = rc.rate;
+                let delay = if rate > cap { 30 } else { 0 };
+                for _ in 0..2 {
+                    rc.handle_report(id as u64, report(rate, cap, random, delay));
+                }
+            }
+            rc.handle_timeout(start + MIN_ROUND * (i as u32 + 1));
+            rates.push(rc.rate);
+        }
+        rates
+    }
+
+    #[test]
+    fn a_fixed_rate_does_not_move() {
+        let mut rc = RateControl::new(Instant::now(), RateConfig::fixed(50_000_000));
+        let rates = drive(&mut rc, &[(10e6, 0.0)], 20);
+        assert!(rates.iter().all(|&r| r == 50e6), "{rates:?}");
+        assert_eq!(rc.reason(), Reason::Fixed);
+    }
+
+    #[test]
+    fn finds_a_100_mbit_bottleneck_within_a_second_and_holds_near_it() {
+        let mut rc = RateControl::new(Instant::now(), cfg(Mode::Background, SlowReceivers::Wait));
+        let rates = drive(&mut rc, &[(100e6, 0.0), (100e6, 0.0)], 100);
+        assert!(rates[9] > 70e6, "after 1 s: {:?}", &rates[..10]);
+        let settled = &rates[30..];
+        let mean = settled.iter().sum::<f64>() / settled.len() as f64;
+        assert!((80e6..=100e6).contains(&mean), "mean {mean}: {rates:?}");
+        assert!(settled.iter().all(|&r| r < 120e6), "{rates:?}");
+    }
+
+    #[test]
+    fn random_loss_alone_does_not_bring_the_rate_down() {
+        let mut rc = RateControl::new(Instant::now(), cfg(Mode::Background, SlowReceivers::Wait));
+        let rates = drive(&mut rc, &[(10e9, 0.2), (10e9, 0.0)], 40);
+        assert_eq!(*rates.last().unwrap(), 1e9, "{rates:?}");
+        assert_eq!(rc.reason(), Reason::AtMax);
+    }
+
+    #[test]
+    fn the_slowest_receiver_sets_the_rate_when_waiting() {
+        let mut rc = RateControl::new(Instant::now(), cfg(Mode::Background, SlowReceivers::Wait));
+        let rates = drive(&mut rc, &[(1e9, 0.0), (1e9, 0.0), (50e6, 0.0)], 60);
+        assert!(rates[20..].iter().all(|&r| r < 60e6), "{rates:?}");
+        assert!(rc.poll_event().is_none());
+    }
+
+    #[test]
+    fn a_far_slower_receiver_is_left_behind_and_holds_nobody_back() {
+        let mut rc = RateControl::new(Instant::now(), cfg(Mode::Background, SlowReceivers::Leave));
+        let rates = drive(&mut rc, &[(1e9, 0.0), (1e9, 0.0), (50e6, 0.0)], 60);
+        assert_eq!(
+            rc.poll_event(),
+            Some(RateEvent::LeaveBehind { receiver: 2 })
+        );
+        assert_eq!(rc.left_behind(), 1);
+        assert_eq!(*rates.last().unwrap(), 1e9, "{rates:?}");
+    }
+}
