@@ -450,7 +450,7 @@ async fn watch(c: &Console, id: &str, timeout: Duration) -> anyhow::Result<bool>
                 s["blocks_done"].as_u64().unwrap_or(0),
                 s["block_count"].as_u64().unwrap_or(0),
             );
-            let msg = format!(
+            let mut msg = format!(
                 "{} {} (multicast {}, peers {}, origin {})",
                 s["role"].as_str().unwrap_or("-"),
                 s["state"].as_str().unwrap_or("?"),
@@ -458,6 +458,15 @@ async fn watch(c: &Console, id: &str, timeout: Duration) -> anyhow::Result<bool>
                 crate::units::human_bytes(s["bytes"]["peers"].as_u64().unwrap_or(0)),
                 crate::units::human_bytes(s["bytes"]["origin"].as_u64().unwrap_or(0)),
             );
+            if s["state"] == "sending"
+                && let Some(rate) = s["multicast"]["rate_bps"].as_u64()
+            {
+                msg += &format!(
+                    ", multicasting at {} Mbit/s: {}",
+                    rate / 1_000_000,
+                    s["multicast"]["rate_reason"].as_str().unwrap_or("-")
+                );
+            }
             if let Some(bar) = bars.get(a) {
                 bar.set_length(count);
                 bar.set_position(done);

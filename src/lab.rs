@@ -90,6 +90,8 @@ pub fn send(args: &SendArgs) -> anyhow::Result<bool> {
         ..SendOptions::default()
     };
     let bar = progress_bar(0, args.json);
+    let started = std::time::Instant::now();
+    let mut trace: Vec<(f64, u64, Option<String>)> = Vec::new();
     let mut on_progress = |p: SendProgress| {
         let total = p.layout.file_size();
         bar.set_length(total);
@@ -105,6 +107,11 @@ pub fn send(args: &SendArgs) -> anyhow::Result<bool> {
                 .map(|r| format!(" ({r})"))
                 .unwrap_or_default()
         ));
+        // The rate each time it changed, by seconds since the start.
+        if trace.last().is_none_or(|(_, r, _)| *r != p.stats.rate_bps) {
+            let why = p.stats.rate_reason.map(|r| r.to_string());
+            trace.push((started.elapsed().as_secs_f64(), p.stats.rate_bps, why));
+        }
         if let Some(SenderEvent::StartedShort { joined, wanted }) = p.event {
             bar.println(format!(
                 "warning: only {joined} of {wanted} receivers joined within --join-timeout; sending anyway"
@@ -121,9 +128,16 @@ pub fn send(args: &SendArgs) -> anyhow::Result<bool> {
         r => r.with_context(|| format!("sending {}", args.file.display()))?,
     };
     let s = &report.stats;
-    let ok = s.receivers_lost == 0 && s.receivers_done >= args.min_receivers;
+    let ok = s.receivers_lost == 0 && s.receivers_done + s.receivers_left >= args.min_receivers;
     if args.json {
-        println!("{}", send_summary(&report));
+        let mut summary = send_summary(&report);
+        summary["rate_trace"] = json!(
+            trace
+                .iter()
+                .map(|(t, r, why)| json!([t, *r as f64 / 1e6, why]))
+                .collect::<Vec<_>>()
+        );
+        println!("{summary}");
     } else {
         eprintln!(
             "sent {} in {:.2} s ({:.1} Mbit/s goodput) to {}: {} receivers done, {} lost; {:.3}x the file on the wire, {} repair symbols",
@@ -142,7 +156,7 @@ pub fn send(args: &SendArgs) -> anyhow::Result<bool> {
             "error: {} receiver(s) fell silent before finishing; check their logs and the path between you",
             s.receivers_lost
         );
-    } else if s.receivers_done < args.min_receivers {
+    } else if s.receivers_done + s.receivers_left < args.min_receivers {
         eprintln!(
             "error: only {} of the {} receivers asked for with --min-receivers finished",
             s.receivers_done, args.min_receivers

@@ -141,6 +141,7 @@ fn datagram_examples() -> Vec<(&'static str, u64, Frame<'static>)> {
                         lost: 8,
                         recv_kbps: 95_000,
                         delay_us: 1_500,
+                        interval_us: 40_000,
                     },
                     needs: vec![
                         Need {

@@ -6,28 +6,37 @@
 //! symbols the sender sent it by ESI and how many never arrived, the rate
 //! that arrived, and the queueing delay (its least one-way delay in the
 //! interval above the least it saw lately; DATA carries the send time).
+//! The sender keeps a short history of what it sent, so that what arrived
+//! is set against what was sent over the same span.
 //!
 //! # Rounds
 //!
 //! The controller judges once a round (100 ms, or 2.5 feedback intervals
 //! when many receivers stretch them). A receiver is *congested* in a round
-//! when its queueing delay passed the mode's target, or when its loss rose
-//! clearly above its own *reference loss*: the loss it sees when the sender
-//! is not the cause (the random loss of a Wi-Fi link or a bad cable). The
-//! reference follows a lower loss at once and a higher one slowly, and only
+//! when its queueing delay passed the mode's target, when less arrived than
+//! was sent beyond what its reference loss explains (a queue filling: the
+//! first sign, before delay or loss), or when its loss rose clearly above
+//! its own *reference loss*: the loss it sees when the sender is not the
+//! cause (the random loss of a Wi-Fi link or a bad cable). The
+//! reference follows a lower loss quickly and a higher one slowly, and only
 //! in rounds without congestion, so random loss alone, even 20%, never
 //! reads as congestion and never brings the rate down.
 //!
 //! - Congested (in `wait`, any receiver; in `leave`, more than a third of
 //!   them): the rate falls to what gets through to the worst of them
 //!   (its arrival rate, corrected for its reference loss) or by the mode's
-//!   decrease factor, whichever is lower; the next two rounds are not
-//!   judged (their reports still show the queue that the old rate built).
+//!   decrease factor, whichever is lower, less what drains the queue seen
+//!   within about two rounds; the next two rounds are not judged (their
+//!   reports still show the queue that the old rate built), nor is a
+//!   queue that shrank by 30% since.
 //! - Not congested: the rate grows, by half a round until the first
 //!   congestion (so from the safe start rate the link is found within a
 //!   second or two), then cautiously near the rate where congestion was
 //!   last seen and faster away from it. In background mode the growth
 //!   shrinks as the delay nears the target, in the manner of LEDBAT.
+//!   After five clear rounds in a row below half the best rate that ran
+//!   clear lately (the traffic that congested the path has gone), the rate
+//!   resumes at that half and grows as at the start.
 //! - In `leave`, a receiver congested alone for [`SLOW_ROUNDS`] rounds in a
 //!   row while the rate is more than twice what gets through to it is *left
 //!   behind*: the sender tells it (LEAVE) to finish from peers or the origin
@@ -36,7 +45,7 @@
 //! `min_bps` equal to `max_bps` is a fixed rate: the controller only
 //! watches.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::wire::PathReport;
@@ -101,6 +110,8 @@ pub enum Reason {
     Delay { receiver: u64 },
     /// Brought down: this receiver lost more than its reference loss.
     Loss { receiver: u64 },
+    /// Brought down: less arrived at this receiver than was sent.
+    Capacity { receiver: u64 },
     /// At `--rate-min` and still congested.
     AtMin,
 }
@@ -116,6 +127,12 @@ impl std::fmt::Display for Reason {
                 write!(f, "queueing delay toward receiver {receiver:016x}")
             }
             Reason::Loss { receiver } => write!(f, "loss toward receiver {receiver:016x}"),
+            Reason::Capacity { receiver } => {
+                write!(
+                    f,
+                    "the path to receiver {receiver:016x} carries less than sent"
+                )
+            }
             Reason::AtMin => write!(f, "at the minimum rate, still congested"),
         }
     }
@@ -132,7 +149,7 @@ pub enum RateEvent {
 /// upward within seconds.
 pub const START_BPS: u64 = 20_000_000;
 /// Background mode keeps the queue it causes below this.
-pub const BACKGROUND_DELAY: Duration = Duration::from_millis(25);
+pub const BACKGROUND_DELAY: Duration = Duration::from_millis(3);
 /// Foreground mode reacts to delay only past this (a standing queue that
 /// long is congestion whatever the loss).
 pub const FOREGROUND_DELAY: Duration = Duration::from_millis(100);
@@ -158,8 +175,25 @@ const LOWER_GAIN: f64 = 0.5;
 /// forgotten and the rate grows as at the start: the other traffic that
 /// caused it is gone.
 const CEILING_ROUNDS: u32 = 3;
+/// Rounds clear of congestion after which the ceiling is forgotten
+/// wherever the rate is.
+const RECOVERY_ROUNDS: u32 = 5;
+/// How much of the best clear rate is kept each round: it halves in about
+/// 7 s.
+const BEST_DECAY: f64 = 0.99;
 /// Receivers the controller follows; the sender tracks no more.
 const MAX_TRACKED: usize = 16_384;
+/// Arrivals short of what was sent (less the reference loss) by more than
+/// this share are congestion.
+const ARRIVAL_MARGIN: f64 = 0.06;
+/// A report is set against what was sent only when at least this many
+/// bytes went out in its interval (20 full datagrams): too few tell
+/// nothing.
+const MIN_SENT: f64 = 20.0 * 1466.0;
+/// What was sent is kept this long, a sample at most every
+/// [`SENT_SAMPLE`].
+const SENT_HISTORY: Duration = Duration::from_secs(3);
+const SENT_SAMPLE: Duration = Duration::from_millis(2);
 
 #[derive(Debug, Default)]
 struct Track {
@@ -170,6 +204,10 @@ struct Track {
     delay_us: Option<u32>,
     kbps_sum: u64,
     reports: u32,
+    /// Of the reports that could be set against what was sent: arrived and
+    /// sent, bits per second, summed.
+    arrived_bps: f64,
+    sent_bps: f64,
     /// Its loss when the sender is not the cause.
     reference: Option<f64>,
     /// Consecutive rounds congested while most others were not.
@@ -182,6 +220,9 @@ struct Judged {
     receiver: u64,
     delayed: bool,
     lossy: bool,
+    short: bool,
+    /// Its queueing delay, seconds.
+    delay: f64,
     /// What gets through to it, bits per second, when congested.
     capacity: f64,
 }
@@ -200,9 +241,18 @@ pub struct RateControl {
     ceiling: Option<f64>,
     /// Rounds in a row clear of congestion above the ceiling.
     above_ceiling: u32,
+    /// The queueing delay that the last decrease answered, until a round
+    /// is clear again.
+    draining: Option<f64>,
+    /// Rounds clear of congestion since the last decrease.
+    clear_rounds: u32,
+    /// The highest rate that ran clear lately, forgotten slowly.
+    best: f64,
     reason: Reason,
     tracks: HashMap<u64, Track>,
     events: Vec<RateEvent>,
+    /// (when, data bytes sent on the wire so far), oldest first.
+    sent: VecDeque<(Instant, u64)>,
 }
 
 impl RateControl {
@@ -225,9 +275,13 @@ impl RateControl {
             hold_until: now,
             ceiling: None,
             above_ceiling: 0,
+            draining: None,
+            clear_rounds: 0,
+            best: 0.0,
             reason,
             tracks: HashMap::new(),
             events: Vec::new(),
+            sent: VecDeque::new(),
         }
     }
 
@@ -275,12 +329,52 @@ impl RateControl {
         self.round = MIN_ROUND.max(interval * 5 / 2);
     }
 
-    /// A receiver's report.
-    pub fn handle_report(&mut self, receiver: u64, report: PathReport) {
+    /// The sender has put `total` bytes of DATA on the wire so far
+    /// (headers included); called as it goes.
+    pub fn handle_sent(&mut self, now: Instant, total: u64) {
+        if self
+            .sent
+            .back()
+            .is_some_and(|&(t, _)| now < t + SENT_SAMPLE)
+        {
+            return;
+        }
+        self.sent.push_back((now, total));
+        while self.sent.len() > 2 && self.sent[1].0 + SENT_HISTORY < now {
+            self.sent.pop_front();
+        }
+    }
+
+    /// Bytes sent between `from` and `to`, if the history reaches back.
+    fn sent_between(&self, from: Instant, to: Instant) -> Option<f64> {
+        let at = |when: Instant| {
+            let i = self.sent.partition_point(|&(t, _)| t <= when);
+            (i > 0).then(|| self.sent[i - 1].1)
+        };
+        Some(at(to)?.saturating_sub(at(from)?) as f64)
+    }
+
+    /// A receiver's report, arrived at `now`.
+    pub fn handle_report(&mut self, now: Instant, receiver: u64, report: PathReport) {
         if !self.tracks.contains_key(&receiver) && self.tracks.len() >= MAX_TRACKED {
             return;
         }
+        // The span it covers, moved back by the queue it saw: a datagram
+        // that waited in a queue was sent that much earlier.
+        let interval = Duration::from_micros(u64::from(report.interval_us));
+        let to = now
+            .checked_sub(Duration::from_micros(u64::from(report.delay_us)))
+            .unwrap_or(now);
+        let sent = (!interval.is_zero())
+            .then(|| to.checked_sub(interval))
+            .flatten()
+            .and_then(|from| self.sent_between(from, to))
+            .filter(|&bytes| bytes >= MIN_SENT);
         let t = self.tracks.entry(receiver).or_default();
+        if let Some(bytes) = sent {
+            t.sent_bps += bytes * 8.0 / interval.as_secs_f64();
+            t.arrived_bps += f64::from(report.recv_kbps) * 1000.0;
+        }
         t.span += u64::from(report.span);
         t.lost += u64::from(report.lost.min(report.span));
         // Each report's delay is already the least of its interval (jitter
@@ -312,6 +406,7 @@ impl RateControl {
             return;
         }
         self.next_round = now + self.round;
+        self.best *= BEST_DECAY;
         let judging = now >= self.hold_until && !self.is_fixed();
         let target = match self.cfg.mode {
             Mode::Background => BACKGROUND_DELAY,
@@ -345,17 +440,19 @@ impl RateControl {
                 p > reference + LOSS_MARGIN + noise
             });
             let delayed = delay > target;
+            let short = round.sent_bps > 0.0
+                && round.arrived_bps < round.sent_bps * (1.0 - reference) * (1.0 - ARRIVAL_MARGIN);
             if let Some(p) = loss {
                 // A lower loss is the path's own soon; a higher one only
                 // slowly, and never from a congested round.
                 t.reference = Some(match t.reference {
                     None => p,
                     Some(r) if p < r => r + (p - r) * LOWER_GAIN,
-                    Some(r) if !lossy && !delayed => r + (p - r) * REFERENCE_GAIN,
+                    Some(r) if !lossy && !delayed && !short => r + (p - r) * REFERENCE_GAIN,
                     Some(r) => r,
                 });
             }
-            if lossy || delayed {
+            if lossy || delayed || short {
                 let arrived = round.kbps_sum as f64 * 1000.0 / f64::from(round.reports);
                 let delivered = loss.map_or(1.0, |p| (1.0 - p) / (1.0 - reference).max(0.05));
                 let capacity = (arrived / (1.0 - reference).max(0.05))
@@ -365,6 +462,8 @@ impl RateControl {
                     receiver,
                     delayed,
                     lossy,
+                    short,
+                    delay: delay.as_secs_f64(),
                     capacity,
                 });
             }
@@ -426,12 +525,26 @@ impl RateControl {
     }
 
     fn decrease(&mut self, now: Instant, worst: &Judged) {
+        if worst.delayed && !worst.lossy && !worst.short {
+            // Only a queue, shrinking since the last decrease: the rate
+            // already drains it.
+            if self.draining.is_some_and(|d| worst.delay < d * 0.7) {
+                self.draining = Some(worst.delay);
+                return;
+            }
+        }
         let factor = match self.cfg.mode {
             Mode::Background => 0.8,
             Mode::Foreground => 0.875,
         };
-        self.ceiling = Some(self.rate);
-        let target = (self.rate * factor).min(worst.capacity * 0.95);
+        // Where congestion set in: no higher than what got through.
+        self.ceiling = Some(self.rate.min(worst.capacity));
+        // Below what gets through, by enough to drain the queue seen in
+        // about two rounds (at most half of it).
+        let drain = (worst.delay / (2.0 * self.round.as_secs_f64())).min(0.5);
+        let target = (self.rate * factor).min(worst.capacity * (0.95 - drain));
+        self.clear_rounds = 0;
+        self.draining = Some(worst.delay);
         self.rate = target.max(self.cfg.min_bps as f64);
         // The queue built up drains over the next round, and its reports
         // still show it: judging again only after two rounds keeps one
@@ -441,6 +554,10 @@ impl RateControl {
             Reason::AtMin
         } else if worst.delayed && !worst.lossy {
             Reason::Delay {
+                receiver: worst.receiver,
+            }
+        } else if worst.short && !worst.lossy {
+            Reason::Capacity {
                 receiver: worst.receiver,
             }
         } else {
@@ -453,13 +570,22 @@ impl RateControl {
     /// Grows the rate after a round without congestion; `headroom` is the
     /// share of the delay target still free (1 with no queue at all).
     fn increase(&mut self, headroom: f64) {
+        self.draining = None;
+        self.clear_rounds += 1;
         if self.ceiling.is_some_and(|c| self.rate > 1.1 * c) {
             self.above_ceiling += 1;
-            if self.above_ceiling >= CEILING_ROUNDS {
-                self.ceiling = None;
-            }
         } else {
             self.above_ceiling = 0;
+        }
+        let recovering = self.clear_rounds >= RECOVERY_ROUNDS && self.rate < 0.5 * self.best;
+        if self.ceiling.is_some() && (self.above_ceiling >= CEILING_ROUNDS || recovering) {
+            // The traffic that congested the path is gone: far below the
+            // best rate that ran clear lately, resume at half of it.
+            self.ceiling = None;
+            self.rate = self.rate.max(self.best * 0.5);
+        }
+        if headroom >= 0.5 {
+            self.best = self.best.max(self.rate);
         }
         let growth = match self.ceiling {
             None => STARTUP_GROWTH,
@@ -495,17 +621,18 @@ mod tests {
         }
     }
 
-    /// A report of one interval at `rate` through a link of `capacity` with
-    /// `random` loss and `delay_ms` of queue.
+    /// A report of 50 ms at `rate` through a link of `capacity` with
+    /// `random` loss and `delay_ms` of queue (1466-byte datagrams).
     fn report(rate: f64, capacity: f64, random: f64, delay_ms: u32) -> PathReport {
         let through = rate.min(capacity) * (1.0 - random);
-        let span = (rate * 0.04 / 11_600.0) as u32;
+        let span = (rate * 0.05 / 11_728.0) as u32;
         let lost = span - (f64::from(span) * through / rate) as u32;
         PathReport {
             span,
             lost,
             recv_kbps: (through / 1000.0) as u32,
             delay_us: delay_ms * 1000,
+            interval_us: 50_000,
         }
     }
 
@@ -515,12 +642,22 @@ mod tests {
     fn drive(rc: &mut RateControl, links: &[(f64, f64)], rounds: usize) -> Vec<f64> {
         let start = Instant::now();
         let mut rates = Vec::new();
+        let mut sent = 0.0;
+        let half = MIN_ROUND / 2;
+        rc.handle_sent(start, 0);
         for i in 0..rounds {
-            for (id, &(cap, random)) in links.iter().enumerate() {
+            for step in 1..=2u32 {
+                // What the sender sent in this half round, in steps of 2 ms.
                 let rate = rc.rate;
-                let delay = if rate > cap { 30 } else { 0 };
-                for _ in 0..2 {
-                    rc.handle_report(id as u64, report(rate, cap, random, delay));
+                let from = start + MIN_ROUND * i as u32 + half * (step - 1);
+                for ms in 1..=50u32 {
+                    sent += rate / 8.0 / 1000.0;
+                    rc.handle_sent(from + Duration::from_millis(u64::from(ms)), sent as u64);
+                }
+                let now = from + half;
+                for (id, &(cap, random)) in links.iter().enumerate() {
+                    let delay = if rate > cap { 30 } else { 0 };
+                    rc.handle_report(now, id as u64, report(rate, cap, random, delay));
                 }
             }
             rc.handle_timeout(start + MIN_ROUND * (i as u32 + 1));

@@ -390,7 +390,9 @@ impl Receiver {
         active.last_heard = now;
         match dgram.frame {
             Frame::Data(d) => {
-                active.path.on_data(now, d.sent_us, bytes.len());
+                active
+                    .path
+                    .on_data(now, d.sent_us, bytes.len() + crate::pacer::WIRE_OVERHEAD);
                 self.handle_data(d.block, d.esi, d.payload)
             }
             Frame::Leave { receiver } if receiver == self.cfg.receiver_id => active.left = true,

@@ -382,7 +382,7 @@ impl Sender {
                 if self.phase != Phase::Sending {
                     return;
                 }
-                self.rate.handle_report(receiver, path);
+                self.rate.handle_report(now, receiver, path);
                 if self.pass_done_at.is_none() && !self.rate.follows(receiver) {
                     // Congested alone while the rest are not: what it lost
                     // to its own link is repaired after the pass, if it is
@@ -555,6 +555,7 @@ impl Sender {
     /// Lets the rate controller judge a round when one is due, and paces at
     /// what it decided; leaves behind the receivers it gives up waiting for.
     fn adapt_rate(&mut self, now: Instant) {
+        self.rate.handle_sent(now, self.stats.data_wire_bytes);
         self.rate.set_report_interval(self.feedback_interval());
         self.rate.handle_timeout(now);
         self.pacer.set_rate(now, self.rate.rate_bps());
@@ -570,6 +571,20 @@ impl Sender {
                 self.events.push_back(SenderEvent::LeftBehind { receiver });
             }
         }
+    }
+
+    fn note_worst_receivers(&mut self) {
+        let mut worst: Vec<ReceiverLoss> = (self.peers.iter())
+            .filter(|(_, p)| !p.done && !p.lost)
+            .map(|(&receiver, p)| ReceiverLoss {
+                receiver,
+                loss_ppm: p.loss_ppm,
+                left: p.left,
+            })
+            .collect();
+        worst.sort_unstable_by_key(|r| (std::cmp::Reverse(r.loss_ppm), r.receiver));
+        worst.truncate(WORST_RECEIVERS);
+        self.stats.worst_receivers = worst;
     }
 
     /// How often receivers report: the configured interval, stretched with
@@ -590,6 +605,7 @@ impl Sender {
     }
 
     fn announce(&mut self) {
+        self.note_worst_receivers();
         self.info.feedback_interval_ms = self.feedback_interval().as_millis() as u32;
         self.queue_control(&Frame::Session(self.info.clone()));
         // Receivers left behind that may have lost their LEAVE and still
@@ -899,6 +915,8 @@ impl Sender {
                 payload: &chunk.bytes[at..at + t],
             };
             wire::encode_data(self.session, &data, &mut self.buf);
+            self.stats.data_wire_bytes +=
+                (self.buf.len() + self.cfg.seal_overhead + WIRE_OVERHEAD) as u64;
             chunk.next += 1;
             if chunk.next == chunk.count {
                 tx.queue.pop_front();

@@ -110,11 +110,16 @@ pub struct PathReport {
     pub span: u32,
     /// Of those, how many never arrived.
     pub lost: u32,
-    /// Data bytes that arrived in the interval, per second, in kbit/s.
+    /// DATA that arrived in the interval, per second, in kbit/s, counted
+    /// as on the wire (each datagram with 42 bytes of Ethernet, IP and UDP
+    /// headers), as the sender's rate is.
     pub recv_kbps: u32,
     /// Queueing delay: the least one-way delay in the interval above the
     /// least seen recently, in microseconds.
     pub delay_us: u32,
+    /// How long the interval was, in microseconds: the sender compares
+    /// what arrived with what it sent over the same span.
+    pub interval_us: u32,
 }
 
 /// A receiver's message to the sender (unicast).
@@ -696,6 +701,7 @@ mod tests {
                         lost: 20,
                         recv_kbps: 95_000,
                         delay_us: 1_200,
+                        interval_us: 40_000,
                     },
                     needs: vec![Need {
                         block: 1,
@@ -904,7 +910,7 @@ mod tests {
         fn feedback_round_trips(receiver: u64, loss in 0u32..=1_000_000,
                                 span: u32, recv_kbps: u32, delay_us: u32,
                                 needs in proptest::collection::vec(arb_need(), 0..MAX_NEEDS_PER_FRAME)) {
-            let path = PathReport { span, lost: span / 3, recv_kbps, delay_us };
+            let path = PathReport { span, lost: span / 3, recv_kbps, delay_us, interval_us: 40_000 };
             let frame = Frame::Feedback { receiver, feedback: Feedback::Needs { loss_ppm: loss, path, needs } };
             let bytes = frame.encode(3);
             let got = decode(&bytes).unwrap();

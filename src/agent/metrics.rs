@@ -119,11 +119,17 @@ fn one<M: EncodeMetric>(
 impl Collector for Scrape {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let a = &self.0;
-        let (by_state, bytes) = {
+        let (by_state, bytes, sending) = {
             let tasks = a.tasks();
             let mut by_state = [0i64; STATES.len()];
             let mut bytes = [0u64; 3];
+            // Rate and receivers left behind of the multicasts running now.
+            let mut sending = (0u64, 0u64);
             for t in tasks.values() {
+                if let (State::Sending, Some(m)) = (t.status.state, &t.status.multicast) {
+                    sending.0 += m.rate_bps;
+                    sending.1 += u64::from(m.receivers_left);
+                }
                 if let Some(i) = STATES.iter().position(|s| *s == t.status.state) {
                     by_state[i] += 1;
                 }
@@ -131,8 +137,20 @@ impl Collector for Scrape {
                 bytes[1] += t.status.bytes.peers;
                 bytes[2] += t.status.bytes.origin;
             }
-            (by_state, bytes)
+            (by_state, bytes, sending)
         };
+        one(
+            &mut enc,
+            "somcast_multicast_rate_bps",
+            "The rate this agent multicasts at now as representative, bits per second on the wire (the status tells why)",
+            ConstGauge::new(sending.0 as i64),
+        )?;
+        one(
+            &mut enc,
+            "somcast_multicast_receivers_left_behind",
+            "Receivers of this agent's running multicasts left to finish from peers as far slower than the rest",
+            ConstGauge::new(sending.1 as i64),
+        )?;
         family(
             &mut enc,
             "somcast_tasks",

@@ -121,6 +121,7 @@ pub fn submit(agent: &Arc<Agent>, mut spec: TaskSpec) -> Result<TaskStatus, Spec
         pinned_until: None,
         signed_by: spec.signed_by.clone(),
         history: Vec::new(),
+        multicast: None,
     };
     insert(agent, spec, status.clone());
     // Accepted means on disk: a task the agent could not record is not

@@ -93,6 +93,7 @@ impl PathMeter {
             lost: clamp_u32(spanned.saturating_sub(got)),
             recv_kbps: clamp_u32(kbps),
             delay_us: clamp_u32(delay as u64),
+            interval_us: clamp_u32(elapsed.as_micros() as u64),
         };
         self.interval_start = now;
         self.interval_min = None;
@@ -128,6 +129,7 @@ mod tests {
         let r = m.report(start + ms(100), 100, 100);
         assert_eq!(r.delay_us, 0);
         assert_eq!(r.lost, 0);
+        assert_eq!(r.interval_us, 100_000);
         // 100 kB in 100 ms.
         assert_eq!(r.recv_kbps, 8000);
         // Now each datagram waits 10 ms more than the fastest did; the
@@ -146,7 +148,13 @@ mod tests {
         let start = Instant::now();
         let mut m = PathMeter::new(start);
         let r = m.report(start + ms(40), 0, 0);
-        assert_eq!(r, PathReport::default());
+        assert_eq!(
+            r,
+            PathReport {
+                interval_us: 40_000,
+                ..PathReport::default()
+            }
+        );
     }
 
     #[test]

@@ -146,6 +146,8 @@ pub struct SenderStats {
     pub bytes: u64,
     /// Bytes including IP, UDP and Ethernet headers.
     pub wire_bytes: u64,
+    /// Of those, DATA's.
+    pub data_wire_bytes: u64,
     pub source_symbols: u64,
     pub repair_symbols: u64,
     /// Repair symbols sent because of feedback, beyond the first pass.
@@ -163,4 +165,20 @@ pub struct SenderStats {
     /// The rate now, and why (`None` before the data starts).
     pub rate_bps: u64,
     pub rate_reason: Option<crate::rate::Reason>,
+    /// The receivers still receiving that report the most loss, worst
+    /// first (at most [`WORST_RECEIVERS`]), as of the last announcement.
+    pub worst_receivers: Vec<ReceiverLoss>,
+}
+
+/// Receivers [`SenderStats::worst_receivers`] lists.
+pub const WORST_RECEIVERS: usize = 8;
+
+/// One receiver's reported loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReceiverLoss {
+    pub receiver: u64,
+    /// Since its start, parts per million.
+    pub loss_ppm: u32,
+    /// Left behind by the rate control.
+    pub left: bool,
 }

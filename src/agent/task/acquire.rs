@@ -548,8 +548,13 @@ async fn represent(
         };
         let path = p.data.clone();
         let iface = r.agent.iface_addr;
+        let (agent, id) = (r.agent.clone(), r.id.clone());
         tokio::task::spawn_blocking(move || {
-            multicast::send_file(&path, group, iface, &opts, &mut |_| {})
+            // The status shows the rate and the receivers as they go.
+            multicast::send_file(&path, group, iface, &opts, &mut |p| {
+                let view = MulticastView::from(p.stats);
+                super::update(&agent, &id, |s| s.multicast = Some(view));
+            })
         })
     };
     tokio::pin!(send);

@@ -114,6 +114,53 @@ pub struct TaskStatus {
     /// asked), oldest first, the newest `MAX_HISTORY` kept.
     #[serde(default)]
     pub history: Vec<Step>,
+    /// As representative: what its multicast is doing (the rate and why,
+    /// the receivers and the loss they report).
+    #[serde(default)]
+    pub multicast: Option<MulticastView>,
+}
+
+/// A representative's multicast, for status and metrics.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct MulticastView {
+    pub rate_bps: u64,
+    /// Why the rate is what it is: starting, clear, at the maximum, delay
+    /// or loss toward a receiver, at the minimum, fixed.
+    pub rate_reason: Option<String>,
+    pub receivers_joined: u32,
+    pub receivers_done: u32,
+    /// Left behind as far slower than the rest: they finish from peers.
+    pub receivers_left: u32,
+    /// The receivers reporting the most loss, worst first.
+    pub worst_receivers: Vec<ReceiverLossView>,
+    pub wire_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReceiverLossView {
+    pub receiver: String,
+    pub loss: f64,
+    pub left: bool,
+}
+
+impl From<&multicast::sender::SenderStats> for MulticastView {
+    fn from(s: &multicast::sender::SenderStats) -> Self {
+        Self {
+            rate_bps: s.rate_bps,
+            rate_reason: s.rate_reason.map(|r| r.to_string()),
+            receivers_joined: s.receivers_joined,
+            receivers_done: s.receivers_done,
+            receivers_left: s.receivers_left,
+            worst_receivers: (s.worst_receivers.iter())
+                .map(|r| ReceiverLossView {
+                    receiver: format!("{:016x}", r.receiver),
+                    loss: f64::from(r.loss_ppm) / 1e6,
+                    left: r.left,
+                })
+                .collect(),
+            wire_bytes: s.wire_bytes,
+        }
+    }
 }
 
 /// Steps a task status keeps.

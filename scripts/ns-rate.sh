@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# Rate control across network namespaces, with the lab CLI:
+#   1. A sender allowed 1 Gbit/s whose three receivers sit behind
+#      100 Mbit/s links, in foreground and in background mode: from 3 s
+#      after the data's start its mean rate is 80 to 100% of the link; at
+#      most 1.15x the file on the wire.
+#   2. Three receivers, one behind 50 Mbit/s, the sender allowed 190
+#      Mbit/s, --slow-receivers leave: the two fast ones finish within 1.2x
+#      their own floor (the file at 190 Mbit/s), the slow one is left
+#      behind (it exits saying so), at most 1.3x the file on the wire.
+#      With wait (the lab default) all three complete at the slow pace.
+#   3. Background mode beside a bulk TCP flow (iperf3) over the same
+#      100 Mbit/s link: somcast runs, TCP starts 2 s later for 10 s; while
+#      both run, TCP keeps at least 80% of the link (from 1 s after its
+#      start); once TCP stops, somcast takes at least 80% of it. (A TCP
+#      flow already running when somcast starts is a known limit of delay
+#      based yielding: the queue it keeps standing becomes somcast's base
+#      delay. See docs/ARCHITECTURE.md, rate control.)
+#
+#   scripts/ns-rate.sh [--only N]
+#
+# Needs root; installs what it needs (nftables, iproute2, iperf3); always
+# cleans up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lab.sh
+export LAB_PREFIX=scr
+
+only=""
+[ "${1:-}" = "--only" ] && only=${2:?--only N}
+
+command -v iperf3 >/dev/null || {
+    echo "ns-rate: installing iperf3" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 >/dev/null ||
+        { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 >/dev/null; }
+}
+cargo build --release -q
+BIN=$PWD/target/release/somcast
+WORK=$(mktemp -d)
+trap 'lab_down; rm -rf "$WORK"' EXIT
+GROUP=239.192.0.1:7400
+
+# port_rate I RATE: the switch sends to host I at RATE at most (a 50 ms
+# queue, as lab.sh gives every link).
+port_rate() {
+    ip netns exec "${LAB_PREFIX}-sw" tc qdisc replace dev "${LAB_PREFIX}p$1" root tbf rate "$2" burst 64kb latency 50ms
+}
+
+# receive I [ARGS...]: a receiver on host I in the background; its pid in
+# PIDS[I].
+declare -A PIDS
+receive() {
+    local i=$1
+    shift
+    rm -f "$WORK/out$i"
+    lab_exec "$i" "$BIN" recv --iface eth0 --group "$GROUP" --out "$WORK/out$i" --timeout 60s --json "$@" \
+        >"$WORK/recv$i.json" 2>"$WORK/recv$i.err" &
+    PIDS[$i]=$!
+}
+
+# send FILE ARGS...: the sender on host 0, its summary in send.json.
+send() {
+    local file=$1
+    shift
+    lab_exec 0 "$BIN" send "$file" --iface eth0 --group "$GROUP" --json "$@" >"$WORK/send.json" 2>"$WORK/send.err" || {
+        echo "FAIL: send:"; cat "$WORK/send.err"; return 1
+    }
+}
+
+# Mean rate (Mbit/s) of the sender's trace between FROM and TO seconds
+# after the data's start (TO negative: that long before the data's end).
+mean_rate() {
+    python3 - "$WORK/send.json" "$1" "$2" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+trace = s["rate_trace"]
+start = next(t for t, r, _ in trace if r > 0)
+end = start + s["data_seconds"]
+lo = start + float(sys.argv[2])
+hi = end + float(sys.argv[3]) if float(sys.argv[3]) <= 0 else start + float(sys.argv[3])
+total = 0.0
+for i, (t, r, _) in enumerate(trace):
+    a = max(t, lo)
+    b = min(trace[i + 1][0] if i + 1 < len(trace) else hi, hi)
+    if b > a:
+        total += r * (b - a)
+print(round(total / (hi - lo), 1))
+PY
+}
+field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
+check() { # python boolean expression, message
+    python3 -c "import sys; sys.exit(0 if $1 else 1)" || {
+        echo "FAIL: $2"
+        [ -f "$WORK/send.json" ] && python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print("sender rate trace (s, Mbit/s, why):", [(round(t, 2), round(r), w) for t, r, w in s["rate_trace"]])' "$WORK/send.json"
+        exit 1
+    }
+}
+
+case1() {
+    lab_up 4 0 0
+    for i in 1 2 3; do port_rate "$i" 100mbit; done
+    head -c 48M /dev/urandom >"$WORK/src"
+    local mode
+    for mode in foreground background; do
+        case1_mode "$mode"
+    done
+}
+
+case1_mode() {
+    local mode=$1
+    for i in 1 2 3; do receive "$i"; done
+    sleep 0.3
+    send "$WORK/src" --rate 1G --mode "$mode" --min-receivers 3 --join-timeout 20s
+    for i in 1 2 3; do
+        wait "${PIDS[$i]}" || { echo "FAIL: receiver $i:"; cat "$WORK/recv$i.err"; exit 1; }
+        cmp -s "$WORK/src" "$WORK/out$i" || { echo "FAIL: out$i differs"; exit 1; }
+    done
+    local settled ratio secs
+    settled=$(mean_rate 3 -0.2)
+    ratio=$(field "$WORK/send.json" wire_ratio)
+    secs=$(field "$WORK/send.json" data_seconds)
+    check "80 <= $settled <= 100" "$mode: 1 Gbit/s sender to 100 Mbit/s links: mean rate $settled Mbit/s from 3 s in"
+    check "$ratio <= 1.15" "$mode: wire ratio $ratio"
+    echo "ok: $mode: 1 Gbit/s allowed, 100 Mbit/s links: settled at $settled Mbit/s (3 s in to the end), $(printf %.2f "$secs") s for 48 MiB, wire ratio $(printf %.3f "$ratio")"
+}
+
+case2() {
+    lab_up 4 200mbit 0
+    port_rate 3 50mbit
+    head -c 64M /dev/urandom >"$WORK/src"
+    local bytes floor i
+    bytes=$(stat -c %s "$WORK/src")
+    # The file at 190 Mbit/s on the wire (1400-byte symbols, 70 bytes of
+    # headers and framing).
+    floor=$(python3 -c "print($bytes * 1470 / 1400 * 8 / 190e6)")
+    for i in 1 2 3; do receive "$i"; done
+    sleep 0.3
+    send "$WORK/src" --rate 190M --min-receivers 3 --join-timeout 20s --slow-receivers leave
+    for i in 1 2; do
+        wait "${PIDS[$i]}" || { echo "FAIL: fast receiver $i:"; cat "$WORK/recv$i.err"; exit 1; }
+        cmp -s "$WORK/src" "$WORK/out$i" || { echo "FAIL: out$i differs"; exit 1; }
+        local took
+        took=$(field "$WORK/recv$i.json" seconds)
+        check "$took <= 1.2 * $floor" "fast receiver $i took $took s, floor $floor s"
+    done
+    if wait "${PIDS[3]}"; then
+        echo "FAIL: the slow receiver was not left behind"; exit 1
+    fi
+    grep -q "left this receiver behind" "$WORK/recv3.err" ||
+        { echo "FAIL: slow receiver:"; cat "$WORK/recv3.err"; exit 1; }
+    local ratio left
+    ratio=$(field "$WORK/send.json" wire_ratio)
+    left=$(field "$WORK/send.json" receivers_left_behind)
+    check "$ratio <= 1.3" "leave: wire ratio $ratio"
+    check "$left == 1" "leave: $left receivers left behind"
+    echo "ok: leave: fast receivers in $(field "$WORK/recv1.json" seconds) and $(field "$WORK/recv2.json" seconds) s (floor $(printf %.2f "$floor") s), the 50 Mbit/s one left behind, wire ratio $(printf %.3f "$ratio")"
+
+    for i in 1 2 3; do receive "$i"; done
+    sleep 0.3
+    send "$WORK/src" --rate 190M --min-receivers 3 --join-timeout 20s
+    for i in 1 2 3; do
+        wait "${PIDS[$i]}" || { echo "FAIL: wait: receiver $i:"; cat "$WORK/recv$i.err"; exit 1; }
+        cmp -s "$WORK/src" "$WORK/out$i" || { echo "FAIL: wait: out$i differs"; exit 1; }
+    done
+    ratio=$(field "$WORK/send.json" wire_ratio)
+    check "$ratio <= 1.3" "wait: wire ratio $ratio"
+    echo "ok: wait: all three in $(printf %.2f "$(field "$WORK/send.json" data_seconds)") s at the slow pace (mean $(mean_rate 2 -0.2) Mbit/s), wire ratio $(printf %.3f "$ratio")"
+}
+
+case3() {
+    lab_up 2 0 0
+    port_rate 1 100mbit
+    head -c 96M /dev/urandom >"$WORK/src"
+    lab_exec 1 iperf3 -s -1 -B "$LAB_NET.2" >/dev/null 2>&1 &
+    receive 1
+    sleep 0.3
+    local t_tcp t_send
+    t_send=$(date +%s.%N)
+    send "$WORK/src" --rate 1G --mode background --min-receivers 1 --join-timeout 20s &
+    local sender=$!
+    sleep 2
+    t_tcp=$(date +%s.%N)
+    lab_exec 0 iperf3 -c "$LAB_NET.2" -t 10 -J >"$WORK/iperf.json" 2>&1 ||
+        { echo "FAIL: iperf3:"; cat "$WORK/iperf.json"; exit 1; }
+    wait "$sender" || exit 1
+    wait "${PIDS[1]}" || { echo "FAIL: receiver:"; cat "$WORK/recv1.err"; exit 1; }
+    cmp -s "$WORK/src" "$WORK/out1" || { echo "FAIL: out1 differs"; exit 1; }
+    local tcp after
+    # TCP's mean from 1 s after its start (somcast's time to yield) to
+    # its end.
+    tcp=$(python3 - "$WORK/iperf.json" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))
+iv = [i["sum"] for i in j["intervals"] if i["sum"]["start"] >= 1.0]
+print(round(sum(i["bits_per_second"] * i["seconds"] for i in iv) / sum(i["seconds"] for i in iv) / 1e6, 1))
+PY
+)
+    # somcast from 1 s after TCP ended (10 s after it started) to the end.
+    local tcp_end_in_send
+    tcp_end_in_send=$(python3 -c "print($t_tcp + 10 + 1 - $t_send)")
+    after=$(python3 - "$WORK/send.json" "$tcp_end_in_send" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+trace = s["rate_trace"]
+start = next(t for t, r, _ in trace if r > 0)
+lo = float(sys.argv[2])
+hi = start + s["data_seconds"] - 0.2
+total = 0.0
+for i, (t, r, _) in enumerate(trace):
+    a = max(t, lo)
+    b = min(trace[i + 1][0] if i + 1 < len(trace) else hi, hi)
+    if b > a:
+        total += r * (b - a)
+print(round(total / (hi - lo), 1) if hi > lo else 0)
+PY
+)
+    check "$tcp >= 80" "TCP kept $tcp Mbit/s of 100 beside somcast in background mode"
+    check "$after >= 80" "somcast took $after Mbit/s of 100 once TCP stopped"
+    echo "ok: background beside TCP: TCP kept $tcp Mbit/s; after it, somcast ran at $after Mbit/s; wire ratio $(printf %.3f "$(field "$WORK/send.json" wire_ratio)")"
+}
+
+for c in 1 2 3; do
+    if [ -z "$only" ] || [ "$only" = "$c" ]; then
+        "case$c"
+    fi
+done
