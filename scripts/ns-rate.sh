@@ -68,15 +68,16 @@ send() {
 }
 
 # Mean rate (Mbit/s) of the sender's trace between FROM and TO seconds
-# after the data's start (TO negative: that long before the data's end).
+# after the data's start (TO negative: that long before the data's end;
+# with a third argument "abs", FROM is seconds since the sender started).
 mean_rate() {
-    python3 - "$WORK/send.json" "$1" "$2" <<'PY'
+    python3 - "$WORK/send.json" "$1" "$2" "${3:-}" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
 trace = s["rate_trace"]
 start = next(t for t, r, _ in trace if r > 0)
 end = start + s["data_seconds"]
-lo = start + float(sys.argv[2])
+lo = float(sys.argv[2]) if sys.argv[4] == "abs" else start + float(sys.argv[2])
 hi = end + float(sys.argv[3]) if float(sys.argv[3]) <= 0 else start + float(sys.argv[3])
 total = 0.0
 for i, (t, r, _) in enumerate(trace):
@@ -198,22 +199,7 @@ PY
     # somcast from 1 s after TCP ended (10 s after it started) to the end.
     local tcp_end_in_send
     tcp_end_in_send=$(python3 -c "print($t_tcp + 10 + 1 - $t_send)")
-    after=$(python3 - "$WORK/send.json" "$tcp_end_in_send" <<'PY'
-import json, sys
-s = json.load(open(sys.argv[1]))
-trace = s["rate_trace"]
-start = next(t for t, r, _ in trace if r > 0)
-lo = float(sys.argv[2])
-hi = start + s["data_seconds"] - 0.2
-total = 0.0
-for i, (t, r, _) in enumerate(trace):
-    a = max(t, lo)
-    b = min(trace[i + 1][0] if i + 1 < len(trace) else hi, hi)
-    if b > a:
-        total += r * (b - a)
-print(round(total / (hi - lo), 1) if hi > lo else 0)
-PY
-)
+    after=$(mean_rate "$tcp_end_in_send" -0.2 abs)
     check "$tcp >= 80" "TCP kept $tcp Mbit/s of 100 beside somcast in background mode"
     check "$after >= 80" "somcast took $after Mbit/s of 100 once TCP stopped"
     echo "ok: background beside TCP: TCP kept $tcp Mbit/s; after it, somcast ran at $after Mbit/s; wire ratio $(printf %.3f "$(field "$WORK/send.json" wire_ratio)")"
