@@ -16,6 +16,11 @@
 #      flow already running when somcast starts is a known limit of delay
 #      based yielding: the queue it keeps standing becomes somcast's base
 #      delay. See docs/ARCHITECTURE.md, rate control.)
+#   4. The agent flow: four agents allowed 190 Mbit/s, one behind 50 Mbit/s.
+#      A task to the three fast ones, then one to all four: the slow agent
+#      is left behind and completes from peers, the fast receivers take no
+#      longer than 1.1x what they took without it, and the representative
+#      puts at most 1.3x the package on the wire.
 #
 #   scripts/ns-rate.sh [--only N]
 #
@@ -34,10 +39,9 @@ command -v iperf3 >/dev/null || {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 >/dev/null ||
         { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 >/dev/null; }
 }
-cargo build --release -q
-BIN=$PWD/target/release/somcast
-WORK=$(mktemp -d)
-trap 'lab_down; rm -rf "$WORK"' EXIT
+lab_session rate
+# KEEP=1 keeps the work directory (logs, summaries) for a look afterwards.
+[ -n "${KEEP:-}" ] && trap "lab_down" EXIT
 GROUP=239.192.0.1:7400
 
 # port_rate I RATE: the switch sends to host I at RATE at most (a 50 ms
@@ -120,7 +124,10 @@ case1_mode() {
     settled=$(mean_rate 3 -0.2)
     ratio=$(field "$WORK/send.json" wire_ratio)
     secs=$(field "$WORK/send.json" data_seconds)
-    check "80 <= $settled <= 100" "$mode: 1 Gbit/s sender to 100 Mbit/s links: mean rate $settled Mbit/s from 3 s in"
+    # The trace is the rate the sender paces at, sampled every 100 ms; it
+    # probes a little above the link between congestion signals, so 2%
+    # over the link still counts as settled at it.
+    check "80 <= $settled <= 102" "$mode: 1 Gbit/s sender to 100 Mbit/s links: mean rate $settled Mbit/s from 3 s in"
     check "$ratio <= 1.15" "$mode: wire ratio $ratio"
     echo "ok: $mode: 1 Gbit/s allowed, 100 Mbit/s links: settled at $settled Mbit/s (3 s in to the end), $(printf %.2f "$secs") s for 48 MiB, wire ratio $(printf %.3f "$ratio")"
 }
@@ -205,7 +212,88 @@ PY
     echo "ok: background beside TCP: TCP kept $tcp Mbit/s; after it, somcast ran at $after Mbit/s; wire ratio $(printf %.3f "$(field "$WORK/send.json" wire_ratio)")"
 }
 
-for c in 1 2 3; do
+case4() {
+    lab_up 5 200mbit 0
+    port_rate 4 50mbit
+    local size=48M bytes i f
+    bytes=$(numfmt --from=iec "$size")
+    mkdir -p "$WORK/origin"
+    for f in fast all; do
+        head -c "$bytes" /dev/urandom >"$WORK/origin/$f.bin"
+    done
+    lab_exec 0 "$BIN" serve "$WORK/origin" --listen "$LAB_NET.1:8080" 2>/dev/null &
+    for f in fast all; do
+        "$BIN" manifest create "$WORK/origin/$f.bin" --url "http://$LAB_NET.1:8080/$f.bin" -o "$WORK/$f.json" --sign "$KEY" 2>/dev/null
+    done
+    for i in 1 2 3 4; do
+        # Agent 1 wins every election: the representative is a fast host.
+        lab_exec "$i" "$BIN" agent --iface eth0 --cache "$WORK/cache$i" --api "$LAB_NET.$((i + 1)):7480" \
+            --token "$TOKEN" --trust "$PUB" --rate 190M --preference $((i == 1 ? 200 : 0)) \
+            >"$WORK/agent$i.log" 2>&1 &
+    done
+    sleep 1.5
+    local id alone slow rep
+    id=$(agent_task "$WORK/fast.json" 1 2 3)
+    alone=$(api 1 "/v1/tasks/$id")
+    id=$(agent_task "$WORK/all.json" 1 2 3 4)
+    slow=$(api 4 "/v1/tasks/$id")
+    rep=$(api 1 "/v1/tasks/$id")
+    python3 - "$slow" "$rep" "$bytes" "$alone" <<'PY' || exit 1
+import json, sys
+slow, rep, alone = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[4])
+size = int(sys.argv[3])
+m = rep.get("multicast") or {}
+# The representative's session from its first DATA to its end: once the
+# fast receivers are done (the slow one is not waited for).
+with_slow, alone = m.get("data_seconds", 0), alone["multicast"]["data_seconds"]
+# The package at 190 Mbit/s on the wire (1400-byte symbols, 70 bytes of
+# headers and framing each).
+floor = size * 1470 / 1400 * 8 / 190e6
+fail = []
+if rep["role"] != "representative":
+    fail.append(f"agent 1 is {rep['role']}, not the representative")
+if m.get("receivers_left") != 1:
+    fail.append(f"representative left {m.get('receivers_left')} receivers behind, want 1")
+if m.get("wire_bytes", 0) > 1.3 * size:
+    fail.append(f"multicast wire bytes {m.get('wire_bytes')} for {size}")
+if slow["bytes"]["peers"] == 0:
+    fail.append(f"the slow agent took nothing from peers: {slow['bytes']}")
+if slow["bytes"]["origin"] > 0:
+    fail.append(f"the slow agent went to the origin: {slow['bytes']}")
+if with_slow > 1.1 * alone:
+    fail.append(f"the multicast took {with_slow:.2f} s with the slow one, {alone:.2f} s without")
+if with_slow > 1.2 * floor:
+    fail.append(f"the multicast took {with_slow:.2f} s, floor {floor:.2f} s")
+if fail:
+    sys.exit("FAIL: agent flow: " + "; ".join(fail))
+print(f"ok: agent flow: the 50 Mbit/s agent was left behind and completed from peers "
+      f"({slow['bytes']['multicast']} B multicast, {slow['bytes']['peers']} B peers, {slow['seconds']:.1f} s); "
+      f"multicast to the fast ones {with_slow:.2f} s with it, {alone:.2f} s without (floor {floor:.2f} s); "
+      f"multicast {m['wire_bytes'] / size:.3f}x the package on the wire")
+PY
+}
+
+api() { lab_exec 0 curl -s -H "Authorization: Bearer $TOKEN" "http://$LAB_NET.$(($1 + 1)):7480$2"; }
+
+# agent_task MANIFEST AGENT...: a task to those agents; waits until each is
+# done; prints its id.
+agent_task() {
+    local m=$1 targets=() a t0=$SECONDS id
+    shift
+    for a in "$@"; do targets+=(--agent "http://$LAB_NET.$((a + 1)):7480"); done
+    lab_exec 0 "$BIN" task start "${targets[@]}" --token "$TOKEN" --manifest "$m" --sign "$KEY" --delay 2s >"$WORK/id.out"
+    id=$(head -1 "$WORK/id.out")
+    for a in "$@"; do
+        until [ "$(api "$a" "/v1/tasks/$id" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("state"))' 2>/dev/null)" = done ]; do
+            [ $((SECONDS - t0)) -gt 120 ] && { echo "FAIL: agent $a task $id: $(api "$a" "/v1/tasks/$id")" >&2; exit 1; }
+            sleep 0.3
+        done
+    done
+    echo "$id"
+}
+
+
+for c in 1 2 3 4; do
     if [ -z "$only" ] || [ "$only" = "$c" ]; then
         "case$c"
     fi

@@ -267,6 +267,7 @@ pub fn send_file(
 
     let dest = SocketAddr::V4(group);
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut last_rate = 0;
     let mut last_progress = start;
     let mut data_start = None;
     // As many datagrams a system call as blocks are interleaved (fewer
@@ -347,6 +348,15 @@ pub fn send_file(
         let now = Instant::now();
         if now >= last_progress + PROGRESS_EVERY {
             last_progress = now;
+            let stats = sender.stats();
+            if stats.rate_bps != last_rate {
+                last_rate = stats.rate_bps;
+                tracing::debug!(
+                    rate_mbps = stats.rate_bps / 1_000_000,
+                    reason = %stats.rate_reason.map(|r| r.to_string()).unwrap_or_default(),
+                    "multicast rate"
+                );
+            }
             progress(SendProgress {
                 layout,
                 blocks_sent: sender.blocks_sent(),

@@ -29,7 +29,7 @@
 //!   within about two rounds; the next two rounds are not judged (their
 //!   reports still show the queue that the old rate built), nor is a
 //!   queue that shrank by 30% since.
-//! - Not congested: the rate grows, by half a round until the first
+//! - Not congested: the rate grows, doubling each round until the first
 //!   congestion (so from the safe start rate the link is found within a
 //!   second or two), then cautiously near the rate where congestion was
 //!   last seen and faster away from it. In background mode the growth
@@ -147,7 +147,7 @@ pub enum RateEvent {
 
 /// Where the controller starts: low enough for any office link, found
 /// upward within seconds.
-pub const START_BPS: u64 = 20_000_000;
+pub const START_BPS: u64 = 40_000_000;
 /// Background mode keeps the queue it causes below this.
 pub const BACKGROUND_DELAY: Duration = Duration::from_millis(3);
 /// Foreground mode reacts to delay only past this (a standing queue that
@@ -158,7 +158,7 @@ pub const MIN_ROUND: Duration = Duration::from_millis(100);
 /// Rounds a receiver is congested alone before it is left behind.
 pub const SLOW_ROUNDS: u32 = 8;
 /// Growth per round before the first congestion.
-const STARTUP_GROWTH: f64 = 1.5;
+const STARTUP_GROWTH: f64 = 2.0;
 /// Growth per round close to where congestion was last seen, and away
 /// from it.
 const NEAR_GROWTH: f64 = 1.02;
@@ -175,6 +175,9 @@ const LOWER_GAIN: f64 = 0.5;
 /// forgotten and the rate grows as at the start: the other traffic that
 /// caused it is gone.
 const CEILING_ROUNDS: u32 = 3;
+/// A receiver that reported within this many rounds counts as one of the
+/// group when the controller weighs how many are congested.
+const HEARD_ROUNDS: u64 = 3;
 /// Rounds clear of congestion after which the ceiling is forgotten
 /// wherever the rate is.
 const RECOVERY_ROUNDS: u32 = 5;
@@ -213,6 +216,8 @@ struct Track {
     /// Consecutive rounds congested while most others were not.
     alone: u32,
     left: bool,
+    /// The last round it reported in.
+    heard_in: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -241,6 +246,8 @@ pub struct RateControl {
     ceiling: Option<f64>,
     /// Rounds in a row clear of congestion above the ceiling.
     above_ceiling: u32,
+    /// Rounds judged or not so far.
+    rounds: u64,
     /// The queueing delay that the last decrease answered, until a round
     /// is clear again.
     draining: Option<f64>,
@@ -275,6 +282,7 @@ impl RateControl {
             hold_until: now,
             ceiling: None,
             above_ceiling: 0,
+            rounds: 0,
             draining: None,
             clear_rounds: 0,
             best: 0.0,
@@ -406,6 +414,7 @@ impl RateControl {
             return;
         }
         self.next_round = now + self.round;
+        self.rounds += 1;
         self.best *= BEST_DECAY;
         let judging = now >= self.hold_until && !self.is_fixed();
         let target = match self.cfg.mode {
@@ -414,8 +423,12 @@ impl RateControl {
         };
         let rate = self.rate;
         let mut judged = Vec::new();
+        // Receivers still receiving: those that reported lately, whether
+        // or not a report fell in this round (a receiver done is
+        // forgotten).
         let mut heard = 0usize;
         let mut headroom = Vec::new();
+        let rounds = self.rounds;
         for (&receiver, t) in self.tracks.iter_mut() {
             let round = std::mem::replace(
                 t,
@@ -423,13 +436,19 @@ impl RateControl {
                     reference: t.reference,
                     alone: t.alone,
                     left: t.left,
+                    heard_in: t.heard_in,
                     ..Track::default()
                 },
             );
+            if round.reports > 0 {
+                t.heard_in = rounds;
+            }
+            if !t.left && rounds.saturating_sub(t.heard_in) < HEARD_ROUNDS {
+                heard += 1;
+            }
             if t.left || round.reports == 0 {
                 continue;
             }
-            heard += 1;
             let delay = Duration::from_micros(u64::from(round.delay_us.unwrap_or(0)));
             headroom.push((receiver, 1.0 - delay.as_secs_f64() / target.as_secs_f64()));
             let loss =

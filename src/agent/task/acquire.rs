@@ -95,6 +95,23 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
                         pending = next;
                         carried = left;
                     }
+                    Received::LeftBehind(left) => {
+                        // The others finish the pass with the package (the
+                        // representative holds it already): taken from
+                        // them as they announce it, or from the origin if
+                        // none makes progress.
+                        r.note(format!(
+                            "left behind by representative {representative:016x} as far slower than the rest: taking the rest from peers"
+                        ));
+                        r.state(State::Repairing);
+                        if !from_peers_only(r, partial, left).await? {
+                            r.note(format!(
+                                "no peer made progress for {PEER_STALL:?}: fetching the rest from the origin"
+                            ));
+                            origin_fetch(r, partial).await?;
+                        }
+                        return Ok(());
+                    }
                     Received::NoShow(left) if holds_some(r, representative) => {
                         // Offers and presence arrive, the data does not (a
                         // switch that prunes the data group, Wi-Fi client
@@ -551,8 +568,15 @@ async fn represent(
         let (agent, id) = (r.agent.clone(), r.id.clone());
         tokio::task::spawn_blocking(move || {
             // The status shows the rate and the receivers as they go.
+            let mut data_start = None;
             multicast::send_file(&path, group, iface, &opts, &mut |p| {
-                let view = MulticastView::from(p.stats);
+                if p.stats.datagrams > 0 && p.stats.data_wire_bytes > 0 {
+                    data_start.get_or_insert_with(Instant::now);
+                }
+                let view = MulticastView {
+                    data_seconds: data_start.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+                    ..MulticastView::from(p.stats)
+                };
                 super::update(&agent, &id, |s| s.multicast = Some(view));
             })
         })
@@ -618,6 +642,9 @@ enum Received {
     /// Nothing of the session was heard: the offer was not followed by a
     /// sender (forged, or a representative that cannot reach the group).
     NoShow(Leftovers),
+    /// The representative's rate control left this agent behind as far
+    /// slower than the rest: the others have the package soon.
+    LeftBehind(Leftovers),
 }
 
 /// A receiver: joins the data group now, takes the session from `start`.
@@ -758,6 +785,9 @@ async fn receive(
         Ok(_) => "the session ended".into(),
         Err(RecvError::Failed(multicast::ReceiveFailure::NoSender(_))) => {
             return Ok(Received::NoShow(leftovers));
+        }
+        Err(RecvError::Failed(multicast::ReceiveFailure::LeftBehind { .. })) => {
+            return Ok(Received::LeftBehind(leftovers));
         }
         Err(e) => e.to_string(),
     };

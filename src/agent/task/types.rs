@@ -134,6 +134,8 @@ pub struct MulticastView {
     /// The receivers reporting the most loss, worst first.
     pub worst_receivers: Vec<ReceiverLossView>,
     pub wire_bytes: u64,
+    /// Since the data started.
+    pub data_seconds: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -159,6 +161,7 @@ impl From<&multicast::sender::SenderStats> for MulticastView {
                 })
                 .collect(),
             wire_bytes: s.wire_bytes,
+            data_seconds: 0.0,
         }
     }
 }
