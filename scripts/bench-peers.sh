@@ -49,7 +49,7 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 cargo build --release -q
-BIN=$PWD/target/release/somcast
+BIN=${SOMCAST_BIN:-$PWD/target/release/somcast}
 WORK=$(mktemp -d)
 trap 'lab_down; rm -rf "$WORK"' EXIT
 
