@@ -289,6 +289,26 @@ pub enum TaskCommand {
         #[arg(long)]
         sign: Option<PathBuf>,
     },
+    /// Pause the task on every target agent: a representative stops its
+    /// multicast (and says so, so receivers wait), fetching and installs
+    /// wait; what each holds is kept.
+    Pause {
+        id: String,
+        #[command(flatten)]
+        targets: Targets,
+        /// Sign the order with this publisher key.
+        #[arg(long)]
+        sign: Option<PathBuf>,
+    },
+    /// Resume a paused task on every target agent, where it stood.
+    Resume {
+        id: String,
+        #[command(flatten)]
+        targets: Targets,
+        /// Sign the order with this publisher key.
+        #[arg(long)]
+        sign: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]

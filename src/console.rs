@@ -360,35 +360,57 @@ async fn task_async(cmd: &TaskCommand) -> anyhow::Result<bool> {
             Ok(true)
         }
         TaskCommand::Cancel { id, targets, sign } => {
-            let c = Console::new(targets.as_ref())?;
-            let signer = sign.as_deref().map(Signer::load).transpose()?;
-            let order = issue::control(ControlAction::Cancel, id, signer.as_ref(), now_unix())?;
-            let body = Some(serde_json::to_value(&order)?);
-            let mut ok = true;
-            for a in &c.agents {
-                match c
-                    .call(
-                        a,
-                        reqwest::Method::POST,
-                        &format!("/v1/tasks/{id}/cancel"),
-                        body.as_ref(),
-                    )
-                    .await
-                {
-                    Ok((200, _)) => println!("{a}: cancelling"),
-                    Ok((code, v)) => {
-                        ok = false;
-                        println!("{a}: {code} {}", v["error"].as_str().unwrap_or("?"));
-                    }
-                    Err(e) => {
-                        ok = false;
-                        println!("{a}: {}", crate::error_text(e.as_ref()));
-                    }
-                }
-            }
-            Ok(ok)
+            control(ControlAction::Cancel, id, targets, sign.as_deref()).await
+        }
+        TaskCommand::Pause { id, targets, sign } => {
+            control(ControlAction::Pause, id, targets, sign.as_deref()).await
+        }
+        TaskCommand::Resume { id, targets, sign } => {
+            control(ControlAction::Resume, id, targets, sign.as_deref()).await
         }
     }
+}
+
+/// Sends a (signed) order about task `id` to every target agent: cancel,
+/// pause or resume. Whether every agent took it.
+async fn control(
+    action: ControlAction,
+    id: &str,
+    targets: &crate::cli::Targets,
+    sign: Option<&std::path::Path>,
+) -> anyhow::Result<bool> {
+    let c = Console::new(targets.as_ref())?;
+    let signer = sign.map(Signer::load).transpose()?;
+    let order = issue::control(action, id, signer.as_ref(), now_unix())?;
+    let body = Some(serde_json::to_value(&order)?);
+    let (verb, doing) = match action {
+        ControlAction::Cancel => ("cancel", "cancelling"),
+        ControlAction::Pause => ("pause", "paused"),
+        ControlAction::Resume => ("resume", "resumed"),
+    };
+    let mut ok = true;
+    for a in &c.agents {
+        match c
+            .call(
+                a,
+                reqwest::Method::POST,
+                &format!("/v1/tasks/{id}/{verb}"),
+                body.as_ref(),
+            )
+            .await
+        {
+            Ok((200, _)) => println!("{a}: {doing}"),
+            Ok((code, v)) => {
+                ok = false;
+                println!("{a}: {code} {}", v["error"].as_str().unwrap_or("?"));
+            }
+            Err(e) => {
+                ok = false;
+                println!("{a}: {}", crate::error_text(e.as_ref()));
+            }
+        }
+    }
+    Ok(ok)
 }
 
 /// Every agent's status of task `id` (an error object for agents that do

@@ -41,15 +41,40 @@ pub fn client() -> reqwest::Client {
         .expect("a client with these settings always builds")
 }
 
+/// Whether a fetch may go on: asked before each attempt and each chunk of
+/// a response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    Go,
+    /// Paused: read nothing more until it says `Go` (the response waits,
+    /// held back by TCP, or is asked again if the server gives up on it).
+    Hold,
+    Stop,
+}
+
+/// Waits while `flow` says `Hold`; whether to go on (`false`: stop).
+async fn go_on(flow: &(dyn Fn() -> Flow + Sync)) -> bool {
+    loop {
+        match flow() {
+            Flow::Go => return true,
+            Flow::Stop => return false,
+            Flow::Hold => tokio::time::sleep(HOLD_POLL).await,
+        }
+    }
+}
+
+/// How often a held fetch looks whether it may go on.
+const HOLD_POLL: Duration = Duration::from_millis(100);
+
 /// Fetches the given blocks (or every missing one) into `partial`, as
 /// contiguous ranges. `on_block` hears of each block written; `origin`
-/// counts every body byte received.
+/// counts every body byte received; `flow` may hold or stop it.
 pub async fn fetch_blocks(
     client: &reqwest::Client,
     partial: &Arc<Mutex<Partial>>,
     only: Option<&[u32]>,
     origin: &AtomicU64,
-    cancelled: &(dyn Fn() -> bool + Sync),
+    flow: &(dyn Fn() -> Flow + Sync),
     on_block: &(dyn Fn(u32) + Sync),
 ) -> Result<(), FetchError> {
     let (urls, wanted) = {
@@ -65,17 +90,13 @@ pub async fn fetch_blocks(
         let mut next = first;
         'urls: for url in &urls {
             for attempt in 0..ATTEMPTS {
-                if cancelled() {
+                if !go_on(flow).await {
                     return Err(FetchError::Cancelled);
                 }
                 if attempt > 0 {
                     tokio::time::sleep(BACKOFF * 2u32.pow(attempt - 1)).await;
                 }
-                match fetch_range(
-                    client, url, partial, next, last, origin, cancelled, on_block,
-                )
-                .await
-                {
+                match fetch_range(client, url, partial, next, last, origin, flow, on_block).await {
                     Ok(()) => break 'urls,
                     Err(RangeError::Partly { next: n, error }) => {
                         tracing::warn!("fetch {url} blocks {n}..={last}: {error}; retrying");
@@ -111,7 +132,7 @@ async fn fetch_range(
     first: u32,
     last: u32,
     origin: &AtomicU64,
-    cancelled: &(dyn Fn() -> bool + Sync),
+    flow: &(dyn Fn() -> Flow + Sync),
     on_block: &(dyn Fn(u32) + Sync),
 ) -> Result<(), RangeError> {
     let (layout, hashes) = {
@@ -141,7 +162,7 @@ async fn fetch_range(
     let mut block = first;
     let mut buf: Vec<u8> = Vec::with_capacity(layout.block_len(block));
     while let Some(chunk) = stream.next().await {
-        if cancelled() {
+        if !go_on(flow).await {
             return Err(partly(block, "cancelled".into()));
         }
         let chunk = chunk.map_err(|e| partly(block, e.to_string()))?;

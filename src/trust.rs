@@ -209,11 +209,20 @@ impl Gate {
         &self,
         env: &Envelope,
         task: &str,
+        action: ControlAction,
         now: u64,
     ) -> Result<ControlDoc, Refusal> {
         let result = (|| {
             self.authenticate(env)?;
             let doc: ControlDoc = document::parse(env, document::CONTROL_TYPE)?;
+            if doc.action != action {
+                // A signed pause sent where a cancel is carried out (or the
+                // other way round) is not taken for the other.
+                return Err(Refusal::Malformed(format!(
+                    "a {:?} order sent as a {action:?}",
+                    doc.action
+                )));
+            }
             if doc.task != task {
                 return Err(Refusal::Malformed(format!(
                     "an order for task {:?} sent for task {task:?}",

@@ -92,6 +92,7 @@ fn datagram_examples() -> Vec<(&'static str, u64, Frame<'static>)> {
                 feedback_port: 40_000,
                 feedback_interval_ms: 50,
                 name: "a.msi".into(),
+                paused: false,
             }),
         ),
         (

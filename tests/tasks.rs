@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    Proc, TOKEN, TempDir, cached, get, get_json, http, json, origin_bytes, origin_dir, package,
-    post, post_task, start_agent, start_origin, task, wait_done, wait_for,
+    Proc, TOKEN, TempDir, cached, finished, get, get_json, http, json, origin_bytes, origin_dir,
+    package, post, post_task, start_agent, start_origin, task, wait_done, wait_for,
 };
 use serde_json::{Value, json};
 use somcast::demo::private_group;
@@ -704,4 +704,85 @@ fn a_cancel_takes_effect_at_once_in_every_state() {
     }
     std::thread::sleep(Duration::from_millis(300));
     assert!(!marker.exists());
+}
+
+#[test]
+fn a_paused_task_multicasts_nothing_and_resumes_where_it_stood() {
+    let dir = TempDir::new("pause");
+    let origin = start_origin(&origin_dir(&dir), "0");
+    let size = 12 * 1024 * 1024;
+    let (m, bytes) = package(&dir.0, size, 24, origin.addr);
+    let group = private_group();
+    let caches: Vec<TempDir> = (0..3).map(|_| TempDir::new("pause-agent")).collect();
+    // A fixed 20 Mbit/s: the pass takes about 5 s, the pause comes in it.
+    let agents: Vec<Proc> = caches
+        .iter()
+        .map(|c| start_agent(&c.0, group, &["--rate", "20M", "--rate-min", "20M"]))
+        .collect();
+    for a in &agents {
+        let spec = json!({ "id": "p", "manifest": m, "delay_ms": 500 });
+        assert_eq!(post_task(a, &spec).0, 201);
+    }
+    wait_for("a block multicast", Duration::from_secs(30), || {
+        agents.iter().any(|a| {
+            let s = task(a, "p");
+            s["role"] == "receiver" && s["blocks_done"].as_u64().unwrap() >= 1
+        })
+    });
+    for a in &agents {
+        let (code, body) = http(a.addr, "POST", "/v1/tasks/p/pause", Some(TOKEN), None);
+        assert_eq!(code, 200, "{body}");
+    }
+    let roles: Vec<String> = agents
+        .iter()
+        .map(|a| task(a, "p")["role"].to_string())
+        .collect();
+    let rep = agents
+        .iter()
+        .find(|a| task(a, "p")["role"] == "representative")
+        .expect("a representative");
+    // What the representative has put on the wire, once the pause took.
+    std::thread::sleep(Duration::from_millis(500));
+    let wire = |a: &Proc| task(a, "p")["multicast"]["wire_bytes"].as_u64().unwrap();
+    let (sent, held): (u64, Vec<u64>) = (
+        wire(rep),
+        agents
+            .iter()
+            .map(|a| task(a, "p")["blocks_done"].as_u64().unwrap())
+            .collect(),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    // Announcements only (SESSION and a few HASHES every 100 ms), no DATA:
+    // 3 s at 20 Mbit/s would be 7.5 MB.
+    let grew = wire(rep) - sent;
+    assert!(grew < 200_000, "{grew} bytes multicast while paused");
+    for (i, a) in agents.iter().enumerate() {
+        let s = task(a, "p");
+        assert_eq!(s["paused"], true, "{s}");
+        assert!(!finished(&s), "{s}");
+        assert_eq!(
+            s["blocks_done"].as_u64().unwrap(),
+            held[i],
+            "agent {i} moved while paused: {s}"
+        );
+    }
+    for a in &agents {
+        let (code, body) = http(a.addr, "POST", "/v1/tasks/p/resume", Some(TOKEN), None);
+        assert_eq!(code, 200, "{body}");
+    }
+    for (i, a) in agents.iter().enumerate() {
+        let s = wait_done(a, "p", Duration::from_secs(60));
+        assert_eq!(s["state"], "done", "{s}");
+        assert_eq!(s["paused"], false, "{s}");
+        // The same representative carried on: no election after the pause.
+        assert_eq!(s["role"].to_string(), roles[i], "{s}");
+    }
+    for c in &caches {
+        assert_eq!(cached(&c.0, &m.content_id).as_deref(), Some(&bytes[..]));
+    }
+    let served = origin_bytes(&origin);
+    assert!(
+        served <= size * 105 / 100,
+        "origin sent {served} for {size}: something was fetched again"
+    );
 }

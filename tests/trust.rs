@@ -269,6 +269,29 @@ fn cancel_needs_a_signed_order_for_that_task() {
     );
     let (c, v) = cancel(Some(order_for("other-task", Some(publisher))));
     assert_eq!(c, 400, "an order for another task: {v}");
+    // A signed pause sent to the cancel route is not taken for a cancel;
+    // sent where it belongs, it pauses, and a signed resume resumes.
+    let signed_order = |action| {
+        serde_json::to_string(
+            &issue::control(action, "t-slow", Some(publisher), now_unix()).unwrap(),
+        )
+        .unwrap()
+    };
+    let to = |verb: &str, body: Option<&str>| {
+        let path = format!("/v1/tasks/t-slow/{verb}");
+        let (c, b) = http(agent.addr, "POST", &path, Some(TOKEN), body);
+        (c, json(b.as_bytes()))
+    };
+    let pause = signed_order(ControlAction::Pause);
+    let (c, v) = cancel(Some(pause.clone()));
+    assert_eq!(c, 400, "a pause order sent as a cancel: {v}");
+    let (c, v) = to("pause", Some(&pause));
+    assert_eq!(c, 200, "{v}");
+    assert_eq!(get_json(agent.addr, "/v1/tasks/t-slow")["paused"], true);
+    assert_eq!(to("resume", None).0, 403, "an unsigned resume");
+    let (c, v) = to("resume", Some(&signed_order(ControlAction::Resume)));
+    assert_eq!(c, 200, "{v}");
+    assert_eq!(get_json(agent.addr, "/v1/tasks/t-slow")["paused"], false);
     assert_ne!(
         get_json(agent.addr, "/v1/tasks/t-slow")["state"],
         "cancelled"

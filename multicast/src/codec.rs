@@ -488,6 +488,7 @@ mod tests {
             feedback_port: 1,
             feedback_interval_ms: 10,
             name: String::new(),
+            paused: false,
         };
         assert!(matches!(
             Layout::from_session(&info),

@@ -144,6 +144,8 @@ pub struct SendOptions {
     pub available: Option<Arc<AtomicU32>>,
     /// Set to stop sending (a cancelled task); the send then fails.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Set to pause the data, cleared to resume (see `Sender::set_paused`).
+    pub pause: Option<Arc<AtomicBool>>,
     /// Seal every datagram with the fleet key, and take only sealed ones.
     pub fleet: Option<FleetKeys>,
     /// With `fleet`: encrypt what is sent, not only authenticate it.
@@ -163,6 +165,7 @@ impl Default for SendOptions {
             known_hashes: None,
             available: None,
             stop: None,
+            pause: None,
             fleet: None,
             encrypt: false,
             auth: Arc::default(),
@@ -295,6 +298,9 @@ pub fn send_file(
         }
         if let Some(a) = &opts.available {
             sender.set_available(a.load(Ordering::Acquire));
+        }
+        if let Some(p) = &opts.pause {
+            sender.set_paused(p.load(Ordering::Relaxed));
         }
         let mut failed = None;
         while let Ok(batch) = batch_rx.try_recv() {
@@ -451,6 +457,12 @@ fn log_sender_event(event: &SenderEvent) {
         SenderEvent::StartedShort { joined, wanted } => {
             tracing::warn!("only {joined} of {wanted} receivers joined in time; sending anyway")
         }
+        SenderEvent::Paused => tracing::info!("multicast paused"),
+        SenderEvent::Resumed => tracing::info!("multicast resumed"),
+        SenderEvent::LeftBehind { receiver } => tracing::info!(
+            receiver = format!("{receiver:016x}"),
+            "receiver left behind to finish from peers: far slower than the rest"
+        ),
         SenderEvent::ReceiverLost { receiver } => {
             tracing::warn!(
                 receiver = format!("{receiver:016x}"),

@@ -203,6 +203,7 @@ impl Sender {
             feedback_port,
             feedback_interval_ms: cfg.feedback_interval.as_millis() as u32,
             name,
+            paused: false,
         };
         let blocks = (0..layout.block_count())
             .map(|_| BlockTx::default())
@@ -281,6 +282,27 @@ impl Sender {
             self.phase = Phase::Closing { left: 3 };
         }
     }
+    /// Pauses or resumes the data (an operator's order). While paused the
+    /// session goes on announcing itself, marked paused, acknowledging
+    /// joins and taking feedback, so receivers wait rather than give up;
+    /// no DATA goes out and the rate control does not judge. Resuming
+    /// carries on where the pass stood.
+    pub fn set_paused(&mut self, paused: bool) {
+        if self.info.paused != paused {
+            self.info.paused = paused;
+            self.queue_control(&Frame::Session(self.info.clone()));
+            self.events.push_back(if paused {
+                SenderEvent::Paused
+            } else {
+                SenderEvent::Resumed
+            });
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.info.paused
+    }
+
     /// Waiting for `min_receivers` joins: the next JOIN may start the data.
     pub fn awaiting_joins(&self) -> bool {
         matches!(self.phase, Phase::Announcing { .. }) && self.cfg.min_receivers > 0
@@ -529,6 +551,7 @@ impl Sender {
                         .push_back(SenderEvent::DataStarted { receivers: joined });
                 }
             }
+            Phase::Sending if self.info.paused => {}
             Phase::Sending => {
                 self.adapt_rate(now);
                 self.check_finished(now);
@@ -875,7 +898,7 @@ impl Sender {
                 closing: true,
             }
             .encode(self.session);
-        } else if !self.next_symbol(now) {
+        } else if self.info.paused || !self.next_symbol(now) {
             self.pacer.idle(now);
             return None;
         }
@@ -989,7 +1012,7 @@ impl Sender {
             return None;
         }
         let has_output = !self.control.is_empty()
-            || !self.active.is_empty()
+            || (!self.active.is_empty() && !self.info.paused)
             || matches!(self.phase, Phase::Closing { .. });
         let pacing = if has_output {
             Some(self.pacer.next_ready().unwrap_or(self.pacer.last_seen()))
@@ -1010,6 +1033,7 @@ impl Sender {
                 };
                 t = t.min(since + limit);
             }
+            Phase::Sending if self.info.paused => {}
             Phase::Sending => {
                 t = t.min(self.rate.poll_timeout());
                 // Silent receivers are checked at each announcement.

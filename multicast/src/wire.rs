@@ -75,6 +75,9 @@ pub struct SessionInfo {
     pub feedback_interval_ms: u32,
     /// File name for display; may be empty.
     pub name: String,
+    /// The sender is paused (an operator's order): no data comes until it
+    /// resumes, and the session is alive all the same.
+    pub paused: bool,
 }
 
 /// One symbol of one block.
@@ -676,6 +679,7 @@ mod tests {
                 feedback_port: 40_000,
                 feedback_interval_ms: 50,
                 name: "pkg.msi".into(),
+                paused: true,
             }),
             Frame::Hashes {
                 first_block: 40,
@@ -899,7 +903,7 @@ mod tests {
                                name in "[a-z.]{0,40}") {
             let frame = Frame::Session(SessionInfo {
                 file_size, block_size, symbol_size, block_count, file_sha256: sha,
-                feedback_port: port, feedback_interval_ms: fb, name,
+                feedback_port: port, feedback_interval_ms: fb, name, paused: fb % 2 == 0,
             });
             let bytes = frame.encode(9);
             let got = decode(&bytes).unwrap();

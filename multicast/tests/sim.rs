@@ -346,6 +346,7 @@ fn a_replayed_session_that_closes_does_not_capture_a_receiver() {
         feedback_port: 5000,
         feedback_interval_ms: 40,
         name: "old.bin".into(),
+        paused: false,
     };
     let replay = vec![
         Frame::Session(stale).encode(0x01D),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::Agent;
 use super::task::{self, SpecError, TaskSpec, TaskStatus};
 use crate::cache::now_unix;
-use crate::trust::{Action, Bundle, Envelope, Refusal, TaskDoc, document};
+use crate::trust::{Action, Bundle, ControlAction, Envelope, Refusal, TaskDoc, document};
 
 /// Longest wait for a manifest named by URL.
 const MANIFEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -140,9 +140,21 @@ pub fn cancel(
     id: &str,
     order: Option<&Envelope>,
 ) -> Result<Option<TaskStatus>, Refusal> {
+    control(agent, id, ControlAction::Cancel, order)
+}
+
+/// Checks an order about a running task (signed, for this task, not seen
+/// before, of the action the caller carries out) and carries it out; the
+/// task's status, or `None` when the agent has no such task.
+pub fn control(
+    agent: &Agent,
+    id: &str,
+    action: ControlAction,
+    order: Option<&Envelope>,
+) -> Result<Option<TaskStatus>, Refusal> {
     match order {
         Some(env) => {
-            agent.gate.admit_control(env, id, now_unix())?;
+            agent.gate.admit_control(env, id, action, now_unix())?;
         }
         None if agent.gate.insecure() => {}
         None => {
@@ -151,5 +163,9 @@ pub fn cancel(
             return Err(r);
         }
     }
-    Ok(task::cancel(agent, id))
+    Ok(match action {
+        ControlAction::Cancel => task::cancel(agent, id),
+        ControlAction::Pause => task::pause(agent, id, true),
+        ControlAction::Resume => task::pause(agent, id, false),
+    })
 }

@@ -4,7 +4,7 @@
 //! - `POST /v1/tasks`: start a task (a [`TaskSpec`] in JSON); 201 with its
 //!   status, 400 with the reason for a bad one, 409 for an id in use.
 //! - `GET /v1/tasks`, `GET /v1/tasks/{id}`: statuses.
-//! - `POST /v1/tasks/{id}/cancel`.
+//! - `POST /v1/tasks/{id}/cancel`, `/pause`, `/resume`: signed orders.
 //! - `GET /metrics`: Prometheus text (see `metrics`); also on its own
 //!   address without a token (`--metrics`).
 //!
@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use super::task::{self, SpecError, TaskSpec};
 use super::{Agent, admit};
 use crate::lab::hex;
-use crate::trust::{Bundle, Envelope, Refusal};
+use crate::trust::{Bundle, ControlAction, Envelope, Refusal};
 
 /// A JSON error with its status: `{"error": "..."}`.
 pub struct ApiError(pub StatusCode, pub String);
@@ -46,6 +46,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/tasks", get(list_tasks).post(start_task))
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/cancel", post(cancel_task))
+        .route("/v1/tasks/{id}/pause", post(pause_task))
+        .route("/v1/tasks/{id}/resume", post(resume_task))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(agent.clone(), require_token))
@@ -217,10 +219,26 @@ async fn get_task(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Re
     }
 }
 
-async fn cancel_task(
+async fn cancel_task(state: State<Arc<Agent>>, id: Path<String>, body: Bytes) -> Response {
+    control_task(state, id, body, ControlAction::Cancel)
+}
+
+async fn pause_task(state: State<Arc<Agent>>, id: Path<String>, body: Bytes) -> Response {
+    control_task(state, id, body, ControlAction::Pause)
+}
+
+async fn resume_task(state: State<Arc<Agent>>, id: Path<String>, body: Bytes) -> Response {
+    control_task(state, id, body, ControlAction::Resume)
+}
+
+/// An order about a task (its body the signed document; empty only in the
+/// insecure lab mode): the task's status, 404 without such a task, 409 for
+/// one that ended.
+fn control_task(
     State(agent): State<Arc<Agent>>,
     Path(id): Path<String>,
     body: Bytes,
+    action: ControlAction,
 ) -> Response {
     let order: Option<Envelope> = if body.iter().all(u8::is_ascii_whitespace) {
         None
@@ -228,13 +246,13 @@ async fn cancel_task(
         match serde_json::from_slice(&body) {
             Ok(env) => Some(env),
             Err(e) => {
-                let r = Refusal::Malformed(format!("bad cancel order: {e}"));
+                let r = Refusal::Malformed(format!("bad {action:?} order: {e}"));
                 agent.gate.tally::<()>(&Err(r.clone()));
                 return refusal(r);
             }
         }
     };
-    match admit::cancel(&agent, &id, order.as_ref()) {
+    match admit::control(&agent, &id, action, order.as_ref()) {
         Err(r) => refusal(r),
         Ok(Some(s)) if s.state.is_terminal() => ApiError(
             StatusCode::CONFLICT,

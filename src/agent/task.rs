@@ -57,7 +57,9 @@ pub struct TaskEntry {
     pub have: Vec<bool>,
     pub data: Option<PathBuf>,
     cancel: Arc<AtomicBool>,
+    /// Woken on a cancel, a pause and a resume.
     cancel_notify: Arc<Notify>,
+    pause: Arc<AtomicBool>,
     started: Instant,
     last_saved: Instant,
 }
@@ -122,6 +124,7 @@ pub fn submit(agent: &Arc<Agent>, mut spec: TaskSpec) -> Result<TaskStatus, Spec
         signed_by: spec.signed_by.clone(),
         history: Vec::new(),
         multicast: None,
+        paused: false,
     };
     insert(agent, spec, status.clone());
     // Accepted means on disk: a task the agent could not record is not
@@ -160,6 +163,8 @@ pub fn check_spec(spec: &TaskSpec) -> Result<Checked, SpecError> {
 
 fn insert(agent: &Agent, spec: TaskSpec, status: TaskStatus) {
     let id = status.id.clone();
+    // A task paused before a restart stays paused.
+    let paused = status.paused && !status.state.is_terminal();
     agent.tasks().insert(
         id,
         TaskEntry {
@@ -169,6 +174,7 @@ fn insert(agent: &Agent, spec: TaskSpec, status: TaskStatus) {
             data: None,
             cancel: Arc::new(AtomicBool::new(false)),
             cancel_notify: Arc::new(Notify::new()),
+            pause: Arc::new(AtomicBool::new(paused)),
             started: Instant::now(),
             last_saved: Instant::now(),
         },
@@ -247,6 +253,27 @@ pub fn cancel(agent: &Agent, id: &str) -> Option<TaskStatus> {
     Some(t.status.clone())
 }
 
+/// Pauses (`true`) or resumes a task; its status, or `None` when the agent
+/// has no such task. A task that ended stays as it is.
+pub fn pause(agent: &Agent, id: &str, paused: bool) -> Option<TaskStatus> {
+    let status = {
+        let tasks = agent.tasks();
+        let t = tasks.get(id)?;
+        if t.status.state.is_terminal() {
+            return Some(t.status.clone());
+        }
+        t.pause.store(paused, Ordering::SeqCst);
+        t.cancel_notify.notify_waiters();
+        t.status.clone()
+    };
+    if status.paused != paused {
+        tracing::info!("task {id}: {}", if paused { "paused" } else { "resumed" });
+        update(agent, id, |s| s.paused = paused);
+        save(agent, id);
+    }
+    agent.tasks().get(id).map(|t| t.status.clone())
+}
+
 /// Writes the task's record (spec and status) to disk, synced; a failure
 /// is logged (the next save tries again).
 fn save(agent: &Agent, id: &str) {
@@ -316,6 +343,7 @@ struct Run {
     m: Checked,
     cancel: Arc<AtomicBool>,
     cancel_notify: Arc<Notify>,
+    pause: Arc<AtomicBool>,
     origin: Arc<AtomicU64>,
 }
 
@@ -328,6 +356,37 @@ impl Run {
         loop {
             let notified = self.cancel_notify.notified();
             if self.cancelled() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn paused(&self) -> bool {
+        self.pause.load(Ordering::SeqCst)
+    }
+
+    /// Whether an origin fetch may go on: stopped by a cancel, held by a
+    /// pause.
+    fn flow(&self) -> impl Fn() -> crate::fetch::Flow + Send + Sync + 'static {
+        let (cancel, pause) = (self.cancel.clone(), self.pause.clone());
+        move || {
+            if cancel.load(Ordering::SeqCst) {
+                crate::fetch::Flow::Stop
+            } else if pause.load(Ordering::SeqCst) {
+                crate::fetch::Flow::Hold
+            } else {
+                crate::fetch::Flow::Go
+            }
+        }
+    }
+
+    /// Returns at once unless the task is paused; then when it is resumed
+    /// (or cancelled: the caller checks).
+    async fn until_resumed(&self) {
+        loop {
+            let notified = self.cancel_notify.notified();
+            if !self.paused() || self.cancelled() {
                 return;
             }
             notified.await;
@@ -360,11 +419,14 @@ impl Run {
 }
 
 async fn run(agent: Arc<Agent>, id: String) {
-    let Some((spec, cancel, cancel_notify)) = agent
-        .tasks()
-        .get(&id)
-        .map(|t| (t.spec.clone(), t.cancel.clone(), t.cancel_notify.clone()))
-    else {
+    let Some((spec, cancel, cancel_notify, pause)) = agent.tasks().get(&id).map(|t| {
+        (
+            t.spec.clone(),
+            t.cancel.clone(),
+            t.cancel_notify.clone(),
+            t.pause.clone(),
+        )
+    }) else {
         return;
     };
     let m = match spec.manifest.check() {
@@ -385,6 +447,7 @@ async fn run(agent: Arc<Agent>, id: String) {
         m,
         cancel,
         cancel_notify,
+        pause,
         origin: Arc::new(AtomicU64::new(0)),
     };
     tracing::info!(

@@ -188,6 +188,11 @@ pub struct TaskDoc {
 #[serde(rename_all = "snake_case")]
 pub enum ControlAction {
     Cancel,
+    /// Hold the task where it stands: no multicast, no fetching, no
+    /// install, its partial download and pins kept.
+    Pause,
+    /// Carry a paused task on from where it stood.
+    Resume,
 }
 
 /// An order about a running task.

@@ -13,6 +13,7 @@ fn the_file_hash_may_come_later_but_nothing_else_of_a_session_changes() {
         feedback_port: 7401,
         feedback_interval_ms: 40,
         name: String::new(),
+        paused: false,
     };
     let mut rx = Receiver::new(
         now,
@@ -46,6 +47,7 @@ fn small_session(feedback_port: u16) -> SessionInfo {
         feedback_port,
         feedback_interval_ms: 40,
         name: String::new(),
+        paused: false,
     }
 }
 

@@ -131,6 +131,9 @@ pub enum SenderEvent {
     ReceiverLost {
         receiver: u64,
     },
+    /// The data paused, or resumed (see [`Sender::set_paused`]).
+    Paused,
+    Resumed,
     /// The rate controller left this receiver to finish from elsewhere.
     LeftBehind {
         receiver: u64,

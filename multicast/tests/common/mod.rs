@@ -136,6 +136,10 @@ pub struct Sim {
     pub tamper: Tamper,
     /// The sender's rate each time it changed, by virtual time.
     pub rate_log: Vec<(Duration, u64)>,
+    /// Virtual seconds during which the sender is paused.
+    pub pause: std::ops::Range<f64>,
+    /// When each DATA datagram went out, by virtual time.
+    pub data_sent: Vec<Duration>,
     /// Repair symbols of a first-pass block, handed over a step after its
     /// source symbols, as the real encoder does once it has encoded them.
     pub owed: Vec<EncodedBatch>,
@@ -195,6 +199,8 @@ impl Sim {
             seq: 0,
             tamper: Box::new(|_, _| Vec::new()),
             rate_log: Vec::new(),
+            pause: 0.0..0.0,
+            data_sent: Vec::new(),
         }
     }
 
@@ -283,6 +289,8 @@ impl Sim {
         let sender_addr: SocketAddr = SENDER_ADDR.parse().unwrap();
         while self.now < self.start + limit {
             // Sender side.
+            let t = (self.now - self.start).as_secs_f64();
+            self.sender.set_paused(self.pause.contains(&t));
             self.sender.handle_timeout(self.now);
             for batch in std::mem::take(&mut self.owed) {
                 self.sender.handle_batch(batch);
@@ -308,6 +316,10 @@ impl Sim {
                 out.push(bytes.to_vec());
             }
             for bytes in out {
+                // Byte 3 is the kind; 3 is DATA.
+                if bytes.get(3) == Some(&3) {
+                    self.data_sent.push(self.now - self.start);
+                }
                 let extra = (self.tamper)(&mut self.rng, &bytes);
                 for i in 0..self.receivers.len() {
                     self.push(Some(i), bytes.clone());

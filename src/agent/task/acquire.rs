@@ -222,6 +222,11 @@ async fn from_peers_only(
             return Ok(true);
         }
         let now = (done, blocks_on_peers(r));
+        if r.paused() {
+            // A pause is not a stall: the wait starts again on resume.
+            r.until_resumed().await;
+            seen = None;
+        }
         if seen != Some(now) {
             seen = Some(now);
             progress_at = Instant::now();
@@ -314,11 +319,19 @@ async fn peer_repair(
     let mut busy_tries: HashMap<u32, u32> = HashMap::new();
     let mut idle_rounds = 0;
     loop {
+        if in_flight == 0 && r.paused() {
+            // Paused: what is out has come back; ask for nothing more
+            // until resumed.
+            r.until_resumed().await;
+            if r.cancelled() {
+                bail!("cancelled");
+            }
+        }
         if in_flight == 0 && queue.is_empty() && !busy.is_empty() {
             tokio::time::sleep(Duration::from_millis(100)).await;
             queue.extend(busy.drain(..));
         }
-        while in_flight < MAX_IN_FLIGHT {
+        while in_flight < MAX_IN_FLIGHT && !r.paused() {
             let Some(b) = queue.pop_front() else { break };
             let mut holders = holders_of(b);
             holders.retain(|h| !declined.contains(&(b, h.1)));
@@ -449,20 +462,12 @@ async fn peer_repair(
 }
 
 async fn origin_fetch(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<()> {
-    let cancel = r.cancel.clone();
+    let flow = r.flow();
     let agent = r.agent.clone();
     let id = r.id.clone();
     let p2 = partial.clone();
     let on_block = move |_b: u32| note_blocks(&agent, &id, &lock(&p2));
-    fetch_blocks(
-        &r.agent.http,
-        partial,
-        None,
-        &r.origin,
-        &|| cancel.load(Ordering::SeqCst),
-        &on_block,
-    )
-    .await?;
+    fetch_blocks(&r.agent.http, partial, None, &r.origin, &flow, &on_block).await?;
     r.progress(partial);
     Ok(())
 }
@@ -487,13 +492,13 @@ async fn represent(
     let stop = Arc::new(AtomicBool::new(false));
     r.state(State::Fetching);
     let fetch = {
-        let (agent, id, p, origin, avail, cancel) = (
+        let (agent, id, p, origin, avail, flow) = (
             r.agent.clone(),
             r.id.clone(),
             partial.clone(),
             r.origin.clone(),
             available.clone(),
-            r.cancel.clone(),
+            r.flow(),
         );
         async move {
             let p2 = p.clone();
@@ -503,15 +508,7 @@ async fn represent(
                 avail.store(g.done_prefix(), Ordering::Release);
                 note_blocks(&agent2, &id, &g);
             };
-            fetch_blocks(
-                &agent.http,
-                &p,
-                None,
-                &origin,
-                &|| cancel.load(Ordering::SeqCst),
-                &on_block,
-            )
-            .await
+            fetch_blocks(&agent.http, &p, None, &origin, &flow, &on_block).await
         }
     };
     tokio::pin!(fetch);
@@ -558,6 +555,7 @@ async fn represent(
             known_hashes: Some((r.m.block_hashes.clone(), r.m.content)),
             available: Some(available.clone()),
             stop: Some(stop.clone()),
+            pause: Some(r.pause.clone()),
             fleet: r.agent.fleet.clone(),
             encrypt: r.spec.encrypt || r.agent.config.encrypt,
             auth: r.agent.auth.clone(),

@@ -27,6 +27,14 @@ pub(super) async fn finish(r: &Run, path: &Path) -> anyhow::Result<()> {
     let Some(cmd) = r.spec.run.clone() else {
         return Ok(());
     };
+    // A paused task does not start its command until resumed.
+    if r.paused() {
+        r.note("paused before the install: waiting for a resume".into());
+        r.until_resumed().await;
+        if r.cancelled() {
+            anyhow::bail!("cancelled");
+        }
+    }
     // Durable before the command starts: after a crash from here on the
     // command is never started again (see `restore`).
     update(&r.agent, &r.id, |s| {

@@ -114,6 +114,10 @@ pub struct TaskStatus {
     /// asked), oldest first, the newest `MAX_HISTORY` kept.
     #[serde(default)]
     pub history: Vec<Step>,
+    /// Held by an operator's pause order until a resume: no multicast, no
+    /// fetching, no install; what it holds is kept.
+    #[serde(default)]
+    pub paused: bool,
     /// As representative: what its multicast is doing (the rate and why,
     /// the receivers and the loss they report).
     #[serde(default)]
