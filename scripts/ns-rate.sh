@@ -20,7 +20,10 @@
 #      A task to the three fast ones, then one to all four: the slow agent
 #      is left behind and completes from peers, the fast receivers take no
 #      longer than 1.1x what they took without it, and the representative
-#      puts at most 1.3x the package on the wire.
+#      puts at most 1.3x the package on the wire. Then a task to the fast
+#      three paused in the middle of its pass: for 3 s the switch carries
+#      no more than announcements toward a receiver; resumed, it completes
+#      with the same representative and the origin at 1.0x.
 #
 #   scripts/ns-rate.sh [--only N]
 #
@@ -218,11 +221,11 @@ case4() {
     local size=48M bytes i f
     bytes=$(numfmt --from=iec "$size")
     mkdir -p "$WORK/origin"
-    for f in fast all; do
+    for f in fast all paused; do
         head -c "$bytes" /dev/urandom >"$WORK/origin/$f.bin"
     done
     lab_exec 0 "$BIN" serve "$WORK/origin" --listen "$LAB_NET.1:8080" 2>/dev/null &
-    for f in fast all; do
+    for f in fast all paused; do
         "$BIN" manifest create "$WORK/origin/$f.bin" --url "http://$LAB_NET.1:8080/$f.bin" -o "$WORK/$f.json" --sign "$KEY" 2>/dev/null
     done
     for i in 1 2 3 4; do
@@ -271,25 +274,83 @@ print(f"ok: agent flow: the 50 Mbit/s agent was left behind and completed from p
       f"multicast to the fast ones {with_slow:.2f} s with it, {alone:.2f} s without (floor {floor:.2f} s); "
       f"multicast {m['wire_bytes'] / size:.3f}x the package on the wire")
 PY
+    pause_case "$bytes"
+}
+
+# pause_case BYTES: case 4's agents; a task paused in its pass and resumed.
+pause_case() {
+    local bytes=$1 id a served0 tx0 tx1
+    served0=$(lab_exec 0 curl -s "http://$LAB_NET.1:8080/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_served"])')
+    id=$(agent_task "$WORK/paused.json" 1 2 3 nowait)
+    # Agent 2 receives: pause once it holds a block.
+    local t0=$SECONDS
+    until [ "$(api 2 "/v1/tasks/$id" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("blocks_done", 0) >= 1)' 2>/dev/null)" = True ]; do
+        [ $((SECONDS - t0)) -gt 60 ] && { echo "FAIL: pause: no block arrived"; exit 1; }
+        sleep 0.1
+    done
+    lab_exec 0 "$BIN" task pause "$id" $(for a in 1 2 3; do echo --agent "http://$LAB_NET.$((a + 1)):7480"; done) \
+        --token "$TOKEN" --sign "$KEY" >/dev/null
+    sleep 0.5
+    local held
+    held=$(api 2 "/v1/tasks/$id" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["blocks_done"], s["block_count"], s["paused"])')
+    tx0=$(ip netns exec "${LAB_PREFIX}-sw" tc -s qdisc show dev "${LAB_PREFIX}p2" | awk '/Sent/ { print $2; exit }')
+    sleep 3
+    tx1=$(ip netns exec "${LAB_PREFIX}-sw" tc -s qdisc show dev "${LAB_PREFIX}p2" | awk '/Sent/ { print $2; exit }')
+    lab_exec 0 "$BIN" task resume "$id" $(for a in 1 2 3; do echo --agent "http://$LAB_NET.$((a + 1)):7480"; done) \
+        --token "$TOKEN" --sign "$KEY" >/dev/null
+    agent_task_wait "$id" 1 2 3
+    local served
+    served=$(( $(lab_exec 0 curl -s "http://$LAB_NET.1:8080/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_served"])') - served0 ))
+    python3 - "$held" "$((tx1 - tx0))" "$served" "$bytes" "$(api 1 "/v1/tasks/$id")" "$(api 2 "/v1/tasks/$id")" <<'PY' || exit 1
+import json, sys
+done_at_pause, count, paused = sys.argv[1].split()
+toward, served, size = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rep, rx = json.loads(sys.argv[5]), json.loads(sys.argv[6])
+fail = []
+if paused != "True":
+    fail.append("the receiver's status did not say paused")
+if int(done_at_pause) >= int(count):
+    fail.append(f"the pass was over before the pause ({done_at_pause}/{count} blocks)")
+# 3 s at 190 Mbit/s would be 71 MB; announcements and presence are a few
+# hundred kB at most.
+if toward > 500_000:
+    fail.append(f"{toward} bytes went to a receiver in 3 s of pause")
+if served > 1.05 * size:
+    fail.append(f"the origin sent {served} for {size}: something was fetched again")
+if rep.get("role") != "representative" or rx.get("role") != "receiver":
+    fail.append(f"roles changed: {rep.get('role')}, {rx.get('role')}")
+if fail:
+    sys.exit("FAIL: pause: " + "; ".join(fail))
+print(f"ok: pause: paused at {done_at_pause}/{count} blocks; {toward} bytes toward a receiver in 3 s of pause; "
+      f"resumed and completed, same representative, origin {served / size:.3f}x")
+PY
 }
 
 api() { lab_exec 0 curl -s -H "Authorization: Bearer $TOKEN" "http://$LAB_NET.$(($1 + 1)):7480$2"; }
 
-# agent_task MANIFEST AGENT...: a task to those agents; waits until each is
-# done; prints its id.
+# agent_task MANIFEST AGENT... [nowait]: a task to those agents; waits until
+# each is done (unless the last word is nowait); prints its id.
 agent_task() {
-    local m=$1 targets=() a t0=$SECONDS id
+    local m=$1 targets=() a id wait=yes
     shift
+    [ "${*: -1}" = nowait ] && { wait=no; set -- "${@:1:$(($# - 1))}"; }
     for a in "$@"; do targets+=(--agent "http://$LAB_NET.$((a + 1)):7480"); done
     lab_exec 0 "$BIN" task start "${targets[@]}" --token "$TOKEN" --manifest "$m" --sign "$KEY" --delay 2s >"$WORK/id.out"
     id=$(head -1 "$WORK/id.out")
+    [ "$wait" = yes ] && agent_task_wait "$id" "$@"
+    echo "$id"
+}
+
+# agent_task_wait ID AGENT...: until each agent has task ID done.
+agent_task_wait() {
+    local id=$1 a t0=$SECONDS
+    shift
     for a in "$@"; do
         until [ "$(api "$a" "/v1/tasks/$id" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("state"))' 2>/dev/null)" = done ]; do
             [ $((SECONDS - t0)) -gt 120 ] && { echo "FAIL: agent $a task $id: $(api "$a" "/v1/tasks/$id")" >&2; exit 1; }
             sleep 0.3
         done
     done
-    echo "$id"
 }
 
 
