@@ -151,6 +151,10 @@ pub struct OrderArgs {
     /// Multicast rate of the representative (default: the agent's).
     #[arg(long, value_parser = parse_rate)]
     pub rate: Option<u64>,
+    /// Higher first: an agent with several tasks holds the fetching and
+    /// sending of lower ones while a higher one runs (0-255, default 0).
+    #[arg(long, default_value_t = 0)]
+    pub priority: u8,
     /// Agents refuse the task before this time (2026-12-24T18:00:00Z, unix
     /// seconds, or a duration from now such as 2h).
     #[arg(long)]

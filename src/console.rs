@@ -192,6 +192,7 @@ async fn make_bundle(http: &reqwest::Client, order: &OrderArgs) -> anyhow::Resul
         action,
         delay_ms: order.delay.as_millis() as u64,
         rate_bps: order.rate,
+        priority: order.priority,
         not_before: order
             .not_before
             .as_deref()

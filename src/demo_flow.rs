@@ -101,6 +101,7 @@ async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
         action: Action::Fetch,
         delay_ms: args.delay.as_millis() as u64,
         rate_bps: Some(args.rate),
+        priority: 0,
         not_before: None,
         expires: now_unix() + 3600,
         manifest_url: None,

@@ -369,6 +369,7 @@ fn one_agent_under_hostile_input_completes_every_task_once() {
             },
             delay_ms: 1000,
             rate_bps: None,
+            priority: 0,
             not_before: None,
             expires: somcast::cache::now_unix() + 3600,
             manifest_url: None,

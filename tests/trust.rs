@@ -28,6 +28,7 @@ fn order(id: &str, marker: &Path) -> TaskOrder {
         },
         delay_ms: 0,
         rate_bps: None,
+        priority: 0,
         not_before: None,
         expires: now_unix() + 600,
         manifest_url: None,

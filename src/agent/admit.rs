@@ -90,6 +90,7 @@ fn spec_of(
         delay_ms: Some(doc.delay_ms),
         pin_days,
         rate_bps: doc.rate_bps,
+        priority: doc.priority,
         run_timeout_s,
         signed_by,
         encrypt: doc.encrypt,

@@ -253,6 +253,27 @@ pub fn cancel(agent: &Agent, id: &str) -> Option<TaskStatus> {
     Some(t.status.clone())
 }
 
+/// How often a held task looks whether the higher one has ended.
+const HELD_POLL: Duration = Duration::from_millis(200);
+
+/// A running task of this agent with a higher priority than task `id`,
+/// not paused, if there is one: `id` holds its fetching and sending until
+/// none is left.
+fn outranked_by(agent: &Agent, id: &str) -> Option<String> {
+    let tasks = agent.tasks();
+    let mine = tasks.get(id)?.spec.priority;
+    tasks
+        .iter()
+        .filter(|(other, t)| {
+            other.as_str() != id
+                && t.spec.priority > mine
+                && !t.status.state.is_terminal()
+                && !t.pause.load(Ordering::SeqCst)
+        })
+        .map(|(other, _)| other.clone())
+        .min()
+}
+
 /// Pauses (`true`) or resumes a task; its status, or `None` when the agent
 /// has no such task. A task that ended stays as it is.
 pub fn pause(agent: &Agent, id: &str, paused: bool) -> Option<TaskStatus> {
@@ -362,18 +383,29 @@ impl Run {
         }
     }
 
+    /// Paused by an order, or held for a higher-priority task of this
+    /// agent that is still running.
     fn paused(&self) -> bool {
-        self.pause.load(Ordering::SeqCst)
+        self.pause.load(Ordering::SeqCst) || outranked_by(&self.agent, &self.id).is_some()
+    }
+
+    /// Says in the history why the task holds: a pause, or a higher task.
+    fn note_hold(&self) {
+        match outranked_by(&self.agent, &self.id) {
+            Some(by) => self.note(format!("held while task {by} of a higher priority runs")),
+            None => self.note("paused".into()),
+        }
     }
 
     /// Whether an origin fetch may go on: stopped by a cancel, held by a
-    /// pause.
+    /// pause or a higher task.
     fn flow(&self) -> impl Fn() -> crate::fetch::Flow + Send + Sync + 'static {
         let (cancel, pause) = (self.cancel.clone(), self.pause.clone());
+        let (agent, id) = (self.agent.clone(), self.id.clone());
         move || {
             if cancel.load(Ordering::SeqCst) {
                 crate::fetch::Flow::Stop
-            } else if pause.load(Ordering::SeqCst) {
+            } else if pause.load(Ordering::SeqCst) || outranked_by(&agent, &id).is_some() {
                 crate::fetch::Flow::Hold
             } else {
                 crate::fetch::Flow::Go
@@ -381,15 +413,26 @@ impl Run {
         }
     }
 
-    /// Returns at once unless the task is paused; then when it is resumed
-    /// (or cancelled: the caller checks).
+    /// Returns at once unless the task is paused or held; then when it is
+    /// resumed and no higher task holds it (or cancelled: the caller
+    /// checks).
     async fn until_resumed(&self) {
+        let mut noted = None;
         loop {
             let notified = self.cancel_notify.notified();
             if !self.paused() || self.cancelled() {
                 return;
             }
-            notified.await;
+            let by = outranked_by(&self.agent, &self.id);
+            if by.is_some() && by != noted {
+                self.note_hold();
+                noted = by;
+            }
+            // A higher task ending wakes nobody: look again now and then.
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(HELD_POLL) => {}
+            }
         }
     }
 

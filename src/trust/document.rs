@@ -172,6 +172,10 @@ pub struct TaskDoc {
     /// Multicast rate, bit/s on the wire; `None`: the agent's.
     #[serde(default)]
     pub rate_bps: Option<u64>,
+    /// Higher first: an agent holds the fetching and sending of its lower
+    /// tasks while a higher one runs. Absent: 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: u8,
     /// Encrypt the package on the LAN (agents need a fleet key).
     #[serde(default)]
     pub encrypt: bool,
@@ -181,6 +185,10 @@ pub struct TaskDoc {
     /// Where each agent POSTs a JSON report when the task ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report_url: Option<String>,
+}
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
 }
 
 /// What a control document orders.
@@ -299,6 +307,7 @@ mod tests {
             },
             delay_ms: 0,
             rate_bps: None,
+            priority: 0,
             encrypt: false,
             targets: None,
             report_url: None,

@@ -16,6 +16,8 @@ pub struct TaskOrder {
     pub action: Action,
     pub delay_ms: u64,
     pub rate_bps: Option<u64>,
+    /// Higher first on an agent with several tasks.
+    pub priority: u8,
     pub not_before: Option<u64>,
     pub expires: u64,
     /// Where agents can fetch the manifest if it does not travel along.
@@ -101,6 +103,7 @@ pub fn task(
         action: order.action.clone(),
         delay_ms: order.delay_ms,
         rate_bps: order.rate_bps,
+        priority: order.priority,
         encrypt: order.encrypt,
         targets: order.targets.clone().filter(|t| !t.is_all()),
         report_url: order.report_url.clone(),

@@ -490,6 +490,9 @@ async fn represent(
     peer_repair(r, partial, Vec::new()).await?;
     let available = Arc::new(AtomicU32::new(lock(partial).done_prefix()));
     let stop = Arc::new(AtomicBool::new(false));
+    // Paused by an order or held for a higher task: kept up to date while
+    // the multicast runs, read by its loop.
+    let hold = Arc::new(AtomicBool::new(r.paused()));
     r.state(State::Fetching);
     let fetch = {
         let (agent, id, p, origin, avail, flow) = (
@@ -555,7 +558,7 @@ async fn represent(
             known_hashes: Some((r.m.block_hashes.clone(), r.m.content)),
             available: Some(available.clone()),
             stop: Some(stop.clone()),
-            pause: Some(r.pause.clone()),
+            pause: Some(hold.clone()),
             fleet: r.agent.fleet.clone(),
             encrypt: r.spec.encrypt || r.agent.config.encrypt,
             auth: r.agent.auth.clone(),
@@ -582,8 +585,17 @@ async fn represent(
     tokio::pin!(send);
     let mut interrupted = None;
     let mut fetch_error = None;
+    let mut held = tokio::time::interval(Duration::from_millis(200));
     let sent = loop {
         tokio::select! {
+            _ = held.tick() => {
+                let now_held = r.paused();
+                if now_held && !hold.swap(now_held, Ordering::Relaxed) {
+                    r.note_hold();
+                } else {
+                    hold.store(now_held, Ordering::Relaxed);
+                }
+            }
             res = &mut fetch, if !fetch_done => {
                 fetch_done = true;
                 if let Err(e) = res {

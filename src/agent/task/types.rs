@@ -24,6 +24,9 @@ pub struct TaskSpec {
     /// Multicast rate in bit/s on the wire.
     #[serde(default)]
     pub rate_bps: Option<u64>,
+    /// Higher first among this agent's tasks.
+    #[serde(default)]
+    pub priority: u8,
     #[serde(default)]
     pub run_timeout_s: Option<u64>,
     /// The publisher key that signed the task; `None`: unsigned (lab mode).
