@@ -6,12 +6,15 @@
 //!                            "tasks":[ids],"withdrawn":[ids]}
 //! DIR/tasks/<id>.json       a task bundle, as `task sign` writes it
 //! DIR/withdrawn/<id>.json   a signed control document withdrawing <id>
+//! DIR/orders/<id>.json      the latest signed pause or resume of <id>,
+//!                            named in the index's "orders" {id: order id}
 //! ```
 //!
 //! The index is not signed: each task and withdrawal is, and an agent
 //! checks every one as if it came from anyone. Whoever can change the files
 //! can hide tasks, never forge one.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, bail};
@@ -36,6 +39,11 @@ pub struct Index {
     pub format: u32,
     pub tasks: Vec<String>,
     pub withdrawn: Vec<String>,
+    /// Task id -> the id of its latest pause or resume order, in
+    /// `orders/<task id>.json`. Left out while empty, so agents that predate
+    /// it read an index without orders as before.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub orders: BTreeMap<String, String>,
 }
 
 impl Default for Index {
@@ -45,6 +53,7 @@ impl Default for Index {
             format: document::FORMAT,
             tasks: Vec::new(),
             withdrawn: Vec::new(),
+            orders: BTreeMap::new(),
         }
     }
 }
@@ -62,10 +71,12 @@ impl Index {
         if i.doc_type != INDEX_TYPE || i.format != document::FORMAT {
             bail!("not a somcast channel index of format {}", document::FORMAT);
         }
-        if i.tasks.len() > MAX_IDS || i.withdrawn.len() > MAX_IDS {
+        if i.tasks.len() > MAX_IDS || i.withdrawn.len() > MAX_IDS || i.orders.len() > MAX_IDS {
             bail!("channel index lists more than {MAX_IDS} ids");
         }
-        if let Some(bad) = i.tasks.iter().chain(&i.withdrawn).find(|id| !valid_id(id)) {
+        let ids = i.tasks.iter().chain(&i.withdrawn);
+        let orders = i.orders.iter().flat_map(|(t, o)| [t, o]);
+        if let Some(bad) = ids.chain(orders).find(|id| !valid_id(id)) {
             bail!(
                 "channel index lists a bad id {:?}",
                 bad.chars().take(40).collect::<String>()
@@ -148,9 +159,32 @@ pub fn withdraw(dir: &Path, id: &str, order: &Envelope) -> anyhow::Result<()> {
         &serde_json::to_vec_pretty(order)?,
     )?;
     index.tasks.retain(|t| t != id);
+    index.orders.remove(id);
     if !index.withdrawn.iter().any(|w| w == id) {
         index.withdrawn.push(id.into());
     }
+    write_atomically(&dir.join(INDEX), &serde_json::to_vec_pretty(&index)?)?;
+    Ok(())
+}
+
+/// Puts `order` (a signed pause or resume of task `id`, whose own id is
+/// `order_id`) on the channel in `dir` in place of any earlier one: agents
+/// carry out the latest, each once.
+pub fn order(dir: &Path, id: &str, order_id: &str, order: &Envelope) -> anyhow::Result<()> {
+    if !valid_id(id) || !valid_id(order_id) {
+        bail!("task id {id:?} cannot name a channel file");
+    }
+    let mut index = read_index(dir)?;
+    if !index.tasks.iter().any(|t| t == id) {
+        bail!("task {id} is not on the channel in {}", dir.display());
+    }
+    // The order first, then the index that names it: an agent that reads
+    // the new index finds the new order.
+    write_atomically(
+        &dir.join("orders").join(format!("{id}.json")),
+        &serde_json::to_vec_pretty(order)?,
+    )?;
+    index.orders.insert(id.into(), order_id.into());
     write_atomically(&dir.join(INDEX), &serde_json::to_vec_pretty(&index)?)?;
     Ok(())
 }
@@ -192,17 +226,28 @@ mod tests {
         assert!(publish(dir.path(), "t1", &bundle("a")).is_err());
         assert!(withdraw(dir.path(), "nope", &Envelope::unsigned("w".into())).is_err());
         assert!(publish(dir.path(), "../x", &bundle("a")).is_err());
+        order(dir.path(), "t2", "o1", &Envelope::unsigned("p".into())).unwrap();
+        order(dir.path(), "t2", "o2", &Envelope::unsigned("r".into())).unwrap();
+        assert!(order(dir.path(), "t1", "o3", &Envelope::unsigned("p".into())).is_err());
+        let i = read_index(dir.path()).unwrap();
+        assert_eq!(i.orders.get("t2").map(String::as_str), Some("o2"));
+        withdraw(dir.path(), "t2", &Envelope::unsigned("w".into())).unwrap();
+        assert!(read_index(dir.path()).unwrap().orders.is_empty());
     }
 
     #[test]
     fn an_index_from_the_network_is_checked() {
         let ok = br#"{"type":"somcast-channel","format":1,"tasks":["a"],"withdrawn":[]}"#;
         assert!(Index::parse(ok).is_ok());
+        let with_orders =
+            br#"{"type":"somcast-channel","format":1,"tasks":["a"],"withdrawn":[],"orders":{"a":"o1"}}"#;
+        assert_eq!(Index::parse(with_orders).unwrap().orders["a"], "o1");
         for bad in [
             &br#"{"type":"somcast-task","format":1,"tasks":[],"withdrawn":[]}"#[..],
             br#"{"type":"somcast-channel","format":2,"tasks":[],"withdrawn":[]}"#,
             br#"{"type":"somcast-channel","format":1,"tasks":["../../etc"],"withdrawn":[]}"#,
             br#"{"type":"somcast-channel","format":1,"tasks":[],"withdrawn":[],"x":1}"#,
+            br#"{"type":"somcast-channel","format":1,"tasks":[],"withdrawn":[],"orders":{"a":"../b"}}"#,
             b"[1,2",
         ] {
             assert!(

@@ -300,6 +300,11 @@ pub enum TaskCommand {
         id: String,
         #[command(flatten)]
         targets: Targets,
+        /// Put the signed order on this channel (the directory `task publish`
+        /// wrote) instead of sending it to agents: each agent that polls the
+        /// channel carries it out.
+        #[arg(long, conflicts_with_all = ["agents", "agents_file"], requires = "sign")]
+        channel: Option<PathBuf>,
         /// Sign the order with this publisher key.
         #[arg(long)]
         sign: Option<PathBuf>,
@@ -309,6 +314,10 @@ pub enum TaskCommand {
         id: String,
         #[command(flatten)]
         targets: Targets,
+        /// Put the signed order on this channel instead of sending it to
+        /// agents; it replaces the pause there.
+        #[arg(long, conflicts_with_all = ["agents", "agents_file"], requires = "sign")]
+        channel: Option<PathBuf>,
         /// Sign the order with this publisher key.
         #[arg(long)]
         sign: Option<PathBuf>,

@@ -348,14 +348,7 @@ async fn task_async(cmd: &TaskCommand) -> anyhow::Result<bool> {
             Ok(true)
         }
         TaskCommand::Withdraw { id, channel, sign } => {
-            let signer = Signer::load(sign)?;
-            let now = now_unix();
-            // Valid as long as the task: an agent that could still start it
-            // must still take the withdrawal.
-            let until = crate::channel::task_expires(channel, id)
-                .unwrap_or(now + crate::trust::document::MAX_VALIDITY_S)
-                .max(now + 3600);
-            let order = issue::control_until(ControlAction::Cancel, id, Some(&signer), now, until)?;
+            let order = channel_order(ControlAction::Cancel, id, channel, sign)?;
             crate::channel::withdraw(channel, id, &order)?;
             eprintln!("task {id} withdrawn from {}", channel.display());
             Ok(true)
@@ -363,13 +356,55 @@ async fn task_async(cmd: &TaskCommand) -> anyhow::Result<bool> {
         TaskCommand::Cancel { id, targets, sign } => {
             control(ControlAction::Cancel, id, targets, sign.as_deref()).await
         }
-        TaskCommand::Pause { id, targets, sign } => {
-            control(ControlAction::Pause, id, targets, sign.as_deref()).await
-        }
-        TaskCommand::Resume { id, targets, sign } => {
-            control(ControlAction::Resume, id, targets, sign.as_deref()).await
-        }
+        TaskCommand::Pause {
+            id,
+            targets,
+            channel,
+            sign,
+        } => pause_or_resume(ControlAction::Pause, id, targets, channel, sign).await,
+        TaskCommand::Resume {
+            id,
+            targets,
+            channel,
+            sign,
+        } => pause_or_resume(ControlAction::Resume, id, targets, channel, sign).await,
     }
+}
+
+/// A signed order about task `id` on `channel`, valid as long as the task:
+/// an agent that could still start it must still take the order.
+fn channel_order(
+    action: ControlAction,
+    id: &str,
+    channel: &Path,
+    sign: &Path,
+) -> anyhow::Result<crate::trust::Envelope> {
+    let signer = Signer::load(sign)?;
+    let now = now_unix();
+    let until = crate::channel::task_expires(channel, id)
+        .unwrap_or(now + crate::trust::document::MAX_VALIDITY_S)
+        .max(now + 3600);
+    issue::control_until(action, id, Some(&signer), now, until)
+}
+
+/// A pause or resume: on the channel when one is given, else to the
+/// target agents.
+async fn pause_or_resume(
+    action: ControlAction,
+    id: &str,
+    targets: &crate::cli::Targets,
+    channel: &Option<std::path::PathBuf>,
+    sign: &Option<std::path::PathBuf>,
+) -> anyhow::Result<bool> {
+    let (Some(channel), Some(sign)) = (channel, sign) else {
+        return control(action, id, targets, sign.as_deref()).await;
+    };
+    let order = channel_order(action, id, channel, sign)?;
+    let doc: crate::trust::ControlDoc =
+        crate::trust::document::parse(&order, crate::trust::document::CONTROL_TYPE)?;
+    crate::channel::order(channel, id, &doc.id, &order)?;
+    eprintln!("task {id}: {action:?} put on {}", channel.display());
+    Ok(true)
 }
 
 /// Sends a (signed) order about task `id` to every target agent: cancel,

@@ -203,6 +203,49 @@ fn published_tasks_reach_their_targets_and_withdrawn_ones_stop() {
             get(a.addr, &format!("/v1/tasks/{late}"), Some(common::TOKEN)).0 == 200
         });
     }
+    // Paused and resumed through the channel; a forged order changes
+    // nothing.
+    let paused =
+        |a: &Proc| get_json(a.addr, &format!("/v1/tasks/{late}"))["paused"].as_bool() == Some(true);
+    for action in ["pause", "resume"] {
+        cli(&[
+            "task",
+            action,
+            &late,
+            "--channel",
+            chan_s,
+            "--sign",
+            &key_file,
+        ]);
+        let want = action == "pause";
+        for a in &agents {
+            wait_for(
+                &format!("the {action} carried out"),
+                Duration::from_secs(20),
+                || paused(a) == want,
+            );
+        }
+    }
+    let order_path = chan.join("orders").join(format!("{late}.json"));
+    let mut forged: Value = serde_json::from_slice(&std::fs::read(&order_path).unwrap()).unwrap();
+    let text = forged["document"]
+        .as_str()
+        .unwrap()
+        .replace("resume", "pause");
+    forged["document"] = Value::String(text);
+    std::fs::write(&order_path, serde_json::to_vec(&forged).unwrap()).unwrap();
+    let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    index["orders"][&late] = Value::String("forged-order".into());
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    wait_for("the forged order refused", Duration::from_secs(20), || {
+        agents
+            .iter()
+            .all(|a| channel(a)["refused"].as_u64() == Some(2))
+    });
+    for a in &agents {
+        assert!(!paused(a), "a forged pause was carried out");
+        assert_eq!(channel(a)["orders"].as_u64(), Some(2), "{}", channel(a));
+    }
     cli(&[
         "task",
         "withdraw",

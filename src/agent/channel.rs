@@ -2,7 +2,8 @@
 //! `--poll` with 10% jitter, a conditional GET of the index (an unchanged
 //! channel costs one 304), then each task and withdrawal not judged before,
 //! fetched and put through the same admission as the API's (signature,
-//! window, replay ledger, targets). What was judged is kept across restarts
+//! window, replay ledger, targets), then the latest pause or resume of each
+//! task, in the order they were issued. What was judged is kept across restarts
 //! so that nothing is fetched twice; the ledger makes sure nothing runs
 //! twice. Errors back off (doubling, at most 16 polls or an hour) and a
 //! server's Retry-After is honoured.
@@ -21,7 +22,7 @@ use super::Agent;
 use super::admit::{self, AdmitError};
 use crate::cache::now_unix;
 use crate::channel::{INDEX, Index, MAX_INDEX};
-use crate::trust::{Bundle, Envelope, Refusal, document};
+use crate::trust::{Bundle, ControlAction, ControlDoc, Envelope, Refusal, document};
 
 /// Longest wait for one response.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -43,6 +44,8 @@ pub struct Status {
     pub not_targeted: u64,
     pub refused: u64,
     pub withdrawn: u64,
+    /// Pause and resume orders carried out.
+    pub orders: u64,
 }
 
 /// What the poller keeps in `<cache>/channel-state.json`.
@@ -53,6 +56,19 @@ struct Memory {
     last_modified: Option<String>,
     /// Task id -> what became of it ("started", "not a target", ...).
     judged: BTreeMap<String, String>,
+    /// Task id -> the last pause or resume order judged of it.
+    #[serde(default)]
+    orders: BTreeMap<String, Judged>,
+}
+
+/// A pause or resume order judged: its id and when it was issued (in
+/// seconds). An order issued before the last carried out is stale: a server
+/// that serves an old file again cannot undo a newer order. One issued in
+/// the same second is carried out; the replay ledger still takes each once.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Judged {
+    id: String,
+    issued: u64,
 }
 
 fn memory_path(agent: &Agent) -> PathBuf {
@@ -263,6 +279,21 @@ async fn poll_once(
             }
         }
     }
+    // After the tasks: a task taken in this poll gets its pause at once.
+    for (id, order) in &index.orders {
+        if memory.orders.get(id).is_some_and(|j| &j.id == order) {
+            continue;
+        }
+        match order_of(agent, base, id, order, memory.orders.get(id)).await {
+            Ok(judged) => {
+                memory.orders.insert(id.clone(), judged);
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    memory.orders.retain(|id, _| index.orders.contains_key(id));
     if memory.judged.len() > MAX_JUDGED {
         memory
             .judged
@@ -354,6 +385,72 @@ async fn withdraw(agent: &Arc<Agent>, base: &reqwest::Url, id: &str) -> Result<S
         Err(Refusal::Replayed(_)) => Ok("withdrawn".into()),
         Err(e) => Ok(refused(agent, id, &format!("withdrawal: {e}"))),
     }
+}
+
+/// Fetches, checks and carries out the pause or resume of task `id` that
+/// the index names `listed`, unless it is older than `last`: what to
+/// remember of it (under `listed`, so a bad file is judged once), or an
+/// error to retry later.
+async fn order_of(
+    agent: &Arc<Agent>,
+    base: &reqwest::Url,
+    id: &str,
+    listed: &str,
+    last: Option<&Judged>,
+) -> Result<Judged, PollError> {
+    let url = join(base, &format!("orders/{id}.json"));
+    let (body, _) = get(agent, &url, document::MAX_DOCUMENT + 64 * 1024, None)
+        .await?
+        .ok_or_else(|| anyhow!("{url}: 304 to an unconditional request"))?;
+    let mut judged = Judged {
+        id: listed.into(),
+        issued: last.map_or(0, |l| l.issued),
+    };
+    let env: Envelope = match serde_json::from_slice(&body) {
+        Ok(e) => e,
+        Err(e) => {
+            refused(agent, id, &format!("order: {e}"));
+            return Ok(judged);
+        }
+    };
+    // Read for its action and date only; the gate checks all of it.
+    let doc = match document::parse::<ControlDoc>(&env, document::CONTROL_TYPE) {
+        Ok(_) if env.signature.is_none() => {
+            refused(agent, id, "order: unsigned");
+            return Ok(judged);
+        }
+        Ok(d) => d,
+        Err(e) => {
+            refused(agent, id, &format!("order: {e}"));
+            return Ok(judged);
+        }
+    };
+    if last.is_some_and(|l| doc.issued < l.issued) {
+        tracing::info!(
+            "channel: order {} for task {id} is older than the last",
+            doc.id
+        );
+        return Ok(judged);
+    }
+    if doc.action == ControlAction::Cancel {
+        // A channel cancels by withdrawal.
+        refused(agent, id, "order: a cancel among the orders");
+        return Ok(judged);
+    }
+    match admit::control(agent, id, doc.action, Some(&env)) {
+        Ok(running) => {
+            judged.issued = doc.issued;
+            lock(agent).orders += 1;
+            if running.is_some() {
+                tracing::info!("channel: task {id}: {:?}", doc.action);
+            }
+        }
+        Err(Refusal::Replayed(_)) => judged.issued = doc.issued,
+        Err(e) => {
+            refused(agent, id, &format!("order: {e}"));
+        }
+    }
+    Ok(judged)
 }
 
 /// The channel's status, or `None` without one.
