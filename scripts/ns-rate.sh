@@ -24,6 +24,14 @@
 #      three paused in the middle of its pass: for 3 s the switch carries
 #      no more than announcements toward a receiver; resumed, it completes
 #      with the same representative and the origin at 1.0x.
+#   5. Unicast in background mode beside a bulk TCP flow (iperf3) over the
+#      same 100 Mbit/s link into an agent: first its origin fetch, then its
+#      download from a peer (the peer's upload yields). For each, TCP
+#      starts 2 s into the transfer for 10 s and keeps at least 80% of the
+#      link (from 1 s after its start); once TCP stops, the transfer takes
+#      at least 80% of it (the switch port's counter from 3 s after TCP's
+#      end to the transfer's; the time it took to get back to 80% is
+#      printed: the delay signal of a transfer held to 1 Mbit/s is slow).
 #
 #   scripts/ns-rate.sh [--only N]
 #
@@ -354,7 +362,96 @@ agent_task_wait() {
 }
 
 
-for c in 1 2 3 4; do
+case5() {
+    lab_up 3 0 0
+    port_rate 2 100mbit
+    mkdir -p "$WORK/origin"
+    local f
+    for f in fetch repair; do
+        head -c 128M /dev/urandom >"$WORK/origin/$f.bin"
+    done
+    lab_exec 0 "$BIN" serve "$WORK/origin" --listen "$LAB_NET.1:8080" 2>/dev/null &
+    for f in fetch repair; do
+        "$BIN" manifest create "$WORK/origin/$f.bin" --url "http://$LAB_NET.1:8080/$f.bin" -o "$WORK/$f.json" --sign "$KEY" 2>/dev/null
+    done
+    for i in 1 2; do
+        lab_exec "$i" "$BIN" agent --iface eth0 --cache "$WORK/cache$i" --api "$LAB_NET.$((i + 1)):7480" \
+            --token "$TOKEN" --trust "$PUB" >"$WORK/agent$i.log" 2>&1 &
+    done
+    sleep 1.5
+    unicast_beside_tcp origin "$WORK/fetch.json"
+    # Agent 1 holds the second package; agent 2 then takes it from agent 1.
+    agent_task "$WORK/repair.json" 1 >/dev/null
+    sleep 6 # presence carries agent 1's HAVE to agent 2
+    unicast_beside_tcp peers "$WORK/repair.json"
+}
+
+# port_sent I: bytes the switch has sent toward host I.
+port_sent() {
+    ip netns exec "${LAB_PREFIX}-sw" tc -s qdisc show dev "${LAB_PREFIX}p$1" | awk '/Sent/ { print $2; exit }'
+}
+
+# unicast_beside_tcp SOURCE MANIFEST: a task to agent 2 that it takes from
+# SOURCE (origin or peers) over TCP, with iperf3 into host 2 beside it.
+unicast_beside_tcp() {
+    local source=$1 m=$2 id tcp
+    lab_exec 2 iperf3 -s -1 -B "$LAB_NET.3" >/dev/null 2>&1 &
+    id=$(agent_task "$m" 2 nowait)
+    sleep 4 # the task's 2 s delay, then 2 s of the transfer alone
+    lab_exec 0 iperf3 -c "$LAB_NET.3" -t 10 -J >"$WORK/iperf.json" 2>&1 ||
+        { echo "FAIL: iperf3:"; cat "$WORK/iperf.json"; exit 1; }
+    # From TCP's end to the transfer's (every block held: a
+    # representative's task is done only after its multicast), the switch
+    # port's byte count every 0.2 s.
+    local t0 log="$WORK/port-$source.txt"
+    t0=$(date +%s.%N)
+    : >"$log"
+    until [ "$(api 2 "/v1/tasks/$id" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["blocks_done"] == s["block_count"])' 2>/dev/null)" = True ]; do
+        echo "$(date +%s.%N) $(port_sent 2)" >>"$log"
+        [ "$(python3 -c "print($(date +%s.%N) - $t0 > 90)")" = True ] && { echo "FAIL: $source transfer: $(api 2 "/v1/tasks/$id")"; exit 1; }
+        sleep 0.2
+    done
+    echo "$(date +%s.%N) $(port_sent 2)" >>"$log"
+    agent_task_wait "$id" 2
+    tcp=$(python3 - "$WORK/iperf.json" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))
+iv = [i["sum"] for i in j["intervals"] if i["sum"]["start"] >= 1.0]
+print(round(sum(i["bits_per_second"] * i["seconds"] for i in iv) / sum(i["seconds"] for i in iv) / 1e6, 1))
+PY
+)
+    python3 - "$source" "$(api 2 "/v1/tasks/$id")" "$tcp" "$log" <<'PY' || exit 1
+import json, sys
+source, s, tcp = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3])
+samples = [tuple(map(float, l.split())) for l in open(sys.argv[4]) if len(l.split()) == 2]
+t0 = samples[0][0]
+def mbps(a, b):
+    return (b[1] - a[1]) * 8 / (b[0] - a[0]) / 1e6
+# Steady: from 3 s after TCP's end to the transfer's end.
+steady = [p for p in samples if p[0] >= t0 + 3]
+after = mbps(steady[0], steady[-1]) if len(steady) >= 5 else 0.0
+# Recovery: the first 1 s window after TCP's end at 80% of the link.
+def second_after(i):
+    return next((b for b in samples[i + 1:] if b[0] - samples[i][0] >= 1.0), None)
+recovered = next((a[0] - t0 for i, a in enumerate(samples)
+                  if second_after(i) and mbps(a, second_after(i)) >= 80), None)
+b = s["bytes"]
+fail = []
+if b[source] < 0.95 * s["size"]:
+    fail.append(f"the package did not come from {source}: {b}")
+if tcp < 80:
+    fail.append(f"TCP kept {tcp} Mbit/s of 100 beside the {source} transfer")
+if after < 80:
+    fail.append(f"the {source} transfer took {after:.1f} Mbit/s of 100 from 3 s after TCP stopped")
+if fail:
+    sys.exit("FAIL: unicast beside TCP: " + "; ".join(fail))
+rec = f"{recovered:.1f} s" if recovered is not None else "never in a 1 s window"
+print(f"ok: background {source} transfer beside TCP: TCP kept {tcp} Mbit/s; after it, the transfer ran at {after:.1f} Mbit/s "
+      f"(80% of the link again {rec} after TCP's end; {s['seconds']:.1f} s for {s['size'] >> 20} MiB)")
+PY
+}
+
+for c in 1 2 3 4 5; do
     if [ -z "$only" ] || [ "$only" = "$c" ]; then
         "case$c"
     fi

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use repair::pace::{Bucket, Mode, Pace};
 use thiserror::Error;
 
 use crate::cache::Partial;
@@ -66,15 +67,74 @@ async fn go_on(flow: &(dyn Fn() -> Flow + Sync)) -> bool {
 /// How often a held fetch looks whether it may go on.
 const HOLD_POLL: Duration = Duration::from_millis(100);
 
+/// How an origin fetch shares the path: in background mode it yields to
+/// other traffic ([`repair::pace`]), asking for the file a slice at a time
+/// (about [`SLICE`] of it at the current rate) and taking each response's
+/// time to first byte as the delay sample; a cap holds it to the task's or
+/// agent's rate in either mode.
+#[derive(Clone, Copy, Debug)]
+pub struct Pacing {
+    pub mode: Mode,
+    pub cap_bps: Option<u64>,
+    pub floor_bps: u64,
+}
+
+impl Pacing {
+    /// As fast as TCP goes.
+    pub fn unpaced() -> Self {
+        Pacing {
+            mode: Mode::Foreground,
+            cap_bps: None,
+            floor_bps: 1,
+        }
+    }
+}
+
+/// What a paced fetch asks for at once, in time at its current rate: short
+/// enough for a delay sample several times a second, long enough that the
+/// round trip between slices costs little.
+pub const SLICE: Duration = Duration::from_millis(200);
+/// The least a slice asks for.
+const MIN_SLICE: u64 = 32 * 1024;
+
+/// A fetch's pace and the bucket that holds its reads to it.
+struct Paced {
+    pace: Pace,
+    bucket: Bucket,
+}
+
+impl Paced {
+    /// Bytes to ask for from `from` in one request, up to `end`.
+    fn slice_end(&self, from: u64, end: u64) -> u64 {
+        match self.pace.rate_bps() {
+            Some(r) if self.pace.adapts() => {
+                let bytes = (r as f64 / 8.0 * SLICE.as_secs_f64()) as u64;
+                (from + bytes.max(MIN_SLICE)).min(end)
+            }
+            _ => end,
+        }
+    }
+
+    /// Waits until `bytes` more are due at the pace's rate.
+    async fn take(&mut self, bytes: usize) {
+        let now = std::time::Instant::now();
+        if let Some(until) = self.bucket.charge(now, bytes, self.pace.rate_bps()) {
+            tokio::time::sleep_until(until.into()).await;
+        }
+    }
+}
+
 /// Fetches the given blocks (or every missing one) into `partial`, as
 /// contiguous ranges. `on_block` hears of each block written; `origin`
-/// counts every body byte received; `flow` may hold or stop it.
+/// counts every body byte received; `flow` may hold or stop it; `pacing`
+/// says how it shares the path.
 pub async fn fetch_blocks(
     client: &reqwest::Client,
     partial: &Arc<Mutex<Partial>>,
     only: Option<&[u32]>,
     origin: &AtomicU64,
     flow: &(dyn Fn() -> Flow + Sync),
+    pacing: Pacing,
     on_block: &(dyn Fn(u32) + Sync),
 ) -> Result<(), FetchError> {
     let (urls, wanted) = {
@@ -84,6 +144,17 @@ pub async fn fetch_blocks(
             .filter(|b| only.is_none_or(|o| o.contains(b)))
             .collect();
         (p.manifest.urls.clone(), wanted)
+    };
+    let mut paced = Paced {
+        pace: Pace::new(pacing.mode, pacing.cap_bps, pacing.floor_bps),
+        bucket: Bucket::new(),
+    };
+    let io = Io {
+        client,
+        partial,
+        origin,
+        flow,
+        on_block,
     };
     for (first, last) in runs(&wanted) {
         let mut last_error = String::new();
@@ -96,7 +167,7 @@ pub async fn fetch_blocks(
                 if attempt > 0 {
                     tokio::time::sleep(BACKOFF * 2u32.pow(attempt - 1)).await;
                 }
-                match fetch_range(client, url, partial, next, last, origin, flow, on_block).await {
+                match fetch_run(&io, url, next, last, &mut paced).await {
                     Ok(()) => break 'urls,
                     Err(RangeError::Partly { next: n, error }) => {
                         tracing::warn!("fetch {url} blocks {n}..={last}: {error}; retrying");
@@ -115,6 +186,15 @@ pub async fn fetch_blocks(
     Ok(())
 }
 
+/// What a fetch reads into and reports to.
+struct Io<'a> {
+    client: &'a reqwest::Client,
+    partial: &'a Arc<Mutex<Partial>>,
+    origin: &'a AtomicU64,
+    flow: &'a (dyn Fn() -> Flow + Sync),
+    on_block: &'a (dyn Fn(u32) + Sync),
+}
+
 enum RangeError {
     /// Blocks before `next` are in; the rest failed with `error`.
     Partly {
@@ -124,82 +204,135 @@ enum RangeError {
     Write(std::io::Error),
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn fetch_range(
-    client: &reqwest::Client,
+/// The block being put together from the origin's bytes.
+struct Assembly {
+    block: u32,
+    buf: Vec<u8>,
+}
+
+/// Fetches blocks `first..=last` from `url`: one request, or one a slice
+/// at a time when paced.
+async fn fetch_run(
+    io: &Io<'_>,
     url: &reqwest::Url,
-    partial: &Arc<Mutex<Partial>>,
     first: u32,
     last: u32,
-    origin: &AtomicU64,
-    flow: &(dyn Fn() -> Flow + Sync),
-    on_block: &(dyn Fn(u32) + Sync),
+    paced: &mut Paced,
+) -> Result<(), RangeError> {
+    let layout = lock(io.partial).layout();
+    let end = layout.offset(last) + layout.block_len(last) as u64; // exclusive
+    let mut asm = Assembly {
+        block: first,
+        buf: Vec::with_capacity(layout.block_len(first)),
+    };
+    while asm.block <= last {
+        let from = layout.offset(asm.block) + asm.buf.len() as u64;
+        let to = paced.slice_end(from, end);
+        fetch_range(io, url, &mut asm, from, to, last, paced).await?;
+    }
+    Ok(())
+}
+
+/// Fetches bytes `from..to` (or, from a server without ranges, the whole
+/// file) into `asm`, writing each block of `..=last` as it completes.
+async fn fetch_range(
+    io: &Io<'_>,
+    url: &reqwest::Url,
+    asm: &mut Assembly,
+    from: u64,
+    to: u64,
+    last: u32,
+    paced: &mut Paced,
 ) -> Result<(), RangeError> {
     let (layout, hashes) = {
-        let p = lock(partial);
+        let p = lock(io.partial);
         (p.layout(), p.manifest.block_hashes.clone())
     };
-    let start = layout.offset(first);
-    let end = layout.offset(last) + layout.block_len(last) as u64; // exclusive
     let partly = |next: u32, error: String| RangeError::Partly { next, error };
-    let resp = client
+    let asked = std::time::Instant::now();
+    let resp = io
+        .client
         .get(url.clone())
-        .header(
-            reqwest::header::RANGE,
-            format!("bytes={}-{}", start, end - 1),
-        )
+        .header(reqwest::header::RANGE, format!("bytes={}-{}", from, to - 1))
         .send()
         .await
-        .map_err(|e| partly(first, e.to_string()))?;
+        .map_err(|e| partly(asm.block, e.to_string()))?;
+    // The time to the response's head: the path's delay, and the queue
+    // that others keep on it (ours has drained: one slice at a time).
+    let delay = asked.elapsed();
+    paced.pace.on_delay(std::time::Instant::now(), delay);
+    tracing::debug!(
+        "origin: bytes {from}..{to}: first byte after {delay:?}, queue {:?}, rate {:?} bit/s",
+        paced.pace.queue(),
+        paced.pace.rate_bps()
+    );
     let status = resp.status();
-    // A server without Range support sends the whole file: skip to `start`.
-    let mut skip = match status.as_u16() {
-        206 => 0,
-        200 => start,
-        _ => return Err(partly(first, format!("HTTP {status}"))),
+    // A server without Range support sends the whole file: skip to `from`
+    // and read on to the run's end.
+    let (mut skip, to) = match status.as_u16() {
+        206 => (0, to),
+        200 => (from, layout.offset(last) + layout.block_len(last) as u64),
+        _ => return Err(partly(asm.block, format!("HTTP {status}"))),
     };
+    let mut remaining = to - from;
+    let (asked_for, reading) = (remaining, std::time::Instant::now());
     let mut stream = resp.bytes_stream();
-    let mut block = first;
-    let mut buf: Vec<u8> = Vec::with_capacity(layout.block_len(block));
     while let Some(chunk) = stream.next().await {
-        if !go_on(flow).await {
-            return Err(partly(block, "cancelled".into()));
+        if !go_on(io.flow).await {
+            return Err(partly(asm.block, "cancelled".into()));
         }
-        let chunk = chunk.map_err(|e| partly(block, e.to_string()))?;
-        origin.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        let chunk = chunk.map_err(|e| partly(asm.block, e.to_string()))?;
+        io.origin.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        paced.take(chunk.len()).await;
         let mut data = &chunk[..];
         if skip > 0 {
             let n = (skip as usize).min(data.len());
             skip -= n as u64;
             data = &data[n..];
         }
-        while !data.is_empty() && block <= last {
-            let want = layout.block_len(block) - buf.len();
-            let n = want.min(data.len());
-            buf.extend_from_slice(&data[..n]);
-            data = &data[n..];
-            if buf.len() == layout.block_len(block) {
-                if multicast::codec::sha256(&buf) != hashes[block as usize] {
-                    return Err(partly(
-                        block,
-                        format!("block {block} from the origin failed its SHA-256 check"),
-                    ));
-                }
-                lock(partial)
-                    .write_block(block, &buf)
-                    .map_err(RangeError::Write)?;
-                on_block(block);
-                block += 1;
-                buf.clear();
-            }
-        }
-        if block > last {
+        let n = (data.len() as u64).min(remaining) as usize;
+        remaining -= n as u64;
+        take_bytes(io, &layout, &hashes, asm, &data[..n], last)?;
+        if remaining == 0 {
+            paced.pace.on_delivered(asked_for, reading.elapsed());
             // Anything after the range (a 200 answer) is not needed.
             return Ok(());
         }
     }
-    if block <= last {
-        return Err(partly(block, "the response ended early".into()));
+    Err(partly(asm.block, "the response ended early".into()))
+}
+
+/// Adds `data` to the block being assembled, checking and writing each
+/// block it completes.
+fn take_bytes(
+    io: &Io<'_>,
+    layout: &multicast::codec::Layout,
+    hashes: &[multicast::wire::Digest],
+    asm: &mut Assembly,
+    mut data: &[u8],
+    last: u32,
+) -> Result<(), RangeError> {
+    while !data.is_empty() && asm.block <= last {
+        let block = asm.block;
+        let want = layout.block_len(block) - asm.buf.len();
+        let n = want.min(data.len());
+        asm.buf.extend_from_slice(&data[..n]);
+        data = &data[n..];
+        if asm.buf.len() == layout.block_len(block) {
+            if multicast::codec::sha256(&asm.buf) != hashes[block as usize] {
+                asm.buf.clear();
+                return Err(RangeError::Partly {
+                    next: block,
+                    error: format!("block {block} from the origin failed its SHA-256 check"),
+                });
+            }
+            lock(io.partial)
+                .write_block(block, &asm.buf)
+                .map_err(RangeError::Write)?;
+            (io.on_block)(block);
+            asm.block += 1;
+            asm.buf.clear();
+        }
     }
     Ok(())
 }

@@ -14,10 +14,13 @@
 //! - [`pipeline`]: the asking side for many blocks from one peer over one
 //!   connection, requests pipelined, sans-IO.
 //! - [`choose`]: which peer to ask, spread by load, with a per-peer limit.
+//! - [`pace`]: the rate of a unicast transfer (a repair upload, an origin
+//!   fetch) that yields to other traffic on measured delay, sans-IO.
 
 pub mod choose;
 pub mod fetch;
 pub mod frame;
+pub mod pace;
 pub mod pipeline;
 pub mod serve;
 

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod repair;
 pub mod report;
 pub mod task;
+pub mod tcp;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;

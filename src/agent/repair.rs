@@ -1,7 +1,8 @@
 //! Peer repair over TCP, the thin tokio side of the `repair` crate: a
 //! server that answers NEED for blocks this agent holds verified, under a
-//! concurrency limit and an upload rate cap, and a client that fetches one
-//! block from one peer with timeouts.
+//! concurrency limit and an upload rate cap (in background mode each upload
+//! also yields to other traffic, [`super::tcp::UploadPace`]), and a client
+//! that fetches blocks from one peer with timeouts.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -177,6 +178,9 @@ struct FrameReader {
     rx: Option<handshake::Cipher>,
     /// Longest frame body this side takes: a request on the server.
     max_frame: usize,
+    /// Acknowledge at once (a requester: the peer's upload pace reads the
+    /// RTT).
+    quickack: bool,
     buf: Vec<u8>,
 }
 
@@ -198,6 +202,8 @@ fn split(
         rd,
         rx,
         max_frame,
+        // A server's requests need no quick ACKs; a requester's answers do.
+        quickack: max_frame > MAX_REQUEST,
         buf: Vec::new(),
     };
     (reader, FrameWriter { wr, tx })
@@ -221,6 +227,9 @@ impl FrameReader {
             let n = self.rd.read(&mut chunk).await?;
             if n == 0 {
                 return Ok(None);
+            }
+            if self.quickack {
+                super::tcp::quickack(self.rd.as_ref());
             }
             self.take(&mut chunk[..n]);
         }
@@ -395,6 +404,9 @@ async fn connection(
     // tail) back until the requester's delayed ACK.
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = split(stream, ciphers, MAX_REQUEST);
+    // In background mode the upload yields to other traffic on the path.
+    let mode = super::task::unicast_mode(agent.config.rate_mode);
+    let mut pace = super::tcp::UploadPace::new(mode, agent.config.rate_min_bps, wr.wr.as_ref());
     // Requests read while an answer was being sent, oldest first; the
     // next one's block is read and planned ahead.
     let mut queued: std::collections::VecDeque<Frame> = Default::default();
@@ -434,13 +446,16 @@ async fn connection(
         while let Some(mut f) = serving.next_frame() {
             if let Frame::Symbols { payload, .. } = &mut f {
                 limits.throttle(payload.len()).await;
+                if let Some(p) = &mut pace {
+                    p.before(payload.len()).await;
+                }
                 if agent.config.lab_corrupt_repair
                     && let Some(byte) = payload.first_mut()
                 {
                     *byte ^= 0x01;
                 }
             }
-            wr.write_frame(&f).await?;
+            write_paced(&mut wr, &f, pace.as_mut()).await?;
             if let Frame::Symbols { payload, .. } = &f {
                 super::metrics::Counters::add(
                     &agent.counters.repair_bytes_served,
@@ -474,6 +489,30 @@ async fn connection(
         }
         wr.write_frame(&Frame::End { block }).await?;
         super::metrics::Counters::add(&agent.counters.repair_blocks_served, 1);
+        if let Some(p) = &pace {
+            tracing::debug!("repair: block {block} served at {:?} bit/s", p.rate_bps());
+        }
+    }
+}
+
+/// Writes `f`; a paced upload samples its path meanwhile.
+async fn write_paced(
+    wr: &mut FrameWriter,
+    f: &Frame,
+    pace: Option<&mut super::tcp::UploadPace>,
+) -> anyhow::Result<()> {
+    let Some(pace) = pace else {
+        return wr.write_frame(f).await;
+    };
+    pace.sample();
+    let write = wr.write_frame(f);
+    tokio::pin!(write);
+    let mut tick = tokio::time::interval(super::tcp::SAMPLE_EVERY);
+    loop {
+        tokio::select! {
+            r = &mut write => return r,
+            _ = tick.tick() => pace.sample(),
+        }
     }
 }
 
@@ -505,7 +544,8 @@ pub type PeerResult = (SocketAddr, u32, Result<(Vec<u8>, u64), PeerError>);
 pub const PIPELINE_DEPTH: usize = 3;
 
 /// Fetches the blocks sent on `jobs` from the repair server at `addr`,
-/// over one connection with up to [`PIPELINE_DEPTH`] requests outstanding.
+/// over one connection with up to [`PIPELINE_DEPTH`] requests outstanding,
+/// reading no faster than `cap` (shared with the task's other peers).
 /// Every job gets exactly one result on `results`; after a failure every
 /// later job fails too, so the caller should stop sending. Each block
 /// completes within [`BLOCK_DEADLINE`] of reaching the front of the
@@ -515,6 +555,7 @@ pub async fn fetch_from_peer(
     addr: SocketAddr,
     content: Digest,
     layout: Layout,
+    cap: super::tcp::SharedCap,
     mut jobs: tokio::sync::mpsc::Receiver<PeerJob>,
     results: tokio::sync::mpsc::UnboundedSender<PeerResult>,
 ) {
@@ -548,7 +589,7 @@ pub async fn fetch_from_peer(
                 let fetch = BlockFetch::new(layout, job.block, job.hash, job.held);
                 let request = pipeline.ask(fetch);
                 if link.is_none() {
-                    link = Some(PeerLink::open(fleet.as_ref(), addr, &layout).await?);
+                    link = Some(PeerLink::open(fleet.as_ref(), addr, &layout, &cap).await?);
                 }
                 let l = link.as_mut().expect("connected above");
                 l.send(&request).await?;
@@ -620,6 +661,7 @@ impl PeerLink {
         fleet: Option<&FleetKeys>,
         addr: SocketAddr,
         layout: &Layout,
+        cap: &super::tcp::SharedCap,
     ) -> Result<PeerLink, String> {
         let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
@@ -641,9 +683,14 @@ impl PeerLink {
             repair::frame::SYMBOLS_PER_FRAME as usize * usize::from(layout.symbol_size()) + 64;
         let (mut rd, wr) = split(stream, ciphers, longest.min(frame::MAX_FRAME));
         let (tx, frames) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let cap = cap.clone();
         let reader = tokio::spawn(async move {
             loop {
                 let f = rd.next_frame().await;
+                if let Ok(Some(Frame::Symbols { payload, .. })) = &f {
+                    // Held back here, the socket fills and TCP slows the peer.
+                    cap.take(payload.len()).await;
+                }
                 let last = !matches!(f, Ok(Some(_)));
                 if tx.send(f).await.is_err() || last {
                     return;

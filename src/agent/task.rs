@@ -413,6 +413,18 @@ impl Run {
         }
     }
 
+    /// How its unicast downloads share the path: the agent's mode, capped
+    /// by the task's rate or else the agent's.
+    fn pacing(&self) -> crate::fetch::Pacing {
+        let config = &self.agent.config;
+        let cap = self.spec.rate_bps.unwrap_or(config.rate_bps);
+        crate::fetch::Pacing {
+            mode: unicast_mode(config.rate_mode),
+            cap_bps: Some(cap),
+            floor_bps: config.rate_min_bps.min(cap),
+        }
+    }
+
     /// Returns at once unless the task is paused or held; then when it is
     /// resumed and no higher task holds it (or cancelled: the caller
     /// checks).
@@ -676,5 +688,13 @@ impl Agent {
             uptime_h: (self.started.elapsed().as_secs() / 3600) as u32,
             node: self.node,
         }
+    }
+}
+
+/// The agent's rate mode, for its unicast transfers.
+pub fn unicast_mode(mode: multicast::rate::Mode) -> repair::pace::Mode {
+    match mode {
+        multicast::rate::Mode::Background => repair::pace::Mode::Background,
+        multicast::rate::Mode::Foreground => repair::pace::Mode::Foreground,
     }
 }

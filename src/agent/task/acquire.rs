@@ -303,7 +303,9 @@ async fn peer_repair(
         leftovers.into_iter().collect();
     let t0 = Instant::now();
     let mut fetched = false;
-    // One connection (a task) per peer, fed blocks through its channel.
+    // One connection (a task) per peer, fed blocks through its channel,
+    // all of them together under the task's rate.
+    let cap = crate::agent::tcp::SharedCap::new(r.pacing().cap_bps);
     let mut workers = tokio::task::JoinSet::new();
     let mut peers: HashMap<SocketAddr, (u64, tokio::sync::mpsc::Sender<PeerJob>)> = HashMap::new();
     let (results_tx, mut results) = tokio::sync::mpsc::unbounded_channel::<PeerResult>();
@@ -357,6 +359,7 @@ async fn peer_repair(
                             addr,
                             content,
                             layout,
+                            cap.clone(),
                             rx,
                             results_tx.clone(),
                         ));
@@ -467,7 +470,16 @@ async fn origin_fetch(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<
     let id = r.id.clone();
     let p2 = partial.clone();
     let on_block = move |_b: u32| note_blocks(&agent, &id, &lock(&p2));
-    fetch_blocks(&r.agent.http, partial, None, &r.origin, &flow, &on_block).await?;
+    fetch_blocks(
+        &r.agent.http,
+        partial,
+        None,
+        &r.origin,
+        &flow,
+        r.pacing(),
+        &on_block,
+    )
+    .await?;
     r.progress(partial);
     Ok(())
 }
@@ -503,6 +515,7 @@ async fn represent(
             available.clone(),
             r.flow(),
         );
+        let pacing = r.pacing();
         async move {
             let p2 = p.clone();
             let agent2 = agent.clone();
@@ -511,7 +524,7 @@ async fn represent(
                 avail.store(g.done_prefix(), Ordering::Release);
                 note_blocks(&agent2, &id, &g);
             };
-            fetch_blocks(&agent.http, &p, None, &origin, &flow, &on_block).await
+            fetch_blocks(&agent.http, &p, None, &origin, &flow, pacing, &on_block).await
         }
     };
     tokio::pin!(fetch);

@@ -1,0 +1,374 @@
+//! The pace of one unicast transfer (a peer repair upload, an origin
+//! fetch), sans-IO: a rate that yields to other traffic, in the manner of
+//! LEDBAT (RFC 6817), but set as a rate rather than a window.
+//!
+//! The caller feeds delay samples: the round-trip time of the connection
+//! (a sender that can read its TCP stack's estimate) or the time to the
+//! first byte of each ranged request (a fetcher that cannot). The least
+//! sample of the last few minutes is the path's base delay; what the
+//! least of the last few samples shows above it is queueing. Whoever else
+//! fills the path's queue (a TCP download, a video call) raises it; a
+//! transfer paced below the path's capacity adds nothing to it.
+//!
+//! - **Slow start**: from [`START_BPS`], the rate doubles every
+//!   [`DOUBLING`] until the queue passes twice the target, so an idle link is
+//!   found within a second or two; then it halves (the queue shows the
+//!   doubling that filled it late).
+//! - **Steady**: each sample moves the rate by `gain * off_target * dt`,
+//!   where `off_target = (target - queue) / target` in [-1, 1]: up while
+//!   the queue is short, down in proportion while it is long, three times
+//!   as fast down as up. Under a standing queue the rate halves within
+//!   about half a second.
+//! - **Back to slow start** once the queue has been under half the
+//!   target for [`CLEAR`] while the rate sits below half the best it held:
+//!   the other traffic has gone. It starts again from a quarter of that
+//!   best (or where it is, if higher), and the link is taken back within
+//!   a second or two.
+//! - **Foreground** mode does not adapt: the rate is the cap (none by
+//!   default), and TCP's own congestion control shares the path.
+//!
+//! The rate never passes the cap nor falls under the floor.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// How a transfer shares the path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Yields to other traffic on measured delay.
+    #[default]
+    Background,
+    /// At the cap (or unpaced): TCP's congestion control alone.
+    Foreground,
+}
+
+/// Queueing delay a background transfer tolerates before it slows down.
+/// One bulk TCP flow keeps 2 to 7 ms of queue on a 100 Mbit/s link, so a
+/// longer target would compete with it rather than yield.
+pub const TARGET: Duration = Duration::from_millis(3);
+/// First rate of a background transfer, bit/s.
+pub const START_BPS: u64 = 20_000_000;
+/// Slow start doubles the rate this often.
+pub const DOUBLING: Duration = Duration::from_millis(200);
+/// Proportional gains, per second: with no queue the rate rises 100% a
+/// second (compounded per sample); with a queue of twice the target or
+/// more it falls 150% a second, so it halves within about half a second:
+/// yielding must be quicker than the other flow's own reaction.
+const GAIN_UP: f64 = 1.0;
+const GAIN_DOWN: f64 = 1.5;
+/// A queue under half the target for this long, while the rate is under
+/// half its best: slow start again.
+pub const CLEAR: Duration = Duration::from_millis(300);
+/// Base delay: the least sample of each bucket, over this many buckets.
+const BASE_BUCKET: Duration = Duration::from_secs(30);
+const BASE_BUCKETS: usize = 10;
+/// Current delay: the median of this many recent samples (one noisy
+/// sample, a delayed ACK or a slow server, is not a queue; a queue that
+/// stands is).
+const RECENT: usize = 3;
+/// How far above what got through the rate may be: room to find more.
+const HEADROOM: f64 = 2.0;
+/// Longest gap between samples that still counts in full: after a longer
+/// silence the rate does not leap.
+const MAX_DT: Duration = Duration::from_millis(500);
+
+/// A transfer's rate.
+#[derive(Debug)]
+pub struct Pace {
+    mode: Mode,
+    cap_bps: Option<u64>,
+    floor_bps: u64,
+    rate: f64,
+    slow_start: bool,
+    /// Highest rate held in steady state lately.
+    best: f64,
+    base: VecDeque<(Instant, Duration)>,
+    recent: VecDeque<Duration>,
+    last: Option<Instant>,
+    clear_since: Option<Instant>,
+    queue: Option<Duration>,
+}
+
+impl Pace {
+    /// A pace between `floor_bps` and `cap_bps` (`None`: no cap).
+    pub fn new(mode: Mode, cap_bps: Option<u64>, floor_bps: u64) -> Self {
+        let cap_bps = cap_bps.filter(|&c| c > 0);
+        let floor_bps = floor_bps.max(1).min(cap_bps.unwrap_or(u64::MAX));
+        let start = START_BPS.clamp(floor_bps, cap_bps.unwrap_or(u64::MAX));
+        Pace {
+            mode,
+            cap_bps,
+            floor_bps,
+            rate: start as f64,
+            slow_start: true,
+            best: start as f64,
+            base: VecDeque::new(),
+            recent: VecDeque::new(),
+            last: None,
+            clear_since: None,
+            queue: None,
+        }
+    }
+
+    /// The rate to hold now, bit/s; `None`: unpaced.
+    pub fn rate_bps(&self) -> Option<u64> {
+        match self.mode {
+            Mode::Foreground => self.cap_bps,
+            Mode::Background => Some(self.rate as u64),
+        }
+    }
+
+    /// The queueing delay of the last sample, once there is a base.
+    pub fn queue(&self) -> Option<Duration> {
+        self.queue
+    }
+
+    /// Whether delay samples change anything (background mode).
+    pub fn adapts(&self) -> bool {
+        self.mode == Mode::Background
+    }
+
+    /// Takes one delay sample measured at `now`.
+    pub fn on_delay(&mut self, now: Instant, delay: Duration) {
+        if !self.adapts() {
+            return;
+        }
+        self.note_base(now, delay);
+        self.recent.push_back(delay);
+        if self.recent.len() > RECENT {
+            self.recent.pop_front();
+        }
+        let base = self.base.iter().map(|&(_, d)| d).min().unwrap_or(delay);
+        let mut sorted: Vec<Duration> = self.recent.iter().copied().collect();
+        sorted.sort();
+        let current = sorted[sorted.len() / 2];
+        let queue = current.saturating_sub(base);
+        self.queue = Some(queue);
+        let dt = self
+            .last
+            .map_or(Duration::ZERO, |l| now.saturating_duration_since(l))
+            .min(MAX_DT);
+        self.last = Some(now);
+        self.adjust(now, queue, dt);
+    }
+
+    /// Takes what got through: `bytes` over `over`, while the transfer
+    /// asked for more than that. The rate is held within [`HEADROOM`] of it,
+    /// so it follows the path rather than run away from it between delay
+    /// samples.
+    pub fn on_delivered(&mut self, bytes: u64, over: Duration) {
+        if !self.adapts() || over.is_zero() {
+            return;
+        }
+        let got = bytes as f64 * 8.0 / over.as_secs_f64();
+        let cap = self.cap_bps.unwrap_or(u64::MAX) as f64;
+        self.rate = self
+            .rate
+            .min(got * HEADROOM)
+            .clamp(self.floor_bps as f64, cap);
+    }
+
+    fn note_base(&mut self, now: Instant, delay: Duration) {
+        match self.base.back_mut() {
+            Some((start, least)) if now.saturating_duration_since(*start) < BASE_BUCKET => {
+                *least = (*least).min(delay);
+            }
+            _ => {
+                self.base.push_back((now, delay));
+                if self.base.len() > BASE_BUCKETS {
+                    self.base.pop_front();
+                }
+            }
+        }
+    }
+
+    fn adjust(&mut self, now: Instant, queue: Duration, dt: Duration) {
+        let secs = dt.as_secs_f64();
+        if self.slow_start {
+            if queue > 2 * TARGET {
+                // The queue shows the doubling that filled it late: the rate
+                // that fits is about half of where it got to. (Twice the
+                // target: a blip of queue at a low rate is not the link.)
+                self.slow_start = false;
+                self.rate /= 2.0;
+                self.best = self.best.max(self.rate);
+            } else {
+                self.rate *= 2f64.powf(secs / DOUBLING.as_secs_f64());
+            }
+        }
+        if !self.slow_start {
+            let target = TARGET.as_secs_f64();
+            let off = ((target - queue.as_secs_f64()) / target).clamp(-1.0, 1.0);
+            let gain = if off > 0.0 { GAIN_UP } else { GAIN_DOWN };
+            self.rate *= (1.0 + gain * off * secs).max(0.5);
+            if off > 0.0 {
+                self.best = self.best.max(self.rate);
+            }
+            if queue * 2 < TARGET {
+                let since = *self.clear_since.get_or_insert(now);
+                if now.saturating_duration_since(since) >= CLEAR && self.rate * 2.0 < self.best {
+                    self.slow_start = true;
+                    self.rate = self.rate.max(self.best / 4.0);
+                    self.best = self.rate;
+                    self.clear_since = None;
+                }
+            } else {
+                self.clear_since = None;
+            }
+        }
+        let cap = self.cap_bps.unwrap_or(u64::MAX) as f64;
+        self.rate = self.rate.clamp(self.floor_bps as f64, cap);
+    }
+}
+
+/// Holds a transfer to a rate: how long to wait before the next `bytes`,
+/// so that what passes averages the rate with at most [`BURST`] ahead.
+#[derive(Debug)]
+pub struct Bucket {
+    /// When the bytes sent so far are paid for at the rate.
+    free_at: Option<Instant>,
+}
+
+/// How far ahead of its rate a paced transfer may be after idling.
+pub const BURST: Duration = Duration::from_millis(5);
+
+impl Bucket {
+    pub fn new() -> Self {
+        Bucket { free_at: None }
+    }
+
+    /// Charges `bytes` at `rate_bps` (`None`: free); the instant to wait
+    /// until before they go, if any.
+    pub fn charge(&mut self, now: Instant, bytes: usize, rate_bps: Option<u64>) -> Option<Instant> {
+        let rate = rate_bps.filter(|&r| r > 0)?;
+        let cost = Duration::from_secs_f64(bytes as f64 * 8.0 / rate as f64);
+        // Idle time is not saved up beyond a short burst.
+        let earliest = now.checked_sub(BURST).unwrap_or(now);
+        let start = self.free_at.map_or(earliest, |f| f.max(earliest));
+        self.free_at = Some(start + cost);
+        (start > now).then_some(start)
+    }
+}
+
+impl Default for Bucket {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// One bottleneck link, sans-IO: the paced transfer and a cross flow
+    /// that keeps `cross_queue` of queue standing while it runs. Samples
+    /// every 10 ms; returns the rate trace (s, Mbit/s).
+    fn run(
+        pace: &mut Pace,
+        link_bps: f64,
+        secs: f64,
+        cross: impl Fn(f64) -> Option<Duration>,
+    ) -> Vec<(f64, f64)> {
+        let t0 = Instant::now();
+        let base = 2 * MS;
+        let mut own_queue = 0.0f64; // seconds of our own backlog
+        let mut trace = Vec::new();
+        let step = 0.01;
+        let mut t = 0.0;
+        while t < secs {
+            let rate = pace.rate_bps().unwrap_or(u64::MAX) as f64;
+            let cross_q = cross(t);
+            // What the link gives us: all of it alone, a fifth beside TCP.
+            let share = if cross_q.is_some() {
+                link_bps * 0.2
+            } else {
+                link_bps
+            };
+            own_queue = (own_queue + (rate - share) / link_bps * step).clamp(0.0, 0.05);
+            let q = Duration::from_secs_f64(own_queue) + cross_q.unwrap_or_default();
+            pace.on_delay(t0 + Duration::from_secs_f64(t), base + q);
+            trace.push((t, rate.min(share) / 1e6));
+            t += step;
+        }
+        trace
+    }
+
+    fn mean(trace: &[(f64, f64)], from: f64, to: f64) -> f64 {
+        let v: Vec<f64> = trace
+            .iter()
+            .filter(|(t, _)| *t >= from && *t < to)
+            .map(|&(_, r)| r)
+            .collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+
+    #[test]
+    fn an_idle_link_is_found_within_two_seconds_and_held() {
+        let mut p = Pace::new(Mode::Background, None, 1_000_000);
+        let trace = run(&mut p, 100e6, 10.0, |_| None);
+        let m = mean(&trace, 2.0, 10.0);
+        assert!(m >= 80.0, "mean {m:.1} Mbit/s of 100");
+    }
+
+    #[test]
+    fn a_standing_queue_of_others_brings_it_down_and_their_leaving_back_up() {
+        let mut p = Pace::new(Mode::Background, None, 1_000_000);
+        // TCP keeps 6 ms of queue from 3 s to 13 s.
+        let trace = run(&mut p, 100e6, 20.0, |t| {
+            (3.0..13.0).contains(&t).then_some(6 * MS)
+        });
+        let during = mean(&trace, 11.0, 13.0);
+        assert!(during <= 10.0, "still at {during:.1} Mbit/s beside TCP");
+        let after = mean(&trace, 16.0, 20.0);
+        assert!(after >= 80.0, "only {after:.1} Mbit/s after TCP left");
+    }
+
+    #[test]
+    fn the_cap_and_the_floor_hold() {
+        let mut p = Pace::new(Mode::Background, Some(30_000_000), 2_000_000);
+        let trace = run(&mut p, 100e6, 5.0, |_| None);
+        assert!(trace.iter().all(|&(_, r)| r <= 30.0 + 1e-9));
+        assert_eq!(p.rate_bps(), Some(30_000_000));
+        let mut p = Pace::new(Mode::Background, None, 2_000_000);
+        run(&mut p, 100e6, 20.0, |t| (t >= 1.0).then_some(20 * MS));
+        assert_eq!(p.rate_bps(), Some(2_000_000));
+    }
+
+    #[test]
+    fn foreground_is_the_cap_and_ignores_delay() {
+        let mut p = Pace::new(Mode::Foreground, None, 1);
+        p.on_delay(Instant::now(), 50 * MS);
+        assert_eq!(p.rate_bps(), None);
+        let p = Pace::new(Mode::Foreground, Some(5_000_000), 1);
+        assert_eq!(p.rate_bps(), Some(5_000_000));
+    }
+
+    #[test]
+    fn one_noisy_sample_is_not_a_queue() {
+        let mut p = Pace::new(Mode::Background, None, 1_000_000);
+        let t0 = Instant::now();
+        for i in 0..100u32 {
+            // Every tenth sample 40 ms late (a delayed ACK).
+            let d = if i % 10 == 9 { 42 * MS } else { 2 * MS };
+            p.on_delay(t0 + i * 10 * MS, d);
+        }
+        assert!(p.rate_bps().unwrap() > START_BPS * 8, "{:?}", p.rate_bps());
+    }
+
+    #[test]
+    fn the_bucket_spaces_bytes_at_the_rate() {
+        let mut b = Bucket::new();
+        let t0 = Instant::now();
+        assert_eq!(b.charge(t0, 1000, None), None);
+        // 1 MB at 8 Mbit/s: the next bytes wait a second.
+        assert_eq!(b.charge(t0, 1_000_000, Some(8_000_000)), None);
+        let w = b.charge(t0, 1000, Some(8_000_000)).unwrap();
+        assert!(w >= t0 + Duration::from_millis(990), "{:?}", w - t0);
+        // Long idle time is not saved up.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(b.charge(later, 10_000, Some(8_000_000)), None);
+        assert!(b.charge(later, 10_000, Some(8_000_000)).is_some());
+    }
+}

@@ -1,0 +1,249 @@
+//! What the OS's TCP stack tells and takes for a paced upload: the
+//! connection's round-trip time, and a pacing rate it keeps itself (so a
+//! paced sender does not send in bursts that queue on a slow link).
+//!
+//! Linux has both (`TCP_INFO`, `SO_MAX_PACING_RATE`). Elsewhere neither is
+//! read here: [`rtt`] says `None`, and the caller does not adapt (a
+//! background upload then runs at its cap, as in foreground).
+
+use std::time::{Duration, Instant};
+
+use repair::pace::{Bucket, Mode, Pace};
+use tokio::net::TcpStream;
+
+/// How often a paced upload reads its connection's RTT.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(5);
+
+/// The pace of one background upload: the RTT its TCP stack measures feeds
+/// [`Pace`], whose rate the stack keeps (Linux) or the writer waits out.
+pub struct UploadPace {
+    socket: Handle,
+    pace: Pace,
+    bucket: Bucket,
+    /// The kernel paces (else the writer waits, a frame at a time).
+    kernel: bool,
+    applied: Option<u64>,
+}
+
+impl UploadPace {
+    /// The pace of an upload on `stream` in `mode`, at least `floor_bps`;
+    /// `None` when it is not paced: foreground, or no RTT to go by on this
+    /// OS (a guess would only slow it).
+    pub fn new(mode: Mode, floor_bps: u64, stream: &TcpStream) -> Option<UploadPace> {
+        let socket = handle(stream);
+        if mode != Mode::Background || rtt_of(socket).is_none() {
+            return None;
+        }
+        Some(UploadPace {
+            socket,
+            pace: Pace::new(mode, None, floor_bps),
+            bucket: Bucket::new(),
+            kernel: pacing_of(socket, repair::pace::START_BPS),
+            applied: Some(repair::pace::START_BPS),
+        })
+    }
+
+    /// Reads the RTT and moves the rate: every [`SAMPLE_EVERY`] while the
+    /// upload runs, also while a write waits (at a low rate one frame takes
+    /// a while to leave).
+    pub fn sample(&mut self) {
+        let Some(r) = rtt_of(self.socket) else { return };
+        self.pace.on_delay(Instant::now(), r);
+        tracing::trace!(
+            "upload: rtt {r:?}, queue {:?}, rate {:?}",
+            self.pace.queue(),
+            self.pace.rate_bps()
+        );
+        let rate = self.pace.rate_bps();
+        let moved = match (rate, self.applied) {
+            (Some(r), Some(a)) => r.abs_diff(a) * 33 > a,
+            (r, a) => r != a,
+        };
+        if self.kernel && moved {
+            pacing_of(self.socket, rate.unwrap_or(u64::MAX));
+            self.applied = rate;
+        }
+    }
+
+    /// Called before `bytes` are written: without the kernel's pacing,
+    /// holds the writer back if it is ahead of the rate.
+    pub async fn before(&mut self, bytes: usize) {
+        if self.kernel {
+            return;
+        }
+        if let Some(until) = self
+            .bucket
+            .charge(Instant::now(), bytes, self.pace.rate_bps())
+        {
+            tokio::time::sleep_until(until.into()).await;
+        }
+    }
+
+    /// The rate it holds now, bit/s.
+    pub fn rate_bps(&self) -> Option<u64> {
+        self.pace.rate_bps()
+    }
+}
+
+/// A rate several transfers share (a task's downloads from all its
+/// peers): each waits its turn in one bucket.
+#[derive(Clone, Debug)]
+pub struct SharedCap {
+    bps: Option<u64>,
+    bucket: std::sync::Arc<std::sync::Mutex<Bucket>>,
+}
+
+impl SharedCap {
+    /// A cap of `bps` (`None`: none).
+    pub fn new(bps: Option<u64>) -> Self {
+        SharedCap {
+            bps: bps.filter(|&b| b > 0),
+            bucket: Default::default(),
+        }
+    }
+
+    /// Waits until `bytes` more are due.
+    pub async fn take(&self, bytes: usize) {
+        if self.bps.is_none() {
+            return;
+        }
+        let until = self
+            .bucket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .charge(Instant::now(), bytes, self.bps);
+        if let Some(until) = until {
+            tokio::time::sleep_until(until.into()).await;
+        }
+    }
+}
+
+/// The socket, as the OS calls read it. Only a number: valid while the
+/// connection it came from is open, which its pace does not outlive.
+#[cfg(target_os = "linux")]
+type Handle = std::os::fd::RawFd;
+/// Elsewhere nothing is read or set through it.
+#[cfg(not(target_os = "linux"))]
+#[derive(Clone, Copy)]
+struct Handle;
+
+#[cfg(target_os = "linux")]
+fn handle(stream: &TcpStream) -> Handle {
+    use std::os::fd::AsRawFd;
+    stream.as_raw_fd()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn handle(_stream: &TcpStream) -> Handle {
+    Handle
+}
+
+/// The connection's smoothed round-trip time, as its TCP stack estimates
+/// it from the ACKs of what this side sent.
+pub fn rtt(stream: &TcpStream) -> Option<Duration> {
+    rtt_of(handle(stream))
+}
+
+/// Asks the TCP stack to pace what it sends at `bps` at most; whether it
+/// took it.
+pub fn set_pacing(stream: &TcpStream, bps: u64) -> bool {
+    pacing_of(handle(stream), bps)
+}
+
+#[cfg(target_os = "linux")]
+fn rtt_of(fd: Handle) -> Option<Duration> {
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a writable tcp_info of `len` bytes; the fd is a
+    // connection's, open while its pace lives (a closed one fails, EBADF).
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    // Before the first ACK of data the estimate is the handshake's, or 0.
+    (r == 0 && info.tcpi_rtt > 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt)))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn rtt_of(_socket: Handle) -> Option<Duration> {
+    None
+}
+
+#[cfg(target_os = "linux")]
+fn pacing_of(fd: Handle, bps: u64) -> bool {
+    /// asm-generic's value (x86, arm, riscv and most others).
+    const SO_MAX_PACING_RATE: libc::c_int = 47;
+    if cfg!(any(
+        target_arch = "mips",
+        target_arch = "mips64",
+        target_arch = "sparc64",
+        target_arch = "powerpc",
+        target_arch = "powerpc64"
+    )) {
+        return false;
+    }
+    // Bytes per second, as a 32-bit value (what every kernel takes).
+    let rate: u32 = (bps / 8).clamp(1, u64::from(u32::MAX - 1)) as u32;
+    // SAFETY: a u32 option value of its own size, on a connection's fd.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_MAX_PACING_RATE,
+            (&rate as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    r == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn pacing_of(_socket: Handle, _bps: u64) -> bool {
+    false
+}
+
+/// Asks the stack to acknowledge what arrives at once rather than delay
+/// the ACK: a receiver that does gives a paced uploader on the other end
+/// true round-trip times at low rates. Linux forgets it after a while, so
+/// it is asked after every read.
+#[cfg(target_os = "linux")]
+pub fn quickack(stream: &TcpStream) {
+    let one: libc::c_int = 1;
+    // SAFETY: an int option value of its own size, on the stream's fd.
+    unsafe {
+        libc::setsockopt(
+            handle(stream),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn quickack(_stream: &TcpStream) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_loopback_connection_has_an_rtt_and_takes_a_pacing_rate() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (client, (server, _)) = (client.unwrap(), server.unwrap());
+        if cfg!(target_os = "linux") {
+            assert!(rtt(&client).is_some_and(|d| d < Duration::from_secs(1)));
+            assert!(set_pacing(&server, 10_000_000));
+        } else {
+            assert_eq!(rtt(&client), None);
+        }
+    }
+}
