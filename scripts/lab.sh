@@ -53,14 +53,16 @@ lab_down_matching() {
     done
 }
 
-# lab_session TAG: builds somcast, sets BIN, WORK (removed on exit, with the
+# lab_session TAG: builds somcast, sets BIN, WORK (removed on exit unless
+# KEEP is set, with the
 # lab), TOKEN, and a publisher key pair KEY / PUB (agents get --trust "$PUB",
 # the console --sign "$KEY"), and installs curl for talking to agents' APIs.
 lab_session() {
     cargo build --release -q
     BIN=$PWD/target/release/somcast
     WORK=$(mktemp -d)
-    trap 'lab_down; rm -rf "$WORK"' EXIT
+    # KEEP=1 keeps the work directory (logs, summaries) for a look after.
+    trap 'lab_down; if [ -n "${KEEP:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi' EXIT
     TOKEN=$1-token-$$
     "$BIN" key generate "$WORK/publisher" 2>/dev/null
     KEY=$WORK/publisher.key PUB=$WORK/publisher.pub

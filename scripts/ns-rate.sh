@@ -51,8 +51,6 @@ command -v iperf3 >/dev/null || {
         { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 >/dev/null; }
 }
 lab_session rate
-# KEEP=1 keeps the work directory (logs, summaries) for a look afterwards.
-[ -n "${KEEP:-}" ] && trap "lab_down" EXIT
 GROUP=239.192.0.1:7400
 
 # port_rate I RATE: the switch sends to host I at RATE at most (a 50 ms

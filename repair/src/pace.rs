@@ -6,14 +6,14 @@
 //! (a sender that can read its TCP stack's estimate) or the time to the
 //! first byte of each ranged request (a fetcher that cannot). The least
 //! sample of the last few minutes is the path's base delay; what the
-//! least of the last few samples shows above it is queueing. Whoever else
+//! median of the last three samples shows above it is queueing. Whoever else
 //! fills the path's queue (a TCP download, a video call) raises it; a
 //! transfer paced below the path's capacity adds nothing to it.
 //!
 //! - **Slow start**: from [`START_BPS`], the rate doubles every
-//!   [`DOUBLING`] until the queue passes twice the target, so an idle link is
-//!   found within a second or two; then it halves (the queue shows the
-//!   doubling that filled it late).
+//!   [`DOUBLING`] until the queue passes twice the target, so an idle link
+//!   is found within a fraction of a second; then it halves (the queue
+//!   shows the doubling that filled it late).
 //! - **Steady**: each sample moves the rate by `gain * off_target * dt`,
 //!   where `off_target = (target - queue) / target` in [-1, 1]: up while
 //!   the queue is short, down in proportion while it is long, three times
@@ -27,7 +27,9 @@
 //! - **Foreground** mode does not adapt: the rate is the cap (none by
 //!   default), and TCP's own congestion control shares the path.
 //!
-//! The rate never passes the cap nor falls under the floor.
+//! The rate never passes the cap nor falls under the floor, and stays
+//! within [`HEADROOM`] times what the caller reports got through
+//! ([`Pace::on_delivered`]).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -46,10 +48,12 @@ pub enum Mode {
 /// One bulk TCP flow keeps 2 to 7 ms of queue on a 100 Mbit/s link, so a
 /// longer target would compete with it rather than yield.
 pub const TARGET: Duration = Duration::from_millis(3);
-/// First rate of a background transfer, bit/s.
-pub const START_BPS: u64 = 20_000_000;
+/// First rate of a background transfer, bit/s: the signal answers within
+/// tens of milliseconds, so a start on the low side of a LAN costs little
+/// on a slow link and a gigabit one is found in a quarter second.
+pub const START_BPS: u64 = 100_000_000;
 /// Slow start doubles the rate this often.
-pub const DOUBLING: Duration = Duration::from_millis(200);
+pub const DOUBLING: Duration = Duration::from_millis(50);
 /// Proportional gains, per second: with no queue the rate rises 100% a
 /// second (compounded per sample); with a queue of twice the target or
 /// more it falls 150% a second, so it halves within about half a second:
@@ -67,7 +71,7 @@ const BASE_BUCKETS: usize = 10;
 /// stands is).
 const RECENT: usize = 3;
 /// How far above what got through the rate may be: room to find more.
-const HEADROOM: f64 = 2.0;
+pub const HEADROOM: f64 = 2.0;
 /// Longest gap between samples that still counts in full: after a longer
 /// silence the rate does not leap.
 const MAX_DT: Duration = Duration::from_millis(500);
@@ -334,6 +338,23 @@ mod tests {
         let mut p = Pace::new(Mode::Background, None, 2_000_000);
         run(&mut p, 100e6, 20.0, |t| (t >= 1.0).then_some(20 * MS));
         assert_eq!(p.rate_bps(), Some(2_000_000));
+    }
+
+    #[test]
+    fn the_rate_stays_within_reach_of_what_got_through() {
+        // A short queue whatever the rate (a fast LAN, a noisy server): only
+        // what got through holds the rate near the path.
+        let mut p = Pace::new(Mode::Background, None, 1_000_000);
+        let t0 = Instant::now();
+        for i in 0..200u32 {
+            p.on_delay(t0 + i * 10 * MS, 2 * MS);
+            p.on_delivered(12_500_000 / 10, Duration::from_millis(100)); // 100 Mbit/s
+        }
+        assert!(
+            p.rate_bps().unwrap() <= (100e6 * HEADROOM) as u64,
+            "{:?}",
+            p.rate_bps()
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! read here: [`rtt`] says `None`, and the caller does not adapt (a
 //! background upload then runs at its cap, as in foreground).
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use repair::pace::{Bucket, Mode, Pace};
@@ -23,7 +24,17 @@ pub struct UploadPace {
     /// The kernel paces (else the writer waits, a frame at a time).
     kernel: bool,
     applied: Option<u64>,
+    /// What was acknowledged when, at the start of the current window; and
+    /// the most acknowledged per second in recent windows.
+    acked: Option<(Instant, u64)>,
+    delivered: VecDeque<f64>,
 }
+
+/// A window of acknowledged bytes, and how many windows the most
+/// delivered is taken over (a block's planning leaves the upload idle for
+/// a moment: that is not the path's rate).
+const DELIVERY_WINDOW: Duration = Duration::from_millis(100);
+const DELIVERY_WINDOWS: usize = 10;
 
 impl UploadPace {
     /// The pace of an upload on `stream` in `mode`, at least `floor_bps`;
@@ -40,6 +51,8 @@ impl UploadPace {
             bucket: Bucket::new(),
             kernel: pacing_of(socket, repair::pace::START_BPS),
             applied: Some(repair::pace::START_BPS),
+            acked: None,
+            delivered: VecDeque::new(),
         })
     }
 
@@ -47,8 +60,12 @@ impl UploadPace {
     /// upload runs, also while a write waits (at a low rate one frame takes
     /// a while to leave).
     pub fn sample(&mut self) {
-        let Some(r) = rtt_of(self.socket) else { return };
-        self.pace.on_delay(Instant::now(), r);
+        let Some((r, acked)) = path_of(self.socket) else {
+            return;
+        };
+        let now = Instant::now();
+        self.pace.on_delay(now, r);
+        self.note_acked(now, acked);
         tracing::trace!(
             "upload: rtt {r:?}, queue {:?}, rate {:?}",
             self.pace.queue(),
@@ -63,6 +80,27 @@ impl UploadPace {
             pacing_of(self.socket, rate.unwrap_or(u64::MAX));
             self.applied = rate;
         }
+    }
+
+    /// Keeps the rate within reach of what the path delivered lately, so
+    /// that it cannot run away while the queue stays short (a fast LAN).
+    fn note_acked(&mut self, now: Instant, acked: u64) {
+        let Some((since, from)) = self.acked else {
+            self.acked = Some((now, acked));
+            return;
+        };
+        let over = now.saturating_duration_since(since);
+        if over < DELIVERY_WINDOW {
+            return;
+        }
+        self.delivered
+            .push_back(acked.saturating_sub(from) as f64 / over.as_secs_f64());
+        if self.delivered.len() > DELIVERY_WINDOWS {
+            self.delivered.pop_front();
+        }
+        self.acked = Some((now, acked));
+        let most = self.delivered.iter().copied().fold(0.0, f64::max);
+        self.pace.on_delivered(most as u64, Duration::from_secs(1));
     }
 
     /// Called before `bytes` are written: without the kernel's pacing,
@@ -152,6 +190,12 @@ pub fn set_pacing(stream: &TcpStream, bps: u64) -> bool {
 
 #[cfg(target_os = "linux")]
 fn rtt_of(fd: Handle) -> Option<Duration> {
+    path_of(fd).map(|(rtt, _)| rtt)
+}
+
+/// The connection's smoothed RTT and the bytes the peer has acknowledged.
+#[cfg(target_os = "linux")]
+fn path_of(fd: Handle) -> Option<(Duration, u64)> {
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: `info` is a writable tcp_info of `len` bytes; the fd is a
@@ -166,11 +210,21 @@ fn rtt_of(fd: Handle) -> Option<Duration> {
         )
     };
     // Before the first ACK of data the estimate is the handshake's, or 0.
-    (r == 0 && info.tcpi_rtt > 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt)))
+    (r == 0 && info.tcpi_rtt > 0).then(|| {
+        (
+            Duration::from_micros(u64::from(info.tcpi_rtt)),
+            info.tcpi_bytes_acked,
+        )
+    })
 }
 
 #[cfg(not(target_os = "linux"))]
 fn rtt_of(_socket: Handle) -> Option<Duration> {
+    None
+}
+
+#[cfg(not(target_os = "linux"))]
+fn path_of(_socket: Handle) -> Option<(Duration, u64)> {
     None
 }
 
