@@ -407,6 +407,11 @@ async fn connection(
     // In background mode the upload yields to other traffic on the path.
     let mode = super::task::unicast_mode(agent.config.rate_mode);
     let mut pace = super::tcp::UploadPace::new(mode, agent.config.rate_min_bps, wr.wr.as_ref());
+    if pace.is_none() && mode == repair::pace::Mode::Background {
+        // No RTT to pace on here: the OS's own background transport, if any.
+        let took = super::tcp::os_background(wr.wr.as_ref());
+        tracing::debug!("repair: upload without a pace; OS background transport: {took}");
+    }
     // Requests read while an answer was being sent, oldest first; the
     // next one's block is read and planned ahead.
     let mut queued: std::collections::VecDeque<Frame> = Default::default();

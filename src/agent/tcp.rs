@@ -3,8 +3,9 @@
 //! paced sender does not send in bursts that queue on a slow link).
 //!
 //! Linux has both (`TCP_INFO`, `SO_MAX_PACING_RATE`). Elsewhere neither is
-//! read here: [`rtt`] says `None`, and the caller does not adapt (a
-//! background upload then runs at its cap, as in foreground).
+//! read here: [`rtt`] says `None`, and the caller does not adapt; on
+//! Windows it asks for the OS's LEDBAT++ instead ([`os_background`]), and
+//! elsewhere a background upload runs at its cap, as in foreground.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -258,6 +259,40 @@ fn pacing_of(fd: Handle, bps: u64) -> bool {
 
 #[cfg(not(target_os = "linux"))]
 fn pacing_of(_socket: Handle, _bps: u64) -> bool {
+    false
+}
+
+/// Asks the OS's own low-priority congestion control for what `stream`
+/// sends, where it has one: Windows' LEDBAT++ (Windows 10 1809 and Server
+/// 2019 on; `SIO_PRIORITY_HINT`). Whether it took it.
+#[cfg(windows)]
+pub fn os_background(stream: &TcpStream) -> bool {
+    use std::os::windows::io::AsRawSocket;
+    use windows_sys::Win32::Networking::WinSock::{
+        SIO_PRIORITY_HINT, SOCKET, SocketPriorityHintVeryLow, WSAIoctl,
+    };
+    let hint = SocketPriorityHintVeryLow;
+    let mut returned = 0u32;
+    // SAFETY: the in-buffer is the hint, of its own size; no out-buffer,
+    // no overlapped I/O; the socket is the stream's, open while borrowed.
+    let r = unsafe {
+        WSAIoctl(
+            stream.as_raw_socket() as SOCKET,
+            SIO_PRIORITY_HINT,
+            (&hint as *const i32).cast(),
+            std::mem::size_of_val(&hint) as u32,
+            std::ptr::null_mut(),
+            0,
+            &mut returned,
+            std::ptr::null_mut(),
+            None,
+        )
+    };
+    r == 0
+}
+
+#[cfg(not(windows))]
+pub fn os_background(_stream: &TcpStream) -> bool {
     false
 }
 
