@@ -296,32 +296,26 @@ pub enum TaskCommand {
     /// Pause the task on every target agent: a representative stops its
     /// multicast (and says so, so receivers wait), fetching and installs
     /// wait; what each holds is kept.
-    Pause {
-        id: String,
-        #[command(flatten)]
-        targets: Targets,
-        /// Put the signed order on this channel (the directory `task publish`
-        /// wrote) instead of sending it to agents: each agent that polls the
-        /// channel carries it out.
-        #[arg(long, conflicts_with_all = ["agents", "agents_file"], requires = "sign")]
-        channel: Option<PathBuf>,
-        /// Sign the order with this publisher key.
-        #[arg(long)]
-        sign: Option<PathBuf>,
-    },
-    /// Resume a paused task on every target agent, where it stood.
-    Resume {
-        id: String,
-        #[command(flatten)]
-        targets: Targets,
-        /// Put the signed order on this channel instead of sending it to
-        /// agents; it replaces the pause there.
-        #[arg(long, conflicts_with_all = ["agents", "agents_file"], requires = "sign")]
-        channel: Option<PathBuf>,
-        /// Sign the order with this publisher key.
-        #[arg(long)]
-        sign: Option<PathBuf>,
-    },
+    Pause(HoldArgs),
+    /// Resume a paused task on every target agent (or, with --channel,
+    /// every agent that polls the channel), where it stood.
+    Resume(HoldArgs),
+}
+
+/// Whom a pause or resume is for, and who signs it.
+#[derive(Debug, Args)]
+pub struct HoldArgs {
+    pub id: String,
+    #[command(flatten)]
+    pub targets: Targets,
+    /// Put the signed order on this channel (the directory `task publish`
+    /// wrote) instead of sending it to agents: each agent that polls the
+    /// channel carries out the latest pause or resume of the task.
+    #[arg(long, conflicts_with_all = ["agents", "agents_file"], requires = "sign")]
+    pub channel: Option<PathBuf>,
+    /// Sign the order with this publisher key.
+    #[arg(long)]
+    pub sign: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

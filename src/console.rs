@@ -356,18 +356,8 @@ async fn task_async(cmd: &TaskCommand) -> anyhow::Result<bool> {
         TaskCommand::Cancel { id, targets, sign } => {
             control(ControlAction::Cancel, id, targets, sign.as_deref()).await
         }
-        TaskCommand::Pause {
-            id,
-            targets,
-            channel,
-            sign,
-        } => pause_or_resume(ControlAction::Pause, id, targets, channel, sign).await,
-        TaskCommand::Resume {
-            id,
-            targets,
-            channel,
-            sign,
-        } => pause_or_resume(ControlAction::Resume, id, targets, channel, sign).await,
+        TaskCommand::Pause(hold) => pause_or_resume(ControlAction::Pause, hold).await,
+        TaskCommand::Resume(hold) => pause_or_resume(ControlAction::Resume, hold).await,
     }
 }
 
@@ -391,13 +381,11 @@ fn channel_order(
 /// target agents.
 async fn pause_or_resume(
     action: ControlAction,
-    id: &str,
-    targets: &crate::cli::Targets,
-    channel: &Option<std::path::PathBuf>,
-    sign: &Option<std::path::PathBuf>,
+    hold: &crate::cli::HoldArgs,
 ) -> anyhow::Result<bool> {
-    let (Some(channel), Some(sign)) = (channel, sign) else {
-        return control(action, id, targets, sign.as_deref()).await;
+    let id = hold.id.as_str();
+    let (Some(channel), Some(sign)) = (&hold.channel, &hold.sign) else {
+        return control(action, id, &hold.targets, hold.sign.as_deref()).await;
     };
     let order = channel_order(action, id, channel, sign)?;
     let doc: crate::trust::ControlDoc =
