@@ -79,17 +79,6 @@ pub struct Pacing {
     pub floor_bps: u64,
 }
 
-impl Pacing {
-    /// As fast as TCP goes.
-    pub fn unpaced() -> Self {
-        Pacing {
-            mode: Mode::Foreground,
-            cap_bps: None,
-            floor_bps: 1,
-        }
-    }
-}
-
 /// What a paced fetch asks for at once, in time at its current rate: short
 /// enough for a delay sample several times a second, long enough that the
 /// round trip between slices costs little.
@@ -137,13 +126,14 @@ pub async fn fetch_blocks(
     pacing: Pacing,
     on_block: &(dyn Fn(u32) + Sync),
 ) -> Result<(), FetchError> {
-    let (urls, wanted) = {
+    let (urls, wanted, layout, hashes) = {
         let p = lock(partial);
         let wanted: Vec<u32> = (0..p.layout().block_count())
             .filter(|&b| !p.done[b as usize])
             .filter(|b| only.is_none_or(|o| o.contains(b)))
             .collect();
-        (p.manifest.urls.clone(), wanted)
+        let hashes = p.manifest.block_hashes.clone();
+        (p.manifest.urls.clone(), wanted, p.layout(), hashes)
     };
     let mut paced = Paced {
         pace: Pace::new(pacing.mode, pacing.cap_bps, pacing.floor_bps),
@@ -152,6 +142,8 @@ pub async fn fetch_blocks(
     let io = Io {
         client,
         partial,
+        layout,
+        hashes,
         origin,
         flow,
         on_block,
@@ -190,6 +182,8 @@ pub async fn fetch_blocks(
 struct Io<'a> {
     client: &'a reqwest::Client,
     partial: &'a Arc<Mutex<Partial>>,
+    layout: multicast::codec::Layout,
+    hashes: Vec<multicast::wire::Digest>,
     origin: &'a AtomicU64,
     flow: &'a (dyn Fn() -> Flow + Sync),
     on_block: &'a (dyn Fn(u32) + Sync),
@@ -219,7 +213,7 @@ async fn fetch_run(
     last: u32,
     paced: &mut Paced,
 ) -> Result<(), RangeError> {
-    let layout = lock(io.partial).layout();
+    let layout = io.layout;
     let end = layout.offset(last) + layout.block_len(last) as u64; // exclusive
     let mut asm = Assembly {
         block: first,
@@ -244,10 +238,7 @@ async fn fetch_range(
     last: u32,
     paced: &mut Paced,
 ) -> Result<(), RangeError> {
-    let (layout, hashes) = {
-        let p = lock(io.partial);
-        (p.layout(), p.manifest.block_hashes.clone())
-    };
+    let layout = io.layout;
     let partly = |next: u32, error: String| RangeError::Partly { next, error };
     let asked = std::time::Instant::now();
     let resp = io
@@ -292,7 +283,7 @@ async fn fetch_range(
         }
         let n = (data.len() as u64).min(remaining) as usize;
         remaining -= n as u64;
-        take_bytes(io, &layout, &hashes, asm, &data[..n], last)?;
+        take_bytes(io, asm, &data[..n], last)?;
         if remaining == 0 {
             paced.pace.on_delivered(asked_for, reading.elapsed());
             // Anything after the range (a 200 answer) is not needed.
@@ -306,12 +297,11 @@ async fn fetch_range(
 /// block it completes.
 fn take_bytes(
     io: &Io<'_>,
-    layout: &multicast::codec::Layout,
-    hashes: &[multicast::wire::Digest],
     asm: &mut Assembly,
     mut data: &[u8],
     last: u32,
 ) -> Result<(), RangeError> {
+    let (layout, hashes) = (&io.layout, &io.hashes);
     while !data.is_empty() && asm.block <= last {
         let block = asm.block;
         let want = layout.block_len(block) - asm.buf.len();

@@ -11,7 +11,7 @@
 //! transfer paced below the path's capacity adds nothing to it.
 //!
 //! - **Slow start**: from [`START_BPS`], the rate doubles every
-//!   [`DOUBLING`] until the queue passes twice the target, so an idle link
+//!   [`DOUBLING`] until the queue passes the target, so an idle link
 //!   is found within a fraction of a second; then it halves (the queue
 //!   shows the doubling that filled it late).
 //! - **Steady**: each sample moves the rate by `gain * off_target * dt`,
@@ -91,6 +91,8 @@ pub struct Pace {
     last: Option<Instant>,
     clear_since: Option<Instant>,
     queue: Option<Duration>,
+    /// [`HEADROOM`] times what got through lately: no growth passes it.
+    ceiling: Option<f64>,
 }
 
 impl Pace {
@@ -111,6 +113,7 @@ impl Pace {
             last: None,
             clear_since: None,
             queue: None,
+            ceiling: None,
         }
     }
 
@@ -165,6 +168,9 @@ impl Pace {
             return;
         }
         let got = bytes as f64 * 8.0 / over.as_secs_f64();
+        // Held at every step after, not just now: growth between two
+        // sparse delay samples would otherwise leap past it again.
+        self.ceiling = Some(got * HEADROOM);
         let cap = self.cap_bps.unwrap_or(u64::MAX) as f64;
         self.rate = self
             .rate
@@ -189,10 +195,9 @@ impl Pace {
     fn adjust(&mut self, now: Instant, queue: Duration, dt: Duration) {
         let secs = dt.as_secs_f64();
         if self.slow_start {
-            if queue > 2 * TARGET {
+            if queue > TARGET {
                 // The queue shows the doubling that filled it late: the rate
-                // that fits is about half of where it got to. (Twice the
-                // target: a blip of queue at a low rate is not the link.)
+                // that fits is about half of where it got to.
                 self.slow_start = false;
                 self.rate /= 2.0;
                 self.best = self.best.max(self.rate);
@@ -220,8 +225,8 @@ impl Pace {
                 self.clear_since = None;
             }
         }
-        let cap = self.cap_bps.unwrap_or(u64::MAX) as f64;
-        self.rate = self.rate.clamp(self.floor_bps as f64, cap);
+        let cap = (self.cap_bps.unwrap_or(u64::MAX) as f64).min(self.ceiling.unwrap_or(f64::MAX));
+        self.rate = self.rate.min(cap).max(self.floor_bps as f64);
     }
 }
 

@@ -3,7 +3,7 @@
 //! paced sender does not send in bursts that queue on a slow link).
 //!
 //! Linux has both (`TCP_INFO`, `SO_MAX_PACING_RATE`). Elsewhere neither is
-//! read here: [`rtt`] says `None`, and the caller does not adapt; on
+//! read here: the RTT is `None`, and the caller does not adapt; on
 //! Windows it asks for the OS's LEDBAT++ instead ([`os_background`]), and
 //! elsewhere a background upload runs at its cap, as in foreground.
 
@@ -177,18 +177,6 @@ fn handle(_stream: &TcpStream) -> Handle {
     Handle
 }
 
-/// The connection's smoothed round-trip time, as its TCP stack estimates
-/// it from the ACKs of what this side sent.
-pub fn rtt(stream: &TcpStream) -> Option<Duration> {
-    rtt_of(handle(stream))
-}
-
-/// Asks the TCP stack to pace what it sends at `bps` at most; whether it
-/// took it.
-pub fn set_pacing(stream: &TcpStream, bps: u64) -> bool {
-    pacing_of(handle(stream), bps)
-}
-
 #[cfg(target_os = "linux")]
 fn rtt_of(fd: Handle) -> Option<Duration> {
     path_of(fd).map(|(rtt, _)| rtt)
@@ -321,6 +309,14 @@ pub fn quickack(_stream: &TcpStream) {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rtt(stream: &TcpStream) -> Option<Duration> {
+        rtt_of(handle(stream))
+    }
+
+    fn set_pacing(stream: &TcpStream, bps: u64) -> bool {
+        pacing_of(handle(stream), bps)
+    }
 
     #[tokio::test]
     async fn a_loopback_connection_has_an_rtt_and_takes_a_pacing_rate() {
