@@ -8,6 +8,8 @@
 //! DIR/withdrawn/<id>.json   a signed control document withdrawing <id>
 //! DIR/orders/<id>.json      the latest signed pause or resume of <id>,
 //!                            named in the index's "orders" {id: order id}
+//! DIR/topology.json         the signed topology (sites), named by its id
+//!                            in the index's "topology"
 //! ```
 //!
 //! The index is not signed: each task and withdrawal is, and an agent
@@ -44,6 +46,10 @@ pub struct Index {
     /// it read an index without orders as before.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub orders: BTreeMap<String, String>,
+    /// The id of the topology in `topology.json`, if the channel carries
+    /// one (see `crate::topology`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<String>,
 }
 
 impl Default for Index {
@@ -54,6 +60,7 @@ impl Default for Index {
             tasks: Vec::new(),
             withdrawn: Vec::new(),
             orders: BTreeMap::new(),
+            topology: None,
         }
     }
 }
@@ -76,7 +83,11 @@ impl Index {
         }
         let ids = i.tasks.iter().chain(&i.withdrawn);
         let orders = i.orders.iter().flat_map(|(t, o)| [t, o]);
-        if let Some(bad) = ids.chain(orders).find(|id| !valid_id(id)) {
+        if let Some(bad) = ids
+            .chain(orders)
+            .chain(&i.topology)
+            .find(|id| !valid_id(id))
+        {
             bail!(
                 "channel index lists a bad id {:?}",
                 bad.chars().take(40).collect::<String>()
@@ -185,6 +196,23 @@ pub fn order(dir: &Path, id: &str, order_id: &str, order: &Envelope) -> anyhow::
         &serde_json::to_vec_pretty(order)?,
     )?;
     index.orders.insert(id.into(), order_id.into());
+    write_atomically(&dir.join(INDEX), &serde_json::to_vec_pretty(&index)?)?;
+    Ok(())
+}
+
+/// The topology's file name under the channel.
+pub const TOPOLOGY: &str = "topology.json";
+
+/// Puts the signed topology `env` (whose id is `id`) on the channel in
+/// `dir`, in place of any earlier one.
+pub fn topology(dir: &Path, id: &str, env: &Envelope) -> anyhow::Result<()> {
+    if !valid_id(id) {
+        bail!("topology id {id:?} is not valid");
+    }
+    let mut index = read_index(dir)?;
+    // The document first, then the index that names it.
+    write_atomically(&dir.join(TOPOLOGY), &serde_json::to_vec_pretty(env)?)?;
+    index.topology = Some(id.into());
     write_atomically(&dir.join(INDEX), &serde_json::to_vec_pretty(&index)?)?;
     Ok(())
 }

@@ -59,6 +59,41 @@ pub enum Command {
     /// The agent as a Windows service: install, uninstall, start, stop.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// Sites: sign the topology agents map themselves into.
+    #[command(subcommand)]
+    Topology(TopologyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopologyCommand {
+    /// Sign SITES (JSON: {"sites": [{"name", "subnets", "parent", "type",
+    /// "rendezvous"}]}) into a topology document agents take with
+    /// --topology, or from a channel.
+    Sign {
+        sites: PathBuf,
+        /// The publisher key (NAME.key).
+        #[arg(long)]
+        sign: PathBuf,
+        #[arg(short, long)]
+        out: PathBuf,
+        /// How long agents take it (then they fall back to no topology).
+        #[arg(long, default_value = "365d", value_parser = parse_duration)]
+        valid: Duration,
+        /// Also put it on this channel directory (agents that poll the
+        /// channel take it in place of their --topology).
+        #[arg(long)]
+        channel: Option<PathBuf>,
+    },
+    /// Check a signed topology and show where an address stands in it.
+    Show {
+        file: PathBuf,
+        /// Publisher key (NAME.pub) it must be signed with.
+        #[arg(long)]
+        trust: Vec<PathBuf>,
+        /// Show the site and sources of this agent address.
+        #[arg(long)]
+        addr: Option<std::net::Ipv4Addr>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -573,6 +608,11 @@ pub struct AgentArgs {
     /// A tag tasks can target (repeat; SOMCAST_TAGS: comma-separated).
     #[arg(long = "tag", env = "SOMCAST_TAGS", value_delimiter = ',')]
     pub tags: Vec<String>,
+    /// The signed topology (`somcast topology sign` writes it): which site
+    /// this agent is in, and the rendezvous points it fetches from before
+    /// the origin. A channel that carries one replaces it.
+    #[arg(long, env = "SOMCAST_TOPOLOGY")]
+    pub topology: Option<PathBuf>,
 }
 
 fn parse_probability(s: &str) -> Result<f64, String> {

@@ -50,6 +50,89 @@ pub fn manifest(cmd: &ManifestCommand) -> anyhow::Result<bool> {
     Ok(true)
 }
 
+/// `somcast topology sign|show`.
+pub fn topology(cmd: &crate::cli::TopologyCommand) -> anyhow::Result<bool> {
+    use crate::cli::TopologyCommand;
+    use crate::topology::{SitesFile, Topology, TopologyDoc};
+    use crate::trust::Envelope;
+    match cmd {
+        TopologyCommand::Sign {
+            sites,
+            sign,
+            out,
+            valid,
+            channel,
+        } => {
+            let signer = Signer::load(sign)?;
+            let text = std::fs::read_to_string(sites)
+                .with_context(|| format!("reading {}", sites.display()))?;
+            let file: SitesFile = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a sites file", sites.display()))?;
+            let n = file.sites.len();
+            let doc = crate::topology::document(file.sites, now_unix(), valid.as_secs())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", sites.display()))?;
+            let env = Envelope::sign(serde_json::to_string_pretty(&doc)?, &signer, "topology")?;
+            std::fs::write(out, serde_json::to_vec_pretty(&env)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+            if let Some(dir) = channel {
+                crate::channel::topology(dir, &doc.id, &env)?;
+            }
+            eprintln!(
+                "topology {}: {n} site(s), signed by key {} -> {}{}",
+                doc.id,
+                signer.public.id,
+                out.display(),
+                channel
+                    .as_ref()
+                    .map(|d| format!(", and on the channel {}", d.display()))
+                    .unwrap_or_default()
+            );
+            Ok(true)
+        }
+        TopologyCommand::Show { file, trust, addr } => {
+            let env: Envelope = serde_json::from_slice(
+                &std::fs::read(file).with_context(|| format!("reading {}", file.display()))?,
+            )
+            .with_context(|| format!("{}: not a signed document", file.display()))?;
+            let mut keys = Vec::new();
+            for p in trust {
+                keys.extend(crate::trust::keys::read_public(p)?);
+            }
+            let dir = tempfile::tempdir()?;
+            let gate = crate::trust::Gate::open(keys, trust.is_empty(), dir.path())?;
+            let t = Topology::open(&env, &gate, now_unix())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let doc: TopologyDoc =
+                crate::trust::document::parse(&env, crate::topology::TOPOLOGY_TYPE)?;
+            if trust.is_empty() {
+                eprintln!("(signature not checked: give --trust NAME.pub)");
+            }
+            println!("topology {} (expires at unix {})", t.id, doc.expires);
+            for s in t.sites() {
+                println!(
+                    "  {:<20} {:<5} parent {:<12} subnets {}  rendezvous {}",
+                    s.name,
+                    s.kind.as_str(),
+                    s.parent.as_deref().unwrap_or("-"),
+                    s.subnets.join(","),
+                    if s.rendezvous.is_empty() {
+                        "-".into()
+                    } else {
+                        s.rendezvous.join(",")
+                    }
+                );
+            }
+            if let Some(a) = addr {
+                match t.place(*a, crate::topology::DEFAULT_REPAIR_PORT) {
+                    Some(p) => println!("{a}: {}", serde_json::to_string(&p)?),
+                    None => println!("{a}: in no site (its subnet on its own)"),
+                }
+            }
+            Ok(true)
+        }
+    }
+}
+
 /// `somcast key generate NAME`.
 pub fn key(cmd: &KeyCommand) -> anyhow::Result<bool> {
     let KeyCommand::Generate { name, fleet } = cmd;
@@ -562,6 +645,51 @@ fn summary(statuses: &BTreeMap<String, Value>) -> String {
         .join(", ")
 }
 
+/// Per site (when agents are in a topology): agents by state, and bytes
+/// from the origin and from rendezvous points: one download per site
+/// shows as origin bytes of about one package.
+fn print_sites(statuses: &BTreeMap<String, Value>) {
+    #[derive(Default)]
+    struct Site {
+        states: BTreeMap<String, usize>,
+        origin: u64,
+        rendezvous: u64,
+    }
+    let mut sites: BTreeMap<&str, Site> = BTreeMap::new();
+    for s in statuses.values() {
+        let Some(name) = s["site"].as_str() else {
+            continue;
+        };
+        let site = sites.entry(name).or_default();
+        *site
+            .states
+            .entry(s["state"].as_str().unwrap_or("?").into())
+            .or_default() += 1;
+        site.origin += s["bytes"]["origin"].as_u64().unwrap_or(0);
+        site.rendezvous += s["bytes"]["rendezvous"].as_u64().unwrap_or(0);
+    }
+    if sites.is_empty() {
+        return;
+    }
+    println!(
+        "{:<20} {:>12} {:>12}  states",
+        "site", "origin", "rendezvous"
+    );
+    for (name, site) in &sites {
+        let states: Vec<String> = site
+            .states
+            .iter()
+            .map(|(k, v)| format!("{v} {k}"))
+            .collect();
+        println!(
+            "{name:<20} {:>12} {:>12}  {}",
+            site.origin,
+            site.rendezvous,
+            states.join(", ")
+        );
+    }
+}
+
 fn print_table(statuses: &BTreeMap<String, Value>) {
     println!(
         "{:<28} {:<15} {:<11} {:>9} {:>12} {:>12} {:>12} {:>8}  error",
@@ -587,4 +715,5 @@ fn print_table(statuses: &BTreeMap<String, Value>) {
             s["error"].as_str().unwrap_or("")
         );
     }
+    print_sites(statuses);
 }

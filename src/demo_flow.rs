@@ -92,6 +92,7 @@ async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
             channel: None,
             poll: crate::agent::config::DEFAULT_POLL,
             tags: Vec::new(),
+            topology: None,
         };
         agents.push(crate::agent::start(config).await?);
     }

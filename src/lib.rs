@@ -19,6 +19,7 @@ pub mod report;
 pub mod scan;
 pub mod serve;
 pub mod service;
+pub mod topology;
 pub mod trust;
 pub mod units;
 

@@ -97,7 +97,21 @@ pub struct Summary {
     /// Error text (numbers as N) -> agents.
     pub failures: BTreeMap<String, usize>,
     pub origin_by_subnet: BTreeMap<String, Origin>,
+    /// Site -> its agents, states and bytes (agents in a topology only).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_site: BTreeMap<String, SiteSummary>,
     pub slowest: Vec<Slow>,
+}
+
+/// One site's share of a task.
+#[derive(Debug, Default, Serialize)]
+pub struct SiteSummary {
+    pub agents: usize,
+    pub by_state: BTreeMap<String, usize>,
+    /// Origin bytes over the package size: one download per site is 1.0.
+    pub origin_per_package: f64,
+    pub bytes_origin: u64,
+    pub bytes_rendezvous: u64,
 }
 
 /// `text` with every run of digits as `N`, so errors that differ only in a
@@ -139,6 +153,16 @@ pub fn summarize(task: &str, reports: &[Report]) -> Summary {
         *origin.entry(subnet(r)).or_default() += r.bytes_origin;
     }
     let size = reports.iter().map(|r| r.size).max().unwrap_or(0).max(1);
+    let mut by_site: BTreeMap<String, SiteSummary> = BTreeMap::new();
+    for r in reports {
+        let Some(name) = &r.site else { continue };
+        let site = by_site.entry(name.clone()).or_default();
+        site.agents += 1;
+        *site.by_state.entry(r.state.clone()).or_default() += 1;
+        site.bytes_origin += r.bytes_origin;
+        site.bytes_rendezvous += r.bytes_rendezvous;
+        site.origin_per_package = site.bytes_origin as f64 / size as f64;
+    }
     let mut slow: Vec<&Report> = reports.iter().filter(|r| r.seconds.is_some()).collect();
     slow.sort_by(|a, b| {
         b.seconds
@@ -163,6 +187,7 @@ pub fn summarize(task: &str, reports: &[Report]) -> Summary {
                 )
             })
             .collect(),
+        by_site,
         slowest: slow
             .into_iter()
             .take(SLOWEST)
@@ -199,6 +224,21 @@ pub fn print(s: &Summary) {
             o.per_package,
             states(st)
         );
+    }
+    if !s.by_site.is_empty() {
+        println!(
+            "{:<20} {:>12} {:>8} {:>12}  states",
+            "site", "origin", "x pkg", "rendezvous"
+        );
+        for (name, site) in &s.by_site {
+            println!(
+                "{name:<20} {:>12} {:>8.2} {:>12}  {}",
+                site.bytes_origin,
+                site.origin_per_package,
+                site.bytes_rendezvous,
+                states(&site.by_state)
+            );
+        }
     }
     if !s.failures.is_empty() {
         println!("failures:");
@@ -237,6 +277,8 @@ mod tests {
             node: node.into(),
             hostname: format!("h-{node}"),
             subnet: Some(subnet.into()),
+            // Two subnets, one site.
+            site: Some("office".into()),
             version: "x".into(),
             role: None,
             state: state.into(),
@@ -244,6 +286,7 @@ mod tests {
             bytes_multicast: 0,
             bytes_peers: 0,
             bytes_origin: origin,
+            bytes_rendezvous: 7,
             seconds: Some(secs),
             error: err.map(str::to_string),
             install: None,
@@ -281,5 +324,9 @@ mod tests {
         assert_eq!(s.origin_by_subnet["10.0.0.0/24"].bytes, 100);
         assert!((s.origin_by_subnet["10.0.1.0/24"].per_package - 1.1).abs() < 1e-9);
         assert_eq!(s.slowest[0].node, "2");
+        let office = &s.by_site["office"];
+        assert_eq!((office.agents, office.by_state["failed"]), (4, 2));
+        assert_eq!((office.bytes_origin, office.bytes_rendezvous), (210, 28));
+        assert!((office.origin_per_package - 2.1).abs() < 1e-9);
     }
 }

@@ -298,6 +298,8 @@ async fn status(State(agent): State<Arc<Agent>>) -> Json<Value> {
         "uptime_s": agent.started.elapsed().as_secs(),
         "iface": { "name": agent.iface_name, "addr": agent.iface_addr.to_string() },
         "subnet": agent.subnet.map(|s| s.to_string()),
+        "site": agent.placement(),
+        "topology": agent.topology_id().map(|(id, issued)| json!({"id": id, "issued": issued})),
         "control_group": agent.config.control_group.to_string(),
         "repair_port": p.local().repair_port,
         "rank": {

@@ -59,6 +59,9 @@ struct Memory {
     /// Task id -> the last pause or resume order judged of it.
     #[serde(default)]
     orders: BTreeMap<String, Judged>,
+    /// The id of the channel's topology last judged.
+    #[serde(default)]
+    topology: Option<String>,
 }
 
 /// A pause or resume order judged: its id and when it was issued (in
@@ -253,6 +256,17 @@ async fn poll_once(
             .map(str::to_string)
     };
     let mut first_error: Option<PollError> = None;
+    // The topology first: a task taken in this poll fetches by it.
+    if let Some(id) = &index.topology
+        && memory.topology.as_ref() != Some(id)
+    {
+        match topology_of(agent, base).await {
+            Ok(()) => memory.topology = Some(id.clone()),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
     for id in &index.withdrawn {
         if memory.judged.get(id).is_some_and(|v| v == "withdrawn") {
             continue;
@@ -352,6 +366,41 @@ async fn take(agent: &Arc<Agent>, base: &reqwest::Url, id: &str) -> Result<Strin
         }
         Err(e) => Ok(refused(agent, id, &e.to_string())),
     }
+}
+
+/// Fetches, checks and puts in force the channel's topology, unless the
+/// one in force was issued later; a bad one is refused (and counted) and
+/// the one in force stays. An error is for retrying later.
+async fn topology_of(agent: &Arc<Agent>, base: &reqwest::Url) -> Result<(), PollError> {
+    let url = join(base, crate::channel::TOPOLOGY);
+    let (body, _) = get(agent, &url, document::MAX_DOCUMENT + 64 * 1024, None)
+        .await?
+        .ok_or_else(|| anyhow!("{url}: 304 to an unconditional request"))?;
+    let env = match serde_json::from_slice::<Envelope>(&body) {
+        Ok(env) if env.signature.is_some() => env,
+        Ok(_) => {
+            refused(agent, "topology", "unsigned");
+            return Ok(());
+        }
+        Err(e) => {
+            refused(agent, "topology", &format!("not a signed document: {e}"));
+            return Ok(());
+        }
+    };
+    match crate::topology::Topology::open(&env, &agent.gate, crate::cache::now_unix()) {
+        Ok(t) => {
+            let id = t.id.clone();
+            if agent.set_topology(t) {
+                super::site::keep(agent, &env);
+            } else {
+                tracing::info!("channel: topology {id} is older than the one in force; ignored");
+            }
+        }
+        Err(e) => {
+            refused(agent, "topology", &e.to_string());
+        }
+    }
+    Ok(())
 }
 
 fn refused(agent: &Agent, id: &str, why: &str) -> String {

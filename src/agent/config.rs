@@ -61,6 +61,7 @@ struct FileConfig {
     channel: Option<String>,
     poll: Option<String>,
     tags: Option<Vec<String>>,
+    topology: Option<PathBuf>,
 }
 
 /// Settings the agent runs with, validated.
@@ -107,6 +108,8 @@ pub struct AgentConfig {
     pub poll: Duration,
     /// Tags tasks can target.
     pub tags: Vec<String>,
+    /// The signed topology file, if any.
+    pub topology: Option<PathBuf>,
 }
 
 /// How often a channel is polled unless told.
@@ -240,6 +243,7 @@ impl AgentConfig {
             channel,
             poll,
             tags,
+            topology: args.topology.clone().or(file.topology),
             rate_bps,
             rate_min_bps,
             rate_mode,

@@ -10,6 +10,7 @@ mod control;
 pub mod metrics;
 pub mod repair;
 pub mod report;
+pub mod site;
 pub mod task;
 pub mod tcp;
 
@@ -65,6 +66,8 @@ pub struct Agent {
     pub channel: Mutex<channel::Status>,
     /// Wakes the report sender when a report is queued.
     pub reports_wake: tokio::sync::Notify,
+    /// The topology in force and this agent's site in it.
+    pub site: Mutex<site::SiteState>,
 }
 
 impl Agent {
@@ -306,10 +309,12 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         hostname: hostname(),
         channel: Default::default(),
         reports_wake: tokio::sync::Notify::new(),
+        site: Mutex::default(),
         contents: Mutex::new(HashMap::new()),
         config,
         token,
     });
+    site::load(&agent)?;
     task::restore(&agent);
     task::prune(&agent, crate::cache::now_unix());
     let (stop_tx, stop_rx) = watch::channel(false);

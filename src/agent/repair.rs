@@ -118,6 +118,12 @@ fn lookup(
     content: &Digest,
     block: u32,
 ) -> Option<(Layout, Digest, std::path::PathBuf)> {
+    if agent
+        .placement()
+        .is_some_and(|p| p.kind == crate::topology::SiteKind::Vpn)
+    {
+        return None; // a remote worker's uplink is not the office's
+    }
     let id = hex(content);
     let tasks = agent.tasks();
     tasks.values().find_map(|t| {

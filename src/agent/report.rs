@@ -30,6 +30,9 @@ pub struct Report {
     pub node: String,
     pub hostname: String,
     pub subnet: Option<String>,
+    /// The agent's site in the topology, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
     pub version: String,
     pub role: Option<String>,
     pub state: String,
@@ -37,6 +40,9 @@ pub struct Report {
     pub bytes_multicast: u64,
     pub bytes_peers: u64,
     pub bytes_origin: u64,
+    /// From the site's rendezvous points.
+    #[serde(default)]
+    pub bytes_rendezvous: u64,
     pub seconds: Option<f64>,
     pub error: Option<String>,
     pub install: Option<InstallResult>,
@@ -62,6 +68,7 @@ pub fn enqueue(agent: &Agent, status: &TaskStatus, url: &str) {
         node: status.node.clone(),
         hostname: agent.hostname.clone(),
         subnet: agent.subnet.map(|s| s.to_string()),
+        site: status.site.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
         role: status.role.clone(),
         state: serde_json::to_value(status.state)
@@ -72,6 +79,7 @@ pub fn enqueue(agent: &Agent, status: &TaskStatus, url: &str) {
         bytes_multicast: status.bytes.multicast,
         bytes_peers: status.bytes.peers,
         bytes_origin: status.bytes.origin,
+        bytes_rendezvous: status.bytes.rendezvous,
         seconds: status.seconds,
         error: status.error.clone(),
         install: status.install.clone(),

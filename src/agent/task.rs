@@ -32,6 +32,7 @@ pub use types::*;
 mod acquire;
 mod install;
 mod types;
+mod upstream;
 use crate::cache::{Partial, now_unix};
 use crate::election::{Election, ElectionConfig, ElectionEvent};
 use crate::fetch::{fetch_blocks, lock};
@@ -109,6 +110,7 @@ pub fn submit(agent: &Arc<Agent>, mut spec: TaskSpec) -> Result<TaskStatus, Spec
         cache_only: spec.cache_only,
         state: State::Queued,
         role: None,
+        site: agent.placement().map(|p| p.site),
         blocks_done: 0,
         block_count: checked.layout.block_count(),
         bytes: Bytes::default(),
@@ -680,8 +682,11 @@ impl Agent {
     /// This agent's standing in an election, frozen at its start.
     pub fn standing(&self, held_permille: u16) -> Standing {
         let rank = self.presence().local().rank;
+        // A rendezvous point fetches for its site: on its own subnet it
+        // multicasts what it fetches, so it is the one to represent it.
+        let rendezvous = self.placement().is_some_and(|p| p.rendezvous);
         Standing {
-            preference: rank.preference,
+            preference: if rendezvous { u8::MAX } else { rank.preference },
             held_permille,
             wired: rank.wired.unwrap_or(false),
             free_disk_gib: (rank.free_disk_mib / 1024).min(u64::from(u32::MAX)) as u32,

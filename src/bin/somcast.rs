@@ -54,6 +54,7 @@ fn main() -> ExitCode {
         Command::Task(t) => somcast::console::task(t),
         Command::Serve(s) => somcast::serve::main(&s.dir, s.listen, s.rate, s.reports.as_deref()),
         Command::Service(s) => service::main(s),
+        Command::Topology(t) => somcast::console::topology(t),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

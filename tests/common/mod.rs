@@ -98,9 +98,13 @@ pub fn start_agent(cache: &Path, group: SocketAddrV4, extra: &[&str]) -> Proc {
     start_agent_with(cache, group, &args)
 }
 
-/// An agent on loopback with a private control group and only `extra`.
+/// An agent on loopback with a private control group and only `extra`
+/// (its API on a free port unless `extra` gives `--api`).
 pub fn start_agent_with(cache: &Path, group: SocketAddrV4, extra: &[&str]) -> Proc {
-    let mut args = vec!["agent", "--iface", "127.0.0.1", "--api", "127.0.0.1:0"];
+    let mut args = vec!["agent", "--iface", "127.0.0.1"];
+    if !extra.contains(&"--api") {
+        args.extend_from_slice(&["--api", "127.0.0.1:0"]);
+    }
     args.extend_from_slice(&["--token", TOKEN, "--presence-interval", "300ms"]);
     args.extend_from_slice(extra);
     let g = group.to_string();

@@ -2,11 +2,20 @@
 //! representing (peers, origin, multicast pipelined behind the fetch) or
 //! receiving (the multicast, then peers, then the origin).
 
+use super::upstream::{fetch_upstream, origin_fetch};
 use super::*;
+use crate::topology::SiteKind;
 
 /// Gets every block: election, then representing or receiving, then the
 /// origin for what is still missing.
 pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<()> {
+    let kind = r.agent.placement().map(|p| p.kind).unwrap_or_default();
+    if kind == SiteKind::Vpn {
+        // A remote worker shares nothing with the hosts beside it.
+        r.note("vpn site: fetching on its own, from the nearest source".into());
+        r.state(State::Fetching);
+        return origin_fetch(r, partial).await;
+    }
     r.state(State::Electing);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let held_permille = {
@@ -69,9 +78,19 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
                 start,
             } => {
                 update(&r.agent, &r.id, |s| s.role = Some("receiver".into()));
-                r.note(format!("receiver of {representative:016x} on {group}"));
                 let preload = std::mem::take(&mut carried);
-                match receive(r, partial, session, group, start, &mut rx, preload).await? {
+                let received = if kind == SiteKind::Wifi {
+                    // Multicast over Wi-Fi goes at the lowest rate and is
+                    // lost freely: the representative only fetches.
+                    r.note(format!(
+                        "wifi site: taking the package from peers over TCP as representative {representative:016x} fetches it"
+                    ));
+                    Received::NoShow(preload)
+                } else {
+                    r.note(format!("receiver of {representative:016x} on {group}"));
+                    receive(r, partial, session, group, start, &mut rx, preload).await?
+                };
+                match received {
                     Received::All => return Ok(()),
                     Received::Incomplete(why, leftovers) => {
                         r.note(format!(
@@ -112,7 +131,9 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
                         }
                         return Ok(());
                     }
-                    Received::NoShow(left) if holds_some(r, representative) => {
+                    Received::NoShow(left)
+                        if kind == SiteKind::Wifi || holds_some(r, representative) =>
+                    {
                         // Offers and presence arrive, the data does not (a
                         // switch that prunes the data group, Wi-Fi client
                         // isolation): the representative fetches all the
@@ -464,26 +485,6 @@ async fn peer_repair(
     Ok(())
 }
 
-async fn origin_fetch(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<()> {
-    let flow = r.flow();
-    let agent = r.agent.clone();
-    let id = r.id.clone();
-    let p2 = partial.clone();
-    let on_block = move |_b: u32| note_blocks(&agent, &id, &lock(&p2));
-    fetch_blocks(
-        &r.agent.http,
-        partial,
-        None,
-        &r.origin,
-        &flow,
-        r.pacing(),
-        &on_block,
-    )
-    .await?;
-    r.progress(partial);
-    Ok(())
-}
-
 /// The representative: fetch from the origin, multicast from `start`,
 /// pipelined. Returns the election event that interrupted it (a better
 /// representative), if any.
@@ -506,27 +507,26 @@ async fn represent(
     // the multicast runs, read by its loop.
     let hold = Arc::new(AtomicBool::new(r.paused()));
     r.state(State::Fetching);
-    let fetch = {
-        let (agent, id, p, origin, avail, flow) = (
+    if r.agent.placement().map(|p| p.kind) == Some(SiteKind::Wifi) {
+        // No multicast on Wi-Fi: the others take it from this agent, and
+        // each other, over TCP as it arrives.
+        origin_fetch(r, partial).await?;
+        return Ok(None);
+    }
+    let on_block = {
+        let (agent, id, p, avail) = (
             r.agent.clone(),
             r.id.clone(),
             partial.clone(),
-            r.origin.clone(),
             available.clone(),
-            r.flow(),
         );
-        let pacing = r.pacing();
-        async move {
-            let p2 = p.clone();
-            let agent2 = agent.clone();
-            let on_block = move |_b: u32| {
-                let g = lock(&p2);
-                avail.store(g.done_prefix(), Ordering::Release);
-                note_blocks(&agent2, &id, &g);
-            };
-            fetch_blocks(&agent.http, &p, None, &origin, &flow, pacing, &on_block).await
+        move |_b: u32| {
+            let g = lock(&p);
+            avail.store(g.done_prefix(), Ordering::Release);
+            note_blocks(&agent, &id, &g);
         }
     };
+    let fetch = fetch_upstream(r, partial, &on_block);
     tokio::pin!(fetch);
     let mut fetch_done = false;
     // Until the start: fetch, and listen for a better representative.
@@ -534,7 +534,7 @@ async fn represent(
         tokio::select! {
             res = &mut fetch, if !fetch_done => {
                 fetch_done = true;
-                res.context("fetching from the origin")?;
+                res.context("fetching the package")?;
                 r.state(State::Waiting);
             }
             _ = tokio::time::sleep_until(start.into()) => break,
@@ -630,13 +630,13 @@ async fn represent(
         bail!("cancelled");
     }
     if let Some(e) = fetch_error {
-        return Err(e).context("fetching from the origin");
+        return Err(e).context("fetching the package");
     }
     if interrupted.is_some() {
         return Ok(interrupted);
     }
     if !fetch_done {
-        fetch.await.context("fetching from the origin")?;
+        fetch.await.context("fetching the package")?;
     }
     match sent.context("send thread")? {
         Ok(report) => tracing::info!(

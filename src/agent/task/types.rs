@@ -67,6 +67,9 @@ pub struct Bytes {
     pub multicast: u64,
     pub peers: u64,
     pub origin: u64,
+    /// From the site's rendezvous points (see `crate::topology`).
+    #[serde(default)]
+    pub rendezvous: u64,
     /// Repair bytes by the node id of the peer that served them.
     #[serde(default)]
     pub by_peer: std::collections::BTreeMap<String, u64>,
@@ -91,6 +94,9 @@ pub struct TaskStatus {
     pub state: State,
     /// representative, receiver or cached.
     pub role: Option<String>,
+    /// The agent's site in the topology when the task started, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
     pub blocks_done: u32,
     pub block_count: u32,
     pub bytes: Bytes,

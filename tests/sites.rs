@@ -1,0 +1,227 @@
+//! Sites on loopback: a signed topology puts agents in sites; a subnet
+//! fetches from its site's rendezvous point (the next one when the first
+//! does not answer) instead of the origin; a Wi-Fi site shares over TCP
+//! without multicast; VPN agents fetch on their own and serve nobody.
+//! Each "subnet" here is a private control group.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{
+    Proc, TempDir, cached, cli, get_json, origin_bytes, origin_dir, package, post, start_agent,
+    start_origin, wait_done,
+};
+use serde_json::{Value, json};
+use somcast::demo::private_group;
+
+const SIZE: u64 = 12 * 1024 * 1024 + 77;
+
+/// Signs `sites` with a new publisher key: the topology file and the key's
+/// .pub.
+fn topology(dir: &Path, sites: Value) -> (PathBuf, PathBuf) {
+    let key = dir.join("publisher");
+    cli(&["key", "generate", key.to_str().unwrap()]);
+    let sites_file = dir.join("sites.json");
+    std::fs::write(&sites_file, json!({ "sites": sites }).to_string()).unwrap();
+    let out = dir.join("topology.json");
+    cli(&[
+        "topology",
+        "sign",
+        sites_file.to_str().unwrap(),
+        "--sign",
+        dir.join("publisher.key").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    (out, dir.join("publisher.pub"))
+}
+
+/// A free port whose successor is free too (an agent's API and repair).
+fn free_pair() -> u16 {
+    loop {
+        let a = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = a.local_addr().unwrap().port();
+        if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn agent(cache: &Path, topo: &Path, trust: &Path, api: Option<u16>) -> Proc {
+    let api = api.map(|p| format!("127.0.0.1:{p}"));
+    let mut args = vec![
+        "--topology",
+        topo.to_str().unwrap(),
+        "--trust",
+        trust.to_str().unwrap(),
+    ];
+    if let Some(a) = &api {
+        args.extend(["--api", a.as_str()]);
+    }
+    start_agent(cache, private_group(), &args)
+}
+
+#[test]
+fn a_subnet_fetches_from_its_sites_rendezvous_and_the_next_when_one_is_down() {
+    let dir = TempDir::new("sites-rvp");
+    let origin = start_origin(&origin_dir(&dir), "0");
+    let (m, bytes) = package(&dir.0, SIZE, 5, origin.addr);
+    let rvp_api = free_pair();
+    // The first rendezvous listed is down (nothing listens there).
+    let dead = free_pair();
+    let (topo, trust) = topology(
+        &dir.0,
+        json!([{
+            "name": "office",
+            "subnets": ["127.0.0.0/8"],
+            "rendezvous": [format!("127.0.0.1:{}", dead + 1), format!("127.0.0.1:{}", rvp_api + 1)],
+        }]),
+    );
+    let (c1, c2) = (TempDir::new("sites-rvp-a"), TempDir::new("sites-rvp-b"));
+    // Each on a subnet (control group) of its own.
+    let rvp = agent(&c1.0, &topo, &trust, Some(rvp_api));
+    let other = agent(&c2.0, &topo, &trust, None);
+    let st = get_json(rvp.addr, "/v1/status");
+    assert_eq!(st["site"]["site"], "office", "{st}");
+    assert_eq!(st["site"]["rendezvous"], true, "{st}");
+    assert_eq!(
+        get_json(other.addr, "/v1/status")["site"]["rendezvous"],
+        false
+    );
+    let spec = json!({ "id": "site-1", "manifest": m, "delay_ms": 500 });
+    post(&rvp, &spec);
+    post(&other, &spec);
+    for (a, c) in [(&rvp, &c1), (&other, &c2)] {
+        let s = wait_done(a, "site-1", Duration::from_secs(90));
+        assert_eq!(s["state"], "done", "{s}");
+        assert_eq!(s["site"], "office", "{s}");
+        assert_eq!(cached(&c.0, &m.content_id).as_deref(), Some(&bytes[..]));
+    }
+    let s = common::task(&other, "site-1");
+    assert_eq!(s["bytes"]["origin"], 0, "{s}");
+    assert!(s["bytes"]["rendezvous"].as_u64().unwrap() >= SIZE, "{s}");
+    let history = s["history"].to_string();
+    assert!(
+        history.contains(&format!("rendezvous 127.0.0.1:{}", dead + 1)),
+        "the dead rendezvous is named: {history}"
+    );
+    let served = origin_bytes(&origin);
+    assert!(
+        served as f64 <= 1.05 * SIZE as f64,
+        "one download for the site: the origin sent {served} for {SIZE}"
+    );
+}
+
+/// N agents on one subnet, all in one site of type `kind` spanning
+/// loopback, each given the task `<kind>-task`.
+struct OneSite {
+    _dir: TempDir,
+    origin: Proc,
+    manifest: somcast::manifest::Manifest,
+    bytes: Vec<u8>,
+    caches: Vec<TempDir>,
+    agents: Vec<Proc>,
+}
+
+fn one_site(kind: &str, n: usize) -> OneSite {
+    let dir = TempDir::new("sites-one");
+    let origin = start_origin(&origin_dir(&dir), "0");
+    let (manifest, bytes) = package(&dir.0, SIZE, 6, origin.addr);
+    let (topo, trust) = topology(
+        &dir.0,
+        json!([{ "name": "office", "subnets": ["127.0.0.0/8"], "type": kind }]),
+    );
+    let group = private_group();
+    let caches: Vec<TempDir> = (0..n).map(|_| TempDir::new("sites-one-a")).collect();
+    let args = [
+        "--topology",
+        topo.to_str().unwrap(),
+        "--trust",
+        trust.to_str().unwrap(),
+    ];
+    let agents: Vec<Proc> = caches
+        .iter()
+        .map(|c| start_agent(&c.0, group, &args))
+        .collect();
+    let spec = json!({ "id": format!("{kind}-task"), "manifest": manifest, "delay_ms": 500 });
+    for a in &agents {
+        post(a, &spec);
+    }
+    OneSite {
+        _dir: dir,
+        origin,
+        manifest,
+        bytes,
+        caches,
+        agents,
+    }
+}
+
+#[test]
+fn a_wifi_site_shares_over_tcp_without_multicast() {
+    let lab = one_site("wifi", 4);
+    let (agents, caches, m) = (&lab.agents, &lab.caches, &lab.manifest);
+    let mut from_peers = 0;
+    for (a, c) in agents.iter().zip(caches) {
+        let s = wait_done(a, "wifi-task", Duration::from_secs(90));
+        assert_eq!(s["state"], "done", "{s}");
+        assert_eq!(s["bytes"]["multicast"], 0, "no multicast on Wi-Fi: {s}");
+        assert!(s["multicast"].is_null(), "nothing sent: {s}");
+        if s["bytes"]["peers"].as_u64().unwrap() >= SIZE {
+            from_peers += 1;
+        }
+        assert_eq!(cached(&c.0, &m.content_id).as_deref(), Some(&lab.bytes[..]));
+    }
+    assert_eq!(
+        from_peers, 3,
+        "all but the one that fetched took it from peers"
+    );
+    let served = origin_bytes(&lab.origin);
+    assert!(served as f64 <= 1.05 * SIZE as f64, "origin sent {served}");
+}
+
+#[test]
+fn vpn_agents_fetch_on_their_own_and_serve_no_peer() {
+    let lab = one_site("vpn", 2);
+    let (agents, m) = (&lab.agents, &lab.manifest);
+    for a in agents {
+        let s = wait_done(a, "vpn-task", Duration::from_secs(60));
+        assert_eq!(s["state"], "done", "{s}");
+        assert!(s["role"].is_null(), "no election: {s}");
+        assert_eq!(s["bytes"]["origin"].as_u64(), Some(SIZE), "{s}");
+        assert_eq!(s["bytes"]["peers"], 0, "{s}");
+    }
+    // Each fetched on its own: twice the package.
+    assert!(origin_bytes(&lab.origin) >= 2 * SIZE);
+    // A VPN agent holds the package and still serves no block of it.
+    let port = get_json(agents[0].addr, "/v1/status")["repair_port"]
+        .as_u64()
+        .unwrap() as u16;
+    let mut content = [0u8; 32];
+    for (i, b) in content.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&m.content_id[2 * i..2 * i + 2], 16).unwrap();
+    }
+    let mut request = Vec::new();
+    repair::frame::encode(
+        &repair::frame::Frame::Need {
+            content,
+            block: 0,
+            held: 0,
+            need: 10,
+            highest_esi: None,
+        },
+        &mut request,
+    );
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(&request).unwrap();
+    let mut answer = vec![0u8; 64];
+    let n = conn.read(&mut answer).unwrap();
+    let (frame, _) = repair::frame::decode(&answer[..n], 4096).unwrap().unwrap();
+    assert_eq!(frame, repair::frame::Frame::NotHeld { block: 0 });
+}
