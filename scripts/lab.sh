@@ -29,6 +29,16 @@ lab_need() {
     fi
 }
 
+# lab_install CMD:PACKAGE...: installs each Debian PACKAGE whose CMD is
+# missing.
+lab_install() {
+    local need=() cp
+    for cp in "$@"; do command -v "${cp%%:*}" >/dev/null || need+=("${cp##*:}"); done
+    [ ${#need[@]} -eq 0 ] && return 0
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null ||
+        { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; }
+}
+
 lab_exec() {
     local i=$1
     shift
