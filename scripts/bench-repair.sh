@@ -2,7 +2,7 @@
 # Peer repair throughput in the namespace lab, against plain HTTP of the
 # same bytes from one of the same peers.
 #
-#   scripts/bench-repair.sh [--size 256M] [--rate 1gbit] [--peers 1] [--peer-rate RATE]
+#   scripts/bench-repair.sh [--size 256M] [--rate 1gbit] [--peers 1] [--peer-rate RATE] [--mode background]
 #
 # Host 0 is the origin; agents on hosts 1..N (the peers) stage the package
 # (cache-only), one after another; then agent B (host N+1) gets the same
@@ -18,14 +18,15 @@ cd "$(dirname "$0")/.."
 . scripts/lab.sh
 export LAB_PREFIX=scr
 
-size=256M rate=1gbit peers=1 peer_rate=
+size=256M rate=1gbit peers=1 peer_rate= mode=background
 while [ $# -gt 0 ]; do
     case "$1" in
     --size) size=$2; shift 2 ;;
     --rate) rate=$2; shift 2 ;;
     --peers) peers=$2; shift 2 ;;
     --peer-rate) peer_rate=$2; shift 2 ;;
-    *) echo "usage: $0 [--size 256M] [--rate 1gbit] [--peers 1] [--peer-rate RATE]" >&2; exit 2 ;;
+    --mode) mode=$2; shift 2 ;;
+    *) echo "usage: $0 [--size 256M] [--rate 1gbit] [--peers 1] [--peer-rate RATE] [--mode background|foreground]" >&2; exit 2 ;;
     esac
 done
 lab_session bench-repair
@@ -44,7 +45,7 @@ lab_exec 0 "$BIN" serve "$WORK/origin" --listen "$LAB_NET.1:8080" 2>/dev/null &
 "$BIN" manifest create "$WORK/origin/pkg.bin" --url "http://$LAB_NET.1:8080/pkg.bin" -o "$WORK/pkg.json" --sign "$KEY" 2>/dev/null
 for ((i = 1; i <= b; i++)); do
     lab_exec "$i" "$BIN" agent --iface eth0 --cache "$WORK/cache$i" --api "$LAB_NET.$((i + 1)):7480" \
-        --token "$TOKEN" --trust "$PUB" >"$WORK/agent$i.log" 2>&1 &
+        --token "$TOKEN" --trust "$PUB" --rate-mode "$mode" >"$WORK/agent$i.log" 2>&1 &
 done
 sleep 1.5
 for ((i = 1; i <= peers; i++)); do
@@ -70,12 +71,12 @@ lab_exec "$b" curl -s -o "$WORK/http.bin" "http://$LAB_NET.2:8081/pkg.bin"
 t1=$(date +%s.%N)
 cmp -s "$WORK/http.bin" "$WORK/origin/pkg.bin"
 http_s=$(echo "$t1 - $t0" | bc)
-python3 - "$got" "$secs" "$bytes" "$http_s" "$size" "$rate" "$peers" "${peer_rate:-$rate}" <<'PY'
+python3 - "$got" "$secs" "$bytes" "$http_s" "$size" "$rate" "$peers" "${peer_rate:-$rate}" "$mode" <<'PY'
 import sys
 got, secs, size, http_s = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 r = got * 8 / secs / 1e6
 h = size * 8 / http_s / 1e6
-print(f"{sys.argv[5]}, links {sys.argv[6]}, {sys.argv[7]} peer(s) uploading at {sys.argv[8]}: "
+print(f"{sys.argv[5]}, links {sys.argv[6]}, {sys.argv[7]} peer(s) uploading at {sys.argv[8]}, {sys.argv[9]} mode: "
       f"peer repair {got} bytes in {secs:.2f} s = {r:.0f} Mbit/s; plain HTTP from one peer {size} bytes "
       f"in {http_s:.2f} s = {h:.0f} Mbit/s; repair/HTTP throughput {r / h:.2f}x")
 PY

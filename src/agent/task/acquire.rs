@@ -433,6 +433,7 @@ async fn peer_repair(
         let node = peers.get(&addr).map(|p| p.0).unwrap_or_default();
         match res {
             Ok((data, bytes)) => {
+                tracing::trace!("task {}: block {b} from peer {addr}", r.id);
                 fetched = true;
                 chooser.succeeded(addr, bytes);
                 // Off the runtime: a 4 MiB write must not stall the
