@@ -225,3 +225,84 @@ fn vpn_agents_fetch_on_their_own_and_serve_no_peer() {
     let (frame, _) = repair::frame::decode(&answer[..n], 4096).unwrap().unwrap();
     assert_eq!(frame, repair::frame::Frame::NotHeld { block: 0 });
 }
+
+#[test]
+fn a_channel_topology_replaces_the_agents_only_when_signed_and_newer() {
+    let dir = TempDir::new("sites-channel");
+    let origin = start_origin(&origin_dir(&dir), "0");
+    let chan = dir.0.join("origin").join("chan");
+    let key = dir.0.join("publisher");
+    cli(&["key", "generate", key.to_str().unwrap()]);
+    let (key_file, pub_file) = (dir.0.join("publisher.key"), dir.0.join("publisher.pub"));
+    let sign = |name: &str| -> PathBuf {
+        let sites = dir.0.join(format!("{name}.sites.json"));
+        let doc = json!({ "sites": [{ "name": name, "subnets": ["127.0.0.0/8"] }] });
+        std::fs::write(&sites, doc.to_string()).unwrap();
+        let out = dir.0.join(format!("{name}.topology.json"));
+        cli(&[
+            "topology",
+            "sign",
+            sites.to_str().unwrap(),
+            "--sign",
+            key_file.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--channel",
+            chan.to_str().unwrap(),
+        ]);
+        out
+    };
+    let set_index = |env: &Path| {
+        // Put a topology file on the channel by hand, under a fresh index id.
+        std::fs::copy(env, chan.join("topology.json")).unwrap();
+        let path = chan.join("channel.json");
+        let mut index: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        index["topology"] = json!(format!("x{}", somcast::trust::document::new_id()));
+        std::fs::write(&path, index.to_string()).unwrap();
+    };
+    let first = sign("first");
+    let cache = TempDir::new("sites-channel-a");
+    let url = format!("http://{}/chan", origin.addr);
+    let args = [
+        "--trust",
+        pub_file.to_str().unwrap(),
+        "--channel",
+        url.as_str(),
+        "--poll",
+        "1s",
+    ];
+    let site = |a: &Proc| get_json(a.addr, "/v1/status")["site"]["site"].clone();
+    let a = start_agent(&cache.0, private_group(), &args);
+    common::wait_for("the first topology", Duration::from_secs(15), || {
+        site(&a) == "first"
+    });
+    // The document changed on the server, its signature kept: refused.
+    let forged = dir.0.join("forged.json");
+    let text = std::fs::read_to_string(&first).unwrap();
+    std::fs::write(&forged, text.replace("\\\"first\\\"", "\\\"forged\\\"")).unwrap();
+    assert_ne!(std::fs::read_to_string(&forged).unwrap(), text);
+    set_index(&forged);
+    common::wait_for(
+        "the forged topology refused",
+        Duration::from_secs(15),
+        || get_json(a.addr, "/v1/status")["channel"]["refused"].as_u64() == Some(1),
+    );
+    assert_eq!(site(&a), "first");
+    // A newer one is taken; the older one served again is not.
+    std::thread::sleep(Duration::from_millis(1100)); // a later `issued`
+    sign("second");
+    common::wait_for("the second topology", Duration::from_secs(15), || {
+        site(&a) == "second"
+    });
+    set_index(&first);
+    common::wait_for("the old topology judged", Duration::from_secs(15), || {
+        let m = std::fs::read_to_string(cache.0.join("channel-state.json")).unwrap_or_default();
+        serde_json::from_str::<Value>(&m)
+            .is_ok_and(|v| v["topology"].as_str().is_some_and(|t| t.starts_with('x')))
+    });
+    assert_eq!(site(&a), "second");
+    // Kept across a restart, without the channel.
+    drop(a);
+    let a = start_agent(&cache.0, private_group(), &args[..2]);
+    assert_eq!(site(&a), "second");
+}
