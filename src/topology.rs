@@ -311,6 +311,16 @@ impl Topology {
         })
     }
 
+    /// The site that fetches for `addr`: the nearest, from its own site up
+    /// the chain, with rendezvous points. Agents with the same anchor share
+    /// its rendezvous points, and stand in for them together.
+    pub fn anchor(&self, addr: Ipv4Addr) -> Option<&str> {
+        let i = self.site_of(addr)?;
+        self.chain(i)
+            .find(|&j| !self.sites[j].rendezvous.is_empty())
+            .map(|j| self.sites[j].site.name.as_str())
+    }
+
     pub fn sites(&self) -> impl Iterator<Item = &Site> {
         self.sites.iter().map(|c| &c.site)
     }
@@ -408,6 +418,10 @@ mod tests {
         // B has no parent: its rendezvous goes to the origin.
         let p = t.place("10.2.1.11".parse().unwrap(), 7481).unwrap();
         assert!(p.rendezvous && p.sources.is_empty());
+        // The Wi-Fi subnet stands in with office A; B on its own.
+        assert_eq!(t.anchor("10.1.3.7".parse().unwrap()), Some("a"));
+        assert_eq!(t.anchor("10.1.1.9".parse().unwrap()), Some("a"));
+        assert_eq!(t.anchor("10.2.1.9".parse().unwrap()), Some("b"));
         // The catch-all covers 10/8; an address outside is in no site.
         assert_eq!(
             t.place("10.7.7.7".parse().unwrap(), 7481).unwrap().site,

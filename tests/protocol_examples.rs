@@ -266,6 +266,20 @@ fn repair_examples() -> Vec<(&'static str, rframe::Frame)> {
         ("repair-busy", rframe::Frame::Busy),
         ("repair-stop", rframe::Frame::Stop { block: 1 }),
         ("repair-end", rframe::Frame::End { block: 1 }),
+        (
+            "repair-join",
+            rframe::Frame::Join {
+                content: content(),
+                repair_port: 7481,
+                fetching: true,
+            },
+        ),
+        (
+            "repair-members",
+            rframe::Frame::Members {
+                members: vec![([10, 0, 1, 11], 7481), ([10, 0, 2, 11], 9000)],
+            },
+        ),
     ]
 }
 

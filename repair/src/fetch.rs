@@ -136,9 +136,10 @@ impl BlockFetch {
             // The end of the peer's answer: the pipeline decides what next.
             Frame::End { .. } => FetchStep::More,
             Frame::Busy => FetchStep::Busy,
-            Frame::Need { .. } | Frame::Stop { .. } => {
+            Frame::Need { .. } | Frame::Stop { .. } | Frame::Join { .. } => {
                 FetchStep::Misbehaved("a requester's frame from the serving side".into())
             }
+            Frame::Members { .. } => FetchStep::Misbehaved("MEMBERS where a block is due".into()),
         }
     }
 

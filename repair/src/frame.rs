@@ -36,7 +36,12 @@ mod kind {
     pub const BUSY: u8 = 4;
     pub const STOP: u8 = 5;
     pub const END: u8 = 6;
+    pub const JOIN: u8 = 7;
+    pub const MEMBERS: u8 = 8;
 }
+
+/// Most members a MEMBERS frame lists: a site's subnets, with room.
+pub const MAX_MEMBERS: usize = 64;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -67,6 +72,18 @@ pub enum Frame {
     /// Peer: every symbol it planned for the block is sent (or the
     /// requester stopped it); its answer to the next request follows.
     End { block: u32 },
+    /// Requester, to a rendezvous point: it wants the members of
+    /// `content`; with `fetching`, it is one (it fetches the content for
+    /// its subnet and serves repair on `repair_port` of the connection's
+    /// source address).
+    Join {
+        content: Digest,
+        repair_port: u16,
+        fetching: bool,
+    },
+    /// Rendezvous point: who has joined for that content, the asker too
+    /// (address and repair port), at most [`MAX_MEMBERS`].
+    Members { members: Vec<([u8; 4], u16)> },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -76,6 +93,13 @@ struct NeedBody {
     held: u32,
     need: u32,
     highest_esi: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct JoinBody {
+    content: Digest,
+    repair_port: u16,
+    fetching: bool,
 }
 
 #[derive(Deserialize)]
@@ -100,6 +124,8 @@ pub enum FrameError {
     BadBody(postcard::Error),
     #[error("{0} bytes left after the frame body")]
     TrailingBytes(usize),
+    #[error("{0} members listed (at most {MAX_MEMBERS})")]
+    TooManyMembers(usize),
 }
 
 /// Appends one frame, header first.
@@ -145,6 +171,22 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             push_varint(out, *block)
         }
         Frame::Busy => {}
+        Frame::Join {
+            content,
+            repair_port,
+            fetching,
+        } => {
+            let body = JoinBody {
+                content: *content,
+                repair_port: *repair_port,
+                fetching: *fetching,
+            };
+            *out = postcard::to_extend(&body, std::mem::take(out)).expect(infallible);
+        }
+        Frame::Members { members } => {
+            let listed = &members[..members.len().min(MAX_MEMBERS)];
+            *out = postcard::to_extend(&listed, std::mem::take(out)).expect(infallible);
+        }
     }
     let len = (out.len() - start - HEADER_LEN) as u32;
     out[start + 4..start + HEADER_LEN].copy_from_slice(&len.to_le_bytes());
@@ -159,6 +201,8 @@ impl Frame {
             Frame::Busy => kind::BUSY,
             Frame::Stop { .. } => kind::STOP,
             Frame::End { .. } => kind::END,
+            Frame::Join { .. } => kind::JOIN,
+            Frame::Members { .. } => kind::MEMBERS,
         }
     }
 }
@@ -176,7 +220,7 @@ pub fn check_header(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError>
     if header[2] != VERSION {
         return Err(FrameError::BadVersion(header[2]));
     }
-    if !(kind::NEED..=kind::END).contains(&header[3]) {
+    if !(kind::NEED..=kind::MEMBERS).contains(&header[3]) {
         return Err(FrameError::BadKind(header[3]));
     }
     let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
@@ -227,6 +271,21 @@ pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Frame, usize)>, FrameErr
         kind::END => Frame::End {
             block: strict(body)?,
         },
+        kind::JOIN => {
+            let b: JoinBody = strict(body)?;
+            Frame::Join {
+                content: b.content,
+                repair_port: b.repair_port,
+                fetching: b.fetching,
+            }
+        }
+        kind::MEMBERS => {
+            let members: Vec<([u8; 4], u16)> = strict(body)?;
+            if members.len() > MAX_MEMBERS {
+                return Err(FrameError::TooManyMembers(members.len()));
+            }
+            Frame::Members { members }
+        }
         _ => {
             if !body.is_empty() {
                 return Err(FrameError::TrailingBytes(body.len()));
@@ -270,6 +329,15 @@ mod tests {
             Frame::Busy,
             Frame::Stop { block: 7 },
             Frame::End { block: 7 },
+            Frame::Join {
+                content: [4; 32],
+                repair_port: 7481,
+                fetching: true,
+            },
+            Frame::Members {
+                members: vec![([10, 0, 1, 11], 7481), ([10, 0, 2, 11], 9000)],
+            },
+            Frame::Members { members: vec![] },
         ];
         let mut stream = Vec::new();
         for f in &frames {
@@ -323,6 +391,16 @@ mod tests {
         let mut bad = good.clone();
         bad[3] = 9;
         assert_eq!(decode(&bad, MAX_FRAME), Err(FrameError::BadKind(9)));
+        // A list longer than the cap is refused, not taken.
+        let long: Vec<([u8; 4], u16)> = vec![([1, 2, 3, 4], 5); MAX_MEMBERS + 1];
+        let body = postcard::to_stdvec(&long).unwrap();
+        let mut bad = b"SR\x01\x08".to_vec();
+        bad.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        bad.extend_from_slice(&body);
+        assert_eq!(
+            decode(&bad, MAX_FRAME),
+            Err(FrameError::TooManyMembers(MAX_MEMBERS + 1))
+        );
         // Busy has no body; a byte after it is refused.
         let mut bad = Vec::new();
         encode(&Frame::Busy, &mut bad);
@@ -352,7 +430,7 @@ mod tests {
         }
 
         #[test]
-        fn random_bodies_behind_a_valid_header_never_panic(kind in 0u8..7, body in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fn random_bodies_behind_a_valid_header_never_panic(kind in 0u8..10, body in proptest::collection::vec(any::<u8>(), 0..300)) {
             let mut buf = vec![b'S', b'R', VERSION, kind];
             buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
             buf.extend_from_slice(&body);

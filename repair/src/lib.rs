@@ -14,12 +14,15 @@
 //! - [`pipeline`]: the asking side for many blocks from one peer over one
 //!   connection, requests pipelined, sans-IO.
 //! - [`choose`]: which peer to ask, spread by load, with a per-peer limit.
+//! - [`members`]: who fetches a content through a rendezvous point, and
+//!   who fetches for the others once it is gone.
 //! - [`pace`]: the rate of a unicast transfer (a repair upload, an origin
 //!   fetch) that yields to other traffic on measured delay, sans-IO.
 
 pub mod choose;
 pub mod fetch;
 pub mod frame;
+pub mod members;
 pub mod pace;
 pub mod pipeline;
 pub mod serve;

@@ -159,8 +159,11 @@ impl Pipeline {
                 });
                 Step::Reask(request)
             }
-            f @ (Frame::Need { .. } | Frame::Stop { .. }) => {
-                Step::Misbehaved(format!("{} from the serving side", name(&f)))
+            f @ (Frame::Need { .. }
+            | Frame::Stop { .. }
+            | Frame::Join { .. }
+            | Frame::Members { .. }) => {
+                Step::Misbehaved(format!("{} where a block is due", name(&f)))
             }
         }
     }
@@ -194,6 +197,8 @@ fn name(f: &Frame) -> &'static str {
         Frame::Busy => "BUSY",
         Frame::Stop { .. } => "STOP",
         Frame::End { .. } => "END",
+        Frame::Join { .. } => "JOIN",
+        Frame::Members { .. } => "MEMBERS",
     }
 }
 

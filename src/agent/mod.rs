@@ -68,6 +68,8 @@ pub struct Agent {
     pub reports_wake: tokio::sync::Notify,
     /// The topology in force and this agent's site in it.
     pub site: Mutex<site::SiteState>,
+    /// Who fetches each content through this agent as a rendezvous point.
+    pub members: Mutex<::repair::members::Members>,
 }
 
 impl Agent {
@@ -310,6 +312,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         channel: Default::default(),
         reports_wake: tokio::sync::Notify::new(),
         site: Mutex::default(),
+        members: Mutex::default(),
         contents: Mutex::new(HashMap::new()),
         config,
         token,

@@ -104,7 +104,7 @@ pub async fn serve(
         let (agent, limits) = (agent.clone(), limits.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = connection(agent, stream, limits).await {
+            if let Err(e) = connection(agent, stream, from, limits).await {
                 tracing::debug!("repair connection from {from}: {e}");
             }
         });
@@ -394,6 +394,7 @@ const MAX_QUEUED_REQUESTS: usize = 16;
 async fn connection(
     agent: Arc<Agent>,
     mut stream: TcpStream,
+    from: SocketAddr,
     limits: Arc<Limits>,
 ) -> anyhow::Result<()> {
     let ciphers = match &agent.fleet {
@@ -433,6 +434,16 @@ async fn connection(
                         None => return Ok(()),
                     },
                 };
+                if let Frame::Join {
+                    content,
+                    repair_port,
+                    fetching,
+                } = f
+                {
+                    let answer = join(&agent, from, content, repair_port, fetching);
+                    wr.write_frame(&answer).await?;
+                    continue;
+                }
                 match start_answer(&agent, &limits, f) {
                     Some(a) => a,
                     None => continue,
@@ -503,6 +514,86 @@ async fn connection(
         if let Some(p) = &pace {
             tracing::debug!("repair: block {block} served at {:?} bit/s", p.rate_bps());
         }
+    }
+}
+
+/// A JOIN from `from`: the member is the connection's source address with
+/// the repair port it names (never an address it claims), and the answer
+/// every member of the content.
+fn join(
+    agent: &Agent,
+    from: SocketAddr,
+    content: Digest,
+    repair_port: u16,
+    fetching: bool,
+) -> Frame {
+    let SocketAddr::V4(from) = from else {
+        return Frame::Members { members: vec![] };
+    };
+    let member = std::net::SocketAddrV4::new(*from.ip(), repair_port);
+    let members = agent
+        .members
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .join(std::time::Instant::now(), content, member, fetching);
+    Frame::Members {
+        members: members
+            .iter()
+            .map(|m| (m.ip().octets(), m.port()))
+            .collect(),
+    }
+}
+
+/// A repair connection to `addr`, through the fleet-key handshake when
+/// there is a key: the stream (no Nagle) and its ciphers.
+async fn connect(
+    fleet: Option<&FleetKeys>,
+    addr: SocketAddr,
+) -> Result<(TcpStream, Option<(handshake::Cipher, handshake::Cipher)>), String> {
+    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("no connection within {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let ciphers = match fleet {
+        Some(keys) => Some(
+            prove_client(&mut stream, keys)
+                .await
+                .map_err(|e| crate::error_text(e.as_ref()))?
+                .ciphers(true),
+        ),
+        None => None,
+    };
+    Ok((stream, ciphers))
+}
+
+/// Joins `content`'s members at the rendezvous point `addr` (this agent
+/// serving repair on `repair_port`): the members it lists, or why not.
+/// One short connection: a rendezvous of an older version that does not
+/// know JOIN closes it, and the transfer on its own connection goes on.
+pub async fn join_site(
+    fleet: Option<&FleetKeys>,
+    addr: SocketAddr,
+    content: Digest,
+    repair_port: u16,
+    fetching: bool,
+) -> Result<Vec<std::net::SocketAddrV4>, String> {
+    let (stream, ciphers) = connect(fleet, addr).await?;
+    let longest = repair::frame::MAX_MEMBERS * 8 + 16;
+    let (mut rd, mut wr) = split(stream, ciphers, longest);
+    let ask = Frame::Join {
+        content,
+        repair_port,
+        fetching,
+    };
+    wr.write_frame(&ask).await.map_err(|e| e.to_string())?;
+    match rd.read_frame().await.map_err(|e| e.to_string())? {
+        Some(Frame::Members { members }) => Ok(members
+            .into_iter()
+            .map(|(ip, port)| std::net::SocketAddrV4::new(ip.into(), port))
+            .collect()),
+        Some(_) => Err("answered JOIN with another frame".into()),
+        None => Err("closed the connection at JOIN".into()),
     }
 }
 
@@ -674,20 +765,7 @@ impl PeerLink {
         layout: &Layout,
         cap: &super::tcp::SharedCap,
     ) -> Result<PeerLink, String> {
-        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-            .await
-            .map_err(|_| format!("no connection within {CONNECT_TIMEOUT:?}"))?
-            .map_err(|e| e.to_string())?;
-        let _ = stream.set_nodelay(true);
-        let ciphers = match fleet {
-            Some(keys) => Some(
-                prove_client(&mut stream, keys)
-                    .await
-                    .map_err(|e| crate::error_text(e.as_ref()))?
-                    .ciphers(true),
-            ),
-            None => None,
-        };
+        let (stream, ciphers) = connect(fleet, addr).await?;
         // No answer frame is longer than a full SYMBOLS frame of this
         // layout's symbols.
         let longest =

@@ -79,6 +79,15 @@ impl Agent {
         s.placement.clone()
     }
 
+    /// Whether `other` fetches through the same rendezvous points as this
+    /// agent (see [`Topology::anchor`]).
+    pub fn same_anchor(&self, other: std::net::Ipv4Addr) -> bool {
+        let s = self.site_state();
+        let Some(t) = &s.topology else { return false };
+        let mine = t.anchor(self.iface_addr);
+        mine.is_some() && t.anchor(other) == mine
+    }
+
     /// The id of the topology in force, and when it was issued.
     pub fn topology_id(&self) -> Option<(String, u64)> {
         let s = self.site_state();

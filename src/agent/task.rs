@@ -368,6 +368,9 @@ struct Run {
     cancel_notify: Arc<Notify>,
     pause: Arc<AtomicBool>,
     origin: Arc<AtomicU64>,
+    /// The site members heard of from its rendezvous points (see
+    /// `upstream`).
+    members: Arc<Mutex<Vec<std::net::SocketAddrV4>>>,
 }
 
 impl Run {
@@ -506,6 +509,7 @@ async fn run(agent: Arc<Agent>, id: String) {
         cancel_notify,
         pause,
         origin: Arc::new(AtomicU64::new(0)),
+        members: Arc::default(),
     };
     tracing::info!(
         "task {id}: {} ({} bytes, content {cid})",

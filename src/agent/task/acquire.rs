@@ -88,6 +88,7 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
                     Received::NoShow(preload)
                 } else {
                     r.note(format!("receiver of {representative:016x} on {group}"));
+                    let _listening = super::upstream::listen_for_members(r);
                     receive(r, partial, session, group, start, &mut rx, preload).await?
                 };
                 match received {
@@ -138,9 +139,11 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
                         // switch that prunes the data group, Wi-Fi client
                         // isolation): the representative fetches all the
                         // same, and every receiver takes it from peers.
-                        r.note(format!(
+                        if kind != SiteKind::Wifi {
+                            r.note(format!(
                             "multicast from representative {representative:016x} does not arrive here, though it holds blocks: taking the package from peers over unicast"
                         ));
+                        }
                         r.state(State::Repairing);
                         if from_peers_only(r, partial, left).await? {
                             return Ok(());

@@ -7,8 +7,16 @@
 //! does not answer, fails, or delivers nothing for [`RENDEZVOUS_STALL`]
 //! is left for the next; after the last, the origin (counted as origin
 //! bytes).
+//!
+//! While it fetches from a rendezvous point, an agent joins it every few
+//! seconds (JOIN, on a connection of its own) and learns the other
+//! agents that fetch through it: the other subnets' representatives. When
+//! every listed source is gone, the first of them by address fetches from
+//! the origin for the site and the others from it, so the office still
+//! downloads once.
 
 use std::collections::VecDeque;
+use std::net::IpAddr;
 
 use super::*;
 use crate::agent::repair::{PIPELINE_DEPTH, PeerError, PeerJob, PeerResult};
@@ -20,6 +28,18 @@ const RENDEZVOUS_STALL: Duration = Duration::from_secs(30);
 /// How long to wait before asking again for a block the rendezvous does
 /// not hold yet (it is fetching it).
 const NOT_YET: Duration = Duration::from_millis(250);
+/// How often an agent joins the members of its rendezvous point, while it
+/// fetches from it.
+const JOIN_EVERY: Duration = Duration::from_secs(2);
+/// How often a receiver on the rendezvous point's own subnet asks for the
+/// members: should the rendezvous die, one of them becomes the subnet's
+/// representative and must know whom to follow.
+const LISTEN_EVERY: Duration = Duration::from_secs(5);
+/// The second join comes this soon after the first.
+const EARLY_REJOIN: Duration = Duration::from_millis(500);
+/// Members asked in turn, once the rendezvous points are gone, before the
+/// origin.
+const MAX_SUCCESSORS: usize = 3;
 
 /// Fetches every missing block: from the rendezvous points of this agent's
 /// site, then the origin. `on_block` is called for each block written.
@@ -29,6 +49,7 @@ pub(super) async fn fetch_upstream(
     on_block: &(dyn Fn(u32) + Sync),
 ) -> anyhow::Result<()> {
     let sources = r.agent.placement().map(|p| p.sources).unwrap_or_default();
+    let tried = !sources.is_empty();
     for addr in sources {
         if lock(partial).is_complete() {
             return Ok(());
@@ -37,6 +58,10 @@ pub(super) async fn fetch_upstream(
             Ok(()) => return Ok(()),
             Err(why) => r.note(format!("rendezvous {addr}: {why}; trying the next source")),
         }
+    }
+    let members = members_of(r).clone();
+    if tried && !members.is_empty() && succession(r, partial, members, on_block).await? {
+        return Ok(());
     }
     if lock(partial).is_complete() {
         return Ok(());
@@ -65,10 +90,137 @@ pub(super) async fn origin_fetch(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyh
     fetch_upstream(r, partial, &on_block).await
 }
 
-/// Every missing block from the rendezvous at `addr`. The outer result is
-/// the task's (cancelled, a block that cannot be written); the inner one
-/// says why this rendezvous is left for the next source.
+/// The members this task has heard of from its rendezvous points.
+fn members_of(r: &Run) -> std::sync::MutexGuard<'_, Vec<std::net::SocketAddrV4>> {
+    r.members.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A receiver on the subnet of its first rendezvous point keeps the
+/// member list while it receives (see [`LISTEN_EVERY`]); `None` elsewhere.
+pub(super) fn listen_for_members(r: &Run) -> Option<impl Drop + use<>> {
+    let first = *r.agent.placement()?.sources.first()?;
+    let IpAddr::V4(ip) = first.ip() else {
+        return None;
+    };
+    if !r.agent.subnet.is_some_and(|s| s.contains(ip)) {
+        return None;
+    }
+    Some(joining(r, first, false))
+}
+
+/// [`keep_joined`] `addr` for this task, as a member (`fetching`) or a
+/// listener, until the handle is dropped.
+fn joining(r: &Run, addr: SocketAddr, fetching: bool) -> Abort {
+    let every = if fetching { JOIN_EVERY } else { LISTEN_EVERY };
+    Abort(tokio::spawn(keep_joined(
+        r.agent.fleet.clone(),
+        addr,
+        r.m.content,
+        (me(r), fetching),
+        r.members.clone(),
+        every,
+    )))
+}
+
+/// This agent's repair address, as members know it.
+fn me(r: &Run) -> std::net::SocketAddrV4 {
+    let port = r.agent.presence().local().repair_port;
+    std::net::SocketAddrV4::new(r.agent.iface_addr, port)
+}
+
+/// The rendezvous points are gone: the members of this agent's site (those
+/// it learned from them) stand in. The first by address fetches from the
+/// origin for the others; each other fetches from the members before it,
+/// in turn. Whether every block is here.
+async fn succession(
+    r: &Run,
+    partial: &Arc<Mutex<Partial>>,
+    mut members: Vec<std::net::SocketAddrV4>,
+    on_block: &(dyn Fn(u32) + Sync),
+) -> anyhow::Result<bool> {
+    let me = me(r);
+    // A rendezvous names whom it likes: only agents of this site count.
+    members.retain(|m| r.agent.same_anchor(*m.ip()));
+    let before = repair::members::successor(me, &members, MAX_SUCCESSORS);
+    if before.is_empty() {
+        r.note(format!(
+            "first of {} site member(s) without a rendezvous: fetching for them from the origin",
+            members.len().max(1)
+        ));
+        return Ok(false);
+    }
+    for m in before {
+        r.note(format!("taking the rest from site member {m}"));
+        match blocks_from(r, partial, m.into(), on_block).await? {
+            Ok(()) => return Ok(true),
+            Err(why) => r.note(format!("site member {m}: {why}")),
+        }
+    }
+    Ok(false)
+}
+
+/// Joins the members at `addr` (`me` and whether it fetches) every
+/// `every` until dropped, keeping the latest list in `into`. A source
+/// that does not answer JOIN (an older version) is only not asked again.
+async fn keep_joined(
+    fleet: Option<multicast::auth::FleetKeys>,
+    addr: SocketAddr,
+    content: multicast::wire::Digest,
+    (me, fetching): (std::net::SocketAddrV4, bool),
+    into: Arc<Mutex<Vec<std::net::SocketAddrV4>>>,
+    every: Duration,
+) {
+    let mut first = true;
+    loop {
+        let joined =
+            crate::agent::repair::join_site(fleet.as_ref(), addr, content, me.port(), fetching);
+        match joined.await {
+            Ok(list) if !list.is_empty() => *into.lock().unwrap_or_else(|p| p.into_inner()) = list,
+            Ok(_) => {}
+            Err(why) => {
+                tracing::debug!("rendezvous {addr}: no member list ({why})");
+                return;
+            }
+        }
+        // Soon once more: members that joined just after this one are
+        // known to it before the rendezvous can fail them all.
+        tokio::time::sleep(if first {
+            every.min(EARLY_REJOIN)
+        } else {
+            every
+        })
+        .await;
+        first = false;
+    }
+}
+
+/// Every missing block from the rendezvous at `addr`, joining its members
+/// meanwhile (their list goes to the task's). The outer result is the
+/// task's (cancelled, a block that cannot be written); the inner one says
+/// why this rendezvous is left for the next source.
 async fn from_rendezvous(
+    r: &Run,
+    partial: &Arc<Mutex<Partial>>,
+    addr: SocketAddr,
+    on_block: &(dyn Fn(u32) + Sync),
+) -> anyhow::Result<Result<(), String>> {
+    let vpn = r.agent.placement().map(|p| p.kind) == Some(crate::topology::SiteKind::Vpn);
+    // A VPN agent serves nobody: it does not stand in for anyone either.
+    let _joined = (!vpn).then(|| joining(r, addr, true));
+    blocks_from(r, partial, addr, on_block).await
+}
+
+/// Ends a spawned task however its owner returns.
+struct Abort(tokio::task::JoinHandle<()>);
+
+impl Drop for Abort {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The blocks of [`from_rendezvous`], over one pipelined connection.
+async fn blocks_from(
     r: &Run,
     partial: &Arc<Mutex<Partial>>,
     addr: SocketAddr,
@@ -91,13 +243,6 @@ async fn from_rendezvous(
         jobs_rx,
         results_tx,
     ));
-    // Ends the worker however this returns.
-    struct Abort(tokio::task::JoinHandle<()>);
-    impl Drop for Abort {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
     let _worker = Abort(worker);
     let mut not_yet: Vec<u32> = Vec::new();
     let mut in_flight = 0usize;
@@ -152,7 +297,7 @@ async fn from_rendezvous(
             Ok((data, bytes)) => {
                 if !noted {
                     noted = true;
-                    r.note(format!("fetching from rendezvous {addr}"));
+                    r.note(format!("fetching from {addr}"));
                     r.state(State::Fetching);
                 }
                 let p = partial.clone();
