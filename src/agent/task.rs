@@ -31,6 +31,9 @@ pub use types::*;
 
 mod acquire;
 mod install;
+mod peers;
+mod receive;
+mod represent;
 mod types;
 mod upstream;
 use crate::cache::{Partial, now_unix};

@@ -1,0 +1,169 @@
+//! A receiver of the representative's multicast.
+
+use super::peers::Leftovers;
+use super::*;
+
+/// A session that nothing of has arrived this long after its start does
+/// not reach this agent: its sender announces every 100 ms.
+const NO_DATA_AFTER_START: Duration = Duration::from_secs(5);
+
+pub(super) enum Received {
+    All,
+    /// Why, and the symbols collected for blocks still missing.
+    Incomplete(String, Leftovers),
+    /// The representative was lost or replaced: the event that says so.
+    Interrupted(Option<ElectionEvent>, Leftovers),
+    /// Nothing of the session was heard: the offer was not followed by a
+    /// sender (forged, or a representative that cannot reach the group).
+    NoShow(Leftovers),
+    /// The representative's rate control left this agent behind as far
+    /// slower than the rest: the others have the package soon.
+    LeftBehind(Leftovers),
+}
+
+/// A receiver: joins the data group now, takes the session from `start`.
+pub(super) async fn receive(
+    r: &Run,
+    partial: &Arc<Mutex<Partial>>,
+    session: u64,
+    group: SocketAddrV4,
+    start: Instant,
+    rx: &mut mpsc::UnboundedReceiver<ElectionEvent>,
+    preload: Leftovers,
+) -> anyhow::Result<Received> {
+    let (socket, rcvbuf) = multicast::socket::open_receiver(group, r.agent.iface_addr)
+        .with_context(|| format!("joining the data group {group}"))?;
+    r.state(if Instant::now() < start {
+        State::Waiting
+    } else {
+        State::Receiving
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let wait = start.saturating_duration_since(Instant::now());
+    // What was held before, to tell whether any data arrived at all.
+    let symbols = |v: &Leftovers| v.iter().map(|(_, c)| u64::from(c.held())).sum::<u64>();
+    let held_before = (lock(partial).done_count(), symbols(&preload));
+    let recv = {
+        let p = partial.clone();
+        let agent = r.agent.clone();
+        let id = r.id.clone();
+        let m = r.m.clone();
+        let stop = stop.clone();
+        let node = r.agent.node;
+        let drop_rate = r.agent.config.lab_drop_rate;
+        tokio::task::spawn_blocking(move || {
+            let (file, path, done) = {
+                let g = lock(&p);
+                (g.file.try_clone(), g.data.clone(), g.done.clone())
+            };
+            let file = match file {
+                Ok(f) => f,
+                Err(e) => return Ok((Err(RecvError::Recv(e)), Vec::new())),
+            };
+            let mut on_block = |b: u32| {
+                let mut g = lock(&p);
+                if let Err(e) = g.mark_done(b) {
+                    tracing::warn!("task {id}: cannot record block {b}: {e}");
+                }
+                note_blocks(&agent, &id, &g);
+                drop(g);
+                let len = m.layout.block_len(b) as u64;
+                update(&agent, &id, |s| {
+                    s.state = State::Receiving;
+                    s.bytes.multicast += len;
+                });
+            };
+            let opts = RecvOptions {
+                session: ReceiverConfig {
+                    receiver_id: node,
+                    session: Some(session),
+                    idle_timeout: wait + NO_DATA_AFTER_START,
+                    ..ReceiverConfig::default()
+                },
+                drop_rate,
+                drop_seed: node,
+                stop: None,
+                fleet: agent.fleet.clone(),
+                auth: agent.auth.clone(),
+            };
+            let mut leftovers = Vec::new();
+            let res = multicast::driver::receive_resume(
+                socket,
+                rcvbuf,
+                ResumeInto {
+                    file: &file,
+                    path: &path,
+                    done: &done,
+                    block_hashes: &m.block_hashes,
+                    file_sha256: m.content,
+                    file_size: m.layout.file_size(),
+                    on_block: &mut on_block,
+                    stop: Some(stop),
+                    leftovers: Some(&mut leftovers),
+                    preload,
+                },
+                &opts,
+                &mut |_| {},
+            );
+            Ok::<_, RecvError>((res, leftovers))
+        })
+    };
+    tokio::pin!(recv);
+    let mut interrupted = None;
+    let result = loop {
+        tokio::select! {
+            res = &mut recv => break res,
+            ev = rx.recv() => match ev {
+                Some(ev @ (ElectionEvent::RepresentativeLost { .. } | ElectionEvent::Follow { .. })) => {
+                    stop.store(true, Ordering::SeqCst);
+                    interrupted = Some(ev);
+                }
+                Some(_) => {}
+                None => stop.store(true, Ordering::SeqCst),
+            },
+            _ = r.until_cancelled() => stop.store(true, Ordering::SeqCst),
+        }
+    };
+    if let Ok(Ok((Ok(report), _))) = &result {
+        let c = &r.agent.counters;
+        crate::agent::metrics::Counters::add(&c.multicast_symbols, report.stats.data_symbols);
+        crate::agent::metrics::Counters::add(&c.multicast_symbols_sent, report.stats.span);
+    }
+    if r.cancelled() {
+        bail!("cancelled");
+    }
+    let complete = lock(partial).is_complete();
+    if complete {
+        return Ok(Received::All);
+    }
+    let (res, leftovers) = result.context("receive thread")??;
+    let nothing_arrived = (lock(partial).done_count(), symbols(&leftovers)) == held_before;
+    if let Some(ev) = interrupted {
+        // A representative that finished its pass (and so stopped offering)
+        // without one symbol of it arriving here, 2 s and more after its
+        // start (20 announcements): its multicast does not reach this
+        // agent.
+        if matches!(ev, ElectionEvent::RepresentativeLost { .. })
+            && nothing_arrived
+            && Instant::now() >= start + Duration::from_secs(2)
+        {
+            return Ok(Received::NoShow(leftovers));
+        }
+        let next = match ev {
+            ElectionEvent::Follow { .. } => Some(ev),
+            _ => None,
+        };
+        return Ok(Received::Interrupted(next, leftovers));
+    }
+    let why = match res {
+        Ok(_) => "the session ended".into(),
+        Err(RecvError::Failed(multicast::ReceiveFailure::NoSender(_))) => {
+            return Ok(Received::NoShow(leftovers));
+        }
+        Err(RecvError::Failed(multicast::ReceiveFailure::LeftBehind { .. })) => {
+            return Ok(Received::LeftBehind(leftovers));
+        }
+        Err(e) => e.to_string(),
+    };
+    Ok(Received::Incomplete(why, leftovers))
+}

@@ -1,0 +1,175 @@
+//! The representative: what the subnet already holds from peers, the
+//! rest from upstream (rendezvous points, the origin), multicast pipelined
+//! behind the fetch.
+
+use super::peers::peer_repair;
+use super::upstream::{fetch_upstream, origin_fetch};
+use super::*;
+use crate::topology::SiteKind;
+
+/// The representative: fetch from the origin, multicast from `start`,
+/// pipelined. Returns the election event that interrupted it (a better
+/// representative), if any.
+pub(super) async fn represent(
+    r: &Run,
+    partial: &Arc<Mutex<Partial>>,
+    session: u64,
+    group: SocketAddrV4,
+    start: Instant,
+    rx: &mut mpsc::UnboundedReceiver<ElectionEvent>,
+) -> anyhow::Result<Option<ElectionEvent>> {
+    // What the subnet already holds comes from peers (a representative that
+    // took over, or one elected after an earlier pass); only the rest
+    // crosses the WAN.
+    r.state(State::Repairing);
+    peer_repair(r, partial, Vec::new()).await?;
+    let available = Arc::new(AtomicU32::new(lock(partial).done_prefix()));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Paused by an order or held for a higher task: kept up to date while
+    // the multicast runs, read by its loop.
+    let hold = Arc::new(AtomicBool::new(r.paused()));
+    r.state(State::Fetching);
+    if r.agent.placement().map(|p| p.kind) == Some(SiteKind::Wifi) {
+        // No multicast on Wi-Fi: the others take it from this agent, and
+        // each other, over TCP as it arrives.
+        origin_fetch(r, partial).await?;
+        return Ok(None);
+    }
+    let on_block = {
+        let (agent, id, p, avail) = (
+            r.agent.clone(),
+            r.id.clone(),
+            partial.clone(),
+            available.clone(),
+        );
+        move |_b: u32| {
+            let g = lock(&p);
+            avail.store(g.done_prefix(), Ordering::Release);
+            note_blocks(&agent, &id, &g);
+        }
+    };
+    let fetch = fetch_upstream(r, partial, &on_block);
+    tokio::pin!(fetch);
+    let mut fetch_done = false;
+    // Until the start: fetch, and listen for a better representative.
+    loop {
+        tokio::select! {
+            res = &mut fetch, if !fetch_done => {
+                fetch_done = true;
+                res.context("fetching the package")?;
+                r.state(State::Waiting);
+            }
+            _ = tokio::time::sleep_until(start.into()) => break,
+            ev = rx.recv() => {
+                let ev = ev.ok_or_else(|| anyhow!("the control loop stopped"))?;
+                // A SteppedDown comes with the Follow that decides.
+                if matches!(ev, ElectionEvent::Follow { .. }) {
+                    return Ok(Some(ev));
+                }
+            }
+            _ = r.until_cancelled() => bail!("cancelled"),
+        }
+    }
+    r.state(State::Sending);
+    let send = {
+        let p = lock(partial);
+        let opts = SendOptions {
+            session: {
+                let config = &r.agent.config;
+                let rate_bps = r.spec.rate_bps.unwrap_or(config.rate_bps);
+                SenderConfig {
+                    rate_bps,
+                    rate_min_bps: config.rate_min_bps.min(rate_bps),
+                    rate_mode: config.rate_mode,
+                    // A receiver far slower than the rest finishes from
+                    // peers rather than holding the subnet back.
+                    slow_receivers: multicast::rate::SlowReceivers::Leave,
+                    ..SenderConfig::default()
+                }
+            },
+            block_size: p.layout().block_size(),
+            symbol_size: p.layout().symbol_size(),
+            session_id: Some(session),
+            known_hashes: Some((r.m.block_hashes.clone(), r.m.content)),
+            available: Some(available.clone()),
+            stop: Some(stop.clone()),
+            pause: Some(hold.clone()),
+            fleet: r.agent.fleet.clone(),
+            encrypt: r.spec.encrypt || r.agent.config.encrypt,
+            auth: r.agent.auth.clone(),
+            ..SendOptions::default()
+        };
+        let path = p.data.clone();
+        let iface = r.agent.iface_addr;
+        let (agent, id) = (r.agent.clone(), r.id.clone());
+        tokio::task::spawn_blocking(move || {
+            // The status shows the rate and the receivers as they go.
+            let mut data_start = None;
+            multicast::send_file(&path, group, iface, &opts, &mut |p| {
+                if p.stats.datagrams > 0 && p.stats.data_wire_bytes > 0 {
+                    data_start.get_or_insert_with(Instant::now);
+                }
+                let view = MulticastView {
+                    data_seconds: data_start.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+                    ..MulticastView::from(p.stats)
+                };
+                super::update(&agent, &id, |s| s.multicast = Some(view));
+            })
+        })
+    };
+    tokio::pin!(send);
+    let mut interrupted = None;
+    let mut fetch_error = None;
+    let mut held = tokio::time::interval(Duration::from_millis(200));
+    let sent = loop {
+        tokio::select! {
+            _ = held.tick() => {
+                let now_held = r.paused();
+                if now_held && !hold.swap(now_held, Ordering::Relaxed) {
+                    r.note_hold();
+                } else {
+                    hold.store(now_held, Ordering::Relaxed);
+                }
+            }
+            res = &mut fetch, if !fetch_done => {
+                fetch_done = true;
+                if let Err(e) = res {
+                    stop.store(true, Ordering::SeqCst);
+                    fetch_error = Some(e);
+                }
+            }
+            res = &mut send => break res,
+            ev = rx.recv() => {
+                if let Some(ev @ ElectionEvent::Follow { .. }) = ev {
+                    stop.store(true, Ordering::SeqCst);
+                    interrupted = Some(ev);
+                }
+            }
+            _ = r.until_cancelled() => stop.store(true, Ordering::SeqCst),
+        }
+    };
+    if r.cancelled() {
+        bail!("cancelled");
+    }
+    if let Some(e) = fetch_error {
+        return Err(e).context("fetching the package");
+    }
+    if interrupted.is_some() {
+        return Ok(interrupted);
+    }
+    if !fetch_done {
+        fetch.await.context("fetching the package")?;
+    }
+    match sent.context("send thread")? {
+        Ok(report) => tracing::info!(
+            "task {}: multicast done, {} receivers done, {} datagrams",
+            r.id,
+            report.stats.receivers_done,
+            report.stats.datagrams
+        ),
+        // The multicast is a service to the others; this agent has the file.
+        Err(e) => tracing::warn!("task {}: multicast ended early: {e}", r.id),
+    }
+    r.progress(partial);
+    Ok(None)
+}
