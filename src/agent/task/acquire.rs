@@ -9,6 +9,15 @@ use super::upstream::origin_fetch;
 use super::*;
 use crate::topology::SiteKind;
 
+/// The multicast session an election settled on: its id, data group and
+/// start.
+#[derive(Clone, Copy)]
+pub(super) struct Session {
+    pub session: u64,
+    pub group: SocketAddrV4,
+    pub start: Instant,
+}
+
 /// Gets every block: election, then representing or receiving, then the
 /// origin for what is still missing.
 pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<()> {
@@ -69,7 +78,12 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
                     "representative: multicast to {group} in {:?}",
                     start.saturating_duration_since(Instant::now())
                 ));
-                match represent(r, partial, session, group, start, &mut rx).await? {
+                let joined = Session {
+                    session,
+                    group,
+                    start,
+                };
+                match represent(r, partial, joined, &mut rx).await? {
                     None => return Ok(()),
                     Some(next) => pending = Some(next),
                 }
@@ -92,7 +106,12 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
                 } else {
                     r.note(format!("receiver of {representative:016x} on {group}"));
                     let _listening = super::upstream::listen_for_members(r);
-                    receive(r, partial, session, group, start, &mut rx, preload).await?
+                    let joined = Session {
+                        session,
+                        group,
+                        start,
+                    };
+                    receive(r, partial, joined, &mut rx, preload).await?
                 };
                 match received {
                     Received::All => return Ok(()),

@@ -25,12 +25,15 @@ pub(super) enum Received {
 pub(super) async fn receive(
     r: &Run,
     partial: &Arc<Mutex<Partial>>,
-    session: u64,
-    group: SocketAddrV4,
-    start: Instant,
+    session: super::acquire::Session,
     rx: &mut mpsc::UnboundedReceiver<ElectionEvent>,
     preload: Leftovers,
 ) -> anyhow::Result<Received> {
+    let super::acquire::Session {
+        session,
+        group,
+        start,
+    } = session;
     let (socket, rcvbuf) = multicast::socket::open_receiver(group, r.agent.iface_addr)
         .with_context(|| format!("joining the data group {group}"))?;
     r.state(if Instant::now() < start {

@@ -13,11 +13,14 @@ use crate::topology::SiteKind;
 pub(super) async fn represent(
     r: &Run,
     partial: &Arc<Mutex<Partial>>,
-    session: u64,
-    group: SocketAddrV4,
-    start: Instant,
+    session: super::acquire::Session,
     rx: &mut mpsc::UnboundedReceiver<ElectionEvent>,
 ) -> anyhow::Result<Option<ElectionEvent>> {
+    let super::acquire::Session {
+        session,
+        group,
+        start,
+    } = session;
     // What the subnet already holds comes from peers (a representative that
     // took over, or one elected after an earlier pass); only the rest
     // crosses the WAN.
