@@ -7,6 +7,27 @@ use multicast::wire::{Digest, MAX_ESI};
 
 use crate::frame::{Frame, SYMBOLS_PER_FRAME};
 
+/// How a serving peer broke the protocol: the requester drops it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Misbehavior {
+    #[error("symbols of block {got}, asked for {asked}")]
+    WrongBlock { got: u32, asked: u32 },
+    #[error("a payload of {len} bytes for T = {t}")]
+    BadPayload { len: usize, t: usize },
+    #[error("ESIs beyond 24 bits")]
+    EsiOverflow,
+    #[error("{0} where a block is due")]
+    Unexpected(&'static str),
+    #[error("{0} with nothing asked")]
+    NothingAsked(&'static str),
+    #[error("an answer for block {got} while block {due} is due")]
+    OutOfOrder { got: u32, due: u32 },
+    #[error("symbols taken for a refusal")]
+    SymbolsForRefusal,
+    #[error("ended block {block} {times} times before it decoded")]
+    TooManyReasks { block: u32, times: u32 },
+}
+
 /// What the caller does next.
 #[derive(Debug)]
 pub enum FetchStep {
@@ -19,7 +40,7 @@ pub enum FetchStep {
     /// The peer is at its upload limit: ask again later, or another.
     Busy,
     /// The peer sent something malformed for this block: drop the peer.
-    Misbehaved(String),
+    Misbehaved(Misbehavior),
 }
 
 /// Why a fetched block was not accepted.
@@ -97,24 +118,24 @@ impl BlockFetch {
                 payload,
             } => {
                 if block != self.block {
-                    return FetchStep::Misbehaved(format!(
-                        "symbols of block {block}, asked for {}",
-                        self.block
-                    ));
+                    return FetchStep::Misbehaved(Misbehavior::WrongBlock {
+                        got: block,
+                        asked: self.block,
+                    });
                 }
                 let t = usize::from(self.layout.symbol_size());
                 let n = payload.len() / t;
                 if payload.len() % t != 0 || n == 0 || n as u32 > SYMBOLS_PER_FRAME {
-                    return FetchStep::Misbehaved(format!(
-                        "a payload of {} bytes for T = {t}",
-                        payload.len()
-                    ));
+                    return FetchStep::Misbehaved(Misbehavior::BadPayload {
+                        len: payload.len(),
+                        t,
+                    });
                 }
                 if first_esi
                     .checked_add(n as u32 - 1)
                     .is_none_or(|last| last > MAX_ESI)
                 {
-                    return FetchStep::Misbehaved("ESIs beyond 24 bits".into());
+                    return FetchStep::Misbehaved(Misbehavior::EsiOverflow);
                 }
                 self.bytes += payload.len() as u64;
                 let Some(c) = self.collector.as_mut() else {
@@ -136,10 +157,10 @@ impl BlockFetch {
             // The end of the peer's answer: the pipeline decides what next.
             Frame::End { .. } => FetchStep::More,
             Frame::Busy => FetchStep::Busy,
-            Frame::Need { .. } | Frame::Stop { .. } | Frame::Join { .. } => {
-                FetchStep::Misbehaved("a requester's frame from the serving side".into())
-            }
-            Frame::Members { .. } => FetchStep::Misbehaved("MEMBERS where a block is due".into()),
+            f @ (Frame::Need { .. }
+            | Frame::Stop { .. }
+            | Frame::Join { .. }
+            | Frame::Members { .. }) => FetchStep::Misbehaved(Misbehavior::Unexpected(f.name())),
         }
     }
 

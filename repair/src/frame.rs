@@ -193,6 +193,20 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
 }
 
 impl Frame {
+    /// The kind's name, as docs/PROTOCOL.md §4.1 writes it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Need { .. } => "NEED",
+            Frame::Symbols { .. } => "SYMBOLS",
+            Frame::NotHeld { .. } => "NOT_HELD",
+            Frame::Busy => "BUSY",
+            Frame::Stop { .. } => "STOP",
+            Frame::End { .. } => "END",
+            Frame::Join { .. } => "JOIN",
+            Frame::Members { .. } => "MEMBERS",
+        }
+    }
+
     fn kind(&self) -> u8 {
         match self {
             Frame::Need { .. } => kind::NEED,

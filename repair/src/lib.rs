@@ -28,7 +28,7 @@ pub mod pipeline;
 pub mod serve;
 
 pub use choose::Chooser;
-pub use fetch::{BlockFetch, FetchStep};
+pub use fetch::{BlockFetch, FetchStep, Misbehavior};
 pub use frame::{Frame, FrameError};
 pub use pipeline::Pipeline;
 pub use serve::{Serving, Want};

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 
 use multicast::wire::Digest;
 
-use crate::fetch::{BlockFetch, FetchStep, Rejected};
+use crate::fetch::{BlockFetch, FetchStep, Misbehavior, Rejected};
 use crate::frame::Frame;
 
 /// Times a peer may end a block's symbols before it decoded: then it is
@@ -31,7 +31,7 @@ pub enum Step {
     /// request (already queued again at the back).
     Reask(Frame),
     /// The peer broke the protocol: drop it, with every block still asked.
-    Misbehaved(String),
+    Misbehaved(Misbehavior),
 }
 
 /// What came of a decode of the front block.
@@ -109,7 +109,7 @@ impl Pipeline {
     /// Takes one frame from the peer.
     pub fn handle(&mut self, frame: Frame) -> Step {
         let Some(front) = self.asked.front_mut() else {
-            return Step::Misbehaved(format!("{} with nothing asked", name(&frame)));
+            return Step::Misbehaved(Misbehavior::NothingAsked(frame.name()));
         };
         let block = front.fetch.block();
         let other = |b: u32| b != block;
@@ -119,9 +119,7 @@ impl Pipeline {
             | Frame::End { block: b }
                 if other(b) =>
             {
-                Step::Misbehaved(format!(
-                    "an answer for block {b} while block {block} is due"
-                ))
+                Step::Misbehaved(Misbehavior::OutOfOrder { got: b, due: block })
             }
             Frame::Symbols { .. } if front.delivered => Step::More,
             f @ Frame::Symbols { .. } => match front.fetch.handle(f) {
@@ -130,7 +128,7 @@ impl Pipeline {
                 FetchStep::Misbehaved(why) => Step::Misbehaved(why),
                 // Not what symbols yield; never a panic on a peer's frame.
                 FetchStep::Elsewhere | FetchStep::Busy => {
-                    Step::Misbehaved("symbols taken for a refusal".into())
+                    Step::Misbehaved(Misbehavior::SymbolsForRefusal)
                 }
             },
             Frame::NotHeld { .. } => {
@@ -147,10 +145,10 @@ impl Pipeline {
                     return Step::More;
                 }
                 if asked.reasks >= MAX_REASKS {
-                    return Step::Misbehaved(format!(
-                        "ended block {block} {} times before it decoded",
-                        asked.reasks + 1
-                    ));
+                    return Step::Misbehaved(Misbehavior::TooManyReasks {
+                        block,
+                        times: asked.reasks + 1,
+                    });
                 }
                 let request = asked.fetch.request(self.content);
                 self.asked.push_back(Asked {
@@ -162,9 +160,7 @@ impl Pipeline {
             f @ (Frame::Need { .. }
             | Frame::Stop { .. }
             | Frame::Join { .. }
-            | Frame::Members { .. }) => {
-                Step::Misbehaved(format!("{} where a block is due", name(&f)))
-            }
+            | Frame::Members { .. }) => Step::Misbehaved(Misbehavior::Unexpected(f.name())),
         }
     }
 
@@ -186,19 +182,6 @@ impl Pipeline {
             Err(Rejected::NeedMore) => Decoded::NeedMore,
             Err(Rejected::Corrupt) => Decoded::Corrupt(block),
         }
-    }
-}
-
-fn name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Need { .. } => "NEED",
-        Frame::Symbols { .. } => "SYMBOLS",
-        Frame::NotHeld { .. } => "NOT_HELD",
-        Frame::Busy => "BUSY",
-        Frame::Stop { .. } => "STOP",
-        Frame::End { .. } => "END",
-        Frame::Join { .. } => "JOIN",
-        Frame::Members { .. } => "MEMBERS",
     }
 }
 

@@ -127,7 +127,7 @@ impl World {
                     Err(Rejected::Corrupt) => return (Err("corrupt".into()), f),
                 },
                 FetchStep::Elsewhere | FetchStep::Busy => return (Err("declined".into()), f),
-                FetchStep::Misbehaved(why) => return (Err(why), f),
+                FetchStep::Misbehaved(why) => return (Err(why.to_string()), f),
             }
         }
     }

@@ -17,7 +17,7 @@ use multicast::handshake;
 use multicast::wire::Digest;
 use repair::frame::{self, Frame};
 use repair::pipeline::{Decoded, Step};
-use repair::{BlockFetch, Serving, Want};
+use repair::{BlockFetch, Misbehavior, Serving, Want};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
@@ -549,17 +549,17 @@ fn join(
 async fn connect(
     fleet: Option<&FleetKeys>,
     addr: SocketAddr,
-) -> Result<(TcpStream, Option<(handshake::Cipher, handshake::Cipher)>), String> {
+) -> Result<(TcpStream, Option<(handshake::Cipher, handshake::Cipher)>), PeerFailure> {
     let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
-        .map_err(|_| format!("no connection within {CONNECT_TIMEOUT:?}"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| PeerFailure::ConnectTimeout)?
+        .map_err(PeerFailure::io)?;
     let _ = stream.set_nodelay(true);
     let ciphers = match fleet {
         Some(keys) => Some(
             prove_client(&mut stream, keys)
                 .await
-                .map_err(|e| crate::error_text(e.as_ref()))?
+                .map_err(|e| PeerFailure::Handshake(crate::error_text(e.as_ref())))?
                 .ciphers(true),
         ),
         None => None,
@@ -577,7 +577,7 @@ pub async fn join_site(
     content: Digest,
     repair_port: u16,
     fetching: bool,
-) -> Result<Vec<std::net::SocketAddrV4>, String> {
+) -> Result<Vec<std::net::SocketAddrV4>, PeerFailure> {
     let (stream, ciphers) = connect(fleet, addr).await?;
     let longest = repair::frame::MAX_MEMBERS * 8 + 16;
     let (mut rd, mut wr) = split(stream, ciphers, longest);
@@ -586,14 +586,14 @@ pub async fn join_site(
         repair_port,
         fetching,
     };
-    wr.write_frame(&ask).await.map_err(|e| e.to_string())?;
-    match rd.read_frame().await.map_err(|e| e.to_string())? {
+    wr.write_frame(&ask).await.map_err(PeerFailure::stream)?;
+    match rd.read_frame().await.map_err(PeerFailure::stream)? {
         Some(Frame::Members { members }) => Ok(members
             .into_iter()
             .map(|(ip, port)| std::net::SocketAddrV4::new(ip.into(), port))
             .collect()),
-        Some(_) => Err("answered JOIN with another frame".into()),
-        None => Err("closed the connection at JOIN".into()),
+        Some(f) => Err(Misbehavior::Unexpected(f.name()).into()),
+        None => Err(PeerFailure::Closed),
     }
 }
 
@@ -626,7 +626,40 @@ pub enum PeerError {
     /// It is at its upload limit: ask again a little later.
     Busy,
     /// Timeout, connection error, malformed or corrupt symbols: drop it.
-    Failed(String),
+    Failed(PeerFailure),
+}
+
+/// Why a peer is dropped (every block asked of it fails with it).
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum PeerFailure {
+    #[error("no connection within {CONNECT_TIMEOUT:?}")]
+    ConnectTimeout,
+    /// Connecting, reading or writing (the OS's words).
+    #[error("{0}")]
+    Io(String),
+    #[error("fleet-key handshake: {0}")]
+    Handshake(String),
+    #[error("no whole frame within {PEER_TIMEOUT:?}")]
+    FrameTimeout,
+    #[error("block {0} not complete within {BLOCK_DEADLINE:?}")]
+    BlockDeadline(u32),
+    #[error("closed the connection")]
+    Closed,
+    #[error(transparent)]
+    Misbehaved(#[from] Misbehavior),
+    #[error("served block {0} that fails its SHA-256")]
+    Corrupt(u32),
+}
+
+impl PeerFailure {
+    fn io(e: std::io::Error) -> Self {
+        PeerFailure::Io(e.to_string())
+    }
+
+    /// A frame stream's error: a malformed frame, or the connection's.
+    fn stream(e: anyhow::Error) -> Self {
+        PeerFailure::Io(crate::error_text(e.as_ref()))
+    }
 }
 
 /// One block for [`fetch_from_peer`]: its hash, and the symbols already
@@ -665,7 +698,7 @@ pub async fn fetch_from_peer(
     let mut pipeline = repair::Pipeline::new(content);
     let mut front_since = tokio::time::Instant::now();
     let mut front = None;
-    let outcome: Result<(), String> = async {
+    let outcome: Result<(), PeerFailure> = async {
         loop {
             // New jobs, without waiting while something is outstanding.
             while pipeline.len() < PIPELINE_DEPTH {
@@ -711,23 +744,20 @@ pub async fn fetch_from_peer(
                     let _ = results.send((addr, b, Err(PeerError::Busy)));
                 }
                 Step::Reask(request) => l.send(&request).await?,
-                Step::Misbehaved(why) => return Err(why),
+                Step::Misbehaved(why) => return Err(why.into()),
                 Step::Decode => match off_the_runtime(|| pipeline.decode_front()) {
                     Decoded::Block { block, data, bytes } => {
                         let _ = results.send((addr, block, Ok((data, bytes))));
                         l.send(&Frame::Stop { block }).await?;
                     }
                     Decoded::NeedMore => {}
-                    Decoded::Corrupt(b) => {
-                        return Err(format!("served block {b} that fails its SHA-256"));
-                    }
+                    Decoded::Corrupt(b) => return Err(PeerFailure::Corrupt(b)),
                 },
             }
         }
     }
     .await;
     if let Err(why) = outcome {
-        let why = format!("{addr}: {why}");
         for b in pipeline.undelivered() {
             let _ = results.send((addr, b, Err(PeerError::Failed(why.clone()))));
         }
@@ -764,7 +794,7 @@ impl PeerLink {
         addr: SocketAddr,
         layout: &Layout,
         cap: &super::tcp::SharedCap,
-    ) -> Result<PeerLink, String> {
+    ) -> Result<PeerLink, PeerFailure> {
         let (stream, ciphers) = connect(fleet, addr).await?;
         // No answer frame is longer than a full SYMBOLS frame of this
         // layout's symbols.
@@ -789,8 +819,8 @@ impl PeerLink {
         Ok(PeerLink { wr, frames, reader })
     }
 
-    async fn send(&mut self, f: &Frame) -> Result<(), String> {
-        self.wr.write_frame(f).await.map_err(|e| e.to_string())
+    async fn send(&mut self, f: &Frame) -> Result<(), PeerFailure> {
+        self.wr.write_frame(f).await.map_err(PeerFailure::stream)
     }
 
     /// The next frame: within [`PEER_TIMEOUT`], and before `deadline` (the
@@ -799,17 +829,16 @@ impl PeerLink {
         &mut self,
         deadline: tokio::time::Instant,
         front: Option<u32>,
-    ) -> Result<Frame, String> {
+    ) -> Result<Frame, PeerFailure> {
         let frame_due = tokio::time::Instant::now() + PEER_TIMEOUT;
         match tokio::time::timeout_at(deadline.min(frame_due), self.frames.recv()).await {
-            Err(_) if deadline < frame_due => Err(format!(
-                "block {} not complete within {BLOCK_DEADLINE:?}",
-                front.unwrap_or_default()
-            )),
-            Err(_) => Err(format!("no whole frame within {PEER_TIMEOUT:?}")),
+            Err(_) if deadline < frame_due => {
+                Err(PeerFailure::BlockDeadline(front.unwrap_or_default()))
+            }
+            Err(_) => Err(PeerFailure::FrameTimeout),
             Ok(Some(Ok(Some(f)))) => Ok(f),
-            Ok(Some(Ok(None)) | None) => Err("closed the connection".into()),
-            Ok(Some(Err(e))) => Err(e.to_string()),
+            Ok(Some(Ok(None)) | None) => Err(PeerFailure::Closed),
+            Ok(Some(Err(e))) => Err(PeerFailure::stream(e)),
         }
     }
 }

@@ -263,7 +263,9 @@ pub(super) async fn peer_repair(
                 // Every block asked of a failed peer fails with it: one note.
                 let first = !chooser.is_dropped(&addr);
                 if first {
-                    r.note(format!("peer {node:016x} dropped for this task: {why}"));
+                    r.note(format!(
+                        "peer {node:016x} ({addr}) dropped for this task: {why}"
+                    ));
                 }
                 chooser.failed(addr);
                 if first && chooser.failures() == MAX_FAILED_PEERS {

@@ -41,6 +41,15 @@ const EARLY_REJOIN: Duration = Duration::from_millis(500);
 /// origin.
 const MAX_SUCCESSORS: usize = 3;
 
+/// Why a source is left for the next.
+#[derive(Debug, thiserror::Error)]
+enum SourceLost {
+    #[error(transparent)]
+    Failed(#[from] crate::agent::repair::PeerFailure),
+    #[error("delivered nothing for {RENDEZVOUS_STALL:?}")]
+    Stalled,
+}
+
 /// Fetches every missing block: from the rendezvous points of this agent's
 /// site, then the origin. `on_block` is called for each block written.
 pub(super) async fn fetch_upstream(
@@ -203,7 +212,7 @@ async fn from_rendezvous(
     partial: &Arc<Mutex<Partial>>,
     addr: SocketAddr,
     on_block: &(dyn Fn(u32) + Sync),
-) -> anyhow::Result<Result<(), String>> {
+) -> anyhow::Result<Result<(), SourceLost>> {
     let vpn = r.agent.placement().map(|p| p.kind) == Some(crate::topology::SiteKind::Vpn);
     // A VPN agent serves nobody: it does not stand in for anyone either.
     let _joined = (!vpn).then(|| joining(r, addr, true));
@@ -225,7 +234,7 @@ async fn blocks_from(
     partial: &Arc<Mutex<Partial>>,
     addr: SocketAddr,
     on_block: &(dyn Fn(u32) + Sync),
-) -> anyhow::Result<Result<(), String>> {
+) -> anyhow::Result<Result<(), SourceLost>> {
     let mut queue: VecDeque<u32> = {
         let p = lock(partial);
         (0..p.layout().block_count())
@@ -276,7 +285,7 @@ async fn blocks_from(
                 progress_at = Instant::now();
             }
             if progress_at.elapsed() >= RENDEZVOUS_STALL {
-                return Ok(Err(format!("delivered nothing for {RENDEZVOUS_STALL:?}")));
+                return Ok(Err(SourceLost::Stalled));
             }
             tokio::select! {
                 _ = tokio::time::sleep(NOT_YET) => {}
@@ -309,7 +318,7 @@ async fn blocks_from(
                 update(&r.agent, &r.id, |s| s.bytes.rendezvous += bytes);
             }
             Err(PeerError::Declined | PeerError::Busy) => not_yet.push(b),
-            Err(PeerError::Failed(why)) => return Ok(Err(why)),
+            Err(PeerError::Failed(why)) => return Ok(Err(why.into())),
         }
     }
 }
