@@ -21,7 +21,7 @@ const BACKOFF: Duration = Duration::from_millis(500);
 #[derive(Debug, Error)]
 pub enum FetchError {
     #[error("every origin URL failed; last error: {0}")]
-    Exhausted(String),
+    Exhausted(OriginFailure),
     #[error("writing the download: {0}")]
     Write(#[from] std::io::Error),
     #[error("cancelled")]
@@ -149,7 +149,7 @@ pub async fn fetch_blocks(
         on_block,
     };
     for (first, last) in runs(&wanted) {
-        let mut last_error = String::new();
+        let mut last_error = OriginFailure::NoUrl;
         let mut next = first;
         'urls: for url in &urls {
             for attempt in 0..ATTEMPTS {
@@ -189,11 +189,35 @@ struct Io<'a> {
     on_block: &'a (dyn Fn(u32) + Sync),
 }
 
+/// Why one request to the origin did not deliver what it asked.
+#[derive(Debug, Error)]
+pub enum OriginFailure {
+    #[error("the manifest names no origin URL")]
+    NoUrl,
+    /// Connecting, or reading the body (reqwest's words).
+    #[error("{0}")]
+    Http(String),
+    #[error("HTTP {0}")]
+    Status(u16),
+    #[error("the response ended early")]
+    EndedEarly,
+    #[error("block {0} from the origin failed its SHA-256 check")]
+    Corrupt(u32),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl OriginFailure {
+    fn http(e: &reqwest::Error) -> Self {
+        OriginFailure::Http(crate::error_text(e))
+    }
+}
+
 enum RangeError {
     /// Blocks before `next` are in; the rest failed with `error`.
     Partly {
         next: u32,
-        error: String,
+        error: OriginFailure,
     },
     Write(std::io::Error),
 }
@@ -239,7 +263,7 @@ async fn fetch_range(
     paced: &mut Paced,
 ) -> Result<(), RangeError> {
     let layout = io.layout;
-    let partly = |next: u32, error: String| RangeError::Partly { next, error };
+    let partly = |next: u32, error: OriginFailure| RangeError::Partly { next, error };
     let asked = std::time::Instant::now();
     let resp = io
         .client
@@ -247,7 +271,7 @@ async fn fetch_range(
         .header(reqwest::header::RANGE, format!("bytes={}-{}", from, to - 1))
         .send()
         .await
-        .map_err(|e| partly(asm.block, e.to_string()))?;
+        .map_err(|e| partly(asm.block, OriginFailure::http(&e)))?;
     // The time to the response's head: the path's delay, and the queue
     // that others keep on it (ours has drained: one slice at a time).
     let delay = asked.elapsed();
@@ -263,16 +287,16 @@ async fn fetch_range(
     let (mut skip, to) = match status.as_u16() {
         206 => (0, to),
         200 => (from, layout.offset(last) + layout.block_len(last) as u64),
-        _ => return Err(partly(asm.block, format!("HTTP {status}"))),
+        _ => return Err(partly(asm.block, OriginFailure::Status(status.as_u16()))),
     };
     let mut remaining = to - from;
     let (asked_for, reading) = (remaining, std::time::Instant::now());
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
         if !go_on(io.flow).await {
-            return Err(partly(asm.block, "cancelled".into()));
+            return Err(partly(asm.block, OriginFailure::Cancelled));
         }
-        let chunk = chunk.map_err(|e| partly(asm.block, e.to_string()))?;
+        let chunk = chunk.map_err(|e| partly(asm.block, OriginFailure::http(&e)))?;
         io.origin.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         paced.take(chunk.len()).await;
         let mut data = &chunk[..];
@@ -290,7 +314,7 @@ async fn fetch_range(
             return Ok(());
         }
     }
-    Err(partly(asm.block, "the response ended early".into()))
+    Err(partly(asm.block, OriginFailure::EndedEarly))
 }
 
 /// Adds `data` to the block being assembled, checking and writing each
@@ -313,7 +337,7 @@ fn take_bytes(
                 asm.buf.clear();
                 return Err(RangeError::Partly {
                     next: block,
-                    error: format!("block {block} from the origin failed its SHA-256 check"),
+                    error: OriginFailure::Corrupt(block),
                 });
             }
             lock(io.partial)
