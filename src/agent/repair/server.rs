@@ -1,0 +1,400 @@
+//! The serving side of peer repair.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use multicast::codec::{Layout, Plan};
+use multicast::wire::Digest;
+use repair::frame::Frame;
+use repair::{Serving, Want};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+
+use super::stream::{FrameWriter, prove_server, split};
+use super::{super::Agent, MAX_REQUEST};
+use crate::lab::hex;
+
+/// Blocks served at once (each being sent, or read and planned ahead of
+/// its turn on a pipelined connection); more requests get `Busy` and ask
+/// another peer. Each holds a block in memory (4 MiB by default).
+const MAX_UPLOADS: usize = 8;
+/// Repair connections served at once, and from one address: enough for
+/// every peer's three blocks in flight on a busy subnet, few enough that
+/// connections cannot exhaust the agent's file descriptors or memory.
+const MAX_CONNECTIONS: usize = 64;
+const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
+
+struct Limits {
+    slots: Semaphore,
+    /// Open connections by source address.
+    connections: std::sync::Mutex<HashMap<IpAddr, usize>>,
+    /// Upload cap of the repair server, bit/s (0 = none).
+    rate_bps: u64,
+    link_free: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Limits {
+    async fn throttle(&self, bytes: usize) {
+        if self.rate_bps == 0 {
+            return;
+        }
+        let cost = Duration::from_secs_f64(bytes as f64 * 8.0 / self.rate_bps as f64);
+        let until = {
+            let mut free = self.link_free.lock().await;
+            let start = (*free).max(tokio::time::Instant::now());
+            *free = start + cost;
+            *free
+        };
+        tokio::time::sleep_until(until).await;
+    }
+}
+
+/// Serves repair requests until `stop` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    agent: Arc<Agent>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let limits = Arc::new(Limits {
+        slots: Semaphore::new(MAX_UPLOADS),
+        connections: Default::default(),
+        rate_bps: agent.config.repair_rate_bps,
+        link_free: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+    });
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        };
+        let (stream, from) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors (EMFILE) and the like: accepting
+                // again at once would spin.
+                tracing::warn!("repair: accept failed: {e}; pausing 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(slot) = ConnectionSlot::take(&limits, from.ip()) else {
+            agent.auth.repair_refused.fetch_add(1, Ordering::Relaxed);
+            continue; // dropped: closed at once
+        };
+        let (agent, limits) = (agent.clone(), limits.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = connection(agent, stream, from, limits).await {
+                tracing::debug!("repair connection from {from}: {e}");
+            }
+        });
+    }
+}
+
+/// What this agent can serve of a block: the file it is in, its place and
+/// its hash.
+fn lookup(
+    agent: &Agent,
+    content: &Digest,
+    block: u32,
+) -> Option<(Layout, Digest, std::path::PathBuf)> {
+    if agent
+        .placement()
+        .is_some_and(|p| p.kind == crate::topology::SiteKind::Vpn)
+    {
+        return None; // a remote worker's uplink is not the office's
+    }
+    let id = hex(content);
+    let tasks = agent.tasks();
+    tasks.values().find_map(|t| {
+        if t.status.content_id != id || !t.have.get(block as usize).copied().unwrap_or(false) {
+            return None;
+        }
+        let m = t.spec.manifest.check().ok()?;
+        Some((
+            m.layout,
+            *m.block_hashes.get(block as usize)?,
+            t.data.clone()?,
+        ))
+    })
+}
+
+/// One of the server's connection slots, given back when dropped.
+struct ConnectionSlot {
+    limits: Arc<Limits>,
+    from: IpAddr,
+}
+
+impl ConnectionSlot {
+    fn take(limits: &Arc<Limits>, from: IpAddr) -> Option<ConnectionSlot> {
+        let mut c = limits.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = c.values().sum();
+        let mine = c.get(&from).copied().unwrap_or(0);
+        if total >= MAX_CONNECTIONS || mine >= MAX_CONNECTIONS_PER_SOURCE {
+            return None;
+        }
+        *c.entry(from).or_default() += 1;
+        Some(ConnectionSlot {
+            limits: limits.clone(),
+            from,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut c = self
+            .limits
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = c.get_mut(&self.from) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.from);
+            }
+        }
+    }
+}
+
+/// A request taken off the connection, on its way to an answer.
+enum Answer<'a> {
+    /// At once: NOT_HELD or BUSY.
+    Now(Frame),
+    /// The block is being read, checked and planned off the runtime.
+    Block {
+        block: u32,
+        _upload: tokio::sync::SemaphorePermit<'a>,
+        plan: tokio::task::JoinHandle<Option<Serving>>,
+    },
+}
+
+/// Starts the answer to a request: the block's reading and planning runs
+/// while the connection still sends the answer before it.
+fn start_answer<'a>(agent: &Arc<Agent>, limits: &'a Limits, f: Frame) -> Option<Answer<'a>> {
+    let Frame::Need {
+        content,
+        block,
+        held,
+        need,
+        highest_esi,
+    } = f
+    else {
+        return None; // a Stop for a block already finished, or noise
+    };
+    let Some((layout, hash, path)) = lookup(agent, &content, block) else {
+        return Some(Answer::Now(Frame::NotHeld { block }));
+    };
+    let Ok(upload) = limits.slots.try_acquire() else {
+        return Some(Answer::Now(Frame::Busy));
+    };
+    let want = Want {
+        block,
+        held,
+        need,
+        highest_esi,
+    };
+    let plan = tokio::task::spawn_blocking(move || -> Option<Serving> {
+        let f = std::fs::File::open(&path).ok()?;
+        let mut data = vec![0u8; layout.block_len(block)];
+        multicast::driver::read_exact_at(&f, &mut data, layout.offset(block)).ok()?;
+        if multicast::codec::sha256(&data) != hash {
+            tracing::warn!("repair: block {block} on disk fails its hash; not serving it");
+            return None;
+        }
+        let plan = Serving::needs_plan(&want).then(|| Plan::new(layout));
+        Some(Serving::new(
+            &layout,
+            plan.as_ref(),
+            want,
+            &data,
+            multicast::driver::random_id() as u32,
+        ))
+    });
+    Some(Answer::Block {
+        block,
+        _upload: upload,
+        plan,
+    })
+}
+
+/// Requests a requester may queue on one connection before it is
+/// answered; more is a requester that does not wait for answers.
+const MAX_QUEUED_REQUESTS: usize = 16;
+
+async fn connection(
+    agent: Arc<Agent>,
+    mut stream: TcpStream,
+    from: SocketAddr,
+    limits: Arc<Limits>,
+) -> anyhow::Result<()> {
+    let ciphers = match &agent.fleet {
+        Some(keys) => match prove_server(&mut stream, keys).await {
+            Ok(session) => Some(session.ciphers(false)),
+            Err(e) => {
+                agent.auth.repair_refused.fetch_add(1, Ordering::Relaxed);
+                return Err(e.context("repair connection refused"));
+            }
+        },
+        None => None,
+    };
+    // Answers go out as written: Nagle would hold an END (or a frame's
+    // tail) back until the requester's delayed ACK.
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = split(stream, ciphers, MAX_REQUEST);
+    // In background mode the upload yields to other traffic on the path.
+    let mode = crate::agent::task::unicast_mode(agent.config.rate_mode);
+    let mut pace =
+        crate::agent::tcp::UploadPace::new(mode, agent.config.rate_min_bps, wr.wr.as_ref());
+    if pace.is_none() && mode == repair::pace::Mode::Background {
+        // No RTT to pace on here: the OS's own background transport, if any.
+        let took = crate::agent::tcp::os_background(wr.wr.as_ref());
+        tracing::debug!("repair: upload without a pace; OS background transport: {took}");
+    }
+    // Requests read while an answer was being sent, oldest first; the
+    // next one's block is read and planned ahead.
+    let mut queued: std::collections::VecDeque<Frame> = Default::default();
+    let mut next: Option<Answer> = None;
+    loop {
+        let answer = match next.take() {
+            Some(a) => a,
+            None => {
+                let f = match queued.pop_front() {
+                    Some(f) => f,
+                    None => match rd.read_frame().await? {
+                        Some(f) => f,
+                        None => return Ok(()),
+                    },
+                };
+                if let Frame::Join {
+                    content,
+                    repair_port,
+                    fetching,
+                } = f
+                {
+                    let answer = join(&agent, from, content, repair_port, fetching);
+                    wr.write_frame(&answer).await?;
+                    continue;
+                }
+                match start_answer(&agent, &limits, f) {
+                    Some(a) => a,
+                    None => continue,
+                }
+            }
+        };
+        let (block, plan) = match answer {
+            Answer::Now(f) => {
+                wr.write_frame(&f).await?;
+                continue;
+            }
+            Answer::Block {
+                block,
+                _upload,
+                plan,
+            } => (block, (plan.await?, _upload)),
+        };
+        let (Some(mut serving), _upload) = plan else {
+            wr.write_frame(&Frame::NotHeld { block }).await?;
+            continue;
+        };
+        while let Some(mut f) = serving.next_frame() {
+            if let Frame::Symbols { payload, .. } = &mut f {
+                limits.throttle(payload.len()).await;
+                if let Some(p) = &mut pace {
+                    p.before(payload.len()).await;
+                }
+                if agent.config.lab_corrupt_repair
+                    && let Some(byte) = payload.first_mut()
+                {
+                    *byte ^= 0x01;
+                }
+            }
+            write_paced(&mut wr, &f, pace.as_mut()).await?;
+            if let Frame::Symbols { payload, .. } = &f {
+                crate::agent::metrics::Counters::add(
+                    &agent.counters.repair_bytes_served,
+                    payload.len() as u64,
+                );
+            }
+            // What the requester sent meanwhile: a STOP for this block
+            // ends it; requests queue, and the next is prepared now.
+            // At most a few per gap: a requester streaming frames cannot
+            // keep this task from its answer.
+            let mut stopped = false;
+            for _ in 0..MAX_QUEUED_REQUESTS {
+                let Some(f) = rd.try_frame()? else { break };
+                match f {
+                    Frame::Stop { block: b } if b == block => stopped = true,
+                    Frame::Need { .. } if queued.len() < MAX_QUEUED_REQUESTS => queued.push_back(f),
+                    Frame::Need { .. } => {
+                        anyhow::bail!("more than {MAX_QUEUED_REQUESTS} requests queued")
+                    }
+                    _ => {}
+                }
+            }
+            if next.is_none()
+                && let Some(f) = queued.pop_front()
+            {
+                next = start_answer(&agent, &limits, f);
+            }
+            if stopped {
+                break;
+            }
+        }
+        wr.write_frame(&Frame::End { block }).await?;
+        crate::agent::metrics::Counters::add(&agent.counters.repair_blocks_served, 1);
+        if let Some(p) = &pace {
+            tracing::debug!("repair: block {block} served at {:?} bit/s", p.rate_bps());
+        }
+    }
+}
+
+/// A JOIN from `from`: the member is the connection's source address with
+/// the repair port it names (never an address it claims), and the answer
+/// every member of the content.
+fn join(
+    agent: &Agent,
+    from: SocketAddr,
+    content: Digest,
+    repair_port: u16,
+    fetching: bool,
+) -> Frame {
+    let SocketAddr::V4(from) = from else {
+        return Frame::Members { members: vec![] };
+    };
+    let member = std::net::SocketAddrV4::new(*from.ip(), repair_port);
+    let members = agent
+        .members
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .join(std::time::Instant::now(), content, member, fetching);
+    Frame::Members {
+        members: members
+            .iter()
+            .map(|m| (m.ip().octets(), m.port()))
+            .collect(),
+    }
+}
+
+/// Writes `f`; a paced upload samples its path meanwhile.
+async fn write_paced(
+    wr: &mut FrameWriter,
+    f: &Frame,
+    pace: Option<&mut crate::agent::tcp::UploadPace>,
+) -> anyhow::Result<()> {
+    let Some(pace) = pace else {
+        return wr.write_frame(f).await;
+    };
+    pace.sample();
+    let write = wr.write_frame(f);
+    tokio::pin!(write);
+    let mut tick = tokio::time::interval(crate::agent::tcp::SAMPLE_EVERY);
+    loop {
+        tokio::select! {
+            r = &mut write => return r,
+            _ = tick.tick() => pace.sample(),
+        }
+    }
+}

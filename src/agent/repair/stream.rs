@@ -1,0 +1,160 @@
+//! Frames on a repair connection, both sides: reading (a whole frame
+//! within a deadline, its header checked before the body is buffered) and
+//! writing, through the fleet-key ciphers once the handshake is done.
+
+use multicast::auth::FleetKeys;
+use multicast::handshake;
+use repair::frame::{self, Frame};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{MAX_REQUEST, PEER_TIMEOUT};
+
+/// The reading side of a repair connection, with the fleet key's cipher of
+/// that direction (every byte after the handshake is encrypted).
+pub(super) struct FrameReader {
+    pub(super) rd: tokio::net::tcp::OwnedReadHalf,
+    rx: Option<handshake::Cipher>,
+    /// Longest frame body this side takes: a request on the server.
+    max_frame: usize,
+    /// Acknowledge at once (a requester: the peer's upload pace reads the
+    /// RTT).
+    quickack: bool,
+    buf: Vec<u8>,
+}
+
+/// The writing side, with its cipher.
+pub(super) struct FrameWriter {
+    pub(super) wr: tokio::net::tcp::OwnedWriteHalf,
+    tx: Option<handshake::Cipher>,
+}
+
+/// Splits a connection (after the handshake, if any) into its two sides.
+pub(super) fn split(
+    stream: TcpStream,
+    ciphers: Option<(handshake::Cipher, handshake::Cipher)>,
+    max_frame: usize,
+) -> (FrameReader, FrameWriter) {
+    let (rd, wr) = stream.into_split();
+    let (tx, rx) = ciphers.unzip();
+    let reader = FrameReader {
+        rd,
+        rx,
+        max_frame,
+        // A server's requests need no quick ACKs; a requester's answers do.
+        quickack: max_frame > MAX_REQUEST,
+        buf: Vec::new(),
+    };
+    (reader, FrameWriter { wr, tx })
+}
+
+impl FrameReader {
+    /// The next frame, which must arrive whole within [`PEER_TIMEOUT`].
+    pub(super) async fn read_frame(&mut self) -> anyhow::Result<Option<Frame>> {
+        tokio::time::timeout(PEER_TIMEOUT, self.next_frame())
+            .await
+            .map_err(|_| anyhow::anyhow!("no whole frame within {PEER_TIMEOUT:?}"))?
+    }
+
+    /// The next frame, however long it takes.
+    pub(super) async fn next_frame(&mut self) -> anyhow::Result<Option<Frame>> {
+        loop {
+            if let Some(f) = self.buffered()? {
+                return Ok(Some(f));
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            let n = self.rd.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            if self.quickack {
+                crate::agent::tcp::quickack(self.rd.as_ref());
+            }
+            self.take(&mut chunk[..n]);
+        }
+    }
+
+    /// A whole frame if one has arrived, without waiting.
+    pub(super) fn try_frame(&mut self) -> anyhow::Result<Option<Frame>> {
+        loop {
+            if let Some(f) = self.buffered()? {
+                return Ok(Some(f));
+            }
+            let mut chunk = [0u8; 4096];
+            let n = match self.rd.try_read(&mut chunk) {
+                Ok(0) => return Ok(None), // closed: the next read says so
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            self.take(&mut chunk[..n]);
+        }
+    }
+
+    /// The first whole frame in the buffer. The header is checked (and the
+    /// frame refused) before more of a frame declared too long is read.
+    fn buffered(&mut self) -> anyhow::Result<Option<Frame>> {
+        frame::check_header(&self.buf, self.max_frame)?;
+        let Some((f, used)) = frame::decode(&self.buf, self.max_frame)? else {
+            return Ok(None);
+        };
+        self.buf.drain(..used);
+        Ok(Some(f))
+    }
+
+    fn take(&mut self, bytes: &mut [u8]) {
+        if let Some(rx) = &mut self.rx {
+            rx.apply(bytes);
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+}
+
+impl FrameWriter {
+    pub(super) async fn write_frame(&mut self, f: &Frame) -> anyhow::Result<()> {
+        let mut out = Vec::new();
+        frame::encode(f, &mut out);
+        if let Some(tx) = &mut self.tx {
+            tx.apply(&mut out);
+        }
+        tokio::time::timeout(PEER_TIMEOUT, self.wr.write_all(&out)).await??;
+        Ok(())
+    }
+}
+
+/// The fleet-key handshake, server side: the client proves it holds the
+/// key (and learns that this agent does) before any frame is read.
+pub(super) async fn prove_server(
+    stream: &mut TcpStream,
+    keys: &FleetKeys,
+) -> anyhow::Result<handshake::Session> {
+    tokio::time::timeout(PEER_TIMEOUT, async {
+        let mut hello = [0u8; handshake::HELLO_LEN];
+        stream.read_exact(&mut hello).await?;
+        let (server, answer) = handshake::Server::answer(keys, &hello)?;
+        stream.write_all(&answer).await?;
+        let mut proof = [0u8; handshake::PROOF_LEN];
+        stream.read_exact(&mut proof).await?;
+        anyhow::Ok(server.finish(&proof)?)
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no fleet-key handshake within {PEER_TIMEOUT:?}"))?
+}
+
+/// The fleet-key handshake, client side.
+pub(super) async fn prove_client(
+    stream: &mut TcpStream,
+    keys: &FleetKeys,
+) -> anyhow::Result<handshake::Session> {
+    tokio::time::timeout(PEER_TIMEOUT, async {
+        let (client, hello) = handshake::Client::start(keys);
+        stream.write_all(&hello).await?;
+        let mut answer = [0u8; handshake::ANSWER_LEN];
+        stream.read_exact(&mut answer).await?;
+        let (proof, session) = client.finish(&answer)?;
+        stream.write_all(&proof).await?;
+        anyhow::Ok(session)
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no fleet-key handshake within {PEER_TIMEOUT:?}"))?
+}
