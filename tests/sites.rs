@@ -103,6 +103,14 @@ fn a_subnet_fetches_from_its_sites_rendezvous_and_the_next_when_one_is_down() {
     }
     let s = common::task(&other, "site-1");
     assert_eq!(s["bytes"]["origin"], 0, "{s}");
+    // Prometheus sees the rendezvous as a source of its own.
+    let (_, page) = common::get(other.addr, "/metrics", Some(common::TOKEN));
+    let line = page
+        .lines()
+        .find(|l| l.starts_with("somcast_task_bytes{source=\"rendezvous\"}"))
+        .unwrap_or_else(|| panic!("no rendezvous bytes in {page}"));
+    let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= SIZE, "{line}");
     assert!(s["bytes"]["rendezvous"].as_u64().unwrap() >= SIZE, "{s}");
     let history = s["history"].to_string();
     assert!(

@@ -122,7 +122,7 @@ impl Collector for Scrape {
         let (by_state, bytes, sending) = {
             let tasks = a.tasks();
             let mut by_state = [0i64; STATES.len()];
-            let mut bytes = [0u64; 3];
+            let mut bytes = [0u64; 4];
             // Rate and receivers left behind of the multicasts running now.
             let mut sending = (0u64, 0u64);
             for t in tasks.values() {
@@ -136,6 +136,7 @@ impl Collector for Scrape {
                 bytes[0] += t.status.bytes.multicast;
                 bytes[1] += t.status.bytes.peers;
                 bytes[2] += t.status.bytes.origin;
+                bytes[3] += t.status.bytes.rendezvous;
             }
             (by_state, bytes, sending)
         };
@@ -167,7 +168,7 @@ impl Collector for Scrape {
             "somcast_task_bytes",
             "Package bytes of the tasks on record, by where they came from",
             "source",
-            ["multicast", "peers", "origin"]
+            ["multicast", "peers", "origin", "rendezvous"]
                 .iter()
                 .zip(bytes)
                 .map(|(s, n)| (s.to_string(), ConstGauge::new(n as i64)))
