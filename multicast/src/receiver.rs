@@ -44,12 +44,17 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::codec::{Collector, Layout, MIN_DECODE_MARGIN, sha256};
+use crate::codec::{Collector, Layout, MIN_DECODE_MARGIN};
 use crate::transmit::{Dest, Transmit};
 use crate::wire::{self, Digest, Feedback, Frame, MAX_NEEDS_PER_FRAME, Need, SessionInfo};
 
+mod decode;
+mod feedback;
 mod path;
+mod stats;
+pub use decode::{BlockResult, DecodeJob, DecodeOutcome};
 use path::PathMeter;
+pub use stats::ReceiverStats;
 
 /// Receiver tuning.
 #[derive(Clone, Debug)]
@@ -76,75 +81,6 @@ impl Default for ReceiverConfig {
             done_linger: Duration::from_secs(2),
         }
     }
-}
-
-/// Decode and check one block. Runs anywhere; pure CPU.
-#[derive(Debug)]
-pub struct DecodeJob {
-    pub block: u32,
-    layout: Layout,
-    expected: Digest,
-    collector: Box<Collector>,
-}
-
-/// The outcome of a [`DecodeJob`].
-#[derive(Debug)]
-pub enum DecodeOutcome {
-    /// The block decoded and matched its hash: write `data[..len]` at `offset`.
-    Verified {
-        block: u32,
-        offset: u64,
-        len: usize,
-        data: Vec<u8>,
-    },
-    /// The symbols did not determine the block yet.
-    NeedMore {
-        block: u32,
-        collector: Box<Collector>,
-    },
-    /// It decoded, but not to the announced hash: a corrupt symbol got in.
-    Corrupt { block: u32 },
-}
-
-impl DecodeJob {
-    pub fn layout(&self) -> Layout {
-        self.layout
-    }
-
-    pub fn run(self) -> DecodeOutcome {
-        let block = self.block;
-        match self.collector.decode(&self.layout) {
-            Err(collector) => DecodeOutcome::NeedMore { block, collector },
-            Ok(data) => {
-                let len = self.layout.block_len(block);
-                if sha256(&data[..len]) == self.expected {
-                    DecodeOutcome::Verified {
-                        block,
-                        offset: self.layout.offset(block),
-                        len,
-                        data,
-                    }
-                } else {
-                    DecodeOutcome::Corrupt { block }
-                }
-            }
-        }
-    }
-}
-
-/// What the driver tells the receiver about a job it ran.
-#[derive(Debug)]
-pub enum BlockResult {
-    Written {
-        block: u32,
-    },
-    NeedMore {
-        block: u32,
-        collector: Box<Collector>,
-    },
-    Corrupt {
-        block: u32,
-    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -182,57 +118,6 @@ pub enum ReceiveFailure {
     FileHashMismatch,
     #[error("announced session is not valid: {0}")]
     BadSession(String),
-}
-
-/// Counters for the summary.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ReceiverStats {
-    pub datagrams: u64,
-    pub data_symbols: u64,
-    pub repair_symbols: u64,
-    /// Symbols of blocks already done or being decoded.
-    pub redundant_symbols: u64,
-    /// Symbols dropped because the buffer cap was reached.
-    pub dropped_no_buffer: u64,
-    /// Datagrams that did not parse, or failed a check.
-    pub malformed: u64,
-    pub other_session: u64,
-    /// Sessions heard, joined and not (yet) acknowledged, while following
-    /// the first one that answers.
-    pub unanswered_sessions: u64,
-    pub blocks_done: u32,
-    /// Blocks that decoded to the wrong hash and were collected again.
-    pub hash_failures: u32,
-    pub decode_retries: u32,
-    /// Blocks decoded from fewer than the fast margin, after settling.
-    pub settled_decodes: u32,
-    pub feedback_sent: u64,
-    /// Symbols the sender sent for blocks we tracked (ESI gaps included).
-    pub span: u64,
-}
-
-impl ReceiverStats {
-    /// Share of data symbols lost on the way, 0..=1.
-    pub fn loss(&self) -> f64 {
-        if self.span == 0 {
-            return 0.0;
-        }
-        1.0 - (self.data_symbols as f64 / self.span as f64).min(1.0)
-    }
-
-    /// The loss rate less one standard error: what the receiver reports to
-    /// the sender, which sizes its first pass for the upper quartile of the
-    /// reports. Early estimates are noisy and the larger of several noisy
-    /// estimates run high (eight receivers at 5% reported up to 8.8% in the
-    /// lab); this keeps a noisy receiver from inflating every block for all.
-    /// A receiver left short by it is topped up from its NEEDS.
-    pub fn reported_loss(&self) -> f64 {
-        if self.span == 0 {
-            return 0.0;
-        }
-        let p = self.loss();
-        (p - (p * (1.0 - p) / self.span as f64).sqrt()).max(0.0)
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -837,113 +722,6 @@ impl Receiver {
             }
             Phase::Over => {}
         }
-    }
-
-    /// Left behind, the pass over and its blocks decoded: what is missing
-    /// comes from elsewhere.
-    fn leave_if_missing(&mut self) {
-        let active = self.active.as_ref().expect("called with an active session");
-        if active.phase == Phase::Receiving && active.missing > 0 {
-            let failure = ReceiveFailure::LeftBehind {
-                missing: active.missing,
-                blocks: active.layout.block_count(),
-            };
-            self.fail(failure);
-        }
-    }
-
-    /// Reports NEEDS, with the path since the last report, every interval
-    /// (the sender's rate controller counts on it even when nothing is
-    /// needed), except once left behind.
-    fn send_needs(&mut self, now: Instant) {
-        self.settle_quiet_blocks();
-        let active = self.active.as_ref().expect("called with an active session");
-        let k = active.layout.k();
-        let mut needs = Vec::new();
-        for (&block, c) in &active.collectors {
-            if needs.len() == MAX_NEEDS_PER_FRAME {
-                break;
-            }
-            let want = k + MIN_DECODE_MARGIN + active.extra.get(&block).copied().unwrap_or(0);
-            // A block that holds enough waits to settle (or for its hash);
-            // asking for more would only buy a faster decode.
-            let need = want.saturating_sub(c.held());
-            if need > 0 {
-                needs.push(Need {
-                    block,
-                    need,
-                    highest_esi: c.highest_esi(),
-                });
-            }
-        }
-        // Blocks the sender has gone past that we hold nothing of, as many
-        // as we have room to buffer.
-        let horizon = if active.pass_over {
-            active.layout.block_count()
-        } else {
-            active.highest_block_seen.unwrap_or(0)
-        };
-        let room = active
-            .max_collectors
-            .saturating_sub(active.collectors.len() + active.decoding);
-        let missing = active.state[..horizon as usize]
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| **s == BlockState::Missing)
-            .take(room.min(MAX_NEEDS_PER_FRAME - needs.len()));
-        let mut passed = Vec::new();
-        for (block, _) in missing {
-            passed.push(block as u32);
-            needs.push(Need {
-                block: block as u32,
-                need: k + MIN_DECODE_MARGIN,
-                highest_esi: None,
-            });
-        }
-        let active = self.active.as_mut().expect("called with an active session");
-        // What arrives for these now is the repair asked for: nothing more
-        // is coming, so they decode as soon as they can.
-        active.settled.extend(passed);
-        let path = active
-            .path
-            .report(now, self.stats.span, self.stats.data_symbols);
-        if active.left {
-            return;
-        }
-        let loss_ppm = (self.stats.reported_loss() * 1e6) as u32;
-        self.send_feedback(Feedback::Needs {
-            loss_ppm,
-            path,
-            needs,
-        });
-    }
-
-    /// Marks collecting blocks that received nothing since the last tick as
-    /// settled, and dispatches those that already hold enough for that.
-    fn settle_quiet_blocks(&mut self) {
-        let active = self.active.as_mut().expect("called with an active session");
-        let mut ready = Vec::new();
-        for (&block, c) in &active.collectors {
-            let held = c.held();
-            if active.held_at_tick.insert(block, held) == Some(held) && active.settled.insert(block)
-            {
-                ready.push(block);
-            }
-        }
-        for block in ready {
-            self.maybe_dispatch(block);
-        }
-    }
-
-    fn send_feedback(&mut self, feedback: Feedback) {
-        let active = self.active.as_ref().expect("called with an active session");
-        let frame = Frame::Feedback {
-            receiver: self.cfg.receiver_id,
-            feedback,
-        };
-        self.stats.feedback_sent += 1;
-        self.transmits
-            .push_back((active.sender, frame.encode(active.session)));
     }
 
     pub fn poll_job(&mut self) -> Option<DecodeJob> {
