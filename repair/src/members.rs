@@ -58,7 +58,10 @@ impl Members {
             return Vec::new();
         }
         let list = self.by_content.entry(content).or_default();
-        match list.iter_mut().find(|(a, _)| *a == member) {
+        // One entry per host: an agent has one repair port, and a host that
+        // joins under many ports cannot crowd the others out.
+        match list.iter_mut().find(|(a, _)| a.ip() == member.ip()) {
+            Some(m) if fetching => *m = (member, now),
             Some(m) => m.1 = now,
             None if !fetching => {}
             None => {
@@ -130,12 +133,23 @@ mod tests {
             true,
         );
         assert_eq!(got, [a("10.0.3.12:7481")]);
+        // One host under many ports is one member, its latest port.
+        for port in 1..100 {
+            m.join(
+                t0 + MEMBER_TTL,
+                c,
+                SocketAddrV4::new([10, 1, 0, 1].into(), port),
+                true,
+            );
+        }
+        let got = m.join(t0 + MEMBER_TTL, c, a("10.0.3.12:7481"), true);
+        assert_eq!(got, [a("10.0.3.12:7481"), a("10.1.0.1:99")]);
         // At most MAX_MEMBERS per content and MAX_CONTENTS contents.
-        for i in 0..(MAX_MEMBERS as u16 + 10) {
+        for i in 0..(MAX_MEMBERS as u8 + 10) {
             let n = m.join(
                 t0 + MEMBER_TTL,
                 c,
-                SocketAddrV4::new([10, 1, 0, 1].into(), i),
+                SocketAddrV4::new([10, 2, 0, i].into(), 1),
                 true,
             );
             assert!(n.len() <= MAX_MEMBERS);
