@@ -88,6 +88,16 @@ impl Agent {
         mine.is_some() && t.anchor(other) == mine
     }
 
+    /// The type of this agent's site (`Wired` outside any): read on every
+    /// repair request, so without copying the placement.
+    pub fn site_kind(&self) -> crate::topology::SiteKind {
+        let s = self.site_state();
+        match (&s.topology, &s.placement) {
+            (Some(t), Some(p)) if t.expires > now_unix() => p.kind,
+            _ => crate::topology::SiteKind::Wired,
+        }
+    }
+
     /// The id of the topology in force, and when it was issued.
     pub fn topology_id(&self) -> Option<(String, u64)> {
         let s = self.site_state();

@@ -100,10 +100,7 @@ fn lookup(
     content: &Digest,
     block: u32,
 ) -> Option<(Layout, Digest, std::path::PathBuf)> {
-    if agent
-        .placement()
-        .is_some_and(|p| p.kind == crate::topology::SiteKind::Vpn)
-    {
+    if agent.site_kind() == crate::topology::SiteKind::Vpn {
         return None; // a remote worker's uplink is not the office's
     }
     let id = hex(content);

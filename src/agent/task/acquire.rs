@@ -21,7 +21,7 @@ pub(super) struct Session {
 /// Gets every block: election, then representing or receiving, then the
 /// origin for what is still missing.
 pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<()> {
-    let kind = r.agent.placement().map(|p| p.kind).unwrap_or_default();
+    let kind = r.agent.site_kind();
     if kind == SiteKind::Vpn {
         // A remote worker shares nothing with the hosts beside it.
         r.note("vpn site: fetching on its own, from the nearest source".into());

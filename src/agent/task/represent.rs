@@ -32,7 +32,7 @@ pub(super) async fn represent(
     // the multicast runs, read by its loop.
     let hold = Arc::new(AtomicBool::new(r.paused()));
     r.state(State::Fetching);
-    if r.agent.placement().map(|p| p.kind) == Some(SiteKind::Wifi) {
+    if r.agent.site_kind() == SiteKind::Wifi {
         // No multicast on Wi-Fi: the others take it from this agent, and
         // each other, over TCP as it arrives.
         origin_fetch(r, partial).await?;

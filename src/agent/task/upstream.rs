@@ -213,7 +213,7 @@ async fn from_rendezvous(
     addr: SocketAddr,
     on_block: &(dyn Fn(u32) + Sync),
 ) -> anyhow::Result<Result<(), SourceLost>> {
-    let vpn = r.agent.placement().map(|p| p.kind) == Some(crate::topology::SiteKind::Vpn);
+    let vpn = r.agent.site_kind() == crate::topology::SiteKind::Vpn;
     // A VPN agent serves nobody: it does not stand in for anyone either.
     let _joined = (!vpn).then(|| joining(r, addr, true));
     blocks_from(r, partial, addr, on_block).await
