@@ -58,7 +58,6 @@ pub(super) async fn fetch_upstream(
     on_block: &(dyn Fn(u32) + Sync),
 ) -> anyhow::Result<()> {
     let sources = r.agent.placement().map(|p| p.sources).unwrap_or_default();
-    let tried = !sources.is_empty();
     for addr in sources {
         if lock(partial).is_complete() {
             return Ok(());
@@ -68,8 +67,9 @@ pub(super) async fn fetch_upstream(
             Err(why) => r.note(format!("rendezvous {addr}: {why}; trying the next source")),
         }
     }
+    // Members are heard only from sources: none without them.
     let members = members_of(r).clone();
-    if tried && !members.is_empty() && succession(r, partial, members, on_block).await? {
+    if !members.is_empty() && succession(r, partial, members, on_block).await? {
         return Ok(());
     }
     if lock(partial).is_complete() {
