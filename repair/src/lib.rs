@@ -13,6 +13,8 @@
 //! - [`fetch`]: the asking side for one block, sans-IO.
 //! - [`pipeline`]: the asking side for many blocks from one peer over one
 //!   connection, requests pipelined, sans-IO.
+//! - [`plan`]: which missing block to ask of which peer, and what each
+//!   answer changes (busy, not held, failed peers), sans-IO.
 //! - [`choose`]: which peer to ask, spread by load, with a per-peer limit.
 //! - [`members`]: who fetches a content through a rendezvous point, and
 //!   who fetches for the others once it is gone.
@@ -25,10 +27,12 @@ pub mod frame;
 pub mod members;
 pub mod pace;
 pub mod pipeline;
+pub mod plan;
 pub mod serve;
 
 pub use choose::Chooser;
 pub use fetch::{BlockFetch, FetchStep, Misbehavior};
 pub use frame::{Frame, FrameError};
 pub use pipeline::Pipeline;
+pub use plan::{Answer, Ask, PlanConfig, PlanEvent, RepairPlan};
 pub use serve::{Serving, Want};

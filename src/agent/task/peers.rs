@@ -63,84 +63,111 @@ pub(super) async fn from_peers_only(
 /// peer's progress before it elects again.
 pub(super) const PEER_STALL: Duration = Duration::from_secs(15);
 
-/// Peers that may fail a task's repair (time out, refuse, serve a bad
-/// block) before it asks no more of them and leaves the rest to the
-/// origin: a stream of peers that announce what they cannot serve costs a
-/// few deadlines, not the task.
-const MAX_FAILED_PEERS: usize = 4;
-
 /// Symbols a receiver collected for blocks it did not finish.
 pub(super) type Leftovers = Vec<(u32, Box<multicast::codec::Collector>)>;
 
+/// Peers on the subnet that announce block `b` of this task's content:
+/// only peers confirmed by a second announcement (one forged announcement
+/// does not make a source), by where they serve (node ids are theirs to
+/// make up, so one that failed cannot come back under another).
+fn holders_of(r: &Run, b: u32) -> Vec<(u64, SocketAddr)> {
+    let prefix = &r.m.content[..8];
+    r.agent
+        .presence()
+        .peers()
+        .filter(|peer| peer.announce.repair_port != 0 && peer.confirmed())
+        .filter(|peer| {
+            peer.announce
+                .held
+                .iter()
+                .any(|h| h.content == prefix && h.has(b))
+        })
+        .map(|peer| {
+            (
+                peer.node(),
+                SocketAddr::new(peer.addr.ip(), peer.announce.repair_port),
+            )
+        })
+        .collect()
+}
+
+/// The peers serving a task's repair: one connection (a task) each, fed
+/// blocks through its channel, all of them together under the task's rate.
+struct PeerLinks {
+    cap: crate::agent::tcp::SharedCap,
+    workers: tokio::task::JoinSet<()>,
+    links: HashMap<SocketAddr, (u64, mpsc::Sender<crate::agent::repair::PeerJob>)>,
+    results_tx: mpsc::UnboundedSender<crate::agent::repair::PeerResult>,
+}
+
+impl PeerLinks {
+    /// The channel to `addr`'s connection, opened on first use.
+    fn to(
+        &mut self,
+        r: &Run,
+        node: u64,
+        addr: SocketAddr,
+    ) -> &mpsc::Sender<crate::agent::repair::PeerJob> {
+        use crate::agent::repair::PIPELINE_DEPTH;
+        let (_, jobs) = self.links.entry(addr).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
+            self.workers.spawn(crate::agent::repair::fetch_from_peer(
+                r.agent.fleet.clone(),
+                addr,
+                r.m.content,
+                r.m.layout,
+                self.cap.clone(),
+                rx,
+                self.results_tx.clone(),
+            ));
+            (node, tx)
+        });
+        jobs
+    }
+
+    fn node(&self, addr: &SocketAddr) -> u64 {
+        self.links.get(addr).map(|p| p.0).unwrap_or_default()
+    }
+}
+
 /// Fetches every missing block that a peer on the subnet holds, from
 /// those peers (spread by load, several requests pipelined on one
-/// connection per peer); what no peer could deliver is left for the origin.
+/// connection per peer, [`repair::RepairPlan`] choosing); what no peer
+/// could deliver is left for the origin.
 pub(super) async fn peer_repair(
     r: &Run,
     partial: &Arc<Mutex<Partial>>,
     leftovers: Leftovers,
 ) -> anyhow::Result<()> {
     use crate::agent::repair::{PIPELINE_DEPTH, PeerError, PeerJob, PeerResult};
-    /// Blocks asked of all peers at once.
-    const MAX_IN_FLIGHT: usize = 16;
-    let prefix: [u8; 8] = r.m.content[..8].try_into().expect("a digest has 32 bytes");
-    let holders_of = |b: u32| -> Vec<(u64, SocketAddr)> {
-        let p = r.agent.presence();
-        // Only peers confirmed by a second announcement: one forged
-        // announcement does not make a source.
-        let mut v: Vec<(u64, SocketAddr)> = p
-            .peers()
-            .filter(|peer| peer.announce.repair_port != 0 && peer.confirmed())
-            .filter(|peer| {
-                peer.announce
-                    .held
-                    .iter()
-                    .any(|h| h.content == prefix && h.has(b))
-            })
-            .map(|peer| {
-                (
-                    peer.node(),
-                    SocketAddr::new(peer.addr.ip(), peer.announce.repair_port),
-                )
-            })
-            .collect();
-        v.sort();
-        v
-    };
-    let mut queue: std::collections::VecDeque<u32> = {
+    let missing: Vec<u32> = {
         let p = lock(partial);
         (0..p.layout().block_count())
             .filter(|&b| !p.done[b as usize])
             .collect()
     };
-    // Each peer gets as many blocks as its connection pipelines; the
-    // server reads and plans the next while it sends one. Peers are told
-    // apart by where they serve: node ids are theirs to make up, so one
-    // that failed cannot come back under another.
-    let mut chooser: repair::Chooser<SocketAddr> = repair::Chooser::new(PIPELINE_DEPTH as u32);
+    let mut plan = repair::RepairPlan::new(
+        repair::PlanConfig {
+            per_peer: PIPELINE_DEPTH as u32,
+            ..repair::PlanConfig::default()
+        },
+        missing,
+    );
+    // Symbols from the multicast go along: the peer then sends only what
+    // is missing (on a retry, after a failed peer, the block starts afresh).
     let mut leftovers: HashMap<u32, Box<multicast::codec::Collector>> =
         leftovers.into_iter().collect();
     let t0 = Instant::now();
-    let mut fetched = false;
-    // One connection (a task) per peer, fed blocks through its channel,
-    // all of them together under the task's rate.
-    let cap = crate::agent::tcp::SharedCap::new(r.pacing().cap_bps);
-    let mut workers = tokio::task::JoinSet::new();
-    let mut peers: HashMap<SocketAddr, (u64, tokio::sync::mpsc::Sender<PeerJob>)> = HashMap::new();
-    let (results_tx, mut results) = tokio::sync::mpsc::unbounded_channel::<PeerResult>();
-    let mut in_flight = 0usize;
-    let mut waiting: Vec<u32> = Vec::new();
-    // A peer that said it does not hold a block (stale HAVE) is not asked
-    // for that block again.
-    let mut declined: std::collections::HashSet<(u32, SocketAddr)> = Default::default();
-    // Blocks whose holders were all busy, retried after a pause; a block
-    // refused this often is left for the origin.
-    const BUSY_TRIES: u32 = 50;
-    let mut busy: Vec<u32> = Vec::new();
-    let mut busy_tries: HashMap<u32, u32> = HashMap::new();
-    let mut idle_rounds = 0;
+    let (results_tx, mut results) = mpsc::unbounded_channel::<PeerResult>();
+    let mut links = PeerLinks {
+        cap: crate::agent::tcp::SharedCap::new(r.pacing().cap_bps),
+        workers: tokio::task::JoinSet::new(),
+        links: HashMap::new(),
+        results_tx,
+    };
+    let mut why_failed: HashMap<SocketAddr, String> = HashMap::new();
     loop {
-        if in_flight == 0 && r.paused() {
+        if plan.in_flight() == 0 && r.paused() {
             // Paused: what is out has come back; ask for nothing more
             // until resumed.
             r.until_resumed().await;
@@ -148,140 +175,107 @@ pub(super) async fn peer_repair(
                 bail!("cancelled");
             }
         }
-        if in_flight == 0 && queue.is_empty() && !busy.is_empty() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            queue.extend(busy.drain(..));
+        if plan.in_flight() == 0
+            && let Some(at) = plan.poll_timeout()
+        {
+            tokio::time::sleep_until(at.into()).await;
+            plan.handle_timeout(Instant::now());
         }
-        while in_flight < MAX_IN_FLIGHT && !r.paused() {
-            let Some(b) = queue.pop_front() else { break };
-            let mut holders = holders_of(b);
-            holders.retain(|h| !declined.contains(&(b, h.1)));
-            let mut addrs: Vec<SocketAddr> = holders.iter().map(|h| h.1).collect();
-            addrs.sort();
-            addrs.dedup();
-            if chooser.failures() >= MAX_FAILED_PEERS {
-                addrs.clear(); // the rest is the origin's
-            }
-            match chooser.pick(&addrs) {
-                Some(addr) => {
-                    let node = holders
-                        .iter()
-                        .find(|h| h.1 == addr)
-                        .expect("picked among them")
-                        .0;
-                    let (_, jobs) = peers.entry(addr).or_insert_with(|| {
-                        let (tx, rx) = tokio::sync::mpsc::channel(PIPELINE_DEPTH);
-                        let (fleet, content, layout) =
-                            (r.agent.fleet.clone(), r.m.content, r.m.layout);
-                        workers.spawn(crate::agent::repair::fetch_from_peer(
-                            fleet,
-                            addr,
-                            content,
-                            layout,
-                            cap.clone(),
-                            rx,
-                            results_tx.clone(),
-                        ));
-                        (node, tx)
-                    });
-                    // Symbols from the multicast go along: the peer then
-                    // sends only what is missing (on a retry, after a failed
-                    // peer, the block starts afresh).
-                    let job = PeerJob {
-                        block: b,
-                        hash: r.m.block_hashes[b as usize],
-                        held: leftovers.remove(&b),
-                    };
-                    // The chooser keeps a peer within the channel's room.
-                    if jobs.try_send(job).is_err() {
-                        chooser.declined(addr);
-                        queue.push_back(b);
-                        break;
-                    }
-                    in_flight += 1;
-                }
-                // Holders at their limit: try again when one finishes.
-                None if chooser.any_usable(&addrs) => waiting.push(b),
-                None => {} // nobody (left) to ask: the origin's
-            }
-        }
-        if in_flight == 0 {
-            // Nothing out: done, unless blocks still wait for a turn (a
-            // peer's channel closed as it failed; holders busy). A few
-            // rounds that send nothing end it: the rest is the origin's.
-            queue.extend(waiting.drain(..));
-            idle_rounds += 1;
-            if (busy.is_empty() && queue.is_empty()) || idle_rounds > 3 {
+        let holders = |b: u32| holders_of(r, b);
+        while !r.paused() {
+            let Some(ask) = plan.poll_ask(Instant::now(), |b| {
+                holders(b).into_iter().map(|h| h.1).collect()
+            }) else {
+                break;
+            };
+            let node = holders(ask.block)
+                .into_iter()
+                .find(|h| h.1 == ask.peer)
+                .map_or(0, |h| h.0);
+            let job = PeerJob {
+                block: ask.block,
+                hash: r.m.block_hashes[ask.block as usize],
+                held: leftovers.remove(&ask.block),
+            };
+            // The plan keeps a peer within the channel's room; a full or
+            // closed one takes the block back.
+            if links.to(r, node, ask.peer).try_send(job).is_err() {
+                plan.unsent(ask);
                 break;
             }
-            continue;
         }
-        idle_rounds = 0;
-        // A cancel must not wait for a slow peer's block.
-        let (addr, b, res) = tokio::select! {
-            d = results.recv() => d.context("repair workers gone")?,
-            _ = r.until_cancelled() => {
-                workers.abort_all();
-                bail!("cancelled");
-            }
-        };
-        in_flight -= 1;
-        queue.extend(waiting.drain(..));
-        queue.extend(busy.drain(..));
-        let node = peers.get(&addr).map(|p| p.0).unwrap_or_default();
-        match res {
-            Ok((data, bytes)) => {
-                tracing::trace!("task {}: block {b} from peer {addr}", r.id);
-                fetched = true;
-                chooser.succeeded(addr, bytes);
-                // Off the runtime: a 4 MiB write must not stall the
-                // connections' readers.
-                let p = partial.clone();
-                tokio::task::spawn_blocking(move || lock(&p).write_block(b, &data))
-                    .await?
-                    .context("writing a repaired block")?;
-                note_blocks(&r.agent, &r.id, &lock(partial));
-                update(&r.agent, &r.id, |s| {
-                    s.bytes.peers += bytes;
-                    *s.bytes.by_peer.entry(format!("{node:016x}")).or_default() += bytes;
-                });
-            }
-            Err(PeerError::Declined) => {
-                chooser.declined(addr);
-                declined.insert((b, addr));
-                queue.push_back(b);
-            }
-            Err(PeerError::Busy) => {
-                chooser.declined(addr);
-                let tries = busy_tries.entry(b).or_default();
-                *tries += 1;
-                if *tries < BUSY_TRIES {
-                    busy.push(b);
-                }
-            }
-            Err(PeerError::Failed(why)) => {
-                // Every block asked of a failed peer fails with it: one note.
-                let first = !chooser.is_dropped(&addr);
-                if first {
+        while let Some(ev) = plan.poll_event() {
+            match ev {
+                repair::PlanEvent::PeerDropped(addr) => {
+                    let node = links.node(&addr);
+                    let why = why_failed.remove(&addr).unwrap_or_default();
                     r.note(format!(
                         "peer {node:016x} ({addr}) dropped for this task: {why}"
                     ));
                 }
-                chooser.failed(addr);
-                if first && chooser.failures() == MAX_FAILED_PEERS {
-                    r.note(format!(
-                        "{MAX_FAILED_PEERS} peers failed: no more peers for this task"
-                    ));
-                }
-                queue.push_back(b);
+                repair::PlanEvent::NoMorePeers => r.note(format!(
+                    "{} peers failed: no more peers for this task",
+                    repair::PlanConfig::default().max_failed_peers
+                )),
             }
         }
+        if plan.is_finished() {
+            break;
+        }
+        if plan.in_flight() == 0 {
+            continue; // a pause before busy holders are asked again
+        }
+        // A cancel must not wait for a slow peer's block.
+        let (addr, b, res) = tokio::select! {
+            d = results.recv() => d.context("repair workers gone")?,
+            _ = r.until_cancelled() => {
+                links.workers.abort_all();
+                bail!("cancelled");
+            }
+        };
+        let answer = match res {
+            Ok((data, bytes)) => {
+                delivered(r, partial, links.node(&addr), b, data, bytes).await?;
+                repair::Answer::Delivered { bytes }
+            }
+            Err(PeerError::Declined) => repair::Answer::NotHeld,
+            Err(PeerError::Busy) => repair::Answer::Busy,
+            Err(PeerError::Failed(why)) => {
+                why_failed.entry(addr).or_insert_with(|| why.to_string());
+                repair::Answer::Failed
+            }
+        };
+        plan.handle_answer(addr, b, answer);
     }
-    drop(peers); // the workers' channels close; they end
-    workers.abort_all();
-    if fetched {
+    drop(links.links); // the workers' channels close; they end
+    links.workers.abort_all();
+    if plan.delivered() > 0 {
         let secs = t0.elapsed().as_secs_f64();
         update(&r.agent, &r.id, |s| s.repair_seconds += secs);
     }
+    Ok(())
+}
+
+/// Writes a block a peer delivered (verified by its hash) and counts it.
+async fn delivered(
+    r: &Run,
+    partial: &Arc<Mutex<Partial>>,
+    node: u64,
+    b: u32,
+    data: Vec<u8>,
+    bytes: u64,
+) -> anyhow::Result<()> {
+    tracing::trace!("task {}: block {b} from peer {node:016x}", r.id);
+    // Off the runtime: a 4 MiB write must not stall the connections'
+    // readers.
+    let p = partial.clone();
+    tokio::task::spawn_blocking(move || lock(&p).write_block(b, &data))
+        .await?
+        .context("writing a repaired block")?;
+    note_blocks(&r.agent, &r.id, &lock(partial));
+    update(&r.agent, &r.id, |s| {
+        s.bytes.peers += bytes;
+        *s.bytes.by_peer.entry(format!("{node:016x}")).or_default() += bytes;
+    });
     Ok(())
 }
