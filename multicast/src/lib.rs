@@ -8,6 +8,8 @@
 //! - [`pacer`]: the token bucket that keeps the sender at its rate.
 //! - [`rate`]: the rate controller that finds the rate the subnet takes.
 //! - [`transmit`]: what the sans-IO machines hand their drivers to send.
+//! - [`sim`]: a simulated subnet with a virtual clock and seeded loss, on
+//!   which every layer's machines are tested.
 //! - [`socket`]: socket2 setup for groups; [`driver`]: blocking loops that
 //!   run the sessions over real sockets and files.
 
@@ -23,6 +25,7 @@ pub mod rate;
 pub mod receiver;
 pub mod rng;
 pub mod sender;
+pub mod sim;
 pub mod socket;
 pub mod transmit;
 pub mod wire;

@@ -50,10 +50,10 @@ fn main() {
             }
         }
         fleet.run_for(interval);
-        let startup: u64 = fleet.wire_bytes.iter().sum();
+        let startup: u64 = fleet.wire_bytes().iter().sum();
         let intervals = 10;
         fleet.run_for(interval * intervals);
-        let total: u64 = fleet.wire_bytes.iter().sum();
+        let total: u64 = fleet.wire_bytes().iter().sum();
         let steady =
             (total - startup) as f64 / agents as f64 / (interval * intervals).as_secs_f64();
         let first = startup as f64 / agents as f64 / interval.as_secs_f64();
