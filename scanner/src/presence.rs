@@ -33,12 +33,17 @@
 //! [`Presence::poll_timeout`] is reached; after each call drain
 //! [`Presence::poll_transmit`] and [`Presence::poll_event`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+mod table;
+
 use multicast::rng::SplitMix64;
+
 use multicast::wire::{self, AddrV4, Announce, Frame, Held, Rank};
+pub use table::Peer;
+use table::PeerTable;
 
 /// Largest announcement, header and CRC included: one datagram inside a
 /// 1500-byte MTU with room for IP and UDP headers and a tunnel or two.
@@ -125,44 +130,6 @@ fn mask(prefix: u8) -> u32 {
     }
 }
 
-/// One agent this agent has heard.
-#[derive(Clone, Debug)]
-pub struct Peer {
-    /// Where its datagrams come from; probes go there.
-    pub addr: SocketAddr,
-    pub announce: Announce,
-    pub first_seen: Instant,
-    pub last_heard: Instant,
-    next_probe: Option<Instant>,
-}
-
-impl Peer {
-    pub fn node(&self) -> u64 {
-        self.announce.node
-    }
-
-    /// Heard more than once: not a one-off (perhaps forged) announcement.
-    pub fn confirmed(&self) -> bool {
-        self.last_heard > self.first_seen
-    }
-
-    fn interval(&self) -> Duration {
-        Duration::from_millis(u64::from(self.announce.interval_ms))
-    }
-
-    /// Silent this long: probe it. Two intervals of up to 1.1 each (the
-    /// jitter) can pass with only one announcement lost; beyond 2.25 two
-    /// were.
-    fn suspect_after(&self) -> Duration {
-        self.interval() * 2 + self.interval() / 4
-    }
-
-    /// Silent this long: gone (three missed intervals plus the jitter).
-    fn expire_after(&self) -> Duration {
-        self.interval() * 3 + self.interval() / 4
-    }
-}
-
 pub use multicast::transmit::{Dest, Transmit};
 
 /// Why a peer left the table.
@@ -210,12 +177,16 @@ pub struct Presence {
     incarnation: u32,
     seq: u32,
     subnet: Option<Subnet>,
-    local: HashMap<u64, Peer>,
-    foreign: HashMap<u64, Peer>,
+    local: PeerTable,
+    foreign: PeerTable,
     candidates: VecDeque<SocketAddr>,
     next_announce: Instant,
     last_announce: Option<Instant>,
     next_candidates: Instant,
+    /// When [`Presence::handle_timeout`] next has work, or earlier: worked
+    /// out in full by each timeout run, and only brought forward by what
+    /// comes between (a datagram costs no walk over the table).
+    deadline: Instant,
     greeted: bool,
     tokens: f64,
     tokens_at: Instant,
@@ -247,12 +218,13 @@ impl Presence {
             incarnation,
             seq: 0,
             subnet,
-            local: HashMap::new(),
-            foreign: HashMap::new(),
+            local: PeerTable::default(),
+            foreign: PeerTable::default(),
             candidates: VecDeque::new(),
             next_announce: first,
             last_announce: None,
             next_candidates: first,
+            deadline: first,
             greeted: false,
             rng,
             out: VecDeque::new(),
@@ -311,6 +283,9 @@ impl Presence {
             if !self.candidates.contains(&a) && !self.local.values().any(|p| p.addr == a) {
                 self.candidates.push_back(a);
             }
+        }
+        if !self.candidates.is_empty() {
+            self.deadline = self.deadline.min(self.next_candidates);
         }
     }
 
@@ -393,12 +368,21 @@ impl Presence {
                 self.stats.probes_sent += 1;
             }
         }
+        self.deadline = self.next_deadline();
     }
 
     /// When [`Presence::handle_timeout`] wants to run next: always some
     /// time, as an agent announces itself for as long as it runs (the
-    /// `Option` is the contract every machine shares).
+    /// `Option` is the contract every machine shares). It may come early
+    /// (a peer heard since then is due later): the timeout then does
+    /// nothing but work out the next one.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        Some(self.deadline)
+    }
+
+    /// The earliest timer: the next announcement, candidate probes, and
+    /// each peer's probe and expiry.
+    fn next_deadline(&self) -> Instant {
         let mut at = self.next_announce;
         if !self.candidates.is_empty() {
             at = at.min(self.next_candidates);
@@ -410,7 +394,7 @@ impl Presence {
         for p in self.foreign.values() {
             at = at.min(p.last_heard + p.expire_after());
         }
-        Some(at)
+        at
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
@@ -447,39 +431,39 @@ impl Presence {
         } else {
             &mut self.foreign
         };
-        match table.get_mut(&node) {
-            Some(p) if p.announce.incarnation == a.incarnation => {
-                // A late or duplicated copy must not roll the entry back,
-                // and an answer to a probe only says "alive" (agents answer
-                // each other without their contents, to keep it small).
-                if a.reply_to.is_none() && a.seq.wrapping_sub(p.announce.seq) as i32 >= 0 {
-                    p.announce = a;
-                }
-                p.addr = from;
-                p.last_heard = now;
-                p.next_probe = None;
+        let fresh = |announce| Peer {
+            addr: from,
+            announce,
+            first_seen: now,
+            last_heard: now,
+            next_probe: None,
+        };
+        match table.get(&node).map(|p| p.announce.incarnation) {
+            Some(incarnation) if incarnation == a.incarnation => {
+                table.refresh(node, from, now, |p| {
+                    // A late or duplicated copy must not roll the entry
+                    // back, and an answer to a probe only says "alive"
+                    // (agents answer each other without their contents, to
+                    // keep it small).
+                    if a.reply_to.is_none() && a.seq.wrapping_sub(p.announce.seq) as i32 >= 0 {
+                        p.announce = a;
+                    }
+                });
             }
-            Some(p) => {
-                *p = Peer {
-                    addr: from,
-                    announce: a,
-                    first_seen: now,
-                    last_heard: now,
-                    next_probe: None,
-                };
+            Some(_) => {
+                table.insert(node, fresh(a));
                 if local {
                     self.events
                         .push_back(PresenceEvent::Restarted { node, addr: from });
                 }
             }
             None => {
-                let from_source = table.values().filter(|p| p.addr.ip() == from.ip()).count();
-                if from_source >= self.cfg.max_peers_per_source {
+                if table.held_by_source(from.ip()) as usize >= self.cfg.max_peers_per_source {
                     self.stats.source_limited += 1;
                     return;
                 }
                 if table.len() >= self.cfg.max_peers {
-                    match admission_victim(table, now) {
+                    match table.admission_victim(now) {
                         Some(victim) => {
                             table.remove(&victim);
                             self.stats.evicted += 1;
@@ -490,16 +474,7 @@ impl Presence {
                         }
                     }
                 }
-                table.insert(
-                    node,
-                    Peer {
-                        addr: from,
-                        announce: a,
-                        first_seen: now,
-                        last_heard: now,
-                        next_probe: None,
-                    },
-                );
+                table.insert(node, fresh(a));
                 self.candidates.retain(|c| *c != from);
                 self.events.push_back(if local {
                     PresenceEvent::Joined { node, addr: from }
@@ -507,6 +482,12 @@ impl Presence {
                     PresenceEvent::Foreign { node, addr: from }
                 });
             }
+        }
+        // Its next check (a probe when it falls silent) may be the
+        // earliest timer now.
+        let table = if local { &self.local } else { &self.foreign };
+        if let Some(p) = table.get(&node) {
+            self.deadline = self.deadline.min(p.last_heard + p.suspect_after());
         }
     }
 
@@ -519,6 +500,7 @@ impl Presence {
         let soon = now + self.cfg.interval.mul_f64(self.rng.unit() / 20.0);
         if !recent && soon < self.next_announce {
             self.next_announce = soon;
+            self.deadline = self.deadline.min(soon);
         }
     }
 
@@ -602,15 +584,15 @@ impl Presence {
     fn check_peers(&mut self, now: Instant) {
         let mut gone = Vec::new();
         let mut probes = Vec::new();
-        for (node, p) in self.local.iter_mut() {
+        self.local.for_each_probe(|node, p, next_probe| {
             let silent = now.saturating_duration_since(p.last_heard);
             if silent >= p.expire_after() {
                 gone.push(*node);
-            } else if silent >= p.suspect_after() && p.next_probe.is_none_or(|t| now >= t) {
+            } else if silent >= p.suspect_after() && next_probe.is_none_or(|t| now >= t) {
                 probes.push(p.addr);
-                p.next_probe = Some(now + p.interval() / 16);
+                *next_probe = Some(now + p.interval() / 16);
             }
-        }
+        });
         for node in gone {
             self.local.remove(&node);
             self.events.push_back(PresenceEvent::Left {
@@ -635,295 +617,5 @@ impl Presence {
     }
 }
 
-/// The peer a full table gives up for a newcomer: of those heard only once
-/// (never confirmed by a second announcement), the least recently heard;
-/// else one overdue (silent past its own interval and a half); else none,
-/// and the newcomer waits. So a burst of forged one-off announcements
-/// cannot keep a live agent out, and live peers are never pushed out.
-fn admission_victim(table: &HashMap<u64, Peer>, now: Instant) -> Option<u64> {
-    let unconfirmed = table
-        .iter()
-        .filter(|(_, p)| !p.confirmed())
-        .min_by_key(|(_, p)| p.last_heard);
-    if let Some((&node, _)) = unconfirmed {
-        return Some(node);
-    }
-    table
-        .iter()
-        .filter(|(_, p)| {
-            let interval = Duration::from_millis(u64::from(p.announce.interval_ms));
-            now.saturating_duration_since(p.last_heard) > interval + interval / 2
-        })
-        .min_by_key(|(_, p)| p.last_heard)
-        .map(|(&node, _)| node)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn node(id: u64) -> LocalNode {
-        LocalNode {
-            node: id,
-            version: "test".into(),
-            ..LocalNode::default()
-        }
-    }
-
-    fn addr(last: u8) -> SocketAddr {
-        SocketAddr::from(([10, 0, 0, last], 7479))
-    }
-
-    fn drain(p: &mut Presence) -> Vec<Transmit> {
-        std::iter::from_fn(|| p.poll_transmit()).collect()
-    }
-
-    #[test]
-    fn first_announcement_and_group_probe_come_within_a_tenth_of_an_interval() {
-        let t0 = Instant::now();
-        let mut p = Presence::new(PresenceConfig::default(), node(1), None, t0, 1);
-        assert!(p.poll_timeout().unwrap() <= t0 + Duration::from_millis(500));
-        p.handle_timeout(p.poll_timeout().unwrap());
-        let sent = drain(&mut p);
-        assert_eq!(sent.len(), 2);
-        assert!(sent.iter().all(|t| t.dest == Dest::Group));
-        let kinds: Vec<_> = sent
-            .iter()
-            .map(|t| match wire::decode(&t.bytes).unwrap().frame {
-                Frame::Presence(_) => "presence",
-                Frame::Probe { .. } => "probe",
-                _ => "other",
-            })
-            .collect();
-        assert_eq!(kinds, ["presence", "probe"]);
-    }
-
-    #[test]
-    fn a_restart_replaces_the_entry_and_a_bye_removes_it() {
-        let t0 = Instant::now();
-        let mut a = Presence::new(PresenceConfig::default(), node(1), None, t0, 1);
-        let mut b1 = Presence::new(PresenceConfig::default(), node(2), None, t0, 2);
-        let mut b2 = Presence::new(PresenceConfig::default(), node(2), None, t0, 3);
-        assert_ne!(b1.incarnation(), b2.incarnation());
-        let hello1 = Frame::Presence(b1.announcement(None)).encode(0);
-        let hello2 = Frame::Presence(b2.announcement(None)).encode(0);
-        a.handle_datagram(t0, addr(2), &hello1);
-        a.handle_datagram(t0, addr(3), &hello2);
-        assert_eq!(a.peers().count(), 1);
-        assert_eq!(a.peers().next().unwrap().addr, addr(3));
-        let events: Vec<_> = std::iter::from_fn(|| a.poll_event()).collect();
-        assert!(matches!(
-            events[1],
-            PresenceEvent::Restarted { node: 2, .. }
-        ));
-        // A bye from the old incarnation does not remove the new one.
-        b1.leave();
-        a.handle_datagram(t0, addr(2), &drain(&mut b1)[0].bytes);
-        assert_eq!(a.peers().count(), 1);
-        b2.leave();
-        a.handle_datagram(t0, addr(3), &drain(&mut b2)[0].bytes);
-        assert_eq!(a.peers().count(), 0);
-    }
-
-    #[test]
-    fn other_subnets_are_kept_apart() {
-        let t0 = Instant::now();
-        let subnet = Subnet::of(Ipv4Addr::new(10, 0, 0, 1), 24);
-        let mut a = Presence::new(PresenceConfig::default(), node(1), Some(subnet), t0, 1);
-        let b = Presence::new(PresenceConfig::default(), node(2), None, t0, 2);
-        let hello = Frame::Presence(b.announcement(None)).encode(0);
-        a.handle_datagram(t0, SocketAddr::from(([10, 0, 1, 2], 7479)), &hello);
-        assert_eq!(a.peers().count(), 0);
-        assert_eq!(a.foreign_peers().count(), 1);
-        a.handle_datagram(t0, addr(2), &hello);
-        assert_eq!(a.peers().count(), 1);
-    }
-
-    #[test]
-    fn probes_are_answered_by_unicast_under_a_rate_limit() {
-        let t0 = Instant::now();
-        let cfg = PresenceConfig {
-            answer_rate: 10,
-            answer_burst: 5,
-            ..PresenceConfig::default()
-        };
-        let mut a = Presence::new(cfg, node(1), None, t0, 1);
-        let probe = Frame::Probe {
-            nonce: 77,
-            from_node: None,
-            unicast_reply: true,
-        }
-        .encode(0);
-        for _ in 0..20 {
-            a.handle_datagram(t0, addr(9), &probe);
-        }
-        let sent = drain(&mut a);
-        assert_eq!(sent.len(), 5);
-        assert_eq!(a.stats().answers_limited, 15);
-        let Frame::Presence(ans) = wire::decode(&sent[0].bytes).unwrap().frame else {
-            panic!("answer is not a presence frame");
-        };
-        assert_eq!(ans.reply_to, Some(77));
-        assert_eq!(sent[0].dest, Dest::To(addr(9)));
-        // A second later the bucket has refilled by the rate.
-        for _ in 0..20 {
-            a.handle_datagram(t0 + Duration::from_secs(1), addr(9), &probe);
-        }
-        assert_eq!(drain(&mut a).len(), 5);
-    }
-
-    #[test]
-    fn a_group_probe_brings_the_next_announcement_forward_once() {
-        let t0 = Instant::now();
-        let mut a = Presence::new(PresenceConfig::default(), node(1), None, t0, 1);
-        let first = a.poll_timeout().unwrap();
-        a.handle_timeout(first);
-        drain(&mut a);
-        let greeting = Frame::Probe {
-            nonce: 5,
-            from_node: Some(2),
-            unicast_reply: false,
-        }
-        .encode(0);
-        // Just after an announcement: it already answered.
-        a.handle_datagram(first + Duration::from_millis(10), addr(2), &greeting);
-        assert!(a.poll_timeout().unwrap() >= first + Duration::from_millis(4500));
-        let later = first + Duration::from_secs(2);
-        a.handle_datagram(later, addr(2), &greeting);
-        let soon = a.poll_timeout().unwrap();
-        assert!(soon >= later && soon <= later + Duration::from_millis(250));
-        assert!(
-            drain(&mut a).is_empty(),
-            "no unicast answer to a group probe"
-        );
-    }
-
-    #[test]
-    fn malformed_and_foreign_datagrams_are_counted_not_fatal() {
-        let t0 = Instant::now();
-        let mut a = Presence::new(PresenceConfig::default(), node(1), None, t0, 1);
-        a.handle_datagram(t0, addr(2), b"garbage");
-        a.handle_datagram(t0, addr(2), &[]);
-        let data = Frame::EndOfPass {
-            pass: 1,
-            closing: false,
-        }
-        .encode(5);
-        a.handle_datagram(t0, addr(2), &data);
-        let s = a.stats();
-        assert_eq!((s.datagrams_in, s.malformed, s.not_presence), (3, 2, 1));
-        assert_eq!(a.peers().count(), 0);
-    }
-
-    #[test]
-    fn a_silent_peer_is_probed_then_dropped_after_three_intervals() {
-        let t0 = Instant::now();
-        let mut a = Presence::new(PresenceConfig::default(), node(1), None, t0, 1);
-        let b = Presence::new(PresenceConfig::default(), node(2), None, t0, 2);
-        a.handle_datagram(
-            t0,
-            addr(2),
-            &Frame::Presence(b.announcement(None)).encode(0),
-        );
-        let mut now = t0;
-        let mut probes_to_b = 0;
-        while a.peers().count() == 1 {
-            now = a.poll_timeout().unwrap();
-            a.handle_timeout(now);
-            probes_to_b += drain(&mut a)
-                .iter()
-                .filter(|t| t.dest == Dest::To(addr(2)))
-                .count();
-            assert!(now < t0 + Duration::from_secs(60), "never expired");
-        }
-        let silent = now - t0;
-        assert!(
-            silent >= Duration::from_secs(15),
-            "dropped after {silent:?}"
-        );
-        assert!(
-            silent <= Duration::from_millis(16_500),
-            "dropped after {silent:?}"
-        );
-        assert!(probes_to_b >= 15, "only {probes_to_b} probes");
-    }
-
-    #[test]
-    fn an_announcement_with_many_contents_stays_inside_one_datagram() {
-        let t0 = Instant::now();
-        let mut me = node(1);
-        // Sixteen contents, each with the most ranges: far over the budget.
-        me.held = (0..16u8)
-            .map(|c| Held {
-                content: [c; 8],
-                blocks_done: 32,
-                block_count: 100_000,
-                have: (0..32).map(|r| [r * 3000, r * 3000 + 1]).collect(),
-            })
-            .collect();
-        let p = Presence::new(PresenceConfig::default(), me, None, t0, 1);
-        let a = p.announcement(None);
-        let bytes = Frame::Presence(a.clone()).encode(0);
-        assert!(bytes.len() <= MAX_ANNOUNCE, "{} bytes", bytes.len());
-        // The newest contents keep their ranges; none is dropped while
-        // clearing ranges suffices.
-        assert_eq!(a.held.len(), 16);
-        assert!(!a.held[0].have.is_empty());
-        assert!(a.held[15].have.is_empty());
-        assert!(wire::decode(&bytes).is_ok());
-    }
-
-    #[test]
-    fn answers_to_agents_are_short_and_keep_what_the_table_knows() {
-        let t0 = Instant::now();
-        let mut me = node(2);
-        me.held = vec![Held {
-            content: [9; 8],
-            blocks_done: 1,
-            block_count: 4,
-            have: vec![[0, 1]],
-        }];
-        let mut b = Presence::new(PresenceConfig::default(), me, None, t0, 2);
-        let mut a = Presence::new(PresenceConfig::default(), node(1), None, t0, 1);
-        a.handle_datagram(
-            t0,
-            addr(2),
-            &Frame::Presence(b.announcement(None)).encode(0),
-        );
-        let probe = |from_node| {
-            Frame::Probe {
-                nonce: 1,
-                from_node,
-                unicast_reply: true,
-            }
-            .encode(0)
-        };
-        // An agent's probe: the answer has no contents...
-        b.handle_datagram(t0, addr(1), &probe(Some(1)));
-        let answer = drain(&mut b).remove(0).bytes;
-        let Frame::Presence(ans) = wire::decode(&answer).unwrap().frame else {
-            panic!("not a presence answer")
-        };
-        assert!(ans.held.is_empty());
-        // ...and does not erase what the last announcement said.
-        a.handle_datagram(t0 + Duration::from_secs(1), addr(2), &answer);
-        let peer = a.peers().next().unwrap();
-        assert_eq!(peer.announce.held.len(), 1);
-        assert_eq!(peer.last_heard, t0 + Duration::from_secs(1));
-        // A scan's probe sees the contents.
-        b.handle_datagram(t0, addr(9), &probe(None));
-        let Frame::Presence(ans) = wire::decode(&drain(&mut b)[0].bytes).unwrap().frame else {
-            panic!("not a presence answer")
-        };
-        assert_eq!(ans.held.len(), 1);
-    }
-
-    #[test]
-    fn subnet_membership() {
-        let s = Subnet::of(Ipv4Addr::new(192, 168, 7, 200), 23);
-        assert_eq!(s.to_string(), "192.168.6.0/23");
-        assert!(s.contains(Ipv4Addr::new(192, 168, 7, 1)));
-        assert!(!s.contains(Ipv4Addr::new(192, 168, 8, 1)));
-        assert!(Subnet::of(Ipv4Addr::new(1, 2, 3, 4), 0).contains(Ipv4Addr::new(9, 9, 9, 9)));
-    }
-}
+mod tests;
