@@ -17,7 +17,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use crate::codec::{Plan, pad_block};
 use crate::rng::SplitMix64;
+use crate::sender::{EncodeJob, EncodedBatch};
 
 /// Ethernet + IPv4 + UDP headers: what a datagram costs beyond its payload.
 pub const WIRE_OVERHEAD: u64 = 14 + 20 + 8;
@@ -315,6 +317,34 @@ impl Net {
                 bytes,
             });
         }
+    }
+}
+
+/// What a sender's encoder makes of `job` for the file `data`: the
+/// padded block when asked for, and the repair symbols, in one batch (the
+/// hashes are the sender's own, given up front).
+pub fn encode(plan: &Plan, data: &[u8], job: &EncodeJob) -> EncodedBatch {
+    let layout = plan.layout();
+    let at = layout.offset(job.block) as usize;
+    let padded = pad_block(
+        &layout,
+        job.block,
+        &data[at..at + layout.block_len(job.block)],
+    );
+    let repair = if job.repair_count > 0 {
+        plan.encoder(&padded)
+            .repair(job.repair_first_esi, job.repair_count)
+    } else {
+        Vec::new()
+    };
+    EncodedBatch {
+        block: job.block,
+        source: job.with_source.then_some(padded),
+        repair_first_esi: job.repair_first_esi,
+        repair,
+        more: false,
+        hashes: Vec::new(),
+        file_sha256: None,
     }
 }
 

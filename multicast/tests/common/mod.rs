@@ -242,20 +242,9 @@ impl Sim {
     }
 
     pub fn encode(&mut self, job: multicast::sender::EncodeJob) -> EncodedBatch {
+        let mut batch = multicast::sim::encode(&self.plan, &self.data, &job);
         let layout = self.plan.layout();
         let at = layout.offset(job.block) as usize;
-        let padded = pad_block(
-            &layout,
-            job.block,
-            &self.data[at..at + layout.block_len(job.block)],
-        );
-        let repair = if job.repair_count > 0 {
-            self.plan
-                .encoder(&padded)
-                .repair(job.repair_first_esi, job.repair_count)
-        } else {
-            Vec::new()
-        };
         let mut hashes = Vec::new();
         let mut file_sha256 = None;
         if let Some((known, next)) = self.learning.as_mut() {
@@ -273,15 +262,9 @@ impl Sim {
                 }
             }
         }
-        EncodedBatch {
-            block: job.block,
-            source: job.with_source.then_some(padded),
-            repair_first_esi: job.repair_first_esi,
-            repair,
-            more: false,
-            hashes,
-            file_sha256,
-        }
+        batch.hashes = hashes;
+        batch.file_sha256 = file_sha256;
+        batch
     }
 
     /// Runs until the sender finishes and every receiver is over, or `limit`.

@@ -1,0 +1,992 @@
+//! Whole agents on one simulated subnet ([`multicast::sim::Net`]): each
+//! runs the presence, election, session (sender or receiver) and repair
+//! machines the real agent runs, wired as the agent wires them, over a
+//! virtual clock with seeded loss. A task reaches every agent: they elect
+//! one representative, it fetches the package from the origin and
+//! multicasts it after the startup delay, receivers take what the
+//! multicast missed from peers (peers' real repair frames, served and
+//! checked by the repair machines), and the origin is the last resort.
+//!
+//! What is not simulated: the fleet key's seals (the machines never see
+//! them), files (a verified block is marked held; its bytes are the
+//! package's), and TCP (a repair exchange is reliable, ends after the
+//! block's time on the link, and fails after a deadline when the peer is
+//! dead).
+
+#![allow(dead_code)] // each test takes what it needs
+
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use multicast::codec::{Collector, Layout, Plan, sha256};
+use multicast::receiver::{BlockResult, DecodeOutcome, Receiver, ReceiverConfig, ReceiverEvent};
+use multicast::sender::{EncodeJob, Sender, SenderConfig, SenderObject};
+use multicast::sim::{Datagram, Net, Wake, addr_of, index_of};
+use multicast::transmit::{Dest, Transmit};
+use multicast::wire::{self, Digest, Frame, Held, Standing};
+use repair::{Answer, PlanConfig, RepairPlan, Serving, Want};
+use scanner::{LocalNode, Presence, PresenceConfig};
+use somcast::election::{Election, ElectionConfig, ElectionEvent, Role as ElectionRole};
+
+/// The control group's port (presence, claims, offers).
+pub const CONTROL: u16 = 7479;
+/// Where a repair server listens.
+pub const REPAIR: u16 = 7481;
+/// The data group's port.
+pub const DATA: u16 = 7482;
+/// Where a sender takes receivers' feedback.
+pub const FEEDBACK: u16 = 7483;
+
+/// How a run is set up.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub agents: usize,
+    pub loss: f64,
+    pub seed: u64,
+    pub package_bytes: usize,
+    pub block_bytes: u32,
+    pub symbol_bytes: u16,
+    /// The multicast's rate.
+    pub rate_bps: u64,
+    /// One origin download's rate.
+    pub origin_bps: u64,
+    /// One repair connection's rate.
+    pub repair_bps: u64,
+    pub startup_delay: Duration,
+    /// Agents (the last ones) the task reaches late, and when.
+    pub late: usize,
+    pub late_at: Duration,
+    /// How long an unanswered repair request waits on a dead peer.
+    pub repair_deadline: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            agents: 100,
+            loss: 0.0,
+            seed: 1,
+            package_bytes: 512 << 10,
+            block_bytes: 64 << 10,
+            symbol_bytes: 1024,
+            rate_bps: 20_000_000,
+            origin_bps: 50_000_000,
+            repair_bps: 100_000_000,
+            startup_delay: Duration::from_secs(3),
+            late: 0,
+            late_at: Duration::ZERO,
+            repair_deadline: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The package, as the task's manifest describes it.
+pub struct Package {
+    pub data: Vec<u8>,
+    pub layout: Layout,
+    pub plan: Plan,
+    pub hashes: Vec<Digest>,
+    pub content: Digest,
+}
+
+impl Package {
+    fn new(o: &Options) -> Self {
+        let mut rng = multicast::rng::SplitMix64(o.seed ^ 0x9E37_79B9);
+        let data: Vec<u8> = (0..o.package_bytes).map(|_| rng.next_u64() as u8).collect();
+        let layout = Layout::for_file(data.len() as u64, o.block_bytes, o.symbol_bytes)
+            .expect("a valid layout");
+        let hashes = (0..layout.block_count())
+            .map(|b| sha256(self_block(&data, &layout, b)))
+            .collect();
+        Self {
+            content: sha256(&data),
+            plan: Plan::new(layout),
+            layout,
+            hashes,
+            data,
+        }
+    }
+
+    fn block(&self, b: u32) -> &[u8] {
+        self_block(&self.data, &self.layout, b)
+    }
+}
+
+fn self_block<'a>(data: &'a [u8], layout: &Layout, b: u32) -> &'a [u8] {
+    let at = layout.offset(b) as usize;
+    &data[at..at + layout.block_len(b)]
+}
+
+/// What an agent is doing about the task.
+enum Phase {
+    /// The task has not reached it yet.
+    Idle,
+    Electing,
+    /// Taking from peers what they hold, then `then`.
+    Repair {
+        plan: Box<RepairPlan<usize>>,
+        then: AfterRepair,
+    },
+    Represent(Box<Represent>),
+    Receive(Box<Receiver>),
+    Done,
+}
+
+enum AfterRepair {
+    /// A receiver: the rest from the origin, then done.
+    Origin,
+    /// A representative: the rest from the origin as the multicast runs.
+    Represent { session: u64, start: Instant },
+}
+
+/// A representative: fetching from the origin, block by block, and from
+/// `start` multicasting what it holds.
+struct Represent {
+    session: u64,
+    start: Instant,
+    /// Blocks still to fetch, in order; the first one lands at `fetch_at`.
+    fetching: VecDeque<u32>,
+    fetch_at: Option<Instant>,
+    sender: Option<Sender>,
+    /// Encode jobs for blocks not fetched yet.
+    owed: VecDeque<EncodeJob>,
+}
+
+pub struct Agent {
+    pub presence: Presence,
+    pub election: Option<Election>,
+    phase: Phase,
+    pub joins_at: Instant,
+    pub done: Vec<bool>,
+    /// Symbols of blocks a session left unfinished.
+    leftovers: Vec<(u32, Box<Collector>)>,
+    pub origin_bytes: u64,
+    pub peer_bytes: u64,
+    pub multicast_blocks: u32,
+    pub completed_at: Option<Instant>,
+    /// Times it won an election.
+    pub elected: u32,
+    /// Multicast sessions it sent (from their start).
+    pub sent_sessions: u32,
+    standing: Standing,
+    node: u64,
+    /// Repair exchanges out: (token, peer, block).
+    asked: Vec<(u64, usize, u32)>,
+}
+
+impl Agent {
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    pub fn is_representing(&self) -> bool {
+        matches!(self.phase, Phase::Represent(_))
+    }
+
+    pub fn is_sending(&self) -> bool {
+        matches!(&self.phase, Phase::Represent(r) if r.sender.is_some())
+    }
+
+    fn held(&self) -> u32 {
+        self.done.iter().filter(|d| **d).count() as u32
+    }
+
+    fn held_permille(&self) -> u16 {
+        (self.held() * 1000 / self.done.len() as u32) as u16
+    }
+
+    /// The earliest any of its machines wants to run.
+    fn next_timer(&self) -> Option<Instant> {
+        let mut at = self.presence.poll_timeout();
+        let mut min = |t: Option<Instant>| {
+            if let Some(t) = t {
+                at = Some(at.map_or(t, |a| a.min(t)));
+            }
+        };
+        if matches!(self.phase, Phase::Idle) {
+            min(Some(self.joins_at));
+        }
+        min(self.election.as_ref().and_then(Election::poll_timeout));
+        match &self.phase {
+            Phase::Repair { plan, .. } => min(plan.poll_timeout()),
+            Phase::Represent(r) => {
+                min(r.fetch_at);
+                match &r.sender {
+                    Some(s) => min(s.poll_timeout()),
+                    None => min(Some(r.start)),
+                }
+            }
+            Phase::Receive(rx) => min(rx.poll_timeout()),
+            Phase::Idle | Phase::Electing | Phase::Done => {}
+        }
+        at
+    }
+}
+
+/// The subnet and its agents.
+pub struct Subnet {
+    pub net: Net,
+    pub agents: Vec<Agent>,
+    pub pkg: Package,
+    pub o: Options,
+    tokens: u64,
+    /// The most agents sending a session at once, past each one's start.
+    pub most_sending: usize,
+    /// Agents the data group does not reach (a switch that prunes it):
+    /// they hear the control group only.
+    pub deaf: Vec<bool>,
+}
+
+impl Subnet {
+    pub fn new(o: Options) -> Self {
+        let mut net = Net::new(o.agents, o.loss, o.seed);
+        let pkg = Package::new(&o);
+        let t0 = net.t0;
+        let blocks = pkg.layout.block_count() as usize;
+        let mut agents = Vec::with_capacity(o.agents);
+        for i in 0..o.agents {
+            let node = 1000 + i as u64;
+            let rng = net.rng();
+            let standing = Standing {
+                preference: 0,
+                held_permille: 0,
+                wired: true,
+                free_disk_gib: (rng.next_u64() % 500) as u32,
+                uptime_h: (rng.next_u64() % 100) as u32,
+                node,
+            };
+            let me = LocalNode {
+                node,
+                version: "sim".into(),
+                repair_port: REPAIR,
+                ..LocalNode::default()
+            };
+            let seed = rng.next_u64();
+            let presence = Presence::new(PresenceConfig::default(), me, None, t0, seed);
+            let joins_at = if i >= o.agents - o.late {
+                t0 + o.late_at
+            } else {
+                t0
+            };
+            agents.push(Agent {
+                presence,
+                election: None,
+                phase: Phase::Idle,
+                joins_at,
+                done: vec![false; blocks],
+                leftovers: Vec::new(),
+                origin_bytes: 0,
+                peer_bytes: 0,
+                multicast_blocks: 0,
+                completed_at: None,
+                elected: 0,
+                sent_sessions: 0,
+                standing,
+                node,
+                asked: Vec::new(),
+            });
+            net.wake_at(i, agents[i].next_timer());
+        }
+        Self {
+            net,
+            agents,
+            pkg,
+            tokens: 0,
+            most_sending: 0,
+            deaf: vec![false; o.agents],
+            o,
+        }
+    }
+
+    /// Runs until every live agent is done, or `limit` of virtual time
+    /// since the start.
+    pub fn run(&mut self, limit: Duration) {
+        let until = self.net.t0 + limit;
+        while !self.all_done() && self.step(until) {}
+    }
+
+    /// Runs for `d` of virtual time, whatever is done.
+    pub fn run_for(&mut self, d: Duration) {
+        let until = self.net.now + d;
+        while self.step(until) {}
+    }
+
+    /// Handles the next thing that happens before `until`; false when
+    /// nothing does.
+    fn step(&mut self, until: Instant) -> bool {
+        let Some(wake) = self.net.next(until) else {
+            return false;
+        };
+        let i = match wake {
+            Wake::Timer(i) => {
+                self.on_timer(i);
+                i
+            }
+            Wake::Datagram(d) => {
+                let i = d.to;
+                self.on_datagram(d);
+                i
+            }
+            Wake::Reply { to, token } => {
+                self.on_reply(to, token);
+                to
+            }
+        };
+        self.pump(i);
+        let at = self.agents[i].next_timer();
+        self.net.wake_at(i, at);
+        true
+    }
+
+    pub fn all_done(&self) -> bool {
+        (0..self.agents.len()).all(|i| self.net.is_silenced(i) || self.agents[i].is_done())
+    }
+
+    pub fn origin_bytes(&self) -> u64 {
+        self.agents.iter().map(|a| a.origin_bytes).sum()
+    }
+
+    /// Agents that represented the subnet: sent a multicast session.
+    pub fn representatives(&self) -> Vec<usize> {
+        (0..self.agents.len())
+            .filter(|&i| self.agents[i].sent_sessions > 0)
+            .collect()
+    }
+
+    /// Agents that won an election at some point (two may win at once,
+    /// before either sends, and one then steps down).
+    pub fn elected(&self) -> Vec<usize> {
+        (0..self.agents.len())
+            .filter(|&i| self.agents[i].elected > 0)
+            .collect()
+    }
+
+    fn on_timer(&mut self, i: usize) {
+        let now = self.net.now;
+        let a = &mut self.agents[i];
+        a.presence.handle_timeout(now);
+        if matches!(a.phase, Phase::Idle) && now >= a.joins_at {
+            self.join(i);
+        }
+        let a = &mut self.agents[i];
+        if let Some(e) = a.election.as_mut()
+            && e.poll_timeout().is_some_and(|t| t <= now)
+        {
+            e.handle_timeout(now);
+        }
+        match &mut a.phase {
+            Phase::Repair { plan, .. } => plan.handle_timeout(now),
+            Phase::Receive(rx) => rx.handle_timeout(now),
+            Phase::Represent(_) => self.represent_timer(i),
+            _ => {}
+        }
+    }
+
+    /// The task reaches agent `i`: its election starts.
+    fn join(&mut self, i: usize) {
+        let now = self.net.now;
+        let a = &mut self.agents[i];
+        let mut standing = a.standing;
+        standing.held_permille = a.held_permille();
+        let session = self.net.rng().next_u64();
+        let seed = self.net.rng().next_u64();
+        a.election = Some(Election::new(
+            ElectionConfig {
+                startup_delay: self.o.startup_delay,
+                ..ElectionConfig::default()
+            },
+            self.pkg.content,
+            standing,
+            session,
+            data_group(&self.pkg.content),
+            now,
+            seed,
+        ));
+        a.phase = Phase::Electing;
+    }
+
+    fn on_datagram(&mut self, d: Datagram) {
+        let now = self.net.now;
+        let a = &mut self.agents[d.to];
+        match d.port {
+            CONTROL => {
+                // Decoded once, handed to each machine, as the agent does.
+                let Ok(decoded) = wire::decode(&d.bytes) else {
+                    return;
+                };
+                let node = match &decoded.frame {
+                    Frame::Claim(c) => Some(c.standing.node),
+                    Frame::Offer(o) => Some(o.standing.node),
+                    _ => None,
+                };
+                match node {
+                    Some(node) => {
+                        let vouched = a.presence.vouches_for(node, d.from.ip());
+                        if let Some(e) = a.election.as_mut() {
+                            let _ = e.handle_frame_vouched(now, &decoded.frame, vouched);
+                        }
+                    }
+                    None => a.presence.handle_frame(now, d.from, decoded.frame),
+                }
+            }
+            DATA if !self.deaf[d.to] => {
+                if let Phase::Receive(rx) = &mut a.phase {
+                    rx.handle_datagram(now, d.from, &d.bytes);
+                }
+            }
+            FEEDBACK => {
+                if let Phase::Represent(r) = &mut a.phase
+                    && let Some(s) = r.sender.as_mut()
+                {
+                    s.handle_datagram(now, d.from, &d.bytes);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Drains every machine of agent `i` until none has more to say.
+    fn pump(&mut self, i: usize) {
+        loop {
+            let mut more = false;
+            more |= self.pump_presence(i);
+            more |= self.pump_election(i);
+            more |= match self.agents[i].phase {
+                Phase::Receive(_) => self.pump_receiver(i),
+                Phase::Represent(_) => self.pump_sender(i),
+                Phase::Repair { .. } => self.pump_repair(i),
+                _ => false,
+            };
+            if !more {
+                break;
+            }
+        }
+    }
+
+    fn send(&mut self, i: usize, port: u16, t: Transmit) {
+        let n = self.agents.len();
+        match t.dest {
+            Dest::Group => self.net.multicast(i, port, t.bytes, 0..n),
+            Dest::To(to) => self.net.unicast(i, port, to, t.bytes),
+        }
+    }
+
+    fn pump_presence(&mut self, i: usize) -> bool {
+        let mut more = false;
+        while let Some(t) = self.agents[i].presence.poll_transmit() {
+            self.send(i, CONTROL, t);
+            more = true;
+        }
+        while self.agents[i].presence.poll_event().is_some() {}
+        more
+    }
+
+    fn pump_election(&mut self, i: usize) -> bool {
+        let Some(e) = self.agents[i].election.as_mut() else {
+            return false;
+        };
+        let mut out = Vec::new();
+        while let Some(t) = e.poll_transmit() {
+            out.push(t);
+        }
+        let mut events = Vec::new();
+        while let Some(ev) = e.poll_event() {
+            events.push(ev);
+        }
+        let more = !out.is_empty() || !events.is_empty();
+        for t in out {
+            self.send(i, CONTROL, t);
+        }
+        for ev in events {
+            self.on_election(i, ev);
+        }
+        more
+    }
+
+    fn on_election(&mut self, i: usize, ev: ElectionEvent) {
+        let now = self.net.now;
+        let a = &mut self.agents[i];
+        match ev {
+            ElectionEvent::Elected { session, start, .. } => {
+                if !matches!(a.phase, Phase::Electing | Phase::Receive(_)) {
+                    return;
+                }
+                a.elected += 1;
+                // What the subnet already holds comes from peers; only the
+                // rest from the origin.
+                self.start_repair(i, AfterRepair::Represent { session, start });
+            }
+            ElectionEvent::Follow { session, start, .. } => {
+                if matches!(a.phase, Phase::Done | Phase::Repair { .. }) {
+                    return;
+                }
+                if let Phase::Receive(rx) = &mut a.phase {
+                    a.leftovers.extend(rx.take_collectors());
+                }
+                let wait = start.saturating_duration_since(now);
+                let rx = Receiver::new(
+                    now,
+                    ReceiverConfig {
+                        receiver_id: a.node,
+                        session: Some(session),
+                        idle_timeout: wait + Duration::from_secs(5),
+                        ..ReceiverConfig::default()
+                    },
+                );
+                a.phase = Phase::Receive(Box::new(rx));
+            }
+            ElectionEvent::RepresentativeLost { representative } => {
+                if let Phase::Receive(rx) = &mut a.phase {
+                    a.leftovers.extend(rx.take_collectors());
+                    // Its offers came and its data never did, though it
+                    // holds the package: the multicast does not reach this
+                    // agent, which takes it from peers (as the agent does).
+                    let no_show = rx.session().is_none();
+                    if no_show && holds_some(&a.presence, &self.pkg.content, representative) {
+                        a.election = None;
+                        self.start_repair(i, AfterRepair::Origin);
+                        return;
+                    }
+                    a.phase = Phase::Electing;
+                }
+                // Stand on what is held now.
+                let mut standing = a.standing;
+                standing.held_permille = a.held_permille();
+                if let Some(e) = a.election.as_mut() {
+                    e.set_standing(standing);
+                }
+            }
+            ElectionEvent::SteppedDown => {
+                if matches!(a.phase, Phase::Represent(_)) {
+                    a.phase = Phase::Electing;
+                }
+            }
+        }
+    }
+
+    fn start_repair(&mut self, i: usize, then: AfterRepair) {
+        let a = &mut self.agents[i];
+        let missing: Vec<u32> = (0..a.done.len() as u32)
+            .filter(|&b| !a.done[b as usize])
+            .collect();
+        let plan = Box::new(RepairPlan::new(PlanConfig::default(), missing));
+        a.phase = Phase::Repair { plan, then };
+    }
+
+    /// The peers agent `i`'s presence says hold block `b` (confirmed by a
+    /// second announcement, as the agent asks).
+    fn holders(&self, i: usize, b: u32) -> Vec<usize> {
+        let prefix = &self.pkg.content[..8];
+        self.agents[i]
+            .presence
+            .peers()
+            .filter(|p| p.announce.repair_port != 0 && p.confirmed())
+            .filter(|p| {
+                p.announce
+                    .held
+                    .iter()
+                    .any(|h| h.content == prefix && h.has(b))
+            })
+            .filter_map(|p| index_of(p.addr.ip()))
+            .collect()
+    }
+
+    fn pump_repair(&mut self, i: usize) -> bool {
+        let now = self.net.now;
+        let mut asks = Vec::new();
+        {
+            let holders: Vec<Vec<usize>> = (0..self.pkg.layout.block_count())
+                .map(|b| self.holders(i, b))
+                .collect();
+            let Phase::Repair { plan, .. } = &mut self.agents[i].phase else {
+                return false;
+            };
+            while let Some(ask) = plan.poll_ask(now, |b| holders[b as usize].clone()) {
+                asks.push(ask);
+            }
+        }
+        for ask in &asks {
+            self.tokens += 1;
+            let token = self.tokens;
+            let len = self.pkg.layout.block_len(ask.block) as f64;
+            let at = if self.net.is_silenced(ask.peer) {
+                now + self.o.repair_deadline
+            } else {
+                now + Duration::from_millis(1)
+                    + Duration::from_secs_f64(len * 8.0 / self.o.repair_bps as f64)
+            };
+            self.agents[i].asked.push((token, ask.peer, ask.block));
+            self.net.reply(at, i, token);
+        }
+        let Phase::Repair { plan, .. } = &self.agents[i].phase else {
+            return false;
+        };
+        if plan.is_finished() {
+            self.after_repair(i);
+            return true;
+        }
+        !asks.is_empty()
+    }
+
+    /// The repair exchange `token` of agent `i` ends: the peer's answer,
+    /// with the real frames both ways.
+    fn on_reply(&mut self, i: usize, token: u64) {
+        let a = &mut self.agents[i];
+        let Some(k) = a.asked.iter().position(|(t, ..)| *t == token) else {
+            return;
+        };
+        let (_, peer, block) = a.asked.swap_remove(k);
+        let answer = if self.net.is_silenced(peer) {
+            Answer::Failed
+        } else if !self.agents[peer].done[block as usize] {
+            Answer::NotHeld
+        } else {
+            self.exchange(i, peer, block)
+        };
+        let a = &mut self.agents[i];
+        if let Answer::Delivered { bytes } = answer {
+            a.peer_bytes += bytes;
+        }
+        if let Phase::Repair { plan, .. } = &mut a.phase {
+            plan.handle_answer(peer, block, answer);
+        }
+    }
+
+    /// Agent `i` asks `peer` (which holds it) for `block`: the NEED frame,
+    /// the peer's symbols, the decode and hash check.
+    fn exchange(&mut self, i: usize, peer: usize, block: u32) -> Answer {
+        let layout = self.pkg.layout;
+        let a = &mut self.agents[i];
+        let held = a
+            .leftovers
+            .iter()
+            .position(|(b, _)| *b == block)
+            .map(|k| a.leftovers.swap_remove(k).1);
+        let mut fetch =
+            repair::BlockFetch::new(layout, block, self.pkg.hashes[block as usize], held);
+        let roundtrip = |f: &repair::Frame| {
+            let mut buf = Vec::new();
+            repair::frame::encode(f, &mut buf);
+            repair::frame::decode(&buf, 1 << 20)
+                .expect("a frame the code made decodes")
+                .expect("whole")
+                .0
+        };
+        let repair::Frame::Need {
+            block: b,
+            held,
+            need,
+            highest_esi,
+            ..
+        } = roundtrip(&fetch.request(self.pkg.content))
+        else {
+            panic!("a request is a NEED");
+        };
+        let want = Want {
+            block: b,
+            held,
+            need,
+            highest_esi,
+        };
+        let plan = Serving::needs_plan(&want).then_some(&self.pkg.plan);
+        let mut serving = Serving::new(&layout, plan, want, self.pkg.block(b), peer as u32);
+        while let Some(f) = serving.next_frame() {
+            match fetch.handle(roundtrip(&f)) {
+                repair::FetchStep::More => {}
+                repair::FetchStep::Decode => match fetch.decode() {
+                    Ok(bytes) => {
+                        assert_eq!(bytes, self.pkg.block(block), "a verified block");
+                        self.block_done(i, block);
+                        return Answer::Delivered { bytes: fetch.bytes };
+                    }
+                    Err(repair::fetch::Rejected::NeedMore) => serving.extend(2),
+                    Err(repair::fetch::Rejected::Corrupt) => return Answer::Failed,
+                },
+                repair::FetchStep::Elsewhere => return Answer::NotHeld,
+                repair::FetchStep::Busy => return Answer::Busy,
+                repair::FetchStep::Misbehaved(_) => return Answer::Failed,
+            }
+        }
+        Answer::Failed
+    }
+
+    fn after_repair(&mut self, i: usize) {
+        let Phase::Repair { then, .. } = std::mem::replace(&mut self.agents[i].phase, Phase::Idle)
+        else {
+            return;
+        };
+        match then {
+            AfterRepair::Origin => {
+                for b in 0..self.pkg.layout.block_count() {
+                    if !self.agents[i].done[b as usize] {
+                        self.agents[i].origin_bytes += self.pkg.layout.block_len(b) as u64;
+                        self.block_done(i, b);
+                    }
+                }
+                self.finish(i);
+            }
+            AfterRepair::Represent { session, start } => {
+                let a = &self.agents[i];
+                let fetching: VecDeque<u32> = (0..a.done.len() as u32)
+                    .filter(|&b| !a.done[b as usize])
+                    .collect();
+                let mut r = Represent {
+                    session,
+                    start,
+                    fetching,
+                    fetch_at: None,
+                    sender: None,
+                    owed: VecDeque::new(),
+                };
+                r.fetch_at = r.fetching.front().map(|&b| self.fetch_time(b));
+                self.agents[i].phase = Phase::Represent(Box::new(r));
+            }
+        }
+    }
+
+    fn fetch_time(&self, b: u32) -> Instant {
+        let len = self.pkg.layout.block_len(b) as f64;
+        self.net.now + Duration::from_secs_f64(len * 8.0 / self.o.origin_bps as f64)
+    }
+
+    /// The representative's timers: an origin block landing, the start,
+    /// the sender's own.
+    fn represent_timer(&mut self, i: usize) {
+        let now = self.net.now;
+        loop {
+            let Phase::Represent(r) = &mut self.agents[i].phase else {
+                return;
+            };
+            if r.fetch_at.is_none_or(|t| t > now) {
+                break;
+            }
+            let b = r.fetching.pop_front().expect("a fetch is due");
+            let next = r.fetching.front().copied();
+            self.agents[i].origin_bytes += self.pkg.layout.block_len(b) as u64;
+            self.block_done(i, b);
+            let at = next.map(|b| self.fetch_time(b));
+            if let Phase::Represent(r) = &mut self.agents[i].phase {
+                r.fetch_at = at;
+            }
+        }
+        let Phase::Represent(r) = &mut self.agents[i].phase else {
+            return;
+        };
+        if r.sender.is_none() && now >= r.start {
+            let object = SenderObject {
+                layout: self.pkg.layout,
+                hashes: self.pkg.hashes.iter().map(|h| Some(*h)).collect(),
+                file_sha256: Some(self.pkg.content),
+                name: "package.bin".into(),
+            };
+            let cfg = SenderConfig {
+                rate_bps: self.o.rate_bps,
+                rate_min_bps: self.o.rate_bps.min(1_000_000),
+                slow_receivers: multicast::rate::SlowReceivers::Leave,
+                ..SenderConfig::default()
+            };
+            r.sender = Some(Sender::new(now, cfg, r.session, object, FEEDBACK));
+            self.agents[i].sent_sessions += 1;
+        }
+        if let Phase::Represent(r) = &mut self.agents[i].phase
+            && let Some(s) = r.sender.as_mut()
+        {
+            s.handle_timeout(now);
+        }
+    }
+
+    fn pump_sender(&mut self, i: usize) -> bool {
+        let now = self.net.now;
+        let done = self.agents[i].done.clone();
+        let Phase::Represent(r) = &mut self.agents[i].phase else {
+            return false;
+        };
+        let Some(s) = r.sender.as_mut() else {
+            return false;
+        };
+        let mut more = false;
+        while let Some(job) = s.poll_job() {
+            r.owed.push_back(job);
+        }
+        // Blocks are encoded as the origin fetch delivers them.
+        while r.owed.front().is_some_and(|j| done[j.block as usize]) {
+            let job = r.owed.pop_front().expect("checked");
+            s.handle_batch(multicast::sim::encode(&self.pkg.plan, &self.pkg.data, &job));
+            more = true;
+        }
+        let mut out = Vec::new();
+        while let Some(bytes) = s.poll_transmit(now) {
+            out.push(bytes.to_vec());
+        }
+        while s.poll_event().is_some() {}
+        let finished = s.is_finished();
+        more |= !out.is_empty();
+        let n = self.agents.len();
+        for bytes in out {
+            self.net.multicast(i, DATA, bytes, 0..n);
+        }
+        let sending = (0..n).filter(|&j| !self.net.is_silenced(j) && self.agents[j].is_sending());
+        self.most_sending = self.most_sending.max(sending.count());
+        if finished {
+            self.finish(i);
+            return true;
+        }
+        more
+    }
+
+    fn pump_receiver(&mut self, i: usize) -> bool {
+        let now = self.net.now;
+        let mut more = false;
+        let mut verified = Vec::new();
+        let mut out = Vec::new();
+        let mut over = None;
+        {
+            let a = &mut self.agents[i];
+            let Phase::Receive(rx) = &mut a.phase else {
+                return false;
+            };
+            loop {
+                while let Some(job) = rx.poll_job() {
+                    let result = match job.run() {
+                        DecodeOutcome::Verified { block, .. } => {
+                            verified.push(block);
+                            BlockResult::Written { block }
+                        }
+                        DecodeOutcome::NeedMore { block, collector } => {
+                            BlockResult::NeedMore { block, collector }
+                        }
+                        DecodeOutcome::Corrupt { block } => BlockResult::Corrupt { block },
+                    };
+                    rx.handle_decoded(result);
+                }
+                let Some(ev) = rx.poll_event() else { break };
+                more = true;
+                match ev {
+                    ReceiverEvent::SessionFound { .. } => {
+                        // The manifest's hashes over the sender's, and what
+                        // is held already.
+                        rx.preset(&self.pkg.hashes, &a.done);
+                        rx.preload(std::mem::take(&mut a.leftovers));
+                    }
+                    // Every block matched its manifest hash, so the whole
+                    // file matches the content id.
+                    ReceiverEvent::AllBlocksWritten => rx.handle_file_verified(now, true),
+                    ReceiverEvent::Complete => over = Some(true),
+                    ReceiverEvent::Failed(_) => over = Some(false),
+                }
+            }
+            while let Some(t) = rx.poll_transmit() {
+                out.push(t);
+            }
+            if over == Some(false) {
+                a.leftovers.extend(rx.take_collectors());
+                // The multicast is over for it: what is missing comes
+                // from peers, then the origin.
+                a.election = None;
+            }
+        }
+        for b in verified {
+            self.agents[i].multicast_blocks += 1;
+            self.block_done(i, b);
+        }
+        for t in out {
+            more = true;
+            self.send(i, DATA, t);
+        }
+        match over {
+            Some(true) => self.finish(i),
+            Some(false) => self.start_repair(i, AfterRepair::Origin),
+            None => {}
+        }
+        more
+    }
+
+    /// Agent `i` holds block `b`, verified: it says so in its next
+    /// announcement.
+    fn block_done(&mut self, i: usize, b: u32) {
+        let a = &mut self.agents[i];
+        if a.done[b as usize] {
+            return;
+        }
+        a.done[b as usize] = true;
+        let mut have: Vec<[u32; 2]> = Vec::new();
+        for (k, d) in a.done.iter().enumerate() {
+            let k = k as u32;
+            match have.last_mut() {
+                Some(r) if *d && r[1] == k => r[1] = k + 1,
+                _ if *d => have.push([k, k + 1]),
+                _ => {}
+            }
+        }
+        let mut me = a.presence.local().clone();
+        me.held = vec![Held {
+            content: self.pkg.content[..8].try_into().expect("8 bytes"),
+            blocks_done: a.held(),
+            block_count: a.done.len() as u32,
+            have,
+        }];
+        a.presence.set_local(me);
+    }
+
+    fn finish(&mut self, i: usize) {
+        let now = self.net.now;
+        let a = &mut self.agents[i];
+        assert!(
+            a.done.iter().all(|d| *d),
+            "agent {i} done without every block"
+        );
+        a.phase = Phase::Done;
+        a.completed_at = Some(now);
+        // The task is over here: its election ends with it.
+        a.election = None;
+    }
+
+    /// Agents whose election says they represent, and are alive.
+    pub fn live_representatives(&self) -> Vec<usize> {
+        (0..self.agents.len())
+            .filter(|&i| !self.net.is_silenced(i))
+            .filter(|&i| {
+                self.agents[i]
+                    .election
+                    .as_ref()
+                    .is_some_and(|e| e.role() == ElectionRole::Representative)
+            })
+            .collect()
+    }
+
+    /// A digest of the run's outcome: the same seed must give the same.
+    pub fn fingerprint(&self) -> Digest {
+        let mut s = Vec::new();
+        for a in &self.agents {
+            let t = a.completed_at.map_or(0, |t| (t - self.net.t0).as_nanos());
+            s.extend_from_slice(&t.to_le_bytes());
+            s.extend_from_slice(&a.origin_bytes.to_le_bytes());
+            s.extend_from_slice(&a.peer_bytes.to_le_bytes());
+            s.extend_from_slice(&a.multicast_blocks.to_le_bytes());
+            s.extend_from_slice(&a.elected.to_le_bytes());
+        }
+        sha256(&s)
+    }
+}
+
+/// Whether presence says `node` (confirmed) holds blocks of `content`.
+fn holds_some(presence: &Presence, content: &Digest, node: u64) -> bool {
+    presence.peers().any(|p| {
+        p.node() == node
+            && p.confirmed()
+            && p.announce
+                .held
+                .iter()
+                .any(|h| h.content == content[..8] && h.blocks_done > 0)
+    })
+}
+
+fn data_group(content: &Digest) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(239, 193, content[0], content[1].max(1)), DATA)
+}
+
+/// The address of agent `i`'s repair server.
+pub fn repair_addr(i: usize) -> SocketAddr {
+    SocketAddr::new(addr_of(i).into(), REPAIR)
+}
