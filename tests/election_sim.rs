@@ -2,17 +2,18 @@
 
 mod common;
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
+use multicast::sim::{Net, Wake, addr_of};
 use multicast::wire::{self, Standing};
 use somcast::election::{Election, ElectionConfig, ElectionEvent, Role};
 
 use multicast::rng::SplitMix64 as Rng;
 
 const CONTENT: [u8; 32] = [0xC0; 32];
+/// The control group's port.
+const CONTROL: u16 = 7479;
 
 fn config() -> ElectionConfig {
     ElectionConfig {
@@ -21,47 +22,27 @@ fn config() -> ElectionConfig {
     }
 }
 
+/// The agents on the shared simulated subnet; one more node, the last,
+/// is a forger outside them.
 struct Subnet {
     agents: Vec<Election>,
+    net: Net,
     /// Which side of a partition each agent is on; frames cross only
     /// within a side while `partitioned`.
     side: Vec<u8>,
     partitioned: bool,
-    loss: f64,
-    rng: Rng,
-    now: Instant,
-    queue: BinaryHeap<Reverse<(Instant, u64, usize, usize)>>,
-    frames: Vec<Vec<u8>>,
-    /// Frames injected from outside the agents (by index in `frames`).
-    injected: std::collections::HashSet<usize>,
-    seq: u64,
     /// Longest stretch with two or more representatives past their start.
     worst_overlap: Duration,
     overlap_since: Option<Instant>,
     events: Vec<(usize, ElectionEvent)>,
 }
 
-const TIMER: usize = usize::MAX;
-
 impl Subnet {
     fn new(n: usize, loss: f64, seed: u64, spread: Duration) -> Self {
         let mut rng = Rng(seed);
-        let t0 = Instant::now();
-        let mut s = Subnet {
-            agents: Vec::new(),
-            side: vec![0; n],
-            partitioned: false,
-            loss,
-            rng: Rng(seed ^ 0xABCD),
-            now: t0,
-            queue: BinaryHeap::new(),
-            frames: Vec::new(),
-            injected: Default::default(),
-            seq: 0,
-            worst_overlap: Duration::ZERO,
-            overlap_since: None,
-            events: Vec::new(),
-        };
+        let mut net = Net::new(n + 1, loss, seed ^ 0xABCD);
+        let t0 = net.t0;
+        let mut agents = Vec::new();
         for i in 0..n {
             let standing = Standing {
                 preference: 0,
@@ -82,52 +63,57 @@ impl Subnet {
                 start,
                 rng.next_u64(),
             );
-            s.agents.push(e);
-            s.push(start, i, TIMER);
+            agents.push(e);
+            net.wake_at(i, Some(start));
         }
-        s
+        Subnet {
+            agents,
+            net,
+            side: vec![0; n],
+            partitioned: false,
+            worst_overlap: Duration::ZERO,
+            overlap_since: None,
+            events: Vec::new(),
+        }
+    }
+
+    fn now(&self) -> Instant {
+        self.net.now
     }
 
     /// A frame from outside the agents, heard by every one of them at `at`.
     fn inject(&mut self, at: Instant, bytes: Vec<u8>) {
-        self.frames.push(bytes);
-        let f = self.frames.len() - 1;
-        self.injected.insert(f);
-        for j in 0..self.agents.len() {
-            self.push(at, j, f);
-        }
-    }
-
-    fn push(&mut self, at: Instant, agent: usize, frame: usize) {
-        self.seq += 1;
-        self.queue.push(Reverse((at, self.seq, agent, frame)));
+        let forger = self.agents.len();
+        self.net
+            .multicast_at(at, forger, CONTROL, bytes, 0..self.agents.len());
     }
 
     fn run_for(&mut self, d: Duration) {
-        let until = self.now + d;
-        while let Some(Reverse((at, _, i, frame))) = self.queue.peek().copied() {
-            if at > until {
-                break;
-            }
-            self.queue.pop();
-            self.now = at;
-            if frame == TIMER {
-                if self.agents[i].poll_timeout().is_some_and(|t| t <= at) {
-                    self.agents[i].handle_timeout(at);
+        let until = self.net.now + d;
+        let forger = addr_of(self.agents.len());
+        while let Some(wake) = self.net.next(until) {
+            let at = self.net.now;
+            let i = match wake {
+                Wake::Timer(i) => {
+                    if self.agents[i].poll_timeout().is_some_and(|t| t <= at) {
+                        self.agents[i].handle_timeout(at);
+                    }
+                    i
                 }
-            } else {
-                let bytes = self.frames[frame].clone();
-                let f = wire::decode(&bytes).unwrap().frame;
-                // Presence vouches for the agents, not for what the test
-                // injects (a forger's frames may be refused).
-                let forged = self.injected.contains(&frame);
-                let r = self.agents[i].handle_frame_vouched(at, &f, !forged);
-                assert!(forged || r.is_ok(), "agents make valid offers: {r:?}");
-            }
+                Wake::Datagram(d) => {
+                    let f = wire::decode(&d.bytes).unwrap().frame;
+                    // Presence vouches for the agents, not for what the
+                    // test injects (a forger's frames may be refused).
+                    let forged = d.from.ip() == forger;
+                    let r = self.agents[d.to].handle_frame_vouched(at, &f, !forged);
+                    assert!(forged || r.is_ok(), "agents make valid offers: {r:?}");
+                    d.to
+                }
+                Wake::Reply { to, .. } => to,
+            };
             self.after(i);
             self.track_overlap();
         }
-        self.now = until;
         self.track_overlap();
     }
 
@@ -137,35 +123,28 @@ impl Subnet {
         }
         while let Some(multicast::transmit::Transmit { bytes, .. }) = self.agents[i].poll_transmit()
         {
-            self.frames.push(bytes);
-            let f = self.frames.len() - 1;
-            for j in 0..self.agents.len() {
-                if j == i || (self.partitioned && self.side[i] != self.side[j]) {
-                    continue;
-                }
-                if self.rng.unit() < self.loss {
-                    continue;
-                }
-                let at = self.now + Duration::from_micros(200 + self.rng.next_u64() % 1800);
-                self.push(at, j, f);
-            }
+            let (side, partitioned) = (self.side[i], self.partitioned);
+            let to = (0..self.agents.len())
+                .filter(|&j| j != i && !(partitioned && self.side[j] != side))
+                .collect::<Vec<_>>();
+            self.net.multicast(i, CONTROL, bytes, to);
         }
-        if let Some(t) = self.agents[i].poll_timeout() {
-            self.push(t.max(self.now), i, TIMER);
-        }
+        let at = self.agents[i].poll_timeout();
+        self.net.wake_at(i, at);
     }
 
     fn sending(&self) -> usize {
         self.agents
             .iter()
-            .filter(|a| a.start().is_some_and(|s| s <= self.now))
+            .filter(|a| a.start().is_some_and(|s| s <= self.net.now))
             .count()
     }
 
     fn track_overlap(&mut self) {
         if self.sending() >= 2 {
-            let since = *self.overlap_since.get_or_insert(self.now);
-            self.worst_overlap = self.worst_overlap.max(self.now - since);
+            let now = self.net.now;
+            let since = *self.overlap_since.get_or_insert(now);
+            self.worst_overlap = self.worst_overlap.max(now - since);
         } else {
             self.overlap_since = None;
         }
@@ -371,7 +350,7 @@ fn a_claimant_that_never_offers_stalls_the_election_only_briefly() {
         standing: common::best_standing(u64::MAX),
     })
     .encode(0);
-    let t0 = s.now;
+    let t0 = s.now();
     for k in 0..160u32 {
         s.inject(t0 + Duration::from_millis(250) * k, forged.clone());
     }
@@ -417,7 +396,7 @@ fn an_abandoned_representative_is_not_followed_again() {
 #[test]
 fn a_stream_of_claimants_with_fresh_ids_stalls_the_election_only_briefly() {
     let mut s = Subnet::new(5, 0.0, 10, Duration::ZERO);
-    let t0 = s.now;
+    let t0 = s.now();
     for k in 0..160u32 {
         let forged = wire::Frame::Claim(wire::Claim {
             content: CONTENT,
@@ -475,7 +454,7 @@ fn after_two_silent_representatives_only_vouched_offers_count() {
 #[test]
 fn a_stream_of_offers_with_fresh_ids_stalls_the_election_only_briefly() {
     let mut s = Subnet::new(5, 0.0, 11, Duration::ZERO);
-    let t0 = s.now;
+    let t0 = s.now();
     for k in 0..160u32 {
         let forged = wire::Frame::Offer(wire::Offer {
             content: CONTENT,

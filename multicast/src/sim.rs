@@ -197,8 +197,21 @@ impl Net {
         bytes: Vec<u8>,
         to: impl IntoIterator<Item = usize>,
     ) {
+        self.multicast_at(self.now, from, port, bytes, to);
+    }
+
+    /// [`Net::multicast`], sent at `at` (now or later): a schedule of
+    /// datagrams from outside the machines (a forger's).
+    pub fn multicast_at(
+        &mut self,
+        at: Instant,
+        from: usize,
+        port: u16,
+        bytes: Vec<u8>,
+        to: impl IntoIterator<Item = usize>,
+    ) {
         self.wire_bytes[from] += bytes.len() as u64 + WIRE_OVERHEAD;
-        let at = self.now + self.latency();
+        let at = at.max(self.now) + self.latency();
         let due = Due::Group {
             from: SocketAddr::new(addr_of(from).into(), port),
             port,
