@@ -10,7 +10,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use multicast::codec::{Layout, Plan, pad_block, sha256};
+use multicast::codec::{Layout, Plan, sha256};
 use multicast::receiver::{
     BlockResult, DecodeJob, DecodeOutcome, Receiver, ReceiverConfig, ReceiverEvent,
 };
