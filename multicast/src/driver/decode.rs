@@ -1,7 +1,18 @@
 //! The receiving side's decode thread: decode, check and write each
 //! block, hash the whole file; and the lab's loss injection.
 
-use super::*;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::codec::{self, Layout};
+use crate::fileio;
+use crate::receiver::{BlockResult, DecodeJob, DecodeOutcome, Receiver};
+use crate::wire::Digest;
 
 /// Work for the decode thread.
 pub(super) enum Work {
@@ -185,6 +196,7 @@ impl Dropper {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::sha256;
 
     #[test]
     fn the_whole_file_hash_is_right_whatever_order_blocks_complete_in() {
@@ -195,7 +207,7 @@ mod tests {
         let layout = Layout::for_file(u64::from(size), block_size, 1024).unwrap();
         let data: Vec<u8> = (0..size).map(|i| (i ^ (i >> 11)) as u8).collect();
         let path = std::env::temp_dir().join(format!("somcast-hasher-{}", std::process::id()));
-        let file = create_partial(&path, layout.file_size()).unwrap();
+        let file = super::super::receive::create_partial(&path, layout.file_size()).unwrap();
         let mut hasher = FileHasher::default();
         for block in [2u32, 1, 0] {
             let (at, len) = (layout.offset(block) as usize, layout.block_len(block));
@@ -210,6 +222,6 @@ mod tests {
         assert!(hasher.ahead.is_empty());
         let digest: Digest = hasher.hasher.finalize().into();
         assert_eq!(digest, sha256(&data));
-        let _ = fs::remove_file(&path);
+        let _ = std::fs::remove_file(&path);
     }
 }

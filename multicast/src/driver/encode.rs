@@ -2,7 +2,17 @@
 //! may still be arriving), hash it if its hash is not known, encode its
 //! symbols, and keep a few encoders for the repair asked of them.
 
-use super::*;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+use sha2::{Digest as _, Sha256};
+
+use super::SendError;
+use crate::codec::{BlockEncoder, Layout, Plan, sha256};
+use crate::fileio;
+use crate::sender::{EncodeJob, EncodedBatch};
+use crate::wire::Digest;
 
 /// Memory the encoder's kept encoders may take: each holds a block's
 /// source and intermediate symbols, about twice the block.

@@ -1,4 +1,4 @@
-use super::*;
+use super::encode::encoders_kept;
 
 #[test]
 fn the_encoder_keeps_every_block_in_flight_within_its_memory() {
