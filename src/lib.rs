@@ -11,7 +11,9 @@ pub mod cli;
 pub mod console;
 pub mod demo;
 pub mod demo_flow;
-pub mod election;
+/// The representative election lives with the subnet's other control-plane
+/// machines, in the scanner crate.
+pub use scanner::election;
 pub mod fetch;
 pub mod lab;
 pub mod manifest;
