@@ -94,103 +94,17 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
                 group,
                 start,
             } => {
-                update(&r.agent, &r.id, |s| s.role = Some("receiver".into()));
-                let preload = std::mem::take(&mut carried);
-                let received = if kind == SiteKind::Wifi {
-                    // Multicast over Wi-Fi goes at the lowest rate and is
-                    // lost freely: the representative only fetches.
-                    r.note(format!(
-                        "wifi site: taking the package from peers over TCP as representative {representative:016x} fetches it"
-                    ));
-                    Received::NoShow(preload)
-                } else {
-                    r.note(format!("receiver of {representative:016x} on {group}"));
-                    let _listening = super::upstream::listen_for_members(r);
-                    let joined = Session {
-                        session,
-                        group,
-                        start,
-                    };
-                    receive(r, partial, joined, &mut rx, preload).await?
+                let joined = Session {
+                    session,
+                    group,
+                    start,
                 };
-                match received {
-                    Received::All => return Ok(()),
-                    Received::Incomplete(why, leftovers) => {
-                        r.note(format!(
-                            "multicast left blocks missing ({why}): repairing from peers"
-                        ));
-                        r.state(State::Repairing);
-                        peer_repair(r, partial, leftovers).await?;
-                        let missing = {
-                            let p = lock(partial);
-                            p.layout().block_count() - p.done_count()
-                        };
-                        if missing > 0 {
-                            r.note(format!(
-                                "{missing} block(s) no peer delivered: fetching them from the origin"
-                            ));
-                            origin_fetch(r, partial).await?;
-                        }
-                        return Ok(());
-                    }
-                    Received::Interrupted(next, left) => {
+                let preload = std::mem::take(&mut carried);
+                match follow(r, partial, representative, joined, &mut rx, preload).await? {
+                    Followed::Done => return Ok(()),
+                    Followed::Next(next, left) => {
                         pending = next;
                         carried = left;
-                    }
-                    Received::LeftBehind(left) => {
-                        // The others finish the pass with the package (the
-                        // representative holds it already): taken from
-                        // them as they announce it, or from the origin if
-                        // none makes progress.
-                        r.note(format!(
-                            "left behind by representative {representative:016x} as far slower than the rest: taking the rest from peers"
-                        ));
-                        r.state(State::Repairing);
-                        if !from_peers_only(r, partial, left).await? {
-                            r.note(format!(
-                                "no peer made progress for {PEER_STALL:?}: fetching the rest from the origin"
-                            ));
-                            origin_fetch(r, partial).await?;
-                        }
-                        return Ok(());
-                    }
-                    Received::NoShow(left)
-                        if kind == SiteKind::Wifi || holds_some(r, representative) =>
-                    {
-                        // Offers and presence arrive, the data does not (a
-                        // switch that prunes the data group, Wi-Fi client
-                        // isolation): the representative fetches all the
-                        // same, and every receiver takes it from peers.
-                        if kind != SiteKind::Wifi {
-                            r.note(format!(
-                            "multicast from representative {representative:016x} does not arrive here, though it holds blocks: taking the package from peers over unicast"
-                        ));
-                        }
-                        r.state(State::Repairing);
-                        if from_peers_only(r, partial, left).await? {
-                            return Ok(());
-                        }
-                        r.note(format!(
-                            "no peer made progress for {PEER_STALL:?}: electing again without {representative:016x}"
-                        ));
-                        r.state(State::Electing);
-                        if let Some(slot) = r.agent.elections().get_mut(&r.id) {
-                            slot.election.abandon(Instant::now(), representative);
-                        }
-                        r.agent.control_wake.notify_one();
-                    }
-                    Received::NoShow(left) => {
-                        // Every receiver would otherwise go to the origin on
-                        // its own: elect again without it instead.
-                        r.note(format!(
-                            "representative {representative:016x} offered the content but sent nothing: electing again without it"
-                        ));
-                        r.state(State::Electing);
-                        carried = left;
-                        if let Some(slot) = r.agent.elections().get_mut(&r.id) {
-                            slot.election.abandon(Instant::now(), representative);
-                        }
-                        r.agent.control_wake.notify_one();
                     }
                 }
             }
@@ -228,4 +142,120 @@ fn holds_some(r: &Run, node: u64) -> bool {
                 .iter()
                 .any(|h| h.content == prefix && h.blocks_done > 0)
     })
+}
+
+/// What following a representative came to.
+enum Followed {
+    /// Every block is here.
+    Done,
+    /// The election goes on: the event that came meanwhile, if any, and
+    /// the symbols of unfinished blocks for the next session.
+    Next(Option<ElectionEvent>, Leftovers),
+}
+
+/// A receiver of `representative`'s session: the multicast (none on
+/// Wi-Fi), then peers and the origin for what it missed; or, when the
+/// session is interrupted or never shows, back to the election.
+async fn follow(
+    r: &Run,
+    partial: &Arc<Mutex<Partial>>,
+    representative: u64,
+    joined: Session,
+    rx: &mut mpsc::UnboundedReceiver<ElectionEvent>,
+    preload: Leftovers,
+) -> anyhow::Result<Followed> {
+    let kind = r.agent.site_kind();
+    update(&r.agent, &r.id, |s| s.role = Some("receiver".into()));
+    let received = if kind == SiteKind::Wifi {
+        // Multicast over Wi-Fi goes at the lowest rate and is
+        // lost freely: the representative only fetches.
+        r.note(format!(
+            "wifi site: taking the package from peers over TCP as representative {representative:016x} fetches it"
+        ));
+        Received::NoShow(preload)
+    } else {
+        r.note(format!(
+            "receiver of {representative:016x} on {}",
+            joined.group
+        ));
+        let _listening = super::upstream::listen_for_members(r);
+        receive(r, partial, joined, rx, preload).await?
+    };
+    match received {
+        Received::All => Ok(Followed::Done),
+        Received::Incomplete(why, leftovers) => {
+            r.note(format!(
+                "multicast left blocks missing ({why}): repairing from peers"
+            ));
+            r.state(State::Repairing);
+            peer_repair(r, partial, leftovers).await?;
+            let missing = {
+                let p = lock(partial);
+                p.layout().block_count() - p.done_count()
+            };
+            if missing > 0 {
+                r.note(format!(
+                    "{missing} block(s) no peer delivered: fetching them from the origin"
+                ));
+                origin_fetch(r, partial).await?;
+            }
+            Ok(Followed::Done)
+        }
+        Received::Interrupted(next, left) => Ok(Followed::Next(next, left)),
+        Received::LeftBehind(left) => {
+            // The others finish the pass with the package (the
+            // representative holds it already): taken from
+            // them as they announce it, or from the origin if
+            // none makes progress.
+            r.note(format!(
+                "left behind by representative {representative:016x} as far slower than the rest: taking the rest from peers"
+            ));
+            r.state(State::Repairing);
+            if !from_peers_only(r, partial, left).await? {
+                r.note(format!(
+                    "no peer made progress for {PEER_STALL:?}: fetching the rest from the origin"
+                ));
+                origin_fetch(r, partial).await?;
+            }
+            Ok(Followed::Done)
+        }
+        Received::NoShow(left) if kind == SiteKind::Wifi || holds_some(r, representative) => {
+            // Offers and presence arrive, the data does not (a
+            // switch that prunes the data group, Wi-Fi client
+            // isolation): the representative fetches all the
+            // same, and every receiver takes it from peers.
+            if kind != SiteKind::Wifi {
+                r.note(format!(
+                "multicast from representative {representative:016x} does not arrive here, though it holds blocks: taking the package from peers over unicast"
+            ));
+            }
+            r.state(State::Repairing);
+            if from_peers_only(r, partial, left).await? {
+                return Ok(Followed::Done);
+            }
+            r.note(format!(
+                "no peer made progress for {PEER_STALL:?}: electing again without {representative:016x}"
+            ));
+            abandon(r, representative);
+            Ok(Followed::Next(None, Vec::new()))
+        }
+        Received::NoShow(left) => {
+            // Every receiver would otherwise go to the origin on
+            // its own: elect again without it instead.
+            r.note(format!(
+                "representative {representative:016x} offered the content but sent nothing: electing again without it"
+            ));
+            abandon(r, representative);
+            Ok(Followed::Next(None, left))
+        }
+    }
+}
+
+/// Elects again without `representative`.
+fn abandon(r: &Run, representative: u64) {
+    r.state(State::Electing);
+    if let Some(slot) = r.agent.elections().get_mut(&r.id) {
+        slot.election.abandon(Instant::now(), representative);
+    }
+    r.agent.control_wake.notify_one();
 }
