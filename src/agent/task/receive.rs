@@ -46,71 +46,7 @@ pub(super) async fn receive(
     // What was held before, to tell whether any data arrived at all.
     let symbols = |v: &Leftovers| v.iter().map(|(_, c)| u64::from(c.held())).sum::<u64>();
     let held_before = (lock(partial).done_count(), symbols(&preload));
-    let recv = {
-        let p = partial.clone();
-        let agent = r.agent.clone();
-        let id = r.id.clone();
-        let m = r.m.clone();
-        let stop = stop.clone();
-        let node = r.agent.node;
-        let drop_rate = r.agent.config.lab_drop_rate;
-        tokio::task::spawn_blocking(move || {
-            let (file, path, done) = {
-                let g = lock(&p);
-                (g.file.try_clone(), g.data.clone(), g.done.clone())
-            };
-            let file = match file {
-                Ok(f) => f,
-                Err(e) => return Ok((Err(RecvError::Recv(e)), Vec::new())),
-            };
-            let mut on_block = |b: u32| {
-                let mut g = lock(&p);
-                if let Err(e) = g.mark_done(b) {
-                    tracing::warn!("task {id}: cannot record block {b}: {e}");
-                }
-                note_blocks(&agent, &id, &g);
-                drop(g);
-                let len = m.layout.block_len(b) as u64;
-                update(&agent, &id, |s| {
-                    s.state = State::Receiving;
-                    s.bytes.multicast += len;
-                });
-            };
-            let opts = RecvOptions {
-                session: ReceiverConfig {
-                    receiver_id: node,
-                    session: Some(session),
-                    idle_timeout: wait + NO_DATA_AFTER_START,
-                    ..ReceiverConfig::default()
-                },
-                drop_rate,
-                drop_seed: node,
-                stop: None,
-                fleet: agent.fleet.clone(),
-                auth: agent.auth.clone(),
-            };
-            let mut leftovers = Vec::new();
-            let res = multicast::driver::receive_resume(
-                socket,
-                rcvbuf,
-                ResumeInto {
-                    file: &file,
-                    path: &path,
-                    done: &done,
-                    block_hashes: &m.block_hashes,
-                    file_sha256: m.content,
-                    file_size: m.layout.file_size(),
-                    on_block: &mut on_block,
-                    stop: Some(stop),
-                    leftovers: Some(&mut leftovers),
-                    preload,
-                },
-                &opts,
-                &mut |_| {},
-            );
-            Ok::<_, RecvError>((res, leftovers))
-        })
-    };
+    let recv = spawn_receive(r, partial, (socket, rcvbuf), session, wait, &stop, preload);
     tokio::pin!(recv);
     let mut interrupted = None;
     let result = loop {
@@ -169,4 +105,90 @@ pub(super) async fn receive(
         Err(e) => e.to_string(),
     };
     Ok(Received::Incomplete(why, leftovers))
+}
+
+/// What the receive thread hands back: the receive's outcome, and the
+/// symbols of blocks it did not finish.
+type ReceiveResult = Result<
+    (
+        Result<multicast::driver::RecvReport, RecvError>,
+        Vec<(u32, Box<multicast::codec::Collector>)>,
+    ),
+    RecvError,
+>;
+
+/// The multicast receive, on a thread of its own, into the task's
+/// partial download; each verified block is recorded as it lands.
+fn spawn_receive(
+    r: &Run,
+    partial: &Arc<Mutex<Partial>>,
+    (socket, rcvbuf): (std::net::UdpSocket, multicast::socket::BufferReport),
+    session: u64,
+    wait: Duration,
+    stop: &Arc<AtomicBool>,
+    preload: Leftovers,
+) -> tokio::task::JoinHandle<ReceiveResult> {
+    let p = partial.clone();
+    let agent = r.agent.clone();
+    let id = r.id.clone();
+    let m = r.m.clone();
+    let stop = stop.clone();
+    let node = r.agent.node;
+    let drop_rate = r.agent.config.lab_drop_rate;
+    tokio::task::spawn_blocking(move || {
+        let (file, path, done) = {
+            let g = lock(&p);
+            (g.file.try_clone(), g.data.clone(), g.done.clone())
+        };
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => return Ok((Err(RecvError::Recv(e)), Vec::new())),
+        };
+        let mut on_block = |b: u32| {
+            let mut g = lock(&p);
+            if let Err(e) = g.mark_done(b) {
+                tracing::warn!("task {id}: cannot record block {b}: {e}");
+            }
+            note_blocks(&agent, &id, &g);
+            drop(g);
+            let len = m.layout.block_len(b) as u64;
+            update(&agent, &id, |s| {
+                s.state = State::Receiving;
+                s.bytes.multicast += len;
+            });
+        };
+        let opts = RecvOptions {
+            session: ReceiverConfig {
+                receiver_id: node,
+                session: Some(session),
+                idle_timeout: wait + NO_DATA_AFTER_START,
+                ..ReceiverConfig::default()
+            },
+            drop_rate,
+            drop_seed: node,
+            stop: None,
+            fleet: agent.fleet.clone(),
+            auth: agent.auth.clone(),
+        };
+        let mut leftovers = Vec::new();
+        let res = multicast::driver::receive_resume(
+            socket,
+            rcvbuf,
+            ResumeInto {
+                file: &file,
+                path: &path,
+                done: &done,
+                block_hashes: &m.block_hashes,
+                file_sha256: m.content,
+                file_size: m.layout.file_size(),
+                on_block: &mut on_block,
+                stop: Some(stop),
+                leftovers: Some(&mut leftovers),
+                preload,
+            },
+            &opts,
+            &mut |_| {},
+        );
+        Ok::<_, RecvError>((res, leftovers))
+    })
 }

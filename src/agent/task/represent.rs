@@ -74,52 +74,12 @@ pub(super) async fn represent(
         }
     }
     r.state(State::Sending);
-    let send = {
-        let p = lock(partial);
-        let opts = SendOptions {
-            session: {
-                let config = &r.agent.config;
-                let rate_bps = r.spec.rate_bps.unwrap_or(config.rate_bps);
-                SenderConfig {
-                    rate_bps,
-                    rate_min_bps: config.rate_min_bps.min(rate_bps),
-                    rate_mode: config.rate_mode,
-                    // A receiver far slower than the rest finishes from
-                    // peers rather than holding the subnet back.
-                    slow_receivers: multicast::rate::SlowReceivers::Leave,
-                    ..SenderConfig::default()
-                }
-            },
-            block_size: p.layout().block_size(),
-            symbol_size: p.layout().symbol_size(),
-            session_id: Some(session),
-            known_hashes: Some((r.m.block_hashes.clone(), r.m.content)),
-            available: Some(available.clone()),
-            stop: Some(stop.clone()),
-            pause: Some(hold.clone()),
-            fleet: r.agent.fleet.clone(),
-            encrypt: r.spec.encrypt || r.agent.config.encrypt,
-            auth: r.agent.auth.clone(),
-            ..SendOptions::default()
-        };
-        let path = p.data.clone();
-        let iface = r.agent.iface_addr;
-        let (agent, id) = (r.agent.clone(), r.id.clone());
-        tokio::task::spawn_blocking(move || {
-            // The status shows the rate and the receivers as they go.
-            let mut data_start = None;
-            multicast::send_file(&path, group, iface, &opts, &mut |p| {
-                if p.stats.datagrams > 0 && p.stats.data_wire_bytes > 0 {
-                    data_start.get_or_insert_with(Instant::now);
-                }
-                let view = MulticastView {
-                    data_seconds: data_start.map_or(0.0, |t| t.elapsed().as_secs_f64()),
-                    ..MulticastView::from(p.stats)
-                };
-                super::update(&agent, &id, |s| s.multicast = Some(view));
-            })
-        })
+    let controls = SendControls {
+        available: available.clone(),
+        stop: stop.clone(),
+        hold: hold.clone(),
     };
+    let send = spawn_send(r, partial, session, group, controls);
     tokio::pin!(send);
     let mut interrupted = None;
     let mut fetch_error = None;
@@ -175,4 +135,76 @@ pub(super) async fn represent(
     }
     r.progress(partial);
     Ok(None)
+}
+
+/// What the multicast's thread shares with the task: how far the fetch
+/// has made the file available, a stop, and a hold (paused or held for a
+/// higher task).
+struct SendControls {
+    available: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+    hold: Arc<AtomicBool>,
+}
+
+/// The sender's settings: the agent's rate, or the task's.
+fn send_options(
+    r: &Run,
+    layout: &multicast::codec::Layout,
+    session: u64,
+    c: SendControls,
+) -> SendOptions {
+    let config = &r.agent.config;
+    let rate_bps = r.spec.rate_bps.unwrap_or(config.rate_bps);
+    SendOptions {
+        session: SenderConfig {
+            rate_bps,
+            rate_min_bps: config.rate_min_bps.min(rate_bps),
+            rate_mode: config.rate_mode,
+            // A receiver far slower than the rest finishes from peers
+            // rather than holding the subnet back.
+            slow_receivers: multicast::rate::SlowReceivers::Leave,
+            ..SenderConfig::default()
+        },
+        block_size: layout.block_size(),
+        symbol_size: layout.symbol_size(),
+        session_id: Some(session),
+        known_hashes: Some((r.m.block_hashes.clone(), r.m.content)),
+        available: Some(c.available),
+        stop: Some(c.stop),
+        pause: Some(c.hold),
+        fleet: r.agent.fleet.clone(),
+        encrypt: r.spec.encrypt || r.agent.config.encrypt,
+        auth: r.agent.auth.clone(),
+        ..SendOptions::default()
+    }
+}
+
+/// The multicast, on a thread of its own; its progress goes to the
+/// task's status.
+fn spawn_send(
+    r: &Run,
+    partial: &Arc<Mutex<Partial>>,
+    session: u64,
+    group: SocketAddrV4,
+    controls: SendControls,
+) -> tokio::task::JoinHandle<Result<multicast::driver::SendReport, multicast::driver::SendError>> {
+    let p = lock(partial);
+    let opts = send_options(r, &p.layout(), session, controls);
+    let path = p.data.clone();
+    let iface = r.agent.iface_addr;
+    let (agent, id) = (r.agent.clone(), r.id.clone());
+    tokio::task::spawn_blocking(move || {
+        // The status shows the rate and the receivers as they go.
+        let mut data_start = None;
+        multicast::send_file(&path, group, iface, &opts, &mut |p| {
+            if p.stats.datagrams > 0 && p.stats.data_wire_bytes > 0 {
+                data_start.get_or_insert_with(Instant::now);
+            }
+            let view = MulticastView {
+                data_seconds: data_start.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+                ..MulticastView::from(p.stats)
+            };
+            super::update(&agent, &id, |s| s.multicast = Some(view));
+        })
+    })
 }
