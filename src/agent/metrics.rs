@@ -119,173 +119,204 @@ fn one<M: EncodeMetric>(
 impl Collector for Scrape {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let a = &self.0;
-        let (by_state, bytes, sending) = {
-            let tasks = a.tasks();
-            let mut by_state = [0i64; STATES.len()];
-            let mut bytes = [0u64; 4];
-            // Rate and receivers left behind of the multicasts running now.
-            let mut sending = (0u64, 0u64);
-            for t in tasks.values() {
-                if let (State::Sending, Some(m)) = (t.status.state, &t.status.multicast) {
-                    sending.0 += m.rate_bps;
-                    sending.1 += u64::from(m.receivers_left);
-                }
-                if let Some(i) = STATES.iter().position(|s| *s == t.status.state) {
-                    by_state[i] += 1;
-                }
-                bytes[0] += t.status.bytes.multicast;
-                bytes[1] += t.status.bytes.peers;
-                bytes[2] += t.status.bytes.origin;
-                bytes[3] += t.status.bytes.rendezvous;
-            }
-            (by_state, bytes, sending)
-        };
-        one(
-            &mut enc,
-            "somcast_multicast_rate_bps",
-            "The rate this agent multicasts at now as representative, bits per second on the wire (the status tells why)",
-            ConstGauge::new(sending.0 as i64),
-        )?;
-        one(
-            &mut enc,
-            "somcast_multicast_receivers_left_behind",
-            "Receivers of this agent's running multicasts left to finish from peers as far slower than the rest",
-            ConstGauge::new(sending.1 as i64),
-        )?;
-        family(
-            &mut enc,
-            "somcast_tasks",
-            "Tasks on record, by state",
-            "state",
-            STATES
-                .iter()
-                .zip(by_state)
-                .map(|(s, n)| (state_name(*s), ConstGauge::new(n)))
-                .collect(),
-        )?;
-        family(
-            &mut enc,
-            "somcast_task_bytes",
-            "Package bytes of the tasks on record, by where they came from",
-            "source",
-            ["multicast", "peers", "origin", "rendezvous"]
-                .iter()
-                .zip(bytes)
-                .map(|(s, n)| (s.to_string(), ConstGauge::new(n as i64)))
-                .collect(),
-        )?;
-        let mut roles = [0i64; 5];
-        for slot in a.elections().values() {
-            roles[slot.election.role() as usize] += 1;
-        }
-        family(
-            &mut enc,
-            "somcast_elections",
-            "Running elections, by this agent's role in them",
-            "role",
-            [
-                Role::Discovering,
-                Role::Claiming,
-                Role::Deferring,
-                Role::Representative,
-                Role::Receiver,
-            ]
-            .iter()
-            .map(|r| {
-                (
-                    role_name(*r).to_string(),
-                    ConstGauge::new(roles[*r as usize]),
-                )
-            })
-            .collect(),
-        )?;
-        let c = &a.counters;
-        let load = |x: &AtomicU64| x.load(Ordering::Relaxed);
-        one(
-            &mut enc,
-            "somcast_multicast_symbols_received",
-            "Data symbols the multicast delivered to this agent",
-            ConstCounter::new(load(&c.multicast_symbols)),
-        )?;
-        one(
-            &mut enc,
-            "somcast_multicast_symbols_sent",
-            "Data symbols the senders sent for the blocks this agent tracked (loss: 1 - received/sent)",
-            ConstCounter::new(load(&c.multicast_symbols_sent)),
-        )?;
-        one(
-            &mut enc,
-            "somcast_repair_served_bytes",
-            "Symbol bytes this agent served to peers",
-            ConstCounter::new(load(&c.repair_bytes_served)),
-        )?;
-        one(
-            &mut enc,
-            "somcast_repair_served_blocks",
-            "Blocks this agent served to peers",
-            ConstCounter::new(load(&c.repair_blocks_served)),
-        )?;
-        let (peers, foreign, presence) = {
-            let p = a.presence();
-            (p.peers().count(), p.foreign_peers().count(), p.stats())
-        };
-        let mut drops: Vec<(String, ConstCounter)> = vec![
-            ("malformed".into(), ConstCounter::new(presence.malformed)),
-            ("table_full".into(), ConstCounter::new(presence.table_full)),
-            (
-                "source_limited".into(),
-                ConstCounter::new(presence.source_limited),
-            ),
-            (
-                "offer_refused".into(),
-                ConstCounter::new(load(&a.offers_refused)),
-            ),
-        ];
-        drops.extend(
-            a.auth
-                .snapshot()
-                .into_iter()
-                .filter(|(k, _)| *k != "accepted")
-                .map(|(k, v)| (format!("lan_{k}"), ConstCounter::new(v))),
-        );
-        family(
-            &mut enc,
-            "somcast_dropped",
-            "Datagrams and connections dropped, by reason",
-            "reason",
-            drops,
-        )?;
-        one(
-            &mut enc,
-            "somcast_peers",
-            "Agents present on this agent's subnet",
-            ConstGauge::new(peers as i64),
-        )?;
-        one(
-            &mut enc,
-            "somcast_foreign_peers",
-            "Agents heard from outside this agent's subnet",
-            ConstGauge::new(foreign as i64),
-        )?;
-        let objects = a.cache.objects();
-        one(
-            &mut enc,
-            "somcast_cache_objects",
-            "Complete packages in the cache",
-            ConstGauge::new(objects.len() as i64),
-        )?;
-        one(
-            &mut enc,
-            "somcast_cache_bytes",
-            "Bytes of complete packages in the cache",
-            ConstGauge::new(objects.iter().map(|(_, m)| m.size as i64).sum::<i64>()),
-        )?;
-        one(
-            &mut enc,
-            "somcast_uptime_seconds",
-            "Seconds since the agent started",
-            ConstGauge::new(a.started.elapsed().as_secs() as i64),
-        )?;
-        Ok(())
+        encode_tasks(a, &mut enc)?;
+        encode_elections(a, &mut enc)?;
+        encode_traffic(a, &mut enc)?;
+        encode_drops(a, &mut enc)?;
+        encode_peers_and_cache(a, &mut enc)
     }
+}
+
+/// The tasks on record: by state, bytes by source, the multicasts running now.
+fn encode_tasks(a: &Agent, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+    let (by_state, bytes, sending) = {
+        let tasks = a.tasks();
+        let mut by_state = [0i64; STATES.len()];
+        let mut bytes = [0u64; 4];
+        // Rate and receivers left behind of the multicasts running now.
+        let mut sending = (0u64, 0u64);
+        for t in tasks.values() {
+            if let (State::Sending, Some(m)) = (t.status.state, &t.status.multicast) {
+                sending.0 += m.rate_bps;
+                sending.1 += u64::from(m.receivers_left);
+            }
+            if let Some(i) = STATES.iter().position(|s| *s == t.status.state) {
+                by_state[i] += 1;
+            }
+            bytes[0] += t.status.bytes.multicast;
+            bytes[1] += t.status.bytes.peers;
+            bytes[2] += t.status.bytes.origin;
+            bytes[3] += t.status.bytes.rendezvous;
+        }
+        (by_state, bytes, sending)
+    };
+    one(
+        enc,
+        "somcast_multicast_rate_bps",
+        "The rate this agent multicasts at now as representative, bits per second on the wire (the status tells why)",
+        ConstGauge::new(sending.0 as i64),
+    )?;
+    one(
+        enc,
+        "somcast_multicast_receivers_left_behind",
+        "Receivers of this agent's running multicasts left to finish from peers as far slower than the rest",
+        ConstGauge::new(sending.1 as i64),
+    )?;
+    family(
+        enc,
+        "somcast_tasks",
+        "Tasks on record, by state",
+        "state",
+        STATES
+            .iter()
+            .zip(by_state)
+            .map(|(s, n)| (state_name(*s), ConstGauge::new(n)))
+            .collect(),
+    )?;
+    family(
+        enc,
+        "somcast_task_bytes",
+        "Package bytes of the tasks on record, by where they came from",
+        "source",
+        ["multicast", "peers", "origin", "rendezvous"]
+            .iter()
+            .zip(bytes)
+            .map(|(s, n)| (s.to_string(), ConstGauge::new(n as i64)))
+            .collect(),
+    )?;
+    Ok(())
+}
+
+/// The running elections, by this agent's role.
+fn encode_elections(a: &Agent, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+    let mut roles = [0i64; 5];
+    for slot in a.elections().values() {
+        roles[slot.election.role() as usize] += 1;
+    }
+    family(
+        enc,
+        "somcast_elections",
+        "Running elections, by this agent's role in them",
+        "role",
+        [
+            Role::Discovering,
+            Role::Claiming,
+            Role::Deferring,
+            Role::Representative,
+            Role::Receiver,
+        ]
+        .iter()
+        .map(|r| {
+            (
+                role_name(*r).to_string(),
+                ConstGauge::new(roles[*r as usize]),
+            )
+        })
+        .collect(),
+    )?;
+    Ok(())
+}
+
+/// What the multicast and peer repair carried.
+fn encode_traffic(a: &Agent, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+    let c = &a.counters;
+    let load = |x: &AtomicU64| x.load(Ordering::Relaxed);
+    one(
+        enc,
+        "somcast_multicast_symbols_received",
+        "Data symbols the multicast delivered to this agent",
+        ConstCounter::new(load(&c.multicast_symbols)),
+    )?;
+    one(
+        enc,
+        "somcast_multicast_symbols_sent",
+        "Data symbols the senders sent for the blocks this agent tracked (loss: 1 - received/sent)",
+        ConstCounter::new(load(&c.multicast_symbols_sent)),
+    )?;
+    one(
+        enc,
+        "somcast_repair_served_bytes",
+        "Symbol bytes this agent served to peers",
+        ConstCounter::new(load(&c.repair_bytes_served)),
+    )?;
+    one(
+        enc,
+        "somcast_repair_served_blocks",
+        "Blocks this agent served to peers",
+        ConstCounter::new(load(&c.repair_blocks_served)),
+    )?;
+    Ok(())
+}
+
+/// What was dropped, by reason.
+fn encode_drops(a: &Agent, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+    let presence = a.presence().stats();
+    let load = |x: &AtomicU64| x.load(Ordering::Relaxed);
+    let mut drops: Vec<(String, ConstCounter)> = vec![
+        ("malformed".into(), ConstCounter::new(presence.malformed)),
+        ("table_full".into(), ConstCounter::new(presence.table_full)),
+        (
+            "source_limited".into(),
+            ConstCounter::new(presence.source_limited),
+        ),
+        (
+            "offer_refused".into(),
+            ConstCounter::new(load(&a.offers_refused)),
+        ),
+    ];
+    drops.extend(
+        a.auth
+            .snapshot()
+            .into_iter()
+            .filter(|(k, _)| *k != "accepted")
+            .map(|(k, v)| (format!("lan_{k}"), ConstCounter::new(v))),
+    );
+    family(
+        enc,
+        "somcast_dropped",
+        "Datagrams and connections dropped, by reason",
+        "reason",
+        drops,
+    )?;
+    Ok(())
+}
+
+/// Peers, the cache, uptime.
+fn encode_peers_and_cache(a: &Agent, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+    let (peers, foreign) = {
+        let p = a.presence();
+        (p.peers().count(), p.foreign_peers().count())
+    };
+    one(
+        enc,
+        "somcast_peers",
+        "Agents present on this agent's subnet",
+        ConstGauge::new(peers as i64),
+    )?;
+    one(
+        enc,
+        "somcast_foreign_peers",
+        "Agents heard from outside this agent's subnet",
+        ConstGauge::new(foreign as i64),
+    )?;
+    let objects = a.cache.objects();
+    one(
+        enc,
+        "somcast_cache_objects",
+        "Complete packages in the cache",
+        ConstGauge::new(objects.len() as i64),
+    )?;
+    one(
+        enc,
+        "somcast_cache_bytes",
+        "Bytes of complete packages in the cache",
+        ConstGauge::new(objects.iter().map(|(_, m)| m.size as i64).sum::<i64>()),
+    )?;
+    one(
+        enc,
+        "somcast_uptime_seconds",
+        "Seconds since the agent started",
+        ConstGauge::new(a.started.elapsed().as_secs() as i64),
+    )?;
+    Ok(())
 }
