@@ -224,22 +224,11 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
     )
     .context("opening the replay ledger")?;
     announce_trust(&gate);
-    match &config.fleet {
-        Some(k) => tracing::info!(
-            "LAN traffic sealed with fleet key {}",
-            k.ids()
-                .iter()
-                .map(|i| format!("{i:04x}"))
-                .collect::<Vec<_>>()
-                .join(", then ")
-        ),
-        None => tracing::warn!(
-            "no fleet key: this agent's LAN traffic (presence, election, multicast, repair) is unauthenticated; give one with --fleet-key NAME.fleet"
-        ),
-    }
+    announce_fleet(&config);
     let iface_addr = crate::lab::pick_iface(config.iface.as_deref())?;
     let (iface_name, prefix) = describe_iface(iface_addr);
     let subnet = prefix.map(|p| Subnet::of(iface_addr, p));
+    let (listener, api_addr, repair_listener) = bind(&config, iface_addr).await?;
     let me = LocalNode {
         node,
         version: env!("CARGO_PKG_VERSION").into(),
@@ -247,8 +236,8 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
             addr: iface_addr.octets(),
             prefix: prefix.unwrap_or(32),
         }],
-        api_port: config.api.port(),
-        repair_port: 0,
+        api_port: api_addr.port(),
+        repair_port: repair_listener.local_addr()?.port(),
         rank: Default::default(),
         held: Vec::new(),
     };
@@ -256,28 +245,6 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         interval: config.presence_interval,
         ..PresenceConfig::default()
     };
-    let listener = tokio::net::TcpListener::bind(config.api)
-        .await
-        .with_context(|| {
-            format!(
-                "binding the control API to {} (is another agent running?)",
-                config.api
-            )
-        })?;
-    let api_addr: SocketAddr = listener.local_addr()?;
-    // Peer repair listens on the interface's address, on the API port + 1
-    // when free (predictable for firewalls), else on any port: presence
-    // announces which.
-    let repair_listener =
-        match tokio::net::TcpListener::bind((iface_addr, api_addr.port().wrapping_add(1))).await {
-            Ok(l) => l,
-            Err(_) => tokio::net::TcpListener::bind((iface_addr, 0))
-                .await
-                .context("binding the peer repair port")?,
-        };
-    let mut me = me;
-    me.api_port = api_addr.port();
-    me.repair_port = repair_listener.local_addr()?.port();
     let agent = Arc::new(Agent {
         node,
         started: Instant::now(),
@@ -328,6 +295,70 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         subnet.map(|s| format!(", subnet {s}")).unwrap_or_default(),
         agent.config.control_group,
     );
+    let tasks = spawn_services(&agent, sockets, listener, repair_listener, stop_rx).await?;
+    Ok(Running {
+        agent,
+        api: api_addr,
+        stop: stop_tx,
+        tasks,
+    })
+}
+
+/// Says whether LAN traffic is sealed, and with which fleet key.
+fn announce_fleet(config: &AgentConfig) {
+    match &config.fleet {
+        Some(k) => tracing::info!(
+            "LAN traffic sealed with fleet key {}",
+            k.ids()
+                .iter()
+                .map(|i| format!("{i:04x}"))
+                .collect::<Vec<_>>()
+                .join(", then ")
+        ),
+        None => tracing::warn!(
+            "no fleet key: this agent's LAN traffic (presence, election, multicast, repair) is unauthenticated; give one with --fleet-key NAME.fleet"
+        ),
+    }
+}
+
+/// The control API's listener and address, and peer repair's listener: on
+/// the interface's address, on the API port + 1 when free (predictable
+/// for firewalls), else on any port (presence announces which).
+async fn bind(
+    config: &AgentConfig,
+    iface_addr: std::net::Ipv4Addr,
+) -> anyhow::Result<(tokio::net::TcpListener, SocketAddr, tokio::net::TcpListener)> {
+    let listener = tokio::net::TcpListener::bind(config.api)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the control API to {} (is another agent running?)",
+                config.api
+            )
+        })?;
+    let api_addr: SocketAddr = listener.local_addr()?;
+    // Peer repair listens on the interface's address, on the API port + 1
+    // when free (predictable for firewalls), else on any port: presence
+    // announces which.
+    let repair_listener =
+        match tokio::net::TcpListener::bind((iface_addr, api_addr.port().wrapping_add(1))).await {
+            Ok(l) => l,
+            Err(_) => tokio::net::TcpListener::bind((iface_addr, 0))
+                .await
+                .context("binding the peer repair port")?,
+        };
+    Ok((listener, api_addr, repair_listener))
+}
+
+/// The agent's loops: the control group, peer repair, reports, the
+/// channel (if any), metrics (if asked for), the API.
+async fn spawn_services(
+    agent: &Arc<Agent>,
+    sockets: control::Sockets,
+    listener: tokio::net::TcpListener,
+    repair_listener: tokio::net::TcpListener,
+    stop_rx: watch::Receiver<bool>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<anyhow::Result<()>>>> {
     let control_task = tokio::spawn(control::run(agent.clone(), sockets, stop_rx.clone()));
     let repair_task = tokio::spawn(repair::serve(
         repair_listener,
@@ -353,12 +384,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         )));
     }
     tasks.push(tokio::spawn(api::serve(listener, agent.clone(), stop_rx)));
-    Ok(Running {
-        agent,
-        api: api_addr,
-        stop: stop_tx,
-        tasks,
-    })
+    Ok(tasks)
 }
 
 /// Says at start which orders the agent will act on; the lab mode and a
