@@ -121,12 +121,12 @@ impl AgentConfig {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        let presence_interval = match (&args.presence_interval, &file.presence_interval) {
-            (Some(d), _) => *d,
-            (None, Some(s)) => parse_duration(s)
-                .map_err(|e| anyhow::anyhow!("presence_interval in the config file: {e}"))?,
-            (None, None) => DEFAULT_PRESENCE_INTERVAL,
-        };
+        let presence_interval = duration_setting(
+            args.presence_interval,
+            &file.presence_interval,
+            "presence_interval",
+            DEFAULT_PRESENCE_INTERVAL,
+        )?;
         let min = Duration::from_millis(u64::from(multicast::wire::MIN_INTERVAL_MS));
         let max = Duration::from_millis(u64::from(multicast::wire::MAX_INTERVAL_MS));
         if !(min..=max).contains(&presence_interval) {
@@ -147,40 +147,40 @@ impl AgentConfig {
         {
             bail!("the API token must be at least 8 printable characters without spaces");
         }
-        let from_file = |v: &Option<String>, what: &str, parse: fn(&str) -> Result<u64, String>| {
-            v.as_deref()
-                .map(parse)
-                .transpose()
-                .map_err(|e| anyhow::anyhow!("{what} in the config file: {e}"))
-        };
-        let rate_bps = match args.rate {
-            Some(r) => r,
-            None => from_file(&file.rate, "rate", parse_rate)?.unwrap_or(DEFAULT_RATE),
-        };
-        let rate_min_bps = match args.rate_min {
-            Some(r) => r,
-            None => from_file(&file.rate_min, "rate_min", parse_rate)?.unwrap_or(DEFAULT_RATE_MIN),
-        };
+        let rate_bps = number_setting(args.rate, &file.rate, "rate", parse_rate, DEFAULT_RATE)?;
+        let rate_min_bps = number_setting(
+            args.rate_min,
+            &file.rate_min,
+            "rate_min",
+            parse_rate,
+            DEFAULT_RATE_MIN,
+        )?;
         let rate_mode = args
             .rate_mode
             .or(file.rate_mode)
             .unwrap_or(crate::cli::RateMode::Background)
             .into();
-        let repair_rate_bps = match args.repair_rate {
-            Some(r) => r,
-            None => from_file(&file.repair_rate, "repair_rate", parse_rate)?
-                .unwrap_or(DEFAULT_REPAIR_RATE),
-        };
-        let cache_max = match args.cache_max {
-            Some(r) => r,
-            None => from_file(&file.cache_max, "cache_max", parse_size)?.unwrap_or(20 << 30),
-        };
-        let cache_min_free = match args.cache_min_free {
-            Some(r) => r,
-            None => {
-                from_file(&file.cache_min_free, "cache_min_free", parse_size)?.unwrap_or(2 << 30)
-            }
-        };
+        let repair_rate_bps = number_setting(
+            args.repair_rate,
+            &file.repair_rate,
+            "repair_rate",
+            parse_rate,
+            DEFAULT_REPAIR_RATE,
+        )?;
+        let cache_max = number_setting(
+            args.cache_max,
+            &file.cache_max,
+            "cache_max",
+            parse_size,
+            20 << 30,
+        )?;
+        let cache_min_free = number_setting(
+            args.cache_min_free,
+            &file.cache_min_free,
+            "cache_min_free",
+            parse_size,
+            2 << 30,
+        )?;
         let trusted_keys = trusted_keys(&args.trust, file.trusted_keys.as_deref())?;
         let insecure_unsigned = args.insecure_unsigned || file.insecure_unsigned.unwrap_or(false);
         let fleet_files = if args.fleet_key.is_empty() {
@@ -190,32 +190,19 @@ impl AgentConfig {
         };
         let fleet = crate::trust::keys::read_fleet_keys(&fleet_files)?;
         let encrypt = args.encrypt || file.encrypt.unwrap_or(false);
-        let task_retention = match (&args.task_retention, &file.task_retention) {
-            (Some(d), _) => *d,
-            (None, Some(s)) => parse_duration(s)
-                .map_err(|e| anyhow::anyhow!("task_retention in the config file: {e}"))?,
-            (None, None) => DEFAULT_TASK_RETENTION,
-        };
+        let task_retention = duration_setting(
+            args.task_retention,
+            &file.task_retention,
+            "task_retention",
+            DEFAULT_TASK_RETENTION,
+        )?;
         let channel = args
             .channel
             .clone()
             .or(file.channel)
-            .map(|c| {
-                let url = reqwest::Url::parse(c.trim_end_matches('/'))
-                    .map_err(|e| anyhow::anyhow!("channel {c:?}: {e}"))?;
-                if !matches!(url.scheme(), "http" | "https") {
-                    bail!("channel {c:?}: an http or https URL");
-                }
-                Ok(url)
-            })
+            .map(|c| channel_url(&c))
             .transpose()?;
-        let poll = match (&args.poll, &file.poll) {
-            (Some(d), _) => *d,
-            (None, Some(s)) => {
-                parse_duration(s).map_err(|e| anyhow::anyhow!("poll in the config file: {e}"))?
-            }
-            (None, None) => DEFAULT_POLL,
-        };
+        let poll = duration_setting(args.poll, &file.poll, "poll", DEFAULT_POLL)?;
         if poll < Duration::from_secs(1) {
             bail!("--poll {poll:?}: at least 1s");
         }
@@ -365,6 +352,48 @@ pub(crate) fn uncomment_keys(text: &str) -> String {
         .filter(|l| !l.starts_with("trusted_keys") && !l.starts_with("fleet_keys"))
         .map(|l| format!("{}\n", l.split(" #").next().unwrap_or(l)))
         .collect()
+}
+
+/// A duration from the command line, else the config file, else `default`.
+fn duration_setting(
+    arg: Option<Duration>,
+    file: &Option<String>,
+    name: &str,
+    default: Duration,
+) -> anyhow::Result<Duration> {
+    match (arg, file) {
+        (Some(d), _) => Ok(d),
+        (None, Some(s)) => {
+            parse_duration(s).map_err(|e| anyhow::anyhow!("{name} in the config file: {e}"))
+        }
+        (None, None) => Ok(default),
+    }
+}
+
+/// A rate or size from the command line, else the config file (parsed by
+/// `parse`), else `default`.
+fn number_setting(
+    arg: Option<u64>,
+    file: &Option<String>,
+    name: &str,
+    parse: fn(&str) -> Result<u64, String>,
+    default: u64,
+) -> anyhow::Result<u64> {
+    match (arg, file) {
+        (Some(n), _) => Ok(n),
+        (None, Some(s)) => parse(s).map_err(|e| anyhow::anyhow!("{name} in the config file: {e}")),
+        (None, None) => Ok(default),
+    }
+}
+
+/// The task channel's URL: http or https.
+fn channel_url(c: &str) -> anyhow::Result<reqwest::Url> {
+    let url = reqwest::Url::parse(c.trim_end_matches('/'))
+        .map_err(|e| anyhow::anyhow!("channel {c:?}: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        bail!("channel {c:?}: an http or https URL");
+    }
+    Ok(url)
 }
 
 #[cfg(test)]
