@@ -296,10 +296,47 @@ async fn connection(
             wr.write_frame(&Frame::NotHeld { block }).await?;
             continue;
         };
+        let mut link = Link {
+            rd: &mut rd,
+            wr: &mut wr,
+            pace: pace.as_mut(),
+            queued: &mut queued,
+        };
+        link.serve(&agent, &limits, block, &mut serving, &mut next)
+            .await?;
+        wr.write_frame(&Frame::End { block }).await?;
+        crate::agent::metrics::Counters::add(&agent.counters.repair_blocks_served, 1);
+        if let Some(p) = &pace {
+            tracing::debug!("repair: block {block} served at {:?} bit/s", p.rate_bps());
+        }
+    }
+}
+
+/// One repair connection while it serves a block.
+struct Link<'a> {
+    rd: &'a mut super::stream::FrameReader,
+    wr: &'a mut super::stream::FrameWriter,
+    pace: Option<&'a mut crate::agent::tcp::UploadPace>,
+    /// Requests read while an answer was being sent, oldest first.
+    queued: &'a mut std::collections::VecDeque<Frame>,
+}
+
+impl<'l> Link<'l> {
+    /// Sends `block`'s frames, under the server's limits and the upload's
+    /// pace, until they run out or the requester STOPs it; between frames,
+    /// takes the requests sent meanwhile and starts the next answer.
+    async fn serve<'a>(
+        &mut self,
+        agent: &'a Arc<Agent>,
+        limits: &'a Limits,
+        block: u32,
+        serving: &mut Serving,
+        next: &mut Option<Answer<'a>>,
+    ) -> anyhow::Result<()> {
         while let Some(mut f) = serving.next_frame() {
             if let Frame::Symbols { payload, .. } = &mut f {
                 limits.throttle(payload.len()).await;
-                if let Some(p) = &mut pace {
+                if let Some(p) = self.pace.as_deref_mut() {
                     p.before(payload.len()).await;
                 }
                 if agent.config.lab_corrupt_repair
@@ -308,43 +345,45 @@ async fn connection(
                     *byte ^= 0x01;
                 }
             }
-            write_paced(&mut wr, &f, pace.as_mut()).await?;
+            write_paced(self.wr, &f, self.pace.as_deref_mut()).await?;
             if let Frame::Symbols { payload, .. } = &f {
                 crate::agent::metrics::Counters::add(
                     &agent.counters.repair_bytes_served,
                     payload.len() as u64,
                 );
             }
-            // What the requester sent meanwhile: a STOP for this block
-            // ends it; requests queue, and the next is prepared now.
-            // At most a few per gap: a requester streaming frames cannot
-            // keep this task from its answer.
-            let mut stopped = false;
-            for _ in 0..MAX_QUEUED_REQUESTS {
-                let Some(f) = rd.try_frame()? else { break };
-                match f {
-                    Frame::Stop { block: b } if b == block => stopped = true,
-                    Frame::Need { .. } if queued.len() < MAX_QUEUED_REQUESTS => queued.push_back(f),
-                    Frame::Need { .. } => {
-                        anyhow::bail!("more than {MAX_QUEUED_REQUESTS} requests queued")
-                    }
-                    _ => {}
-                }
-            }
+            let stopped = self.take_requests(block)?;
             if next.is_none()
-                && let Some(f) = queued.pop_front()
+                && let Some(f) = self.queued.pop_front()
             {
-                next = start_answer(&agent, &limits, f);
+                *next = start_answer(agent, limits, f);
             }
             if stopped {
                 break;
             }
         }
-        wr.write_frame(&Frame::End { block }).await?;
-        crate::agent::metrics::Counters::add(&agent.counters.repair_blocks_served, 1);
-        if let Some(p) = &pace {
-            tracing::debug!("repair: block {block} served at {:?} bit/s", p.rate_bps());
+        Ok(())
+    }
+
+    /// What the requester sent meanwhile: a STOP for `block` (true) ends
+    /// it; requests queue. At most a few per gap: a requester streaming
+    /// frames cannot keep this task from its answer.
+    fn take_requests(&mut self, block: u32) -> anyhow::Result<bool> {
+        let mut stopped = false;
+        for _ in 0..MAX_QUEUED_REQUESTS {
+            let Some(f) = self.rd.try_frame()? else { break };
+            match f {
+                Frame::Stop { block: b } if b == block => stopped = true,
+                Frame::Need { .. } if self.queued.len() < MAX_QUEUED_REQUESTS => {
+                    self.queued.push_back(f)
+                }
+                Frame::Need { .. } => {
+                    anyhow::bail!("more than {MAX_QUEUED_REQUESTS} requests queued")
+                }
+                _ => {}
+            }
         }
+        Ok(stopped)
     }
 }
 

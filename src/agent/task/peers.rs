@@ -139,7 +139,7 @@ pub(super) async fn peer_repair(
     partial: &Arc<Mutex<Partial>>,
     leftovers: Leftovers,
 ) -> anyhow::Result<()> {
-    use crate::agent::repair::{PIPELINE_DEPTH, PeerError, PeerJob, PeerResult};
+    use crate::agent::repair::{PIPELINE_DEPTH, PeerError, PeerResult};
     let missing: Vec<u32> = {
         let p = lock(partial);
         (0..p.layout().block_count())
@@ -181,43 +181,11 @@ pub(super) async fn peer_repair(
             tokio::time::sleep_until(at.into()).await;
             plan.handle_timeout(Instant::now());
         }
-        let holders = |b: u32| holders_of(r, b);
-        while !r.paused() {
-            let Some(ask) = plan.poll_ask(Instant::now(), |b| {
-                holders(b).into_iter().map(|h| h.1).collect()
-            }) else {
-                break;
-            };
-            let node = holders(ask.block)
-                .into_iter()
-                .find(|h| h.1 == ask.peer)
-                .map_or(0, |h| h.0);
-            let job = PeerJob {
-                block: ask.block,
-                hash: r.m.block_hashes[ask.block as usize],
-                held: leftovers.remove(&ask.block),
-            };
-            // The plan keeps a peer within the channel's room; a full or
-            // closed one takes the block back.
-            if links.to(r, node, ask.peer).try_send(job).is_err() {
-                plan.unsent(ask);
-                break;
-            }
+        if !r.paused() {
+            send_asks(r, &mut plan, &mut links, &mut leftovers);
         }
         while let Some(ev) = plan.poll_event() {
-            match ev {
-                repair::PlanEvent::PeerDropped(addr) => {
-                    let node = links.node(&addr);
-                    let why = why_failed.remove(&addr).unwrap_or_default();
-                    r.note(format!(
-                        "peer {node:016x} ({addr}) dropped for this task: {why}"
-                    ));
-                }
-                repair::PlanEvent::NoMorePeers => r.note(format!(
-                    "{} peers failed: no more peers for this task",
-                    repair::PlanConfig::default().max_failed_peers
-                )),
-            }
+            note_plan_event(r, &links, &mut why_failed, ev);
         }
         if plan.is_finished() {
             break;
@@ -278,4 +246,56 @@ async fn delivered(
         *s.bytes.by_peer.entry(format!("{node:016x}")).or_default() += bytes;
     });
     Ok(())
+}
+
+/// Sends the plan's requests to their peers' connections, until the plan
+/// has none or a connection has no room.
+fn send_asks(
+    r: &Run,
+    plan: &mut repair::RepairPlan<SocketAddr>,
+    links: &mut PeerLinks,
+    leftovers: &mut HashMap<u32, Box<multicast::codec::Collector>>,
+) {
+    let holders = |b: u32| holders_of(r, b);
+    while let Some(ask) = plan.poll_ask(Instant::now(), |b| {
+        holders(b).into_iter().map(|h| h.1).collect()
+    }) {
+        let node = holders(ask.block)
+            .into_iter()
+            .find(|h| h.1 == ask.peer)
+            .map_or(0, |h| h.0);
+        let job = crate::agent::repair::PeerJob {
+            block: ask.block,
+            hash: r.m.block_hashes[ask.block as usize],
+            held: leftovers.remove(&ask.block),
+        };
+        // The plan keeps a peer within the channel's room; a full or
+        // closed one takes the block back.
+        if links.to(r, node, ask.peer).try_send(job).is_err() {
+            plan.unsent(ask);
+            break;
+        }
+    }
+}
+
+/// Notes in the task's history what the plan says of its peers.
+fn note_plan_event(
+    r: &Run,
+    links: &PeerLinks,
+    why_failed: &mut HashMap<SocketAddr, String>,
+    ev: repair::PlanEvent<SocketAddr>,
+) {
+    match ev {
+        repair::PlanEvent::PeerDropped(addr) => {
+            let node = links.node(&addr);
+            let why = why_failed.remove(&addr).unwrap_or_default();
+            r.note(format!(
+                "peer {node:016x} ({addr}) dropped for this task: {why}"
+            ));
+        }
+        repair::PlanEvent::NoMorePeers => r.note(format!(
+            "{} peers failed: no more peers for this task",
+            repair::PlanConfig::default().max_failed_peers
+        )),
+    }
 }
