@@ -332,49 +332,7 @@ async fn task_async(cmd: &TaskCommand) -> anyhow::Result<bool> {
             order,
             wait,
             timeout,
-        } => {
-            let c = Console::new(targets.as_ref())?;
-            if *wait && c.token.is_none() {
-                bail!(
-                    "--wait reads each agent's status, which needs the agents' API token: give --token (or SOMCAST_TOKEN); nothing was sent"
-                );
-            }
-            let bundle = match task {
-                Some(path) => read_bundle(path)?,
-                None => make_bundle(&c.http, order).await?,
-            };
-            let id = bundle_id(&bundle)?;
-            let body = serde_json::to_value(&bundle)?;
-            let mut refused = 0;
-            for a in &c.agents {
-                match c
-                    .call(a, reqwest::Method::POST, "/v1/tasks", Some(&body))
-                    .await
-                {
-                    Ok((201, _)) => {}
-                    Ok((code, v)) => {
-                        refused += 1;
-                        eprintln!(
-                            "{a}: refused ({code}): {}",
-                            v["error"].as_str().unwrap_or("?")
-                        );
-                    }
-                    Err(e) => {
-                        refused += 1;
-                        eprintln!("{a}: {}", crate::error_text(e.as_ref()));
-                    }
-                }
-            }
-            println!("{id}");
-            if refused == c.agents.len() {
-                bail!("no agent took the task");
-            }
-            if !wait {
-                return Ok(refused == 0);
-            }
-            let ok = watch(&c, &id, *timeout).await?;
-            Ok(ok && refused == 0)
-        }
+        } => start_task(targets.as_ref(), task.as_deref(), order, *wait, *timeout).await,
         TaskCommand::Status {
             id,
             targets: _,
@@ -442,6 +400,59 @@ async fn task_async(cmd: &TaskCommand) -> anyhow::Result<bool> {
         TaskCommand::Pause(hold) => pause_or_resume(ControlAction::Pause, hold).await,
         TaskCommand::Resume(hold) => pause_or_resume(ControlAction::Resume, hold).await,
     }
+}
+
+/// `task start`: the task to every target agent; with `wait`, their
+/// progress until each is done or `timeout`. True when every agent took it
+/// (and, waiting, finished it).
+async fn start_task(
+    targets: TargetsRef<'_>,
+    task: Option<&Path>,
+    order: &OrderArgs,
+    wait: bool,
+    timeout: Duration,
+) -> anyhow::Result<bool> {
+    let c = Console::new(targets)?;
+    if wait && c.token.is_none() {
+        bail!(
+            "--wait reads each agent's status, which needs the agents' API token: give --token (or SOMCAST_TOKEN); nothing was sent"
+        );
+    }
+    let bundle = match task {
+        Some(path) => read_bundle(path)?,
+        None => make_bundle(&c.http, order).await?,
+    };
+    let id = bundle_id(&bundle)?;
+    let body = serde_json::to_value(&bundle)?;
+    let mut refused = 0;
+    for a in &c.agents {
+        match c
+            .call(a, reqwest::Method::POST, "/v1/tasks", Some(&body))
+            .await
+        {
+            Ok((201, _)) => {}
+            Ok((code, v)) => {
+                refused += 1;
+                eprintln!(
+                    "{a}: refused ({code}): {}",
+                    v["error"].as_str().unwrap_or("?")
+                );
+            }
+            Err(e) => {
+                refused += 1;
+                eprintln!("{a}: {}", crate::error_text(e.as_ref()));
+            }
+        }
+    }
+    println!("{id}");
+    if refused == c.agents.len() {
+        bail!("no agent took the task");
+    }
+    if !wait {
+        return Ok(refused == 0);
+    }
+    let ok = watch(&c, &id, timeout).await?;
+    Ok(ok && refused == 0)
 }
 
 /// A signed order about task `id` on `channel`, valid as long as the task:
