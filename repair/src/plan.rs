@@ -184,7 +184,7 @@ impl<P: Copy + Eq + Hash + Ord> RepairPlan<P> {
     /// round.
     pub fn unsent(&mut self, ask: Ask<P>) {
         self.chooser.declined(ask.peer);
-        self.in_flight -= 1;
+        self.in_flight = self.in_flight.saturating_sub(1);
         self.queue.push_back(ask.block);
     }
 

@@ -194,6 +194,8 @@ struct Send<'o> {
     dest: SocketAddr,
     link: Link,
     send_batch: SendBatch,
+    /// Where feedback is read into.
+    buf: Vec<u8>,
     jobs: mpsc::Sender<EncodeJob>,
     batches: mpsc::Receiver<Result<EncodedBatch, SendError>>,
     opts: &'o SendOptions,
@@ -272,6 +274,7 @@ impl<'o> Send<'o> {
             dest: SocketAddr::V4(group),
             link,
             send_batch,
+            buf: vec![0u8; MAX_DATAGRAM],
             jobs: job_tx,
             batches: batch_rx,
             opts,
@@ -348,11 +351,10 @@ impl Send<'_> {
 
     /// Receivers' feedback that is waiting on the socket.
     fn read_feedback(&mut self, now: Instant) {
-        let mut buf = [0u8; MAX_DATAGRAM];
         loop {
-            match self.socket.recv_from(&mut buf) {
+            match self.socket.recv_from(&mut self.buf) {
                 Ok((n, from)) => {
-                    if let Some(plain) = self.link.incoming(&buf[..n]) {
+                    if let Some(plain) = self.link.incoming(&self.buf[..n]) {
                         self.sender.handle_datagram(now, from, plain)
                     }
                 }
