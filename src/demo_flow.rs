@@ -76,6 +76,7 @@ async fn flow(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
             presence_interval: Duration::from_secs(1),
             preference: 0,
             rate_bps: args.rate,
+            rate_set: true,
             rate_min_bps: crate::agent::config::DEFAULT_RATE_MIN,
             rate_mode: multicast::rate::Mode::Background,
             repair_rate_bps: crate::agent::config::DEFAULT_REPAIR_RATE,

@@ -79,6 +79,11 @@ pub struct AgentConfig {
     /// The most a representative multicasts for tasks that do not set a
     /// rate, bit/s on the wire.
     pub rate_bps: u64,
+    /// Whether the rate was given (flag, variable or file), not the
+    /// default: only a rate given caps unicast (origin fetches, downloads
+    /// from peers) too. The default is the multicast's ceiling; held to it,
+    /// a TCP download on a gigabit LAN could never make up a stall.
+    pub rate_set: bool,
     /// The least its rate control goes down to.
     pub rate_min_bps: u64,
     pub rate_mode: multicast::rate::Mode,
@@ -232,6 +237,7 @@ impl AgentConfig {
             tags,
             topology: args.topology.clone().or(file.topology),
             rate_bps,
+            rate_set: args.rate.is_some() || file.rate.is_some(),
             rate_min_bps,
             rate_mode,
             repair_rate_bps,
@@ -428,6 +434,24 @@ mod tests {
         assert_eq!(c.preference, 9);
         assert_eq!(c.api, DEFAULT_API);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_a_rate_given_caps_unicast() {
+        let c = AgentConfig::load(&args(&[])).unwrap();
+        assert_eq!(c.rate_bps, DEFAULT_RATE);
+        assert!(
+            !c.rate_set,
+            "the default rate is the multicast's ceiling only"
+        );
+        let c = AgentConfig::load(&args(&["--rate", "200M"])).unwrap();
+        assert_eq!(c.rate_bps, 200_000_000);
+        assert!(c.rate_set);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("somcast.toml");
+        std::fs::write(&file, "rate = \"300M\"\n").unwrap();
+        let c = AgentConfig::load(&args(&["--config", file.to_str().unwrap()])).unwrap();
+        assert_eq!((c.rate_bps, c.rate_set), (300_000_000, true));
     }
 
     #[test]

@@ -422,14 +422,18 @@ impl Run {
     }
 
     /// How its unicast downloads share the path: the agent's mode, capped
-    /// by the task's rate or else the agent's.
+    /// by the task's rate or else the agent's (when one was given).
     fn pacing(&self) -> crate::fetch::Pacing {
         let config = &self.agent.config;
-        let cap = self.spec.rate_bps.unwrap_or(config.rate_bps);
+        // The task's rate, else the agent's if one was given.
+        let cap = self
+            .spec
+            .rate_bps
+            .or(config.rate_set.then_some(config.rate_bps));
         crate::fetch::Pacing {
             mode: unicast_mode(config.rate_mode),
-            cap_bps: Some(cap),
-            floor_bps: config.rate_min_bps.min(cap),
+            cap_bps: cap,
+            floor_bps: config.rate_min_bps.min(cap.unwrap_or(u64::MAX)),
         }
     }
 
