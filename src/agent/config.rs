@@ -126,32 +126,9 @@ impl AgentConfig {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        let presence_interval = duration_setting(
-            args.presence_interval,
-            &file.presence_interval,
-            "presence_interval",
-            DEFAULT_PRESENCE_INTERVAL,
-        )?;
-        let min = Duration::from_millis(u64::from(multicast::wire::MIN_INTERVAL_MS));
-        let max = Duration::from_millis(u64::from(multicast::wire::MAX_INTERVAL_MS));
-        if !(min..=max).contains(&presence_interval) {
-            bail!("presence interval {presence_interval:?} is outside {min:?}..={max:?}");
-        }
-        let control_group = args
-            .control_group
-            .or(file.control_group)
-            .unwrap_or_else(|| DEFAULT_CONTROL_GROUP.parse().expect("constant parses"));
-        if !control_group.ip().is_multicast() {
-            bail!(
-                "control group {control_group} is not a multicast address (use 224.0.0.0/4, e.g. {DEFAULT_CONTROL_GROUP})"
-            );
-        }
-        let token = args.token.clone().or(file.token);
-        if let Some(t) = &token
-            && (t.len() < 8 || !t.bytes().all(|b| b.is_ascii_graphic()))
-        {
-            bail!("the API token must be at least 8 printable characters without spaces");
-        }
+        let presence_interval = presence_interval(args, &file)?;
+        let control_group = control_group(args, &file)?;
+        let token = api_token(args, &file)?;
         let rate_bps = number_setting(args.rate, &file.rate, "rate", parse_rate, DEFAULT_RATE)?;
         let rate_min_bps = number_setting(
             args.rate_min,
@@ -172,28 +149,10 @@ impl AgentConfig {
             parse_rate,
             DEFAULT_REPAIR_RATE,
         )?;
-        let cache_max = number_setting(
-            args.cache_max,
-            &file.cache_max,
-            "cache_max",
-            parse_size,
-            20 << 30,
-        )?;
-        let cache_min_free = number_setting(
-            args.cache_min_free,
-            &file.cache_min_free,
-            "cache_min_free",
-            parse_size,
-            2 << 30,
-        )?;
+        let (cache_max, cache_min_free) = cache_limits(args, &file)?;
         let trusted_keys = trusted_keys(&args.trust, file.trusted_keys.as_deref())?;
         let insecure_unsigned = args.insecure_unsigned || file.insecure_unsigned.unwrap_or(false);
-        let fleet_files = if args.fleet_key.is_empty() {
-            file.fleet_keys.clone().unwrap_or_default()
-        } else {
-            args.fleet_key.clone()
-        };
-        let fleet = crate::trust::keys::read_fleet_keys(&fleet_files)?;
+        let fleet = fleet_keys(args, &file)?;
         let encrypt = args.encrypt || file.encrypt.unwrap_or(false);
         let task_retention = duration_setting(
             args.task_retention,
@@ -201,24 +160,8 @@ impl AgentConfig {
             "task_retention",
             DEFAULT_TASK_RETENTION,
         )?;
-        let channel = args
-            .channel
-            .clone()
-            .or(file.channel)
-            .map(|c| channel_url(&c))
-            .transpose()?;
-        let poll = duration_setting(args.poll, &file.poll, "poll", DEFAULT_POLL)?;
-        if poll < Duration::from_secs(1) {
-            bail!("--poll {poll:?}: at least 1s");
-        }
-        let tags = if args.tags.is_empty() {
-            file.tags.clone().unwrap_or_default()
-        } else {
-            args.tags.clone()
-        };
-        if let Some(t) = tags.iter().find(|t| t.is_empty() || t.len() > 255) {
-            bail!("tag {t:?}: 1-255 characters");
-        }
+        let (channel, poll) = channel(args, &file)?;
+        let tags = tags(args, &file)?;
         if encrypt && fleet.is_none() {
             bail!("--encrypt needs a fleet key to encrypt with: give --fleet-key NAME.fleet");
         }
@@ -258,6 +201,110 @@ impl AgentConfig {
             preference: args.preference.or(file.preference).unwrap_or(0),
         })
     }
+}
+
+/// The cache's size cap and the free disk it leaves.
+fn cache_limits(args: &AgentArgs, file: &FileConfig) -> anyhow::Result<(u64, u64)> {
+    let max = number_setting(
+        args.cache_max,
+        &file.cache_max,
+        "cache_max",
+        parse_size,
+        20 << 30,
+    )?;
+    let min_free = number_setting(
+        args.cache_min_free,
+        &file.cache_min_free,
+        "cache_min_free",
+        parse_size,
+        2 << 30,
+    )?;
+    Ok((max, min_free))
+}
+
+/// The fleet keys: the flags' files, else the file's.
+fn fleet_keys(
+    args: &AgentArgs,
+    file: &FileConfig,
+) -> anyhow::Result<Option<multicast::auth::FleetKeys>> {
+    let files = if args.fleet_key.is_empty() {
+        file.fleet_keys.clone().unwrap_or_default()
+    } else {
+        args.fleet_key.clone()
+    };
+    Ok(crate::trust::keys::read_fleet_keys(&files)?)
+}
+
+/// How often presence is announced: within what the wire allows.
+fn presence_interval(args: &AgentArgs, file: &FileConfig) -> anyhow::Result<Duration> {
+    let interval = duration_setting(
+        args.presence_interval,
+        &file.presence_interval,
+        "presence_interval",
+        DEFAULT_PRESENCE_INTERVAL,
+    )?;
+    let min = Duration::from_millis(u64::from(multicast::wire::MIN_INTERVAL_MS));
+    let max = Duration::from_millis(u64::from(multicast::wire::MAX_INTERVAL_MS));
+    if !(min..=max).contains(&interval) {
+        bail!("presence interval {interval:?} is outside {min:?}..={max:?}");
+    }
+    Ok(interval)
+}
+
+/// The subnet's control group: a multicast address.
+fn control_group(args: &AgentArgs, file: &FileConfig) -> anyhow::Result<SocketAddrV4> {
+    let group = args
+        .control_group
+        .or(file.control_group)
+        .unwrap_or_else(|| DEFAULT_CONTROL_GROUP.parse().expect("constant parses"));
+    if !group.ip().is_multicast() {
+        bail!(
+            "control group {group} is not a multicast address (use 224.0.0.0/4, e.g. {DEFAULT_CONTROL_GROUP})"
+        );
+    }
+    Ok(group)
+}
+
+/// The API token, if given: 8 or more printable characters.
+fn api_token(args: &AgentArgs, file: &FileConfig) -> anyhow::Result<Option<String>> {
+    let token = args.token.clone().or_else(|| file.token.clone());
+    if let Some(t) = &token
+        && (t.len() < 8 || !t.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        bail!("the API token must be at least 8 printable characters without spaces");
+    }
+    Ok(token)
+}
+
+/// The task channel, if any, and how often it is polled (1 s or more).
+fn channel(
+    args: &AgentArgs,
+    file: &FileConfig,
+) -> anyhow::Result<(Option<reqwest::Url>, Duration)> {
+    let channel = args
+        .channel
+        .clone()
+        .or_else(|| file.channel.clone())
+        .map(|c| channel_url(&c))
+        .transpose()?;
+    let poll = duration_setting(args.poll, &file.poll, "poll", DEFAULT_POLL)?;
+    if poll < Duration::from_secs(1) {
+        bail!("--poll {poll:?}: at least 1s");
+    }
+    Ok((channel, poll))
+}
+
+/// The agent's tags: the flags', else the file's; 1-255 characters each.
+fn tags(args: &AgentArgs, file: &FileConfig) -> anyhow::Result<Vec<String>> {
+    let tags = if args.tags.is_empty() {
+        file.tags.clone().unwrap_or_default()
+    } else {
+        args.tags.clone()
+    };
+    if let Some(t) = tags.iter().find(|t| t.is_empty() || t.len() > 255) {
+        bail!("tag {t:?}: 1-255 characters");
+    }
+    Ok(tags)
 }
 
 /// The trusted keys: from the flags (or SOMCAST_TRUST) if any, else from
