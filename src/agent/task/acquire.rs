@@ -29,32 +29,7 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
         return origin_fetch(r, partial).await;
     }
     r.state(State::Electing);
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let held_permille = {
-        let p = lock(partial);
-        (u64::from(p.done_count()) * 1000 / u64::from(p.layout().block_count().max(1))) as u16
-    };
-    let standing = r.agent.standing(held_permille);
-    let election = Election::new(
-        ElectionConfig {
-            startup_delay: Duration::from_millis(r.spec.delay_ms.unwrap_or(DEFAULT_DELAY_MS)),
-            ..ElectionConfig::default()
-        },
-        r.m.content,
-        standing,
-        multicast::driver::random_id(),
-        data_group(&r.m.content),
-        Instant::now(),
-        multicast::driver::random_id(),
-    );
-    r.agent.elections().insert(
-        r.id.clone(),
-        ElectionSlot {
-            election,
-            events: tx,
-        },
-    );
-    r.agent.control_wake.notify_one();
+    let mut rx = stand(r, partial);
     let mut pending: Option<ElectionEvent> = None;
     // Symbols of unfinished blocks from a session that was interrupted
     // (its representative died): they count in the next one.
@@ -116,18 +91,46 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
                 r.state(State::Electing);
                 // Stand on what is held now: the agent with most of the
                 // content should take over.
-                let held_permille = {
-                    let p = lock(partial);
-                    (u64::from(p.done_count()) * 1000 / u64::from(p.layout().block_count().max(1)))
-                        as u16
-                };
-                let standing = r.agent.standing(held_permille);
+                let standing = r.agent.standing(held_permille(partial));
                 if let Some(slot) = r.agent.elections().get_mut(&r.id) {
                     slot.election.set_standing(standing);
                 }
             }
         }
     }
+}
+
+/// Share of the package held, in thousandths: what the agent stands on.
+fn held_permille(partial: &Arc<Mutex<Partial>>) -> u16 {
+    let p = lock(partial);
+    (u64::from(p.done_count()) * 1000 / u64::from(p.layout().block_count().max(1))) as u16
+}
+
+/// Enters the task's election, standing on what is held: its events.
+fn stand(r: &Run, partial: &Arc<Mutex<Partial>>) -> mpsc::UnboundedReceiver<ElectionEvent> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let standing = r.agent.standing(held_permille(partial));
+    let election = Election::new(
+        ElectionConfig {
+            startup_delay: Duration::from_millis(r.spec.delay_ms.unwrap_or(DEFAULT_DELAY_MS)),
+            ..ElectionConfig::default()
+        },
+        r.m.content,
+        standing,
+        multicast::driver::random_id(),
+        data_group(&r.m.content),
+        Instant::now(),
+        multicast::driver::random_id(),
+    );
+    r.agent.elections().insert(
+        r.id.clone(),
+        ElectionSlot {
+            election,
+            events: tx,
+        },
+    );
+    r.agent.control_wake.notify_one();
+    rx
 }
 
 /// Whether `node`, heard twice by presence, announces blocks of this
@@ -187,36 +190,12 @@ async fn follow(
             r.note(format!(
                 "multicast left blocks missing ({why}): repairing from peers"
             ));
-            r.state(State::Repairing);
-            peer_repair(r, partial, leftovers).await?;
-            let missing = {
-                let p = lock(partial);
-                p.layout().block_count() - p.done_count()
-            };
-            if missing > 0 {
-                r.note(format!(
-                    "{missing} block(s) no peer delivered: fetching them from the origin"
-                ));
-                origin_fetch(r, partial).await?;
-            }
+            repair_then_origin(r, partial, leftovers).await?;
             Ok(Followed::Done)
         }
         Received::Interrupted(next, left) => Ok(Followed::Next(next, left)),
         Received::LeftBehind(left) => {
-            // The others finish the pass with the package (the
-            // representative holds it already): taken from
-            // them as they announce it, or from the origin if
-            // none makes progress.
-            r.note(format!(
-                "left behind by representative {representative:016x} as far slower than the rest: taking the rest from peers"
-            ));
-            r.state(State::Repairing);
-            if !from_peers_only(r, partial, left).await? {
-                r.note(format!(
-                    "no peer made progress for {PEER_STALL:?}: fetching the rest from the origin"
-                ));
-                origin_fetch(r, partial).await?;
-            }
+            left_behind(r, partial, representative, left).await?;
             Ok(Followed::Done)
         }
         Received::NoShow(left) if kind == SiteKind::Wifi || holds_some(r, representative) => {
@@ -249,6 +228,51 @@ async fn follow(
             Ok(Followed::Next(None, left))
         }
     }
+}
+
+/// After a multicast that left blocks missing: peers, then the origin
+/// for what none delivered.
+async fn repair_then_origin(
+    r: &Run,
+    partial: &Arc<Mutex<Partial>>,
+    leftovers: Leftovers,
+) -> anyhow::Result<()> {
+    r.state(State::Repairing);
+    peer_repair(r, partial, leftovers).await?;
+    let missing = {
+        let p = lock(partial);
+        p.layout().block_count() - p.done_count()
+    };
+    if missing > 0 {
+        r.note(format!(
+            "{missing} block(s) no peer delivered: fetching them from the origin"
+        ));
+        origin_fetch(r, partial).await?;
+    }
+    Ok(())
+}
+
+/// Left behind by the session as far slower than the rest: the others
+/// finish the pass with the package (the representative holds it
+/// already), so it is taken from them as they announce it, or from the
+/// origin if none makes progress.
+async fn left_behind(
+    r: &Run,
+    partial: &Arc<Mutex<Partial>>,
+    representative: u64,
+    left: Leftovers,
+) -> anyhow::Result<()> {
+    r.note(format!(
+        "left behind by representative {representative:016x} as far slower than the rest: taking the rest from peers"
+    ));
+    r.state(State::Repairing);
+    if !from_peers_only(r, partial, left).await? {
+        r.note(format!(
+            "no peer made progress for {PEER_STALL:?}: fetching the rest from the origin"
+        ));
+        origin_fetch(r, partial).await?;
+    }
+    Ok(())
 }
 
 /// Elects again without `representative`.

@@ -38,31 +38,86 @@ pub(super) async fn represent(
         origin_fetch(r, partial).await?;
         return Ok(None);
     }
-    let on_block = {
-        let (agent, id, p, avail) = (
-            r.agent.clone(),
-            r.id.clone(),
-            partial.clone(),
-            available.clone(),
-        );
-        move |_b: u32| {
-            let g = lock(&p);
-            avail.store(g.done_prefix(), Ordering::Release);
-            note_blocks(&agent, &id, &g);
-        }
-    };
-    let fetch = fetch_upstream(r, partial, &on_block);
-    tokio::pin!(fetch);
+    let on_block = available_from(r, partial, available.clone());
+    let mut fetch: Fetch<'_> = Box::pin(fetch_upstream(r, partial, &on_block));
     let mut fetch_done = false;
-    // Until the start: fetch, and listen for a better representative.
+    if let Some(ev) = until_start(r, &mut fetch, &mut fetch_done, start, rx).await? {
+        return Ok(Some(ev));
+    }
+    r.state(State::Sending);
+    let controls = SendControls {
+        available: available.clone(),
+        stop: stop.clone(),
+        hold: hold.clone(),
+    };
+    let send = spawn_send(r, partial, session, group, controls);
+    let mut upstream = Upstream {
+        fetch,
+        done: fetch_done,
+    };
+    let ended = while_sending(r, send, &mut upstream, &hold, &stop, rx).await;
+    if r.cancelled() {
+        bail!("cancelled");
+    }
+    if let Some(e) = ended.fetch_error {
+        return Err(e).context("fetching the package");
+    }
+    if ended.interrupted.is_some() {
+        return Ok(ended.interrupted);
+    }
+    if !upstream.done {
+        upstream.fetch.await.context("fetching the package")?;
+    }
+    match ended.sent.context("send thread")? {
+        Ok(report) => tracing::info!(
+            "task {}: multicast done, {} receivers done, {} datagrams",
+            r.id,
+            report.stats.receivers_done,
+            report.stats.datagrams
+        ),
+        // The multicast is a service to the others; this agent has the file.
+        Err(e) => tracing::warn!("task {}: multicast ended early: {e}", r.id),
+    }
+    r.progress(partial);
+    Ok(None)
+}
+
+/// What the fetch calls for each block it writes: the multicast may send
+/// up to the first block not yet here, and the status counts it.
+fn available_from(
+    r: &Run,
+    partial: &Arc<Mutex<Partial>>,
+    available: Arc<AtomicU32>,
+) -> impl Fn(u32) + Send + Sync + use<> {
+    let (agent, id, p) = (r.agent.clone(), r.id.clone(), partial.clone());
+    move |_b: u32| {
+        let g = lock(&p);
+        available.store(g.done_prefix(), Ordering::Release);
+        note_blocks(&agent, &id, &g);
+    }
+}
+
+/// The fetch from upstream, running beside the wait and the multicast.
+type Fetch<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send + 'a>>;
+
+/// Until the multicast's start: fetches, and listens for a better
+/// representative (`Some`: one took over).
+async fn until_start(
+    r: &Run,
+    fetch: &mut Fetch<'_>,
+    fetch_done: &mut bool,
+    start: Instant,
+    rx: &mut mpsc::UnboundedReceiver<ElectionEvent>,
+) -> anyhow::Result<Option<ElectionEvent>> {
     loop {
         tokio::select! {
-            res = &mut fetch, if !fetch_done => {
-                fetch_done = true;
+            res = fetch.as_mut(), if !*fetch_done => {
+                *fetch_done = true;
                 res.context("fetching the package")?;
                 r.state(State::Waiting);
             }
-            _ = tokio::time::sleep_until(start.into()) => break,
+            _ = tokio::time::sleep_until(start.into()) => return Ok(None),
             ev = rx.recv() => {
                 let ev = ev.ok_or_else(|| anyhow!("the control loop stopped"))?;
                 // A SteppedDown comes with the Follow that decides.
@@ -73,13 +128,39 @@ pub(super) async fn represent(
             _ = r.until_cancelled() => bail!("cancelled"),
         }
     }
-    r.state(State::Sending);
-    let controls = SendControls {
-        available: available.clone(),
-        stop: stop.clone(),
-        hold: hold.clone(),
-    };
-    let send = spawn_send(r, partial, session, group, controls);
+}
+
+/// The upstream fetch and whether it has ended.
+struct Upstream<'a> {
+    fetch: Fetch<'a>,
+    done: bool,
+}
+
+/// How the multicast ended.
+struct Ended {
+    sent: Result<
+        Result<multicast::driver::SendReport, multicast::driver::SendError>,
+        tokio::task::JoinError,
+    >,
+    /// A better representative took over.
+    interrupted: Option<ElectionEvent>,
+    /// The fetch failed (and the multicast was stopped).
+    fetch_error: Option<anyhow::Error>,
+}
+
+/// While the multicast runs: keeps its hold up to date, lets the fetch go
+/// on, and stops it for a failed fetch, a better representative or a
+/// cancel.
+async fn while_sending(
+    r: &Run,
+    send: tokio::task::JoinHandle<
+        Result<multicast::driver::SendReport, multicast::driver::SendError>,
+    >,
+    upstream: &mut Upstream<'_>,
+    hold: &AtomicBool,
+    stop: &AtomicBool,
+    rx: &mut mpsc::UnboundedReceiver<ElectionEvent>,
+) -> Ended {
     tokio::pin!(send);
     let mut interrupted = None;
     let mut fetch_error = None;
@@ -94,8 +175,8 @@ pub(super) async fn represent(
                     hold.store(now_held, Ordering::Relaxed);
                 }
             }
-            res = &mut fetch, if !fetch_done => {
-                fetch_done = true;
+            res = upstream.fetch.as_mut(), if !upstream.done => {
+                upstream.done = true;
                 if let Err(e) = res {
                     stop.store(true, Ordering::SeqCst);
                     fetch_error = Some(e);
@@ -111,30 +192,11 @@ pub(super) async fn represent(
             _ = r.until_cancelled() => stop.store(true, Ordering::SeqCst),
         }
     };
-    if r.cancelled() {
-        bail!("cancelled");
+    Ended {
+        sent,
+        interrupted,
+        fetch_error,
     }
-    if let Some(e) = fetch_error {
-        return Err(e).context("fetching the package");
-    }
-    if interrupted.is_some() {
-        return Ok(interrupted);
-    }
-    if !fetch_done {
-        fetch.await.context("fetching the package")?;
-    }
-    match sent.context("send thread")? {
-        Ok(report) => tracing::info!(
-            "task {}: multicast done, {} receivers done, {} datagrams",
-            r.id,
-            report.stats.receivers_done,
-            report.stats.datagrams
-        ),
-        // The multicast is a service to the others; this agent has the file.
-        Err(e) => tracing::warn!("task {}: multicast ended early: {e}", r.id),
-    }
-    r.progress(partial);
-    Ok(None)
 }
 
 /// What the multicast's thread shares with the task: how far the fetch
