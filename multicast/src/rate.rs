@@ -451,41 +451,7 @@ impl RateControl {
             }
             let delay = Duration::from_micros(u64::from(round.delay_us.unwrap_or(0)));
             headroom.push((receiver, 1.0 - delay.as_secs_f64() / target.as_secs_f64()));
-            let loss =
-                (round.span >= u64::from(MIN_SPAN)).then(|| round.lost as f64 / round.span as f64);
-            let reference = t.reference.or(loss).unwrap_or(0.0);
-            let lossy = loss.is_some_and(|p| {
-                let noise = 3.0 * (reference * (1.0 - reference) / round.span as f64).sqrt();
-                p > reference + LOSS_MARGIN + noise
-            });
-            let delayed = delay > target;
-            let short = round.sent_bps > 0.0
-                && round.arrived_bps < round.sent_bps * (1.0 - reference) * (1.0 - ARRIVAL_MARGIN);
-            if let Some(p) = loss {
-                // A lower loss is the path's own soon; a higher one only
-                // slowly, and never from a congested round.
-                t.reference = Some(match t.reference {
-                    None => p,
-                    Some(r) if p < r => r + (p - r) * LOWER_GAIN,
-                    Some(r) if !lossy && !delayed && !short => r + (p - r) * REFERENCE_GAIN,
-                    Some(r) => r,
-                });
-            }
-            if lossy || delayed || short {
-                let arrived = round.kbps_sum as f64 * 1000.0 / f64::from(round.reports);
-                let delivered = loss.map_or(1.0, |p| (1.0 - p) / (1.0 - reference).max(0.05));
-                let capacity = (arrived / (1.0 - reference).max(0.05))
-                    .min(rate * delivered)
-                    .max(1.0);
-                judged.push(Judged {
-                    receiver,
-                    delayed,
-                    lossy,
-                    short,
-                    delay: delay.as_secs_f64(),
-                    capacity,
-                });
-            }
+            judged.extend(judge(receiver, t, &round, delay > target, rate));
         }
         if !judging || heard == 0 {
             return;
@@ -625,6 +591,47 @@ impl RateControl {
             Reason::Clear
         };
     }
+}
+
+/// One receiver's round (`t` its track, `round` what the round brought):
+/// a verdict if it was congested (lossy, `delayed`, or short of what was
+/// sent), with its capacity; its loss reference moves on.
+fn judge(receiver: u64, t: &mut Track, round: &Track, delayed: bool, rate: f64) -> Option<Judged> {
+    let delay = Duration::from_micros(u64::from(round.delay_us.unwrap_or(0)));
+    let loss = (round.span >= u64::from(MIN_SPAN)).then(|| round.lost as f64 / round.span as f64);
+    let reference = t.reference.or(loss).unwrap_or(0.0);
+    let lossy = loss.is_some_and(|p| {
+        let noise = 3.0 * (reference * (1.0 - reference) / round.span as f64).sqrt();
+        p > reference + LOSS_MARGIN + noise
+    });
+    let short = round.sent_bps > 0.0
+        && round.arrived_bps < round.sent_bps * (1.0 - reference) * (1.0 - ARRIVAL_MARGIN);
+    if let Some(p) = loss {
+        // A lower loss is the path's own soon; a higher one only slowly,
+        // and never from a congested round.
+        t.reference = Some(match t.reference {
+            None => p,
+            Some(r) if p < r => r + (p - r) * LOWER_GAIN,
+            Some(r) if !lossy && !delayed && !short => r + (p - r) * REFERENCE_GAIN,
+            Some(r) => r,
+        });
+    }
+    if !(lossy || delayed || short) {
+        return None;
+    }
+    let arrived = round.kbps_sum as f64 * 1000.0 / f64::from(round.reports);
+    let delivered = loss.map_or(1.0, |p| (1.0 - p) / (1.0 - reference).max(0.05));
+    let capacity = (arrived / (1.0 - reference).max(0.05))
+        .min(rate * delivered)
+        .max(1.0);
+    Some(Judged {
+        receiver,
+        delayed,
+        lossy,
+        short,
+        delay: delay.as_secs_f64(),
+        capacity,
+    })
 }
 
 #[cfg(test)]

@@ -246,26 +246,7 @@ impl Receiver {
             return;
         };
         let Some(active) = self.active.as_mut() else {
-            match (dgram.frame, self.cfg.session) {
-                (Frame::Session(info), Some(s)) if s == dgram.session => {
-                    self.start(now, from, dgram.session, info);
-                }
-                (Frame::Session(info), None) => self.candidate(now, from, dgram.session, info),
-                (Frame::JoinAck { receiver }, None) if receiver == self.cfg.receiver_id => {
-                    if let Some(i) = self
-                        .candidates
-                        .iter()
-                        .position(|c| c.session == dgram.session && c.sender.ip() == from.ip())
-                    {
-                        let c = self.candidates.remove(i).expect("position is in range");
-                        self.candidates.clear();
-                        self.start(now, c.from, c.session, c.info);
-                    } else {
-                        self.stats.other_session += 1;
-                    }
-                }
-                _ => self.stats.other_session += 1,
-            }
+            self.before_session(now, from, dgram);
             return;
         };
         if dgram.session != active.session {
@@ -285,34 +266,7 @@ impl Receiver {
                 first_block,
                 hashes,
             } => self.handle_hashes(first_block, &hashes),
-            Frame::EndOfPass { closing, .. } => {
-                active.pass_over = true;
-                if closing && let Phase::Done { .. } = active.phase {
-                    // The sender is gone; no acknowledgement will come.
-                    active.phase = Phase::Over;
-                    self.events.push_back(ReceiverEvent::Complete);
-                    return;
-                }
-                if closing && active.left {
-                    self.leave_if_missing();
-                } else if closing && active.phase == Phase::Receiving {
-                    let failure = ReceiveFailure::SenderClosed {
-                        missing: active.missing,
-                        blocks: active.layout.block_count(),
-                    };
-                    self.fail(failure);
-                } else if active.phase == Phase::Receiving {
-                    // Report at once rather than at the next tick, and
-                    // decode what holds K+2 now: the first pass is over, so
-                    // only repair asked for (to K+2) is still coming.
-                    active.next_feedback = now;
-                    let blocks: Vec<u32> = active.collectors.keys().copied().collect();
-                    active.settled.extend(blocks.iter().copied());
-                    for block in blocks {
-                        self.maybe_dispatch(block);
-                    }
-                }
-            }
+            Frame::EndOfPass { closing, .. } => self.handle_end_of_pass(now, closing),
             Frame::DoneAck { receiver } if receiver == self.cfg.receiver_id => {
                 if let Phase::Done { .. } = active.phase {
                     active.phase = Phase::Over;
@@ -322,19 +276,15 @@ impl Receiver {
             Frame::Session(info) => {
                 // The file's hash, from a sender that hashes as it sends;
                 // nothing else of a session may change.
-                let same = |a: &SessionInfo| {
-                    (a.file_size, a.block_size, a.symbol_size, a.block_count)
-                        == (
-                            info.file_size,
-                            info.block_size,
-                            info.symbol_size,
-                            info.block_count,
-                        )
-                };
-                if active.info.file_sha256.is_none()
-                    && info.file_sha256.is_some()
-                    && same(&active.info)
-                {
+                let a = &active.info;
+                let same = (a.file_size, a.block_size, a.symbol_size, a.block_count)
+                    == (
+                        info.file_size,
+                        info.block_size,
+                        info.symbol_size,
+                        info.block_count,
+                    );
+                if same && a.file_sha256.is_none() && info.file_sha256.is_some() {
                     active.info.file_sha256 = info.file_sha256;
                 }
             }
@@ -345,6 +295,67 @@ impl Receiver {
             | Frame::Bye { .. }
             | Frame::Claim(_)
             | Frame::Offer(_) => self.stats.other_session += 1,
+        }
+    }
+
+    /// A datagram before any session is joined: the configured session's
+    /// SESSION starts it; without one, the first sender that answers a
+    /// JOIN is followed.
+    fn before_session(&mut self, now: Instant, from: SocketAddr, dgram: wire::Datagram<'_>) {
+        match (dgram.frame, self.cfg.session) {
+            (Frame::Session(info), Some(s)) if s == dgram.session => {
+                self.start(now, from, dgram.session, info);
+            }
+            (Frame::Session(info), None) => self.candidate(now, from, dgram.session, info),
+            (Frame::JoinAck { receiver }, None) if receiver == self.cfg.receiver_id => {
+                if let Some(i) = self
+                    .candidates
+                    .iter()
+                    .position(|c| c.session == dgram.session && c.sender.ip() == from.ip())
+                {
+                    let c = self.candidates.remove(i).expect("position is in range");
+                    self.candidates.clear();
+                    self.start(now, c.from, c.session, c.info);
+                } else {
+                    self.stats.other_session += 1;
+                }
+            }
+            _ => self.stats.other_session += 1,
+        }
+    }
+
+    /// The sender's END_OF_PASS: a closing one ends the session (done,
+    /// failed, or left for peers); otherwise feedback goes at once and
+    /// every block that holds enough is decoded.
+    fn handle_end_of_pass(&mut self, now: Instant, closing: bool) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        active.pass_over = true;
+        if closing && let Phase::Done { .. } = active.phase {
+            // The sender is gone; no acknowledgement will come.
+            active.phase = Phase::Over;
+            self.events.push_back(ReceiverEvent::Complete);
+            return;
+        }
+        if closing && active.left {
+            self.leave_if_missing();
+        } else if closing && active.phase == Phase::Receiving {
+            let failure = ReceiveFailure::SenderClosed {
+                missing: active.missing,
+                blocks: active.layout.block_count(),
+            };
+            self.fail(failure);
+        } else if active.phase == Phase::Receiving {
+            // Report at once rather than at the next tick, and decode what
+            // holds K+2 now: the first pass is over, so only repair asked
+            // for (to K+2) is still coming.
+            active.next_feedback = now;
+            let blocks: Vec<u32> = active.collectors.keys().copied().collect();
+            active.settled.extend(blocks.iter().copied());
+            for block in blocks {
+                self.maybe_dispatch(block);
+            }
         }
     }
 

@@ -342,38 +342,12 @@ impl Sender {
             self.stats.dropped_datagrams += 1;
             return;
         }
-        if !self.peers.contains_key(&receiver) && self.peers.len() >= MAX_RECEIVERS {
-            // Ids are the receivers' own: a flood of made-up ones must not
-            // grow the table. A newcomer takes the place of a receiver
-            // gone silent, or is not heard.
-            let lost = self.peers.iter().find(|(_, p)| p.lost).map(|(&id, _)| id);
-            let Some(lost) = lost else {
-                self.stats.dropped_datagrams += 1;
-                return;
-            };
-            self.peers.remove(&lost);
-            self.stats.receivers_lost -= 1;
+        if !self.admit(now, receiver, from) {
+            self.stats.dropped_datagrams += 1;
+            return;
         }
         self.stats.feedback_datagrams += 1;
-        if !self.peers.contains_key(&receiver) {
-            self.stats.receivers_joined += 1;
-            self.events
-                .push_back(SenderEvent::Joined { receiver, from });
-        }
-        let peer = self.peers.entry(receiver).or_insert(Peer {
-            last_heard: now,
-            join_acked: None,
-            done: false,
-            lost: false,
-            left: false,
-            loss_ppm: 0,
-        });
-        peer.last_heard = now;
-        if peer.lost {
-            // It came back: count it as live again.
-            peer.lost = false;
-            self.stats.receivers_lost -= 1;
-        }
+        let peer = self.peers.get_mut(&receiver).expect("admitted above");
         match feedback {
             Feedback::Join => {
                 if peer
@@ -403,26 +377,74 @@ impl Sender {
                     return;
                 }
                 peer.loss_ppm = loss_ppm;
-                self.stats.max_loss_ppm = self.stats.max_loss_ppm.max(loss_ppm);
-                if self.phase != Phase::Sending {
-                    return;
-                }
-                self.rate.handle_report(now, receiver, path);
-                if self.pass_done_at.is_none() && !self.rate.follows(receiver) {
-                    // Congested alone while the rest are not: what it lost
-                    // to its own link is repaired after the pass, if it is
-                    // not left behind by then, not at the group's expense
-                    // now.
-                    return;
-                }
-                // A receiver claiming more than half its symbols lost gets
-                // repair as if it lost half: one report cannot make the
-                // sender mint more than about twice a block.
-                let delivery = 1.0 - (f64::from(loss_ppm) / 1e6).min(0.5);
-                for need in needs {
-                    self.handle_need(now, need, delivery);
-                }
+                self.handle_needs(now, receiver, loss_ppm, path, needs);
             }
+        }
+    }
+
+    /// Takes `receiver` into the table (or notes it heard again): `false`
+    /// when the table is full of live receivers. Ids are the receivers'
+    /// own, so a flood of made-up ones must not grow the table: a newcomer
+    /// takes the place of a receiver gone silent, or is not heard.
+    fn admit(&mut self, now: Instant, receiver: u64, from: SocketAddr) -> bool {
+        if !self.peers.contains_key(&receiver) && self.peers.len() >= MAX_RECEIVERS {
+            let lost = self.peers.iter().find(|(_, p)| p.lost).map(|(&id, _)| id);
+            let Some(lost) = lost else {
+                return false;
+            };
+            self.peers.remove(&lost);
+            self.stats.receivers_lost -= 1;
+        }
+        if !self.peers.contains_key(&receiver) {
+            self.stats.receivers_joined += 1;
+            self.events
+                .push_back(SenderEvent::Joined { receiver, from });
+        }
+        let peer = self.peers.entry(receiver).or_insert(Peer {
+            last_heard: now,
+            join_acked: None,
+            done: false,
+            lost: false,
+            left: false,
+            loss_ppm: 0,
+        });
+        peer.last_heard = now;
+        if peer.lost {
+            // It came back: count it as live again.
+            peer.lost = false;
+            self.stats.receivers_lost -= 1;
+        }
+        true
+    }
+
+    /// A receiver's report while sending: its path goes to the rate
+    /// control, its needs to repair (unless it is congested alone during
+    /// the pass).
+    fn handle_needs(
+        &mut self,
+        now: Instant,
+        receiver: u64,
+        loss_ppm: u32,
+        path: wire::PathReport,
+        needs: Vec<wire::Need>,
+    ) {
+        self.stats.max_loss_ppm = self.stats.max_loss_ppm.max(loss_ppm);
+        if self.phase != Phase::Sending {
+            return;
+        }
+        self.rate.handle_report(now, receiver, path);
+        if self.pass_done_at.is_none() && !self.rate.follows(receiver) {
+            // Congested alone while the rest are not: what it lost to its
+            // own link is repaired after the pass, if it is not left
+            // behind by then, not at the group's expense now.
+            return;
+        }
+        // A receiver claiming more than half its symbols lost gets repair
+        // as if it lost half: one report cannot make the sender mint more
+        // than about twice a block.
+        let delivery = 1.0 - (f64::from(loss_ppm) / 1e6).min(0.5);
+        for need in needs {
+            self.handle_need(now, need, delivery);
         }
     }
 

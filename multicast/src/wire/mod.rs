@@ -370,32 +370,7 @@ pub fn decode(bytes: &[u8]) -> Result<Datagram<'_>, WireError> {
                 closing: e.closing,
             }
         }
-        kind::FEEDBACK => {
-            let f: FeedbackBody = strict(body)?;
-            if let Feedback::Needs {
-                needs,
-                loss_ppm,
-                path,
-            } = &f.feedback
-            {
-                if needs.len() > MAX_NEEDS_PER_FRAME {
-                    return Err(WireError::OutOfRange("need count"));
-                }
-                if *loss_ppm > 1_000_000 || path.lost > path.span {
-                    return Err(WireError::OutOfRange("loss"));
-                }
-                if needs
-                    .iter()
-                    .any(|n| n.highest_esi.is_some_and(|e| e > MAX_ESI))
-                {
-                    return Err(WireError::OutOfRange("encoding symbol id"));
-                }
-            }
-            Frame::Feedback {
-                receiver: f.receiver,
-                feedback: f.feedback,
-            }
-        }
+        kind::FEEDBACK => decode_feedback(body)?,
         kind::DONE_ACK => Frame::DoneAck {
             receiver: strict(body)?,
         },
@@ -405,6 +380,43 @@ pub fn decode(bytes: &[u8]) -> Result<Datagram<'_>, WireError> {
         kind::LEAVE => Frame::Leave {
             receiver: strict(body)?,
         },
+        control => decode_control(control, body)?,
+    };
+    Ok(Datagram { session, frame })
+}
+
+/// A receiver's feedback, its counts within their limits.
+fn decode_feedback(body: &[u8]) -> Result<Frame<'_>, WireError> {
+    let f: FeedbackBody = strict(body)?;
+    if let Feedback::Needs {
+        needs,
+        loss_ppm,
+        path,
+    } = &f.feedback
+    {
+        if needs.len() > MAX_NEEDS_PER_FRAME {
+            return Err(WireError::OutOfRange("need count"));
+        }
+        if *loss_ppm > 1_000_000 || path.lost > path.span {
+            return Err(WireError::OutOfRange("loss"));
+        }
+        if needs
+            .iter()
+            .any(|n| n.highest_esi.is_some_and(|e| e > MAX_ESI))
+        {
+            return Err(WireError::OutOfRange("encoding symbol id"));
+        }
+    }
+    Ok(Frame::Feedback {
+        receiver: f.receiver,
+        feedback: f.feedback,
+    })
+}
+
+/// The control plane's frames (presence, probe, bye, claim, offer): any
+/// other kind is unknown.
+fn decode_control(kind: u8, body: &[u8]) -> Result<Frame<'_>, WireError> {
+    Ok(match kind {
         kind::PRESENCE => Frame::Presence(check_announce(strict(body)?)?),
         kind::PROBE => {
             let p: ProbeBody = strict(body)?;
@@ -430,8 +442,7 @@ pub fn decode(bytes: &[u8]) -> Result<Datagram<'_>, WireError> {
             Frame::Offer(o)
         }
         other => return Err(WireError::BadKind(other)),
-    };
-    Ok(Datagram { session, frame })
+    })
 }
 
 fn strict<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, WireError> {
