@@ -82,6 +82,62 @@ fn run_in(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
         );
     }
     // Join every receiver before the sender starts, so none misses the start.
+    let receivers = start_receivers(dir, args, group, iface)?;
+    let opts = SendOptions {
+        session: SenderConfig {
+            rate_bps: args.rate,
+            min_receivers: args.receivers,
+            join_timeout: Duration::from_secs(10),
+            ..SenderConfig::default()
+        },
+        ..SendOptions::default()
+    };
+    let bar = crate::lab::progress_bar(args.size, args.json);
+    let sent = multicast::send_file(&source, group, iface, &opts, &mut |p| {
+        bar.set_position(
+            (u64::from(p.blocks_sent) * u64::from(p.layout.block_size())).min(args.size),
+        );
+    });
+    bar.finish_and_clear();
+    let sent = sent.context("sending the demo file")?;
+    let rows = collect(receivers, &fs::read(&source)?)?;
+    let all_ok = rows.iter().all(|(_, r, same, _, _)| r.is_some() && *same);
+    if args.json {
+        let recvs: Vec<_> = rows
+            .iter()
+            .map(|(i, r, same, err, out)| match r {
+                Some(r) => {
+                    let mut v = recv_summary(r, &out.display().to_string());
+                    v["identical"] = json!(same);
+                    v
+                }
+                None => json!({"receiver": i, "error": err}),
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"ok": all_ok, "sender": send_summary(&sent), "receivers": recvs})
+        );
+    } else {
+        print_table(&sent, &rows);
+    }
+    if !all_ok {
+        bail!("demo failed: not every receiver ended with an identical file");
+    }
+    Ok(true)
+}
+
+/// A receiver's thread: the file it writes and how it went.
+type Receiving = thread::JoinHandle<(PathBuf, Result<RecvReport, multicast::driver::RecvError>)>;
+
+/// Joins every receiver to `group` and starts each on a thread of its own,
+/// dropping `args.loss` of what it receives.
+fn start_receivers(
+    dir: &Path,
+    args: &DemoArgs,
+    group: std::net::SocketAddrV4,
+    iface: Ipv4Addr,
+) -> anyhow::Result<Vec<Receiving>> {
     let mut receivers = Vec::new();
     for i in 0..args.receivers {
         let (socket, rcvbuf) = multicast::socket::open_receiver(group, iface)
@@ -107,25 +163,11 @@ fn run_in(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
             })?;
         receivers.push(handle);
     }
-    let opts = SendOptions {
-        session: SenderConfig {
-            rate_bps: args.rate,
-            min_receivers: args.receivers,
-            join_timeout: Duration::from_secs(10),
-            ..SenderConfig::default()
-        },
-        ..SendOptions::default()
-    };
-    let bar = crate::lab::progress_bar(args.size, args.json);
-    let sent = multicast::send_file(&source, group, iface, &opts, &mut |p| {
-        bar.set_position(
-            (u64::from(p.blocks_sent) * u64::from(p.layout.block_size())).min(args.size),
-        );
-    });
-    bar.finish_and_clear();
-    let sent = sent.context("sending the demo file")?;
-    let original = fs::read(&source)?;
-    let mut all_ok = true;
+    Ok(receivers)
+}
+
+/// Each receiver's row: its report, and whether its file is `original`.
+fn collect(receivers: Vec<Receiving>, original: &[u8]) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     for (i, h) in receivers.into_iter().enumerate() {
         let (out, result) = h
@@ -134,38 +176,12 @@ fn run_in(dir: &Path, args: &DemoArgs) -> anyhow::Result<bool> {
         match result {
             Ok(report) => {
                 let same = fs::read(&out)? == original;
-                all_ok &= same;
                 rows.push((i, Some(report), same, String::new(), out));
             }
-            Err(e) => {
-                all_ok = false;
-                rows.push((i, None, false, e.to_string(), out));
-            }
+            Err(e) => rows.push((i, None, false, e.to_string(), out)),
         }
     }
-    if args.json {
-        let recvs: Vec<_> = rows
-            .iter()
-            .map(|(i, r, same, err, out)| match r {
-                Some(r) => {
-                    let mut v = recv_summary(r, &out.display().to_string());
-                    v["identical"] = json!(same);
-                    v
-                }
-                None => json!({"receiver": i, "error": err}),
-            })
-            .collect();
-        println!(
-            "{}",
-            json!({"ok": all_ok, "sender": send_summary(&sent), "receivers": recvs})
-        );
-    } else {
-        print_table(&sent, &rows);
-    }
-    if !all_ok {
-        bail!("demo failed: not every receiver ended with an identical file");
-    }
-    Ok(true)
+    Ok(rows)
 }
 
 type Row = (usize, Option<RecvReport>, bool, String, PathBuf);

@@ -64,31 +64,7 @@ pub fn progress_bar(len: u64, json: bool) -> ProgressBar {
 
 pub fn send(args: &SendArgs) -> anyhow::Result<bool> {
     let iface = pick_iface(args.iface.as_deref())?;
-    let block_size = u32::try_from(args.block_size).map_err(|_| {
-        anyhow::anyhow!(
-            "--block-size {} is too large (64M at most)",
-            args.block_size
-        )
-    })?;
-    let opts = SendOptions {
-        session: SenderConfig {
-            rate_bps: args.rate,
-            rate_min_bps: args.rate_min,
-            rate_mode: args.mode.into(),
-            slow_receivers: args.slow_receivers.into(),
-            overhead_pct: args.overhead,
-            min_receivers: args.min_receivers,
-            join_timeout: args.join_timeout,
-            ..SenderConfig::default()
-        },
-        block_size,
-        symbol_size: args.symbol_size,
-        ttl: args.ttl,
-        stop: Some(interrupt_flag()),
-        fleet: crate::trust::keys::read_fleet_keys(args.key.as_slice())?,
-        encrypt: args.encrypt,
-        ..SendOptions::default()
-    };
+    let opts = send_options(args)?;
     let bar = progress_bar(0, args.json);
     let started = std::time::Instant::now();
     let mut trace: Vec<(f64, u64, Option<String>)> = Vec::new();
@@ -163,6 +139,35 @@ pub fn send(args: &SendArgs) -> anyhow::Result<bool> {
         );
     }
     Ok(ok)
+}
+
+/// The sender's settings from `somcast send`'s flags.
+fn send_options(args: &SendArgs) -> anyhow::Result<SendOptions> {
+    let block_size = u32::try_from(args.block_size).map_err(|_| {
+        anyhow::anyhow!(
+            "--block-size {} is too large (64M at most)",
+            args.block_size
+        )
+    })?;
+    Ok(SendOptions {
+        session: SenderConfig {
+            rate_bps: args.rate,
+            rate_min_bps: args.rate_min,
+            rate_mode: args.mode.into(),
+            slow_receivers: args.slow_receivers.into(),
+            overhead_pct: args.overhead,
+            min_receivers: args.min_receivers,
+            join_timeout: args.join_timeout,
+            ..SenderConfig::default()
+        },
+        block_size,
+        symbol_size: args.symbol_size,
+        ttl: args.ttl,
+        stop: Some(interrupt_flag()),
+        fleet: crate::trust::keys::read_fleet_keys(args.key.as_slice())?,
+        encrypt: args.encrypt,
+        ..SendOptions::default()
+    })
 }
 
 pub fn goodput_mbps(bytes: u64, elapsed: Duration) -> f64 {

@@ -189,31 +189,9 @@ async fn file_handler(
     headers: HeaderMap,
 ) -> Response {
     o.stats.requests.fetch_add(1, Ordering::Relaxed);
-    let rel = Path::new(&path);
-    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-        return error(StatusCode::BAD_REQUEST, format!("bad path {path:?}"));
-    }
-    // Only regular files under the root: a symlink may point within it,
-    // never out of it, and a FIFO or device is never opened (a FIFO's open
-    // waits for a writer forever).
-    let not_found = || error(StatusCode::NOT_FOUND, format!("no such file: {path}"));
-    let (Ok(root), Ok(full)) = (
-        tokio::fs::canonicalize(&o.dir).await,
-        tokio::fs::canonicalize(o.dir.join(rel)).await,
-    ) else {
-        return not_found();
-    };
-    let regular = tokio::fs::metadata(&full).await.is_ok_and(|m| m.is_file());
-    if !full.starts_with(&root) || !regular {
-        return not_found();
-    }
-    let mut file = match tokio::fs::File::open(&full).await {
-        Ok(f) => f,
-        Err(_) => return not_found(),
-    };
-    let (size, etag) = match file.metadata().await {
-        Ok(m) if m.is_file() => (m.len(), etag(&m)),
-        _ => return error(StatusCode::NOT_FOUND, format!("no such file: {path}")),
+    let (mut file, size, etag) = match open_under(&o.dir, &path).await {
+        Ok(opened) => opened,
+        Err(r) => return *r,
     };
     // A conditional GET of an unchanged file (a polled channel): 304, no body.
     let unchanged = headers
@@ -229,27 +207,13 @@ async fn file_handler(
         }
         return r;
     }
-    let range = headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .map(|r| parse_range(r, size));
-    let (status, start, len) = match range {
-        None => (StatusCode::OK, 0, size),
-        Some(Some((a, b))) => {
-            o.stats.range_requests.fetch_add(1, Ordering::Relaxed);
-            (StatusCode::PARTIAL_CONTENT, a, b - a + 1)
-        }
-        Some(None) => {
-            let mut r = error(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                format!("range not satisfiable for {size} bytes"),
-            );
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
-                r.headers_mut().insert(header::CONTENT_RANGE, v);
-            }
-            return r;
-        }
+    let (status, start, len) = match range_of(&headers, size) {
+        Ok(r) => r,
+        Err(r) => return *r,
     };
+    if status == StatusCode::PARTIAL_CONTENT {
+        o.stats.range_requests.fetch_add(1, Ordering::Relaxed);
+    }
     if file.seek(std::io::SeekFrom::Start(start)).await.is_err() {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "seek failed".into());
     }
@@ -288,6 +252,69 @@ async fn file_handler(
         h.insert(header::CONTENT_RANGE, v);
     }
     r
+}
+
+/// What of a `size`-byte file a request asks for: the whole (200) or one
+/// range (206) as (status, start, length), or the 416 response.
+fn range_of(headers: &HeaderMap, size: u64) -> Result<(StatusCode, u64, u64), Box<Response>> {
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(|r| parse_range(r, size));
+    match range {
+        None => Ok((StatusCode::OK, 0, size)),
+        Some(Some((a, b))) => Ok((StatusCode::PARTIAL_CONTENT, a, b - a + 1)),
+        Some(None) => {
+            let mut r = error(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                format!("range not satisfiable for {size} bytes"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            Err(Box::new(r))
+        }
+    }
+}
+
+/// Opens `path` under `dir`: its size and entity tag, or the error
+/// response. Only regular files under the root: a symlink may point
+/// within it, never out of it, and a FIFO or device is never opened (a
+/// FIFO's open waits for a writer forever).
+async fn open_under(
+    dir: &Path,
+    path: &str,
+) -> Result<(tokio::fs::File, u64, String), Box<Response>> {
+    let rel = Path::new(path);
+    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("bad path {path:?}"),
+        )));
+    }
+    let not_found = || {
+        Box::new(error(
+            StatusCode::NOT_FOUND,
+            format!("no such file: {path}"),
+        ))
+    };
+    let (Ok(root), Ok(full)) = (
+        tokio::fs::canonicalize(dir).await,
+        tokio::fs::canonicalize(dir.join(rel)).await,
+    ) else {
+        return Err(not_found());
+    };
+    let regular = tokio::fs::metadata(&full).await.is_ok_and(|m| m.is_file());
+    if !full.starts_with(&root) || !regular {
+        return Err(not_found());
+    }
+    let file = tokio::fs::File::open(&full)
+        .await
+        .map_err(|_| not_found())?;
+    match file.metadata().await {
+        Ok(m) if m.is_file() => Ok((file, m.len(), etag(&m))),
+        _ => Err(not_found()),
+    }
 }
 
 /// A strong entity tag from the file's size and modification time: a

@@ -241,31 +241,15 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         rank: Default::default(),
         held: Vec::new(),
     };
-    let presence_cfg = PresenceConfig {
-        interval: config.presence_interval,
-        ..PresenceConfig::default()
-    };
+    let presence = presence_of(&config, me, subnet);
     let agent = Arc::new(Agent {
         node,
         started: Instant::now(),
         iface_name: iface_name.clone(),
         iface_addr,
         subnet,
-        presence: Mutex::new(Presence::new(
-            presence_cfg,
-            me,
-            subnet,
-            Instant::now(),
-            multicast::driver::random_id(),
-        )),
-        cache: Cache::open(
-            &config.cache,
-            CacheLimits {
-                max_bytes: config.cache_max,
-                min_free_bytes: config.cache_min_free,
-            },
-        )
-        .with_context(|| format!("opening the cache in {}", config.cache.display()))?,
+        presence: Mutex::new(presence),
+        cache: open_cache(&config)?,
         http: crate::fetch::client(),
         tasks: Mutex::new(HashMap::new()),
         elections: Mutex::new(HashMap::new()),
@@ -302,6 +286,31 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         stop: stop_tx,
         tasks,
     })
+}
+
+/// This agent's presence on its subnet, announcing `me`.
+fn presence_of(config: &AgentConfig, me: LocalNode, subnet: Option<Subnet>) -> Presence {
+    let cfg = PresenceConfig {
+        interval: config.presence_interval,
+        ..PresenceConfig::default()
+    };
+    Presence::new(
+        cfg,
+        me,
+        subnet,
+        Instant::now(),
+        multicast::driver::random_id(),
+    )
+}
+
+/// The agent's cache, within its configured limits.
+fn open_cache(config: &AgentConfig) -> anyhow::Result<Cache> {
+    let limits = CacheLimits {
+        max_bytes: config.cache_max,
+        min_free_bytes: config.cache_min_free,
+    };
+    Cache::open(&config.cache, limits)
+        .with_context(|| format!("opening the cache in {}", config.cache.display()))
 }
 
 /// Says whether LAN traffic is sealed, and with which fleet key.
