@@ -409,6 +409,11 @@ impl Partial {
         self.done.iter().all(|d| *d)
     }
 
+    /// The blocks not yet written and verified, in order.
+    pub fn missing(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.layout().block_count()).filter(|&b| !self.done[b as usize])
+    }
+
     /// Leading blocks that are all done (what a pipelined sender may read).
     pub fn done_prefix(&self) -> u32 {
         self.done.iter().take_while(|d| **d).count() as u32

@@ -128,8 +128,8 @@ pub async fn fetch_blocks(
 ) -> Result<(), FetchError> {
     let (urls, wanted, layout, hashes) = {
         let p = lock(partial);
-        let wanted: Vec<u32> = (0..p.layout().block_count())
-            .filter(|&b| !p.done[b as usize])
+        let wanted: Vec<u32> = p
+            .missing()
             .filter(|b| only.is_none_or(|o| o.contains(b)))
             .collect();
         let hashes = p.manifest.block_hashes.clone();

@@ -140,12 +140,7 @@ pub(super) async fn peer_repair(
     leftovers: Leftovers,
 ) -> anyhow::Result<()> {
     use crate::agent::repair::{PIPELINE_DEPTH, PeerError, PeerResult};
-    let missing: Vec<u32> = {
-        let p = lock(partial);
-        (0..p.layout().block_count())
-            .filter(|&b| !p.done[b as usize])
-            .collect()
-    };
+    let missing: Vec<u32> = lock(partial).missing().collect();
     let mut plan = repair::RepairPlan::new(
         repair::PlanConfig {
             per_peer: PIPELINE_DEPTH as u32,
@@ -167,19 +162,8 @@ pub(super) async fn peer_repair(
     };
     let mut why_failed: HashMap<SocketAddr, String> = HashMap::new();
     loop {
-        if plan.in_flight() == 0 && r.paused() {
-            // Paused: what is out has come back; ask for nothing more
-            // until resumed.
-            r.until_resumed().await;
-            if r.cancelled() {
-                bail!("cancelled");
-            }
-        }
-        if plan.in_flight() == 0
-            && let Some(at) = plan.poll_timeout()
-        {
-            tokio::time::sleep_until(at.into()).await;
-            plan.handle_timeout(Instant::now());
+        if plan.in_flight() == 0 {
+            when_idle(r, &mut plan).await?;
         }
         if !r.paused() {
             send_asks(r, &mut plan, &mut links, &mut leftovers);
@@ -220,6 +204,23 @@ pub(super) async fn peer_repair(
     if plan.delivered() > 0 {
         let secs = t0.elapsed().as_secs_f64();
         update(&r.agent, &r.id, |s| s.repair_seconds += secs);
+    }
+    Ok(())
+}
+
+/// With nothing out: a pause is waited out (what was out has come back;
+/// nothing more is asked until resumed), then the plan's own pause before
+/// busy holders are asked again.
+async fn when_idle(r: &Run, plan: &mut repair::RepairPlan<SocketAddr>) -> anyhow::Result<()> {
+    if r.paused() {
+        r.until_resumed().await;
+        if r.cancelled() {
+            bail!("cancelled");
+        }
+    }
+    if let Some(at) = plan.poll_timeout() {
+        tokio::time::sleep_until(at.into()).await;
+        plan.handle_timeout(Instant::now());
     }
     Ok(())
 }

@@ -228,6 +228,43 @@ impl Drop for Abort {
     }
 }
 
+/// Nothing asked of the rendezvous point: waits out a pause, then a
+/// little for it to fetch more, unless it has made no progress for
+/// [`RENDEZVOUS_STALL`].
+async fn wait_for_more(
+    r: &Run,
+    progress_at: &mut Instant,
+) -> anyhow::Result<Result<(), SourceLost>> {
+    if r.paused() {
+        r.until_resumed().await;
+        *progress_at = Instant::now();
+    }
+    if progress_at.elapsed() >= RENDEZVOUS_STALL {
+        return Ok(Err(SourceLost::Stalled));
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(NOT_YET) => Ok(Ok(())),
+        _ = r.until_cancelled() => bail!("cancelled"),
+    }
+}
+
+/// Writes a block the rendezvous point delivered (verified by its hash),
+/// off the runtime, and counts its bytes.
+async fn from_rendezvous_write(
+    r: &Run,
+    partial: &Arc<Mutex<Partial>>,
+    b: u32,
+    data: Vec<u8>,
+    bytes: u64,
+) -> anyhow::Result<()> {
+    let p = partial.clone();
+    tokio::task::spawn_blocking(move || lock(&p).write_block(b, &data))
+        .await?
+        .context("writing a block from the rendezvous")?;
+    update(&r.agent, &r.id, |s| s.bytes.rendezvous += bytes);
+    Ok(())
+}
+
 /// The blocks of [`from_rendezvous`], over one pipelined connection.
 async fn blocks_from(
     r: &Run,
@@ -235,15 +272,10 @@ async fn blocks_from(
     addr: SocketAddr,
     on_block: &(dyn Fn(u32) + Sync),
 ) -> anyhow::Result<Result<(), SourceLost>> {
-    let mut queue: VecDeque<u32> = {
-        let p = lock(partial);
-        (0..p.layout().block_count())
-            .filter(|&b| !p.done[b as usize])
-            .collect()
-    };
+    let mut queue: VecDeque<u32> = lock(partial).missing().collect();
     let (jobs, jobs_rx) = tokio::sync::mpsc::channel(PIPELINE_DEPTH);
     let (results_tx, mut results) = tokio::sync::mpsc::unbounded_channel::<PeerResult>();
-    let worker = tokio::spawn(crate::agent::repair::fetch_from_peer(
+    let _worker = Abort(tokio::spawn(crate::agent::repair::fetch_from_peer(
         r.agent.fleet.clone(),
         addr,
         r.m.content,
@@ -251,8 +283,7 @@ async fn blocks_from(
         crate::agent::tcp::SharedCap::new(r.pacing().cap_bps),
         jobs_rx,
         results_tx,
-    ));
-    let _worker = Abort(worker);
+    )));
     let mut not_yet: Vec<u32> = Vec::new();
     let mut in_flight = 0usize;
     let mut progress_at = Instant::now();
@@ -280,16 +311,8 @@ async fn blocks_from(
                 update(&r.agent, &r.id, |s| s.repair_seconds += secs);
                 return Ok(Ok(()));
             }
-            if r.paused() {
-                r.until_resumed().await;
-                progress_at = Instant::now();
-            }
-            if progress_at.elapsed() >= RENDEZVOUS_STALL {
-                return Ok(Err(SourceLost::Stalled));
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(NOT_YET) => {}
-                _ = r.until_cancelled() => bail!("cancelled"),
+            if let Err(lost) = wait_for_more(r, &mut progress_at).await? {
+                return Ok(Err(lost));
             }
             not_yet.sort_unstable();
             for b in not_yet.drain(..).rev() {
@@ -309,13 +332,9 @@ async fn blocks_from(
                     r.note(format!("fetching from {addr}"));
                     r.state(State::Fetching);
                 }
-                let p = partial.clone();
-                tokio::task::spawn_blocking(move || lock(&p).write_block(b, &data))
-                    .await?
-                    .context("writing a block from the rendezvous")?;
+                from_rendezvous_write(r, partial, b, data, bytes).await?;
                 on_block(b);
                 progress_at = Instant::now();
-                update(&r.agent, &r.id, |s| s.bytes.rendezvous += bytes);
             }
             Err(PeerError::Declined | PeerError::Busy) => not_yet.push(b),
             Err(PeerError::Failed(why)) => return Ok(Err(why.into())),
