@@ -53,7 +53,7 @@ pub fn manifest(cmd: &ManifestCommand) -> anyhow::Result<bool> {
 /// `somcast topology sign|show`.
 pub fn topology(cmd: &crate::cli::TopologyCommand) -> anyhow::Result<bool> {
     use crate::cli::TopologyCommand;
-    use crate::topology::{SitesFile, Topology, TopologyDoc};
+    use crate::topology::SitesFile;
     use crate::trust::Envelope;
     match cmd {
         TopologyCommand::Sign {
@@ -89,48 +89,57 @@ pub fn topology(cmd: &crate::cli::TopologyCommand) -> anyhow::Result<bool> {
             );
             Ok(true)
         }
-        TopologyCommand::Show { file, trust, addr } => {
-            let env: Envelope = serde_json::from_slice(
-                &std::fs::read(file).with_context(|| format!("reading {}", file.display()))?,
-            )
-            .with_context(|| format!("{}: not a signed document", file.display()))?;
-            let mut keys = Vec::new();
-            for p in trust {
-                keys.extend(crate::trust::keys::read_public(p)?);
+        TopologyCommand::Show { file, trust, addr } => show_topology(file, trust, *addr),
+    }
+}
+
+/// `somcast topology show`: the sites of a signed topology (its signature
+/// checked against `trust`, if given), and where `addr` falls.
+fn show_topology(
+    file: &std::path::Path,
+    trust: &[std::path::PathBuf],
+    addr: Option<std::net::Ipv4Addr>,
+) -> anyhow::Result<bool> {
+    use crate::topology::{Topology, TopologyDoc};
+    use crate::trust::Envelope;
+    let env: Envelope = serde_json::from_slice(
+        &std::fs::read(file).with_context(|| format!("reading {}", file.display()))?,
+    )
+    .with_context(|| format!("{}: not a signed document", file.display()))?;
+    let mut keys = Vec::new();
+    for p in trust {
+        keys.extend(crate::trust::keys::read_public(p)?);
+    }
+    let dir = tempfile::tempdir()?;
+    let gate = crate::trust::Gate::open(keys, trust.is_empty(), dir.path())?;
+    let t = Topology::open(&env, &gate, now_unix())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let doc: TopologyDoc = crate::trust::document::parse(&env, crate::topology::TOPOLOGY_TYPE)?;
+    if trust.is_empty() {
+        eprintln!("(signature not checked: give --trust NAME.pub)");
+    }
+    println!("topology {} (expires at unix {})", t.id, doc.expires);
+    for s in t.sites() {
+        println!(
+            "  {:<20} {:<5} parent {:<12} subnets {}  rendezvous {}",
+            s.name,
+            s.kind.as_str(),
+            s.parent.as_deref().unwrap_or("-"),
+            s.subnets.join(","),
+            if s.rendezvous.is_empty() {
+                "-".into()
+            } else {
+                s.rendezvous.join(",")
             }
-            let dir = tempfile::tempdir()?;
-            let gate = crate::trust::Gate::open(keys, trust.is_empty(), dir.path())?;
-            let t = Topology::open(&env, &gate, now_unix())
-                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let doc: TopologyDoc =
-                crate::trust::document::parse(&env, crate::topology::TOPOLOGY_TYPE)?;
-            if trust.is_empty() {
-                eprintln!("(signature not checked: give --trust NAME.pub)");
-            }
-            println!("topology {} (expires at unix {})", t.id, doc.expires);
-            for s in t.sites() {
-                println!(
-                    "  {:<20} {:<5} parent {:<12} subnets {}  rendezvous {}",
-                    s.name,
-                    s.kind.as_str(),
-                    s.parent.as_deref().unwrap_or("-"),
-                    s.subnets.join(","),
-                    if s.rendezvous.is_empty() {
-                        "-".into()
-                    } else {
-                        s.rendezvous.join(",")
-                    }
-                );
-            }
-            if let Some(a) = addr {
-                match t.place(*a, crate::topology::DEFAULT_REPAIR_PORT) {
-                    Some(p) => println!("{a}: {}", serde_json::to_string(&p)?),
-                    None => println!("{a}: in no site (its subnet on its own)"),
-                }
-            }
-            Ok(true)
+        );
+    }
+    if let Some(a) = addr {
+        match t.place(a, crate::topology::DEFAULT_REPAIR_PORT) {
+            Some(p) => println!("{a}: {}", serde_json::to_string(&p)?),
+            None => println!("{a}: in no site (its subnet on its own)"),
         }
     }
+    Ok(true)
 }
 
 /// `somcast key generate NAME`.
@@ -310,22 +319,81 @@ fn bundle_id(b: &Bundle) -> anyhow::Result<String> {
     Ok(doc.id)
 }
 
+/// `task sign`: writes the signed task (and its manifest) to `out`.
+async fn sign_task(order: &crate::cli::OrderArgs, out: &Path) -> anyhow::Result<bool> {
+    if order.sign.is_none() {
+        bail!("task sign needs --sign NAME.key (make one with `somcast key generate NAME`)");
+    }
+    let b = make_bundle(&crate::fetch::client(), order).await?;
+    let id = bundle_id(&b)?;
+    std::fs::write(out, serde_json::to_vec_pretty(&b)?)
+        .with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("task {id} -> {}", out.display());
+    println!("{id}");
+    Ok(true)
+}
+
+/// `task status --reports`: the agents' reports summed up.
+async fn status_from_reports(id: &str, src: &str, json: bool) -> anyhow::Result<bool> {
+    let reports = crate::report::load(src, id).await?;
+    if reports.is_empty() {
+        bail!("no reports of task {id} in {src}");
+    }
+    let s = crate::report::summarize(id, &reports);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        crate::report::print(&s);
+    }
+    Ok(s.by_state.get("done") == Some(&s.agents))
+}
+
+/// `task status`: each target agent asked.
+async fn status_from_agents(
+    id: &str,
+    targets: &crate::cli::Targets,
+    json: bool,
+) -> anyhow::Result<bool> {
+    let c = Console::new(targets.as_ref())?;
+    let statuses = poll(&c, id).await;
+    if json {
+        let v: Vec<Value> = statuses
+            .iter()
+            .map(|(a, s)| json!({ "agent": a, "status": s }))
+            .collect();
+        println!("{}", Value::Array(v));
+    } else {
+        print_table(&statuses);
+    }
+    Ok(statuses.values().all(|s| s["state"] == "done"))
+}
+
+/// `task publish`: a signed task onto a channel directory.
+async fn publish(
+    channel: &Path,
+    task: Option<&Path>,
+    order: &crate::cli::OrderArgs,
+) -> anyhow::Result<bool> {
+    let bundle = match task {
+        Some(path) => read_bundle(path)?,
+        None if order.sign.is_none() => bail!(
+            "agents take from a channel only signed tasks: give --sign NAME.key (or --task TASK.json from `task sign`)"
+        ),
+        None => make_bundle(&crate::fetch::client(), order).await?,
+    };
+    if bundle.task.signature.is_none() {
+        bail!("the task is unsigned: agents take from a channel only signed tasks");
+    }
+    let id = bundle_id(&bundle)?;
+    crate::channel::publish(channel, &id, &bundle)?;
+    eprintln!("task {id} published on {}", channel.display());
+    println!("{id}");
+    Ok(true)
+}
+
 async fn task_async(cmd: &TaskCommand) -> anyhow::Result<bool> {
     match cmd {
-        TaskCommand::Sign { order, out } => {
-            if order.sign.is_none() {
-                bail!(
-                    "task sign needs --sign NAME.key (make one with `somcast key generate NAME`)"
-                );
-            }
-            let b = make_bundle(&crate::fetch::client(), order).await?;
-            let id = bundle_id(&b)?;
-            std::fs::write(out, serde_json::to_vec_pretty(&b)?)
-                .with_context(|| format!("writing {}", out.display()))?;
-            eprintln!("task {id} -> {}", out.display());
-            println!("{id}");
-            Ok(true)
-        }
+        TaskCommand::Sign { order, out } => sign_task(order, out).await,
         TaskCommand::Start {
             targets,
             task,
@@ -338,56 +406,15 @@ async fn task_async(cmd: &TaskCommand) -> anyhow::Result<bool> {
             targets: _,
             reports: Some(src),
             json,
-        } => {
-            let reports = crate::report::load(src, id).await?;
-            if reports.is_empty() {
-                bail!("no reports of task {id} in {src}");
-            }
-            let s = crate::report::summarize(id, &reports);
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
-            } else {
-                crate::report::print(&s);
-            }
-            Ok(s.by_state.get("done") == Some(&s.agents))
-        }
+        } => status_from_reports(id, src, *json).await,
         TaskCommand::Status {
             id, targets, json, ..
-        } => {
-            let c = Console::new(targets.as_ref())?;
-            let statuses = poll(&c, id).await;
-            if *json {
-                let v: Vec<Value> = statuses
-                    .iter()
-                    .map(|(a, s)| json!({ "agent": a, "status": s }))
-                    .collect();
-                println!("{}", Value::Array(v));
-            } else {
-                print_table(&statuses);
-            }
-            Ok(statuses.values().all(|s| s["state"] == "done"))
-        }
+        } => status_from_agents(id, targets, *json).await,
         TaskCommand::Publish {
             channel,
             task,
             order,
-        } => {
-            let bundle = match task {
-                Some(path) => read_bundle(path)?,
-                None if order.sign.is_none() => bail!(
-                    "agents take from a channel only signed tasks: give --sign NAME.key (or --task TASK.json from `task sign`)"
-                ),
-                None => make_bundle(&crate::fetch::client(), order).await?,
-            };
-            if bundle.task.signature.is_none() {
-                bail!("the task is unsigned: agents take from a channel only signed tasks");
-            }
-            let id = bundle_id(&bundle)?;
-            crate::channel::publish(channel, &id, &bundle)?;
-            eprintln!("task {id} published on {}", channel.display());
-            println!("{id}");
-            Ok(true)
-        }
+        } => publish(channel, task.as_deref(), order).await,
         TaskCommand::Withdraw { id, channel, sign } => {
             let order = channel_order(ControlAction::Cancel, id, channel, sign)?;
             crate::channel::withdraw(channel, id, &order)?;
