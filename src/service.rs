@@ -352,6 +352,43 @@ mod scm {
         }
     }
 
+    /// The agent's configuration: the service's config file, read as
+    /// `somcast agent --config FILE` reads it.
+    fn service_config() -> anyhow::Result<crate::agent::AgentConfig> {
+        let path = CONFIG.get().context("no config file")?;
+        let cli = Cli::try_parse_from([
+            OsStr::new("somcast"),
+            OsStr::new("agent"),
+            OsStr::new("--config"),
+            path.as_os_str(),
+        ])?;
+        let Command::Agent(args) = &cli.command else {
+            bail!("not an agent command");
+        };
+        crate::agent::AgentConfig::load(args)
+    }
+
+    /// Starts the agent; at boot the network may not be up yet, so it
+    /// tries again until it starts, or (`None`) until told to stop.
+    async fn start_until_stopped(
+        config: &crate::agent::AgentConfig,
+        stop_rx: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Option<crate::agent::Running> {
+        loop {
+            match crate::agent::start(config.clone()).await {
+                Ok(r) => return Some(r),
+                Err(e) => tracing::warn!(
+                    "the agent did not start ({}); trying again in {START_RETRY:?}",
+                    crate::error_text(e.as_ref())
+                ),
+            }
+            tokio::select! {
+                _ = stop_rx.wait_for(|stop| *stop) => return None,
+                _ = tokio::time::sleep(START_RETRY) => {}
+            }
+        }
+    }
+
     /// Runs the agent until the service control manager says stop (or
     /// shutdown), then stops it the way SIGTERM does on Linux.
     fn serve() -> anyhow::Result<()> {
@@ -380,17 +417,7 @@ mod scm {
             0,
         ))?;
         let result = (|| {
-            let path = CONFIG.get().context("no config file")?;
-            let cli = Cli::try_parse_from([
-                OsStr::new("somcast"),
-                OsStr::new("agent"),
-                OsStr::new("--config"),
-                path.as_os_str(),
-            ])?;
-            let Command::Agent(args) = &cli.command else {
-                bail!("not an agent command");
-            };
-            let config = crate::agent::AgentConfig::load(args)?;
+            let config = service_config()?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("somcast-agent")
@@ -402,20 +429,8 @@ mod scm {
                 0,
             ))?;
             runtime.block_on(async {
-                // At boot the network may not be up yet: try again until it
-                // is, or until told to stop.
-                let running = loop {
-                    match crate::agent::start(config.clone()).await {
-                        Ok(r) => break r,
-                        Err(e) => tracing::warn!(
-                            "the agent did not start ({}); trying again in {START_RETRY:?}",
-                            crate::error_text(e.as_ref())
-                        ),
-                    }
-                    tokio::select! {
-                        _ = stop_rx.wait_for(|stop| *stop) => return Ok(()),
-                        _ = tokio::time::sleep(START_RETRY) => {}
-                    }
+                let Some(running) = start_until_stopped(&config, &mut stop_rx).await else {
+                    return Ok(());
                 };
                 tracing::info!("service {SERVICE_NAME} running");
                 let _ = stop_rx.wait_for(|stop| *stop).await;

@@ -236,25 +236,15 @@ async fn get(
     Ok(Some((body, headers)))
 }
 
-/// One poll: the index, then what it lists that was not judged before.
-/// `Ok(true)` when something changed that is worth saving.
-async fn poll_once(
+/// Judges what the index lists that was not judged before: the topology,
+/// withdrawals, tasks, then orders. The first error, if any (the rest is
+/// still judged).
+async fn judge(
     agent: &Arc<Agent>,
     base: &reqwest::Url,
+    index: &Index,
     memory: &mut Memory,
-) -> Result<bool, PollError> {
-    let Some((body, headers)) = get(agent, &join(base, INDEX), MAX_INDEX, Some(memory)).await?
-    else {
-        lock(agent).not_modified += 1;
-        return Ok(false);
-    };
-    let index = Index::parse(&body).map_err(|e| anyhow!("{}: {e:#}", join(base, INDEX)))?;
-    let text = |h: header::HeaderName| {
-        headers
-            .get(h)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
+) -> Option<PollError> {
     let mut first_error: Option<PollError> = None;
     // The topology first: a task taken in this poll fetches by it.
     if let Some(id) = &index.topology
@@ -307,6 +297,29 @@ async fn poll_once(
             }
         }
     }
+    first_error
+}
+
+/// One poll: the index, then what it lists that was not judged before.
+/// `Ok(true)` when something changed that is worth saving.
+async fn poll_once(
+    agent: &Arc<Agent>,
+    base: &reqwest::Url,
+    memory: &mut Memory,
+) -> Result<bool, PollError> {
+    let Some((body, headers)) = get(agent, &join(base, INDEX), MAX_INDEX, Some(memory)).await?
+    else {
+        lock(agent).not_modified += 1;
+        return Ok(false);
+    };
+    let index = Index::parse(&body).map_err(|e| anyhow!("{}: {e:#}", join(base, INDEX)))?;
+    let text = |h: header::HeaderName| {
+        headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let first_error = judge(agent, base, &index, memory).await;
     memory.orders.retain(|id, _| index.orders.contains_key(id));
     if memory.judged.len() > MAX_JUDGED {
         memory

@@ -208,13 +208,26 @@ pub async fn fetch_from_peer(
     }
     .await;
     if let Err(why) = outcome {
-        for b in pipeline.undelivered() {
-            let _ = results.send((addr, b, Err(PeerError::Failed(why.clone()))));
-        }
-        jobs.close();
-        while let Some(job) = jobs.recv().await {
-            let _ = results.send((addr, job.block, Err(PeerError::Failed(why.clone()))));
-        }
+        let asked = pipeline.undelivered();
+        fail_all(addr, why, asked, &mut jobs, &results).await;
+    }
+}
+
+/// The peer failed: every block asked of it, and every job still to come,
+/// fails with `why`.
+async fn fail_all(
+    addr: SocketAddr,
+    why: PeerFailure,
+    asked: Vec<u32>,
+    jobs: &mut tokio::sync::mpsc::Receiver<PeerJob>,
+    results: &tokio::sync::mpsc::UnboundedSender<PeerResult>,
+) {
+    for b in asked {
+        let _ = results.send((addr, b, Err(PeerError::Failed(why.clone()))));
+    }
+    jobs.close();
+    while let Some(job) = jobs.recv().await {
+        let _ = results.send((addr, job.block, Err(PeerError::Failed(why.clone()))));
     }
 }
 

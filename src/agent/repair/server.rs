@@ -118,6 +118,35 @@ fn lookup(
     })
 }
 
+/// The fleet-key handshake: the connection's ciphers, or why it is
+/// refused (counted).
+async fn admit(
+    agent: &Agent,
+    stream: &mut TcpStream,
+    keys: &multicast::auth::FleetKeys,
+) -> anyhow::Result<(multicast::handshake::Cipher, multicast::handshake::Cipher)> {
+    match prove_server(stream, keys).await {
+        Ok(session) => Ok(session.ciphers(false)),
+        Err(e) => {
+            agent.auth.repair_refused.fetch_add(1, Ordering::Relaxed);
+            Err(e.context("repair connection refused"))
+        }
+    }
+}
+
+/// The upload's pace: in background mode it yields to other traffic on
+/// the path (where there is no RTT to pace on, through the OS's own
+/// background transport, if any).
+fn upload_pace(agent: &Agent, wr: &FrameWriter) -> Option<crate::agent::tcp::UploadPace> {
+    let mode = crate::agent::task::unicast_mode(agent.config.rate_mode);
+    let pace = crate::agent::tcp::UploadPace::new(mode, agent.config.rate_min_bps, wr.wr.as_ref());
+    if pace.is_none() && mode == repair::pace::Mode::Background {
+        let took = crate::agent::tcp::os_background(wr.wr.as_ref());
+        tracing::debug!("repair: upload without a pace; OS background transport: {took}");
+    }
+    pace
+}
+
 /// One of the server's connection slots, given back when dropped.
 struct ConnectionSlot {
     limits: Arc<Limits>,
@@ -228,28 +257,14 @@ async fn connection(
     limits: Arc<Limits>,
 ) -> anyhow::Result<()> {
     let ciphers = match &agent.fleet {
-        Some(keys) => match prove_server(&mut stream, keys).await {
-            Ok(session) => Some(session.ciphers(false)),
-            Err(e) => {
-                agent.auth.repair_refused.fetch_add(1, Ordering::Relaxed);
-                return Err(e.context("repair connection refused"));
-            }
-        },
+        Some(keys) => Some(admit(&agent, &mut stream, keys).await?),
         None => None,
     };
     // Answers go out as written: Nagle would hold an END (or a frame's
     // tail) back until the requester's delayed ACK.
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = split(stream, ciphers, MAX_REQUEST);
-    // In background mode the upload yields to other traffic on the path.
-    let mode = crate::agent::task::unicast_mode(agent.config.rate_mode);
-    let mut pace =
-        crate::agent::tcp::UploadPace::new(mode, agent.config.rate_min_bps, wr.wr.as_ref());
-    if pace.is_none() && mode == repair::pace::Mode::Background {
-        // No RTT to pace on here: the OS's own background transport, if any.
-        let took = crate::agent::tcp::os_background(wr.wr.as_ref());
-        tracing::debug!("repair: upload without a pace; OS background transport: {took}");
-    }
+    let mut pace = upload_pace(&agent, &wr);
     // Requests read while an answer was being sent, oldest first; the
     // next one's block is read and planned ahead.
     let mut queued: std::collections::VecDeque<Frame> = Default::default();

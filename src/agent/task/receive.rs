@@ -47,22 +47,7 @@ pub(super) async fn receive(
     let symbols = |v: &Leftovers| v.iter().map(|(_, c)| u64::from(c.held())).sum::<u64>();
     let held_before = (lock(partial).done_count(), symbols(&preload));
     let recv = spawn_receive(r, partial, (socket, rcvbuf), session, wait, &stop, preload);
-    tokio::pin!(recv);
-    let mut interrupted = None;
-    let result = loop {
-        tokio::select! {
-            res = &mut recv => break res,
-            ev = rx.recv() => match ev {
-                Some(ev @ (ElectionEvent::RepresentativeLost { .. } | ElectionEvent::Follow { .. })) => {
-                    stop.store(true, Ordering::SeqCst);
-                    interrupted = Some(ev);
-                }
-                Some(_) => {}
-                None => stop.store(true, Ordering::SeqCst),
-            },
-            _ = r.until_cancelled() => stop.store(true, Ordering::SeqCst),
-        }
-    };
+    let (result, interrupted) = while_receiving(r, recv, rx, &stop).await;
     if let Ok(Ok((Ok(report), _))) = &result {
         let c = &r.agent.counters;
         crate::agent::metrics::Counters::add(&c.multicast_symbols, report.stats.data_symbols);
@@ -78,21 +63,7 @@ pub(super) async fn receive(
     let (res, leftovers) = result.context("receive thread")??;
     let nothing_arrived = (lock(partial).done_count(), symbols(&leftovers)) == held_before;
     if let Some(ev) = interrupted {
-        // A representative that finished its pass (and so stopped offering)
-        // without one symbol of it arriving here, 2 s and more after its
-        // start (20 announcements): its multicast does not reach this
-        // agent.
-        if matches!(ev, ElectionEvent::RepresentativeLost { .. })
-            && nothing_arrived
-            && Instant::now() >= start + Duration::from_secs(2)
-        {
-            return Ok(Received::NoShow(leftovers));
-        }
-        let next = match ev {
-            ElectionEvent::Follow { .. } => Some(ev),
-            _ => None,
-        };
-        return Ok(Received::Interrupted(next, leftovers));
+        return Ok(after_interrupt(ev, nothing_arrived, start, leftovers));
     }
     let why = match res {
         Ok(_) => "the session ended".into(),
@@ -105,6 +76,58 @@ pub(super) async fn receive(
         Err(e) => e.to_string(),
     };
     Ok(Received::Incomplete(why, leftovers))
+}
+
+/// While the receive thread runs: stops it for a lost or changed
+/// representative (the event that did, if any) or a cancel.
+async fn while_receiving(
+    r: &Run,
+    recv: tokio::task::JoinHandle<ReceiveResult>,
+    rx: &mut mpsc::UnboundedReceiver<ElectionEvent>,
+    stop: &AtomicBool,
+) -> (
+    Result<ReceiveResult, tokio::task::JoinError>,
+    Option<ElectionEvent>,
+) {
+    tokio::pin!(recv);
+    let mut interrupted = None;
+    loop {
+        tokio::select! {
+            res = &mut recv => return (res, interrupted),
+            ev = rx.recv() => match ev {
+                Some(ev @ (ElectionEvent::RepresentativeLost { .. } | ElectionEvent::Follow { .. })) => {
+                    stop.store(true, Ordering::SeqCst);
+                    interrupted = Some(ev);
+                }
+                Some(_) => {}
+                None => stop.store(true, Ordering::SeqCst),
+            },
+            _ = r.until_cancelled() => stop.store(true, Ordering::SeqCst),
+        }
+    }
+}
+
+/// A session interrupted by `ev`. A representative that finished its pass
+/// (and so stopped offering) without one symbol of it arriving here, 2 s
+/// and more after its start (20 announcements): its multicast does not
+/// reach this agent.
+fn after_interrupt(
+    ev: ElectionEvent,
+    nothing_arrived: bool,
+    start: Instant,
+    leftovers: Leftovers,
+) -> Received {
+    if matches!(ev, ElectionEvent::RepresentativeLost { .. })
+        && nothing_arrived
+        && Instant::now() >= start + Duration::from_secs(2)
+    {
+        return Received::NoShow(leftovers);
+    }
+    let next = match ev {
+        ElectionEvent::Follow { .. } => Some(ev),
+        _ => None,
+    };
+    Received::Interrupted(next, leftovers)
 }
 
 /// What the receive thread hands back: the receive's outcome, and the
