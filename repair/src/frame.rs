@@ -154,19 +154,11 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             };
             *out = postcard::to_extend(&body, std::mem::take(out)).expect(infallible);
         }
-        // By hand: serde would copy the payload a byte at a time. The bytes
-        // are postcard's encoding of (u32, u32, &[u8]).
         Frame::Symbols {
             block,
             first_esi,
             payload,
-        } => {
-            out.reserve(15 + payload.len());
-            push_varint(out, *block);
-            push_varint(out, *first_esi);
-            push_varint(out, payload.len() as u32);
-            out.extend_from_slice(payload);
-        }
+        } => symbols_body(out, *block, *first_esi, payload),
         Frame::NotHeld { block } | Frame::Stop { block } | Frame::End { block } => {
             push_varint(out, *block)
         }
@@ -190,6 +182,29 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
     }
     let len = (out.len() - start - HEADER_LEN) as u32;
     out[start + 4..start + HEADER_LEN].copy_from_slice(&len.to_le_bytes());
+}
+
+/// Appends a SYMBOLS frame straight from `payload` (a server sends a
+/// block's symbols from the block itself, with no frame in between).
+pub fn encode_symbols(out: &mut Vec<u8>, block: u32, first_esi: u32, payload: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(kind::SYMBOLS);
+    out.extend_from_slice(&[0; 4]);
+    symbols_body(out, block, first_esi, payload);
+    let len = (out.len() - start - HEADER_LEN) as u32;
+    out[start + 4..start + HEADER_LEN].copy_from_slice(&len.to_le_bytes());
+}
+
+/// By hand: serde would copy the payload a byte at a time. The bytes are
+/// postcard's encoding of (u32, u32, &[u8]).
+fn symbols_body(out: &mut Vec<u8>, block: u32, first_esi: u32, payload: &[u8]) {
+    out.reserve(15 + payload.len());
+    push_varint(out, block);
+    push_varint(out, first_esi);
+    push_varint(out, payload.len() as u32);
+    out.extend_from_slice(payload);
 }
 
 impl Frame {

@@ -230,7 +230,7 @@ mod tests {
         };
         let plan = Serving::needs_plan(&want).then(|| Plan::new(*layout));
         let data = block_of(layout, file, block);
-        let mut s = Serving::new(layout, plan.as_ref(), want, &data, 5);
+        let mut s = Serving::new(layout, plan.as_ref(), want, data, 5);
         let mut out = Vec::new();
         while let Some(f) = s.next_frame() {
             out.push(f);

@@ -104,7 +104,7 @@ impl World {
             need,
             highest_esi,
         };
-        let mut serving = Serving::new(&self.layout, Some(&self.plan), want, &data, salt);
+        let mut serving = Serving::new(&self.layout, Some(&self.plan), want, data, salt);
         loop {
             let Some(mut frame) = serving.next_frame() else {
                 // The planned symbols did not suffice: ask for a few more.

@@ -131,7 +131,8 @@ impl Subnet {
             highest_esi,
         };
         let plan = Serving::needs_plan(&want).then_some(&self.pkg.plan);
-        let mut serving = Serving::new(&layout, plan, want, self.pkg.block(b), peer as u32);
+        let mut serving =
+            Serving::new(&layout, plan, want, self.pkg.block(b).to_vec(), peer as u32);
         while let Some(f) = serving.next_frame() {
             match fetch.handle(roundtrip(&f)) {
                 repair::FetchStep::More => {}

@@ -235,7 +235,7 @@ fn start_answer<'a>(agent: &Arc<Agent>, limits: &'a Limits, f: Frame) -> Option<
             &layout,
             plan.as_ref(),
             want,
-            &data,
+            data,
             multicast::driver::random_id() as u32,
         ))
     });
@@ -348,25 +348,24 @@ impl<'l> Link<'l> {
         serving: &mut Serving,
         next: &mut Option<Answer<'a>>,
     ) -> anyhow::Result<()> {
-        while let Some(mut f) = serving.next_frame() {
-            if let Frame::Symbols { payload, .. } = &mut f {
-                limits.throttle(payload.len()).await;
-                if let Some(p) = self.pace.as_deref_mut() {
-                    p.before(payload.len()).await;
-                }
-                if agent.config.lab_corrupt_repair
-                    && let Some(byte) = payload.first_mut()
-                {
-                    *byte ^= 0x01;
-                }
+        // One buffer for every frame of the block: each is encoded into it
+        // straight from the block's bytes.
+        let mut out = Vec::new();
+        loop {
+            out.clear();
+            let Some(len) = serving.encode_next(&mut out) else {
+                break;
+            };
+            limits.throttle(len).await;
+            if let Some(p) = self.pace.as_deref_mut() {
+                p.before(len).await;
             }
-            write_paced(self.wr, &f, self.pace.as_deref_mut()).await?;
-            if let Frame::Symbols { payload, .. } = &f {
-                crate::agent::metrics::Counters::add(
-                    &agent.counters.repair_bytes_served,
-                    payload.len() as u64,
-                );
+            if agent.config.lab_corrupt_repair && len > 0 {
+                let first = out.len() - len;
+                out[first] ^= 0x01;
             }
+            write_paced(self.wr, &mut out, self.pace.as_deref_mut()).await?;
+            crate::agent::metrics::Counters::add(&agent.counters.repair_bytes_served, len as u64);
             let stopped = self.take_requests(block)?;
             if next.is_none()
                 && let Some(f) = self.queued.pop_front()
@@ -429,17 +428,18 @@ fn join(
     }
 }
 
-/// Writes `f`; a paced upload samples its path meanwhile.
+/// Writes the encoded frames in `out`; a paced upload samples its path
+/// meanwhile.
 async fn write_paced(
     wr: &mut FrameWriter,
-    f: &Frame,
+    out: &mut [u8],
     pace: Option<&mut crate::agent::tcp::UploadPace>,
 ) -> anyhow::Result<()> {
     let Some(pace) = pace else {
-        return wr.write_frame(f).await;
+        return wr.write_encoded(out).await;
     };
     pace.sample();
-    let write = wr.write_frame(f);
+    let write = wr.write_encoded(out);
     tokio::pin!(write);
     let mut tick = tokio::time::interval(crate::agent::tcp::SAMPLE_EVERY);
     loop {

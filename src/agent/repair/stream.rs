@@ -20,7 +20,9 @@ pub(super) struct FrameReader {
     /// Acknowledge at once (a requester: the peer's upload pace reads the
     /// RTT).
     quickack: bool,
+    /// Bytes read and deciphered; those before `used` are decoded already.
     buf: Vec<u8>,
+    used: usize,
 }
 
 /// The writing side, with its cipher.
@@ -44,6 +46,7 @@ pub(super) fn split(
         // A server's requests need no quick ACKs; a requester's answers do.
         quickack: max_frame > MAX_REQUEST,
         buf: Vec::new(),
+        used: 0,
     };
     (reader, FrameWriter { wr, tx })
 }
@@ -62,15 +65,15 @@ impl FrameReader {
             if let Some(f) = self.buffered()? {
                 return Ok(Some(f));
             }
-            let mut chunk = [0u8; 64 * 1024];
-            let n = self.rd.read(&mut chunk).await?;
+            let from = self.make_room(READ_AT_ONCE);
+            let n = self.rd.read_buf(&mut self.buf).await?;
             if n == 0 {
                 return Ok(None);
             }
             if self.quickack {
                 crate::agent::tcp::quickack(self.rd.as_ref());
             }
-            self.take(&mut chunk[..n]);
+            self.decipher(from);
         }
     }
 
@@ -80,44 +83,69 @@ impl FrameReader {
             if let Some(f) = self.buffered()? {
                 return Ok(Some(f));
             }
-            let mut chunk = [0u8; 4096];
-            let n = match self.rd.try_read(&mut chunk) {
+            let from = self.make_room(4096);
+            match self.rd.try_read_buf(&mut self.buf) {
                 Ok(0) => return Ok(None), // closed: the next read says so
-                Ok(n) => n,
+                Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) => return Err(e.into()),
             };
-            self.take(&mut chunk[..n]);
+            self.decipher(from);
         }
     }
 
     /// The first whole frame in the buffer. The header is checked (and the
     /// frame refused) before more of a frame declared too long is read.
     fn buffered(&mut self) -> anyhow::Result<Option<Frame>> {
-        frame::check_header(&self.buf, self.max_frame)?;
-        let Some((f, used)) = frame::decode(&self.buf, self.max_frame)? else {
+        let rest = &self.buf[self.used..];
+        frame::check_header(rest, self.max_frame)?;
+        let Some((f, used)) = frame::decode(rest, self.max_frame)? else {
             return Ok(None);
         };
-        self.buf.drain(..used);
+        self.used += used;
+        if self.used == self.buf.len() {
+            self.buf.clear();
+            self.used = 0;
+        }
         Ok(Some(f))
     }
 
-    fn take(&mut self, bytes: &mut [u8]) {
-        if let Some(rx) = &mut self.rx {
-            rx.apply(bytes);
+    /// Room for `n` more bytes at the buffer's end (the decoded ones moved
+    /// out first when that saves growing it); returns where new bytes land.
+    fn make_room(&mut self, n: usize) -> usize {
+        if self.used > 0 && self.buf.capacity() - self.buf.len() < n {
+            self.buf.drain(..self.used);
+            self.used = 0;
         }
-        self.buf.extend_from_slice(bytes);
+        self.buf.reserve(n);
+        self.buf.len()
+    }
+
+    /// Deciphers the bytes read from `from` on.
+    fn decipher(&mut self, from: usize) {
+        if let Some(rx) = &mut self.rx {
+            rx.apply(&mut self.buf[from..]);
+        }
     }
 }
+
+/// Most bytes one read takes: a few frames of symbols, so a fast link
+/// costs few reads.
+const READ_AT_ONCE: usize = 256 * 1024;
 
 impl FrameWriter {
     pub(super) async fn write_frame(&mut self, f: &Frame) -> anyhow::Result<()> {
         let mut out = Vec::new();
         frame::encode(f, &mut out);
+        self.write_encoded(&mut out).await
+    }
+
+    /// Writes frames already encoded (enciphered here, in place).
+    pub(super) async fn write_encoded(&mut self, out: &mut [u8]) -> anyhow::Result<()> {
         if let Some(tx) = &mut self.tx {
-            tx.apply(&mut out);
+            tx.apply(out);
         }
-        tokio::time::timeout(PEER_TIMEOUT, self.wr.write_all(&out)).await??;
+        tokio::time::timeout(PEER_TIMEOUT, self.wr.write_all(out)).await??;
         Ok(())
     }
 }
