@@ -8,8 +8,8 @@
 //! [`Net::next`], hands it to its machines, sends what they transmit with
 //! [`Net::multicast`] / [`Net::unicast`], and asks for its next timer with
 //! [`Net::wake_at`]. Shared by the presence fleet tests (`scanner/`), the
-//! election tests and the whole-subnet tests of the agent (the root
-//! package).
+//! session and rate-control tests (`multicast/tests/`), the election tests
+//! and the whole-subnet tests of the agent (the root package).
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
@@ -88,8 +88,13 @@ pub struct Net {
     pub now: Instant,
     /// When the run began.
     pub t0: Instant,
-    /// Probability that one receiver loses one datagram.
+    /// Probability that one receiver loses one datagram (unless it has a
+    /// loss of its own, [`Net::set_loss`]).
     pub loss: f64,
+    /// Each node's own loss, where it has one.
+    node_loss: Vec<Option<f64>>,
+    /// One-way latency: the least, and the spread above it (random).
+    latency: (Duration, Duration),
     /// Bytes each node put on the wire, headers included.
     pub wire_bytes: Vec<u64>,
     silenced: Vec<bool>,
@@ -128,6 +133,8 @@ impl Net {
             now: t0,
             t0,
             loss,
+            node_loss: vec![None; nodes],
+            latency: (Duration::from_micros(200), Duration::from_micros(1800)),
             wire_bytes: vec![0; nodes],
             silenced: vec![false; nodes],
             timers: vec![None; nodes],
@@ -140,6 +147,27 @@ impl Net {
 
     pub fn nodes(&self) -> usize {
         self.silenced.len()
+    }
+
+    /// One more node (the next index).
+    pub fn add_node(&mut self) -> usize {
+        self.node_loss.push(None);
+        self.wire_bytes.push(0);
+        self.silenced.push(false);
+        self.timers.push(None);
+        self.nodes() - 1
+    }
+
+    /// Node `i` loses `loss` of what it is sent, whatever the subnet's.
+    pub fn set_loss(&mut self, i: usize, loss: f64) {
+        self.node_loss[i] = Some(loss);
+    }
+
+    /// Every datagram takes from `least` to `most` to arrive (random in
+    /// between; exactly `least` when they are equal). The default is 0.2
+    /// to 2 ms.
+    pub fn set_latency(&mut self, least: Duration, most: Duration) {
+        self.latency = (least, most.saturating_sub(least));
     }
 
     /// Virtual time since the start.
@@ -166,12 +194,19 @@ impl Net {
         }));
     }
 
-    fn lost(&mut self) -> bool {
-        self.loss > 0.0 && self.rng.unit() < self.loss
+    /// Whether node `to` loses the datagram it is being sent.
+    fn lost(&mut self, to: usize) -> bool {
+        let loss = self.node_loss[to].unwrap_or(self.loss);
+        loss > 0.0 && self.rng.unit() < loss
     }
 
     fn latency(&mut self) -> Duration {
-        Duration::from_micros(200 + self.rng.next_u64() % 1800)
+        let (least, spread) = self.latency;
+        let spread = spread.as_micros() as u64;
+        if spread == 0 {
+            return least;
+        }
+        least + Duration::from_micros(self.rng.next_u64() % spread)
     }
 
     /// Node `i` wants its timer at `at` (its machines' earliest
@@ -228,7 +263,7 @@ impl Net {
         let Some(t) = index_of(to.ip()).filter(|&t| t < self.nodes()) else {
             return;
         };
-        if self.lost() {
+        if self.lost(t) {
             return;
         }
         let at = self.now + self.latency();
@@ -320,7 +355,7 @@ impl Net {
             };
             let t = t as usize;
             let (from, port, bytes) = (d.from, d.port, d.bytes.clone());
-            if self.silenced[t] || self.lost() {
+            if self.silenced[t] || self.lost(t) {
                 continue;
             }
             return Some(Datagram {
@@ -371,6 +406,32 @@ mod tests {
             assert_eq!(index_of(addr_of(i).into()), Some(i), "node {i}");
         }
         assert_eq!(index_of(Ipv4Addr::new(192, 168, 1, 1).into()), None);
+    }
+
+    #[test]
+    fn a_node_added_has_its_own_loss_and_a_fixed_latency_is_exact() {
+        let mut net = Net::new(1, 0.5, 2);
+        net.set_latency(Duration::from_micros(200), Duration::from_micros(200));
+        let deaf = net.add_node();
+        let clear = net.add_node();
+        assert_eq!((deaf, clear, net.nodes()), (1, 2, 3));
+        net.set_loss(deaf, 1.0);
+        net.set_loss(clear, 0.0);
+        let t0 = net.now;
+        for i in 0..100u8 {
+            net.multicast(0, 7, vec![i], [deaf, clear]);
+        }
+        let mut heard = 0;
+        while let Some(w) = net.next(t0 + Duration::from_secs(1)) {
+            let Wake::Datagram(d) = w else {
+                panic!("only datagrams were sent")
+            };
+            assert_eq!(d.to, clear, "the node that loses everything heard one");
+            assert_eq!(net.now - t0, Duration::from_micros(200));
+            heard += 1;
+        }
+        // The subnet's 50% is not theirs.
+        assert_eq!(heard, 100);
     }
 
     #[test]

@@ -1,12 +1,13 @@
-//! Sender and receivers over a simulated subnet with a virtual clock and
-//! seeded loss: the protocol logic without sockets, deterministically.
-//! Shared by the session tests (`sim.rs`) and the rate controller's
-//! (`rate_sim.rs`).
+//! Sender and receivers over the shared simulated subnet
+//! ([`multicast::sim::Net`]: a virtual clock, seeded loss per receiver, one
+//! timer per node): the protocol logic without sockets, deterministically.
+//! The sender is node 0, receiver `i` node `i + 1`; each runs when its
+//! timer is due or a datagram reaches it. Shared by the session tests
+//! (`sim.rs`) and the rate controller's (`rate_sim.rs`).
 
 #![allow(dead_code)]
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -15,20 +16,25 @@ use multicast::receiver::{
     BlockResult, DecodeJob, DecodeOutcome, Receiver, ReceiverConfig, ReceiverEvent,
 };
 use multicast::sender::{EncodedBatch, Sender, SenderConfig, SenderObject};
+use multicast::sim::{Datagram, Net, Wake, addr_of};
 
+/// One switch between every node and the next: each datagram arrives this
+/// long after it left (or left a receiver's bottleneck [`Link`]).
 pub const LINK_DELAY: Duration = Duration::from_micros(200);
+/// The sender's node on the subnet.
+const SENDER: usize = 0;
+/// The session's port: data to the group from it, feedback to it.
+const PORT: u16 = 5000;
+/// Longest a live node sleeps: the sender's pause starts and ends on time,
+/// and every receiver looks at its decode queue.
+const TICK: Duration = Duration::from_millis(10);
+
+/// Receiver `i`'s node.
+fn node_of(receiver: usize) -> usize {
+    receiver + 1
+}
 
 pub use multicast::rng::SplitMix64 as Rng;
-
-pub trait Chance {
-    fn chance(&mut self, p: f64) -> bool;
-}
-
-impl Chance for Rng {
-    fn chance(&mut self, p: f64) -> bool {
-        self.unit() < p
-    }
-}
 
 pub fn file_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut rng = Rng(seed);
@@ -115,10 +121,6 @@ impl Link {
 /// Picks datagrams a receiver loses on purpose.
 pub type DropFilter = Box<dyn FnMut(&[u8]) -> bool>;
 
-/// What the subnet carries in flight: (deliver at, seq, to, bytes); `to`
-/// None is the sender.
-pub type InFlight = BinaryHeap<Reverse<(Instant, u64, Option<usize>, Vec<u8>)>>;
-
 /// Sees every datagram the sender sends and returns extra ones to inject.
 pub type Tamper = Box<dyn FnMut(&mut Rng, &[u8]) -> Vec<Vec<u8>>>;
 
@@ -130,8 +132,8 @@ pub struct Sim {
     pub plan: Plan,
     pub sender: Sender,
     pub receivers: Vec<SimReceiver>,
-    pub net: InFlight,
-    pub seq: u64,
+    /// The subnet: what is in flight, the timers, the loss.
+    pub net: Net,
     /// Called on every datagram the sender puts on the wire; may add more.
     pub tamper: Tamper,
     /// The sender's rate each time it changed, by virtual time.
@@ -147,8 +149,6 @@ pub struct Sim {
     /// hashed, and the next one the whole-file hash needs.
     pub learning: Option<(Vec<bool>, u32)>,
 }
-
-pub const SENDER_ADDR: &str = "10.0.0.1:5000";
 
 impl Sim {
     pub fn new(data: Vec<u8>, block: u32, t: u16, cfg: SenderConfig, seed: u64) -> Self {
@@ -172,7 +172,9 @@ impl Sim {
                 given.then(|| sha256(&data[at..at + layout.block_len(b)]))
             })
             .collect();
-        let now = Instant::now();
+        let mut net = Net::new(1, 0.0, seed);
+        net.set_latency(LINK_DELAY, LINK_DELAY);
+        let now = net.now;
         let sender = Sender::new(
             now,
             cfg,
@@ -195,8 +197,7 @@ impl Sim {
             receivers: Vec::new(),
             owed: Vec::new(),
             learning: (!given).then(|| (vec![false; layout.block_count() as usize], 0)),
-            net: BinaryHeap::new(),
-            seq: 0,
+            net,
             tamper: Box::new(|_, _| Vec::new()),
             rate_log: Vec::new(),
             pause: 0.0..0.0,
@@ -211,6 +212,9 @@ impl Sim {
             idle_timeout: Duration::from_secs(20),
             ..ReceiverConfig::default()
         };
+        let node = self.net.add_node();
+        debug_assert_eq!(node, node_of(self.receivers.len()));
+        self.net.set_loss(node, loss);
         self.receivers.push(SimReceiver {
             rx: Receiver::new(self.now + joins_after, cfg),
             file: Vec::new(),
@@ -227,18 +231,23 @@ impl Sim {
         self.receivers.len() - 1
     }
 
-    pub fn push(&mut self, to: Option<usize>, bytes: Vec<u8>) {
-        self.seq += 1;
-        let mut at = self.now + LINK_DELAY;
-        if let Some(i) = to
-            && let Some(link) = self.receivers[i].link.as_mut()
-        {
-            match link.pass(self.start, self.now, bytes.len()) {
-                Some(left) => at = left + LINK_DELAY,
-                None => return,
+    /// `bytes` from the sender to every receiver: through its link, if
+    /// it has one (and not at all when the link's queue is full).
+    fn to_receivers(&mut self, bytes: &[u8]) {
+        let mut plain = Vec::new();
+        for i in 0..self.receivers.len() {
+            match self.receivers[i].link.as_mut() {
+                None => plain.push(node_of(i)),
+                Some(link) => {
+                    if let Some(left) = link.pass(self.start, self.now, bytes.len()) {
+                        let to = [node_of(i)];
+                        self.net
+                            .multicast_at(left, SENDER, PORT, bytes.to_vec(), to);
+                    }
+                }
             }
         }
-        self.net.push(Reverse((at, self.seq, to, bytes)));
+        self.net.multicast(SENDER, PORT, bytes.to_vec(), plain);
     }
 
     pub fn encode(&mut self, job: multicast::sender::EncodeJob) -> EncodedBatch {
@@ -269,161 +278,26 @@ impl Sim {
 
     /// Runs until the sender finishes and every receiver is over, or `limit`.
     pub fn run(&mut self, limit: Duration) {
-        let sender_addr: SocketAddr = SENDER_ADDR.parse().unwrap();
-        while self.now < self.start + limit {
-            // Sender side.
-            let t = (self.now - self.start).as_secs_f64();
-            self.sender.set_paused(self.pause.contains(&t));
-            self.sender.handle_timeout(self.now);
-            for batch in std::mem::take(&mut self.owed) {
-                self.sender.handle_batch(batch);
-            }
-            while let Some(job) = self.sender.poll_job() {
-                let mut batch = self.encode(job);
-                if batch.source.is_some() && !batch.repair.is_empty() {
-                    self.owed.push(EncodedBatch {
-                        block: batch.block,
-                        source: None,
-                        repair_first_esi: batch.repair_first_esi,
-                        repair: std::mem::take(&mut batch.repair),
-                        more: false,
-                        hashes: Vec::new(),
-                        file_sha256: None,
-                    });
-                    batch.more = true;
+        let until = self.start + limit;
+        self.net.wake_at(SENDER, Some(self.now));
+        for i in 0..self.receivers.len() {
+            let at = self.receivers[i].joins_at;
+            self.net.wake_at(node_of(i), Some(at));
+        }
+        while let Some(wake) = self.net.next(until) {
+            self.now = self.net.now;
+            match wake {
+                Wake::Timer(SENDER) => self.sender_turn(),
+                Wake::Timer(n) => self.receiver_turn(n - 1),
+                Wake::Datagram(d) if d.to == SENDER => {
+                    self.sender.handle_datagram(self.now, d.from, &d.bytes);
+                    self.sender_turn();
                 }
-                self.sender.handle_batch(batch);
-            }
-            let mut out = Vec::new();
-            while let Some(bytes) = self.sender.poll_transmit(self.now) {
-                out.push(bytes.to_vec());
-            }
-            for bytes in out {
-                // Byte 3 is the kind; 3 is DATA.
-                if bytes.get(3) == Some(&3) {
-                    self.data_sent.push(self.now - self.start);
-                }
-                let extra = (self.tamper)(&mut self.rng, &bytes);
-                for i in 0..self.receivers.len() {
-                    self.push(Some(i), bytes.clone());
-                    for e in &extra {
-                        self.push(Some(i), e.clone());
-                    }
-                }
-            }
-            while self.sender.poll_event().is_some() {}
-            let rate = self.sender.stats().rate_bps;
-            if self.rate_log.last().is_none_or(|&(_, r)| r != rate) {
-                self.rate_log.push((self.now - self.start, rate));
-            }
-            // Receivers.
-            for i in 0..self.receivers.len() {
-                let now = self.now;
-                let r = &mut self.receivers[i];
-                if now < r.joins_at || r.outcome.is_some() {
-                    continue;
-                }
-                r.rx.handle_timeout(now);
-                let mut feedback = Vec::new();
-                loop {
-                    while let Some(job) = r.rx.poll_job() {
-                        r.decoding.push_back((now + r.decode_delay, job));
-                    }
-                    while r.decoding.front().is_some_and(|(t, _)| *t <= now) {
-                        let (_, job) = r.decoding.pop_front().unwrap();
-                        let result = match job.run() {
-                            DecodeOutcome::Verified {
-                                block,
-                                offset,
-                                len,
-                                data,
-                            } => {
-                                let at = offset as usize;
-                                r.file[at..at + len].copy_from_slice(&data[..len]);
-                                BlockResult::Written { block }
-                            }
-                            DecodeOutcome::NeedMore { block, collector } => {
-                                BlockResult::NeedMore { block, collector }
-                            }
-                            DecodeOutcome::Corrupt { block } => BlockResult::Corrupt { block },
-                        };
-                        r.rx.handle_decoded(result);
-                    }
-                    let Some(event) = r.rx.poll_event() else {
-                        break;
-                    };
-                    match event {
-                        ReceiverEvent::SessionFound { info, .. } => {
-                            r.file = vec![0; info.file_size as usize];
-                        }
-                        ReceiverEvent::AllBlocksWritten => {
-                            let ok = Some(sha256(&r.file)) == r.rx.file_sha256();
-                            r.rx.handle_file_verified(now, ok);
-                        }
-                        ReceiverEvent::Complete => {
-                            r.outcome = Some(Ok(()));
-                            r.done_at = Some(now);
-                        }
-                        ReceiverEvent::Failed(f) => {
-                            r.outcome = Some(Err(f.to_string()));
-                            r.done_at = Some(now);
-                        }
-                    }
-                }
-                while let Some(t) = r.rx.poll_transmit() {
-                    assert_eq!(t.dest, multicast::transmit::Dest::To(sender_addr));
-                    feedback.push(t.bytes);
-                }
-                for bytes in feedback {
-                    self.push(None, bytes);
-                }
+                Wake::Datagram(d) => self.deliver(d),
+                Wake::Reply { .. } => unreachable!("no exchanges in a session"),
             }
             if self.sender.is_finished() && self.receivers.iter().all(|r| r.outcome.is_some()) {
                 return;
-            }
-            // Next instant anything happens.
-            let mut next = self.now + Duration::from_millis(10);
-            if let Some(t) = self.sender.poll_timeout() {
-                next = next.min(t);
-            }
-            for r in &self.receivers {
-                if r.outcome.is_none() {
-                    let t = r.rx.poll_timeout().unwrap_or(next).max(r.joins_at);
-                    next = next.min(t);
-                    if let Some((t, _)) = r.decoding.front() {
-                        next = next.min(*t);
-                    }
-                }
-            }
-            if let Some(Reverse((t, ..))) = self.net.peek() {
-                next = next.min(*t);
-            }
-            self.now = next.max(self.now);
-            // Deliver everything due.
-            while let Some(Reverse((t, ..))) = self.net.peek() {
-                if *t > self.now {
-                    break;
-                }
-                let Reverse((_, _, to, bytes)) = self.net.pop().unwrap();
-                match to {
-                    None => self.sender.handle_datagram(
-                        self.now,
-                        "10.0.0.2:5000".parse().unwrap(),
-                        &bytes,
-                    ),
-                    Some(i) => {
-                        let r = &mut self.receivers[i];
-                        if self.now < r.joins_at
-                            || r.outcome.is_some()
-                            || self.rng.chance(r.loss)
-                            || r.drop.as_mut().is_some_and(|d| d(&bytes))
-                        {
-                            continue;
-                        }
-                        r.rx.handle_datagram(self.now, sender_addr, &bytes);
-                        r.max_buffered = r.max_buffered.max(r.rx.buffered_blocks());
-                    }
-                }
             }
         }
         panic!(
@@ -439,6 +313,151 @@ impl Sim {
                 ))
                 .collect::<Vec<_>>()
         );
+    }
+
+    /// The sender's turn: its timers, its encoder's batches, what it sends.
+    fn sender_turn(&mut self) {
+        let t = (self.now - self.start).as_secs_f64();
+        self.sender.set_paused(self.pause.contains(&t));
+        self.sender.handle_timeout(self.now);
+        for batch in std::mem::take(&mut self.owed) {
+            self.sender.handle_batch(batch);
+        }
+        while let Some(job) = self.sender.poll_job() {
+            let mut batch = self.encode(job);
+            if batch.source.is_some() && !batch.repair.is_empty() {
+                self.owed.push(EncodedBatch {
+                    block: batch.block,
+                    source: None,
+                    repair_first_esi: batch.repair_first_esi,
+                    repair: std::mem::take(&mut batch.repair),
+                    more: false,
+                    hashes: Vec::new(),
+                    file_sha256: None,
+                });
+                batch.more = true;
+            }
+            self.sender.handle_batch(batch);
+        }
+        let mut out = Vec::new();
+        while let Some(bytes) = self.sender.poll_transmit(self.now) {
+            out.push(bytes.to_vec());
+        }
+        for bytes in out {
+            // Byte 3 is the kind; 3 is DATA.
+            if bytes.get(3) == Some(&3) {
+                self.data_sent.push(self.now - self.start);
+            }
+            let extra = (self.tamper)(&mut self.rng, &bytes);
+            self.to_receivers(&bytes);
+            for e in &extra {
+                self.to_receivers(e);
+            }
+        }
+        while self.sender.poll_event().is_some() {}
+        let rate = self.sender.stats().rate_bps;
+        if self.rate_log.last().is_none_or(|&(_, r)| r != rate) {
+            self.rate_log.push((self.now - self.start, rate));
+        }
+        // Owed batches go in at the next turn, as the encoder's would.
+        let next = match self.sender.poll_timeout() {
+            _ if !self.owed.is_empty() => self.now,
+            Some(t) => t.min(self.now + TICK),
+            None => self.now + TICK,
+        };
+        self.net.wake_at(SENDER, Some(next));
+    }
+
+    /// A datagram reaches a receiver (past the subnet's loss).
+    fn deliver(&mut self, d: Datagram) {
+        let i = d.to - 1;
+        let r = &mut self.receivers[i];
+        if self.now < r.joins_at
+            || r.outcome.is_some()
+            || r.drop.as_mut().is_some_and(|drop| drop(&d.bytes))
+        {
+            return;
+        }
+        r.rx.handle_datagram(self.now, d.from, &d.bytes);
+        r.max_buffered = r.max_buffered.max(r.rx.buffered_blocks());
+        self.receiver_turn(i);
+    }
+
+    /// Receiver `i`'s turn: its timers, its decodes that are due, its
+    /// events, and its feedback to the sender.
+    fn receiver_turn(&mut self, i: usize) {
+        let now = self.now;
+        let sender_addr = SocketAddr::new(addr_of(SENDER).into(), PORT);
+        let r = &mut self.receivers[i];
+        if now < r.joins_at || r.outcome.is_some() {
+            return;
+        }
+        r.rx.handle_timeout(now);
+        loop {
+            while let Some(job) = r.rx.poll_job() {
+                r.decoding.push_back((now + r.decode_delay, job));
+            }
+            while r.decoding.front().is_some_and(|(t, _)| *t <= now) {
+                let (_, job) = r.decoding.pop_front().expect("a job is due");
+                let result = match job.run() {
+                    DecodeOutcome::Verified {
+                        block,
+                        offset,
+                        len,
+                        data,
+                    } => {
+                        let at = offset as usize;
+                        r.file[at..at + len].copy_from_slice(&data[..len]);
+                        BlockResult::Written { block }
+                    }
+                    DecodeOutcome::NeedMore { block, collector } => {
+                        BlockResult::NeedMore { block, collector }
+                    }
+                    DecodeOutcome::Corrupt { block } => BlockResult::Corrupt { block },
+                };
+                r.rx.handle_decoded(result);
+            }
+            let Some(event) = r.rx.poll_event() else {
+                break;
+            };
+            match event {
+                ReceiverEvent::SessionFound { info, .. } => {
+                    r.file = vec![0; info.file_size as usize];
+                }
+                ReceiverEvent::AllBlocksWritten => {
+                    let ok = Some(sha256(&r.file)) == r.rx.file_sha256();
+                    r.rx.handle_file_verified(now, ok);
+                }
+                ReceiverEvent::Complete => {
+                    r.outcome = Some(Ok(()));
+                    r.done_at = Some(now);
+                }
+                ReceiverEvent::Failed(f) => {
+                    r.outcome = Some(Err(f.to_string()));
+                    r.done_at = Some(now);
+                }
+            }
+        }
+        let mut feedback = Vec::new();
+        while let Some(t) = r.rx.poll_transmit() {
+            assert_eq!(t.dest, multicast::transmit::Dest::To(sender_addr));
+            feedback.push(t.bytes);
+        }
+        let mut next = None;
+        if r.outcome.is_none() {
+            let mut at = now + TICK;
+            if let Some(t) = r.rx.poll_timeout() {
+                at = at.min(t);
+            }
+            if let Some((t, _)) = r.decoding.front() {
+                at = at.min(*t);
+            }
+            next = Some(at);
+        }
+        for bytes in feedback {
+            self.net.unicast(node_of(i), PORT, sender_addr, bytes);
+        }
+        self.net.wake_at(node_of(i), next);
     }
 
     pub fn assert_all_verified(&self) {
