@@ -233,7 +233,7 @@ impl Sim {
 
     /// `bytes` from the sender to every receiver: through its link, if
     /// it has one (and not at all when the link's queue is full).
-    fn to_receivers(&mut self, bytes: &[u8]) {
+    fn send_to_receivers(&mut self, bytes: &[u8]) {
         let mut plain = Vec::new();
         for i in 0..self.receivers.len() {
             match self.receivers[i].link.as_mut() {
@@ -349,9 +349,9 @@ impl Sim {
                 self.data_sent.push(self.now - self.start);
             }
             let extra = (self.tamper)(&mut self.rng, &bytes);
-            self.to_receivers(&bytes);
+            self.send_to_receivers(&bytes);
             for e in &extra {
-                self.to_receivers(e);
+                self.send_to_receivers(e);
             }
         }
         while self.sender.poll_event().is_some() {}
