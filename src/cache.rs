@@ -19,12 +19,13 @@ use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use multicast::Layout;
 use serde::{Deserialize, Serialize};
 
+use crate::blocks::Blocks;
 use crate::manifest::Checked;
 
 /// Limits the cache keeps to when it evicts.
@@ -199,30 +200,17 @@ impl Cache {
             data,
             state,
             file,
-            done,
+            blocks: Arc::new(Blocks::from_held(&done)),
         };
         p.persist()?;
         Ok(p)
     }
 
-    /// Moves a finished download into `objects/` once its whole-file hash
-    /// matches; returns the object's path.
-    pub fn commit(&self, p: Partial) -> io::Result<PathBuf> {
+    /// Moves a verified download into `objects/`; returns the object's
+    /// path.
+    pub fn commit(&self, v: Verified) -> io::Result<PathBuf> {
+        let Verified(p) = v;
         let m = &p.manifest;
-        if !p.is_complete() {
-            return Err(io::Error::other("download is not complete"));
-        }
-        p.file.sync_all()?;
-        let (_, whole) = multicast::driver::hash_file(&p.file, &m.layout)?;
-        if whole != m.content {
-            // Every block matched its hash, so this needs a bad manifest
-            // (block hashes that do not make up the content id).
-            let _ = fs::remove_file(&p.state);
-            let _ = fs::remove_file(&p.data);
-            return Err(io::Error::other(
-                "the whole file does not match the content id although every block matched: the manifest is inconsistent",
-            ));
-        }
         let id = m.id();
         let target = self.object_path(&id);
         let mut perms = p.file.metadata()?.permissions();
@@ -387,53 +375,83 @@ fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     multicast::driver::read_exact_at(file, buf, offset)
 }
 
-/// A download in progress.
+/// A download in progress: its file, and the one map of which of its
+/// blocks are written and verified (shared read-only with whoever serves or
+/// announces them, set only here).
 pub struct Partial {
     pub manifest: Checked,
     pub data: PathBuf,
     state: PathBuf,
     pub file: File,
-    pub done: Vec<bool>,
+    blocks: Arc<Blocks>,
 }
+
+/// A download whose every block is written and whose whole file matches
+/// the content id: the only thing [`Cache::commit`] takes.
+pub struct Verified(Partial);
 
 impl Partial {
     pub fn layout(&self) -> Layout {
         self.manifest.layout
     }
 
+    /// Its blocks, for reading (what peers may be served, what presence
+    /// announces).
+    pub fn blocks(&self) -> &Arc<Blocks> {
+        &self.blocks
+    }
+
     pub fn done_count(&self) -> u32 {
-        self.done.iter().filter(|d| **d).count() as u32
+        self.blocks.done()
     }
 
     pub fn is_complete(&self) -> bool {
-        self.done.iter().all(|d| *d)
+        self.blocks.is_complete()
     }
 
     /// The blocks not yet written and verified, in order.
     pub fn missing(&self) -> impl Iterator<Item = u32> + '_ {
-        (0..self.layout().block_count()).filter(|&b| !self.done[b as usize])
+        self.blocks.missing()
     }
 
     /// Leading blocks that are all done (what a pipelined sender may read).
     pub fn done_prefix(&self) -> u32 {
-        self.done.iter().take_while(|d| **d).count() as u32
+        self.blocks.prefix()
     }
 
     /// Records a block as written and verified, durably.
     pub fn mark_done(&mut self, block: u32) -> io::Result<()> {
-        if let Some(d) = self.done.get_mut(block as usize) {
-            *d = true;
-        }
+        self.blocks.set(block);
         self.persist()
+    }
+
+    /// Checks the finished download: every block done, and the whole file
+    /// (synced to disk) matching the content id. A file that does not is
+    /// removed, state and all.
+    pub fn verify(self) -> io::Result<Verified> {
+        if !self.is_complete() {
+            return Err(io::Error::other("download is not complete"));
+        }
+        self.file.sync_all()?;
+        let m = &self.manifest;
+        let (_, whole) = multicast::driver::hash_file(&self.file, &m.layout)?;
+        if whole != m.content {
+            // Every block matched its hash, so this needs a bad manifest
+            // (block hashes that do not make up the content id).
+            let _ = fs::remove_file(&self.state);
+            let _ = fs::remove_file(&self.data);
+            return Err(io::Error::other(
+                "the whole file does not match the content id although every block matched: the manifest is inconsistent",
+            ));
+        }
+        Ok(Verified(self))
     }
 
     fn persist(&self) -> io::Result<()> {
         let state = PartialState {
             content_id: self.manifest.raw.content_id.clone(),
-            done: self
-                .done
-                .iter()
-                .map(|d| if *d { '1' } else { '0' })
+            done: (0..self.blocks.count())
+                .map(|b| if self.blocks.has(b) { '1' } else { '0' })
                 .collect(),
         };
         let bytes = serde_json::to_vec(&state).map_err(io::Error::other)?;
@@ -503,7 +521,7 @@ mod tests {
         // Checked on the bits, not by writing: root writes read-only files.
         assert!(!fs::metadata(&data).unwrap().permissions().readonly());
         p.write_block(0, &bytes).unwrap();
-        let object = cache.commit(p).unwrap();
+        let object = cache.commit(p.verify().unwrap()).unwrap();
         assert!(fs::metadata(&object).unwrap().permissions().readonly());
         assert_eq!(fs::read(&object).unwrap(), bytes);
         #[cfg(unix)]
@@ -512,6 +530,37 @@ mod tests {
             let mode = fs::metadata(&object).unwrap().permissions().mode();
             assert_eq!(mode & 0o222, 0, "no write bit left: {mode:o}");
         }
+        remove_tree(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_download_verifies_only_whole_and_its_blocks_are_one_shared_map() {
+        let dir = temp();
+        let cache = Cache::open(&dir, CacheLimits::default()).unwrap();
+        // Three blocks of the default size, the last one short.
+        let bytes: Vec<u8> = (0..2 * multicast::codec::DEFAULT_BLOCK_SIZE + 1000)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let m = manifest_for(&dir, &bytes);
+        assert_eq!(m.layout.block_count(), 3);
+        let mut p = cache.partial(&m).unwrap();
+        // What a repair server or presence holds: the map itself, not a copy.
+        let view = p.blocks().clone();
+        assert_eq!((view.count(), view.done()), (m.layout.block_count(), 0));
+        let first = m.layout.block_len(0);
+        p.write_block(0, &bytes[..first]).unwrap();
+        assert!(view.has(0));
+        let err = p.verify().err().expect("an incomplete download");
+        assert!(err.to_string().contains("not complete"), "{err}");
+        p = cache.partial(&m).unwrap();
+        assert!(p.blocks().has(0), "resumed with block 0 done");
+        for b in 1..3 {
+            let at = m.layout.offset(b) as usize;
+            p.write_block(b, &bytes[at..at + m.layout.block_len(b)])
+                .unwrap();
+        }
+        let object = cache.commit(p.verify().unwrap()).unwrap();
+        assert_eq!(fs::read(&object).unwrap(), bytes);
         remove_tree(&dir).unwrap();
     }
 
@@ -564,7 +613,7 @@ mod tests {
         let f = fs::OpenOptions::new().write(true).open(&data).unwrap();
         multicast::driver::write_all_at(&f, b"X", l.offset(2) + 10).unwrap();
         let p = cache.partial(&m).unwrap();
-        assert_eq!(p.done, [true, false, false]);
+        assert_eq!(p.blocks().to_held(), [true, false, false]);
         drop(p);
         // The state file lost (a power cut): the blocks on disk are found.
         fs::remove_file(
@@ -574,7 +623,7 @@ mod tests {
         )
         .unwrap();
         let p = cache.partial(&m).unwrap();
-        assert_eq!(p.done, [true, false, false]);
+        assert_eq!(p.blocks().to_held(), [true, false, false]);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -171,7 +171,7 @@ pub async fn fetch_blocks(
             }
         }
         let p = lock(partial);
-        if (first..=last).any(|b| !p.done[b as usize]) {
+        if (first..=last).any(|b| !p.blocks().has(b)) {
             return Err(FetchError::Exhausted(last_error));
         }
     }

@@ -5,6 +5,7 @@
 //! (`repair`).
 
 pub mod agent;
+pub mod blocks;
 pub mod cache;
 pub mod channel;
 pub mod cli;

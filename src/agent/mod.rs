@@ -117,8 +117,8 @@ impl Agent {
         let mut v: Vec<(u64, Held)> = self
             .tasks()
             .values()
-            .filter(|t| t.data.is_some() && t.have.iter().any(|h| *h))
             .filter_map(|t| {
+                let held = t.holding.as_ref().filter(|h| h.blocks.done() > 0)?;
                 let id = t.status.content_id.as_bytes();
                 let mut content = [0u8; 8];
                 for (i, c) in content.iter_mut().enumerate() {
@@ -129,9 +129,9 @@ impl Agent {
                     t.status.created,
                     Held {
                         content,
-                        blocks_done: t.have.iter().filter(|h| **h).count() as u32,
-                        block_count: t.have.len() as u32,
-                        have: ranges(&t.have),
+                        blocks_done: held.blocks.done(),
+                        block_count: held.blocks.count(),
+                        have: ranges(&held.blocks),
                     },
                 ))
             })
@@ -145,19 +145,10 @@ impl Agent {
     }
 }
 
-/// HAVE ranges of a bitmap; none when they do not fit in an announcement.
-fn ranges(have: &[bool]) -> Vec<[u32; 2]> {
-    let mut out: Vec<[u32; 2]> = Vec::new();
-    for (b, h) in have.iter().enumerate() {
-        if !*h {
-            continue;
-        }
-        let b = b as u32;
-        match out.last_mut() {
-            Some(r) if r[1] == b => r[1] = b + 1,
-            _ => out.push([b, b + 1]),
-        }
-    }
+/// HAVE ranges of a download's blocks; none when they do not fit in an
+/// announcement.
+fn ranges(blocks: &crate::blocks::Blocks) -> Vec<[u32; 2]> {
+    let mut out = blocks.ranges();
     if out.len() > multicast::wire::MAX_RANGES {
         out.clear();
     }

@@ -36,6 +36,7 @@ mod receive;
 mod represent;
 mod types;
 mod upstream;
+use crate::blocks::Blocks;
 use crate::cache::{Partial, now_unix};
 use crate::election::{Election, ElectionConfig, ElectionEvent};
 use crate::fetch::{fetch_blocks, lock};
@@ -52,14 +53,29 @@ pub const MAX_COMMAND: usize = 8192;
 /// UDP port of the data groups.
 pub const DATA_PORT: u16 = 7400;
 
+/// A task's content as held: the download's own map of its blocks (or
+/// every block, once cached) and the file they are in.
+pub struct Holding {
+    pub blocks: Arc<Blocks>,
+    pub path: PathBuf,
+}
+
+impl Holding {
+    /// A cached object: every block, at `path`.
+    pub fn whole(block_count: u32, path: PathBuf) -> Self {
+        Holding {
+            blocks: Arc::new(Blocks::all(block_count)),
+            path,
+        }
+    }
+}
+
 /// A task the agent knows.
 pub struct TaskEntry {
     pub spec: TaskSpec,
     pub status: TaskStatus,
-    /// Blocks held decoded and verified (HAVE), and the file they are in:
-    /// what peer repair may serve.
-    pub have: Vec<bool>,
-    pub data: Option<PathBuf>,
+    /// What peer repair may serve of the content, and presence announce.
+    pub holding: Option<Holding>,
     cancel: Arc<AtomicBool>,
     /// Woken on a cancel, a pause and a resume.
     cancel_notify: Arc<Notify>,
@@ -175,8 +191,7 @@ fn insert(agent: &Agent, spec: TaskSpec, status: TaskStatus) {
         TaskEntry {
             spec,
             status,
-            have: Vec::new(),
-            data: None,
+            holding: None,
             cancel: Arc::new(AtomicBool::new(false)),
             cancel_notify: Arc::new(Notify::new()),
             pause: Arc::new(AtomicBool::new(paused)),
@@ -234,13 +249,12 @@ pub fn restore(agent: &Arc<Agent>) {
         let done_object = (status.state == State::Done)
             .then(|| agent.cache.object_path(&status.content_id))
             .filter(|p| p.is_file());
-        let blocks = status.block_count as usize;
+        let blocks = status.block_count;
         insert(agent, stored.spec, status);
         if let Some(path) = done_object
             && let Some(t) = agent.tasks().get_mut(&id)
         {
-            t.have = vec![true; blocks];
-            t.data = Some(path);
+            t.holding = Some(Holding::whole(blocks, path));
         }
         if resume {
             tracing::info!("task {id}: resuming after a restart");
@@ -349,9 +363,15 @@ fn note_blocks(agent: &Agent, id: &str, p: &Partial) {
     let done = p.done_count();
     {
         let mut tasks = agent.tasks();
-        if let Some(t) = tasks.get_mut(id) {
-            t.have.clone_from(&p.done);
-            t.data = Some(p.data.clone());
+        if let Some(t) = tasks.get_mut(id)
+            && t.holding.is_none()
+        {
+            // The download's own map: every block it marks done from now
+            // on is served and announced, with no copy to keep in step.
+            t.holding = Some(Holding {
+                blocks: p.blocks().clone(),
+                path: p.data.clone(),
+            });
         }
     }
     update(agent, id, |s| s.blocks_done = done);
@@ -657,14 +677,17 @@ async fn drive_in_turn(r: &Run) -> anyhow::Result<()> {
         acquire(r, &partial).await?;
     }
     if let Some(t) = r.agent.tasks().get_mut(&r.id) {
-        t.data = None; // moving into the cache
+        t.holding = None; // moving into the cache
     }
     let cache_agent = r.agent.clone();
     let p = Arc::try_unwrap(partial)
         .map_err(|_| anyhow!("the download is still in use"))?
         .into_inner()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let path = tokio::task::spawn_blocking(move || cache_agent.cache.commit(p))
+    let verified = tokio::task::spawn_blocking(move || p.verify())
+        .await?
+        .context("checking the whole file")?;
+    let path = tokio::task::spawn_blocking(move || cache_agent.cache.commit(verified))
         .await?
         .context("moving the verified file into the cache")?;
     finish(r, &path).await

@@ -106,14 +106,15 @@ fn lookup(
     let id = hex(content);
     let tasks = agent.tasks();
     tasks.values().find_map(|t| {
-        if t.status.content_id != id || !t.have.get(block as usize).copied().unwrap_or(false) {
+        let held = t.holding.as_ref()?;
+        if t.status.content_id != id || !held.blocks.has(block) {
             return None;
         }
         let m = t.spec.manifest.check().ok()?;
         Some((
             m.layout,
             *m.block_hashes.get(block as usize)?,
-            t.data.clone()?,
+            held.path.clone(),
         ))
     })
 }

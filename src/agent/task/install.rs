@@ -10,8 +10,7 @@ const OUTPUT_TAIL: usize = 4096;
 pub(super) async fn finish(r: &Run, path: &Path) -> anyhow::Result<()> {
     let path_s = path.display().to_string();
     if let Some(t) = r.agent.tasks().get_mut(&r.id) {
-        t.have = vec![true; r.m.layout.block_count() as usize];
-        t.data = Some(path.to_owned());
+        t.holding = Some(Holding::whole(r.m.layout.block_count(), path.to_owned()));
     }
     update(&r.agent, &r.id, |s| {
         s.path = Some(path_s.clone());

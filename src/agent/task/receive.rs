@@ -161,7 +161,7 @@ fn spawn_receive(
     tokio::task::spawn_blocking(move || {
         let (file, path, done) = {
             let g = lock(&p);
-            (g.file.try_clone(), g.data.clone(), g.done.clone())
+            (g.file.try_clone(), g.data.clone(), g.blocks().to_held())
         };
         let file = match file {
             Ok(f) => f,
