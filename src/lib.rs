@@ -16,6 +16,7 @@ pub mod demo_flow;
 /// machines, in the scanner crate.
 pub use scanner::election;
 pub mod fetch;
+pub mod flow;
 pub mod lab;
 pub mod manifest;
 pub mod report;

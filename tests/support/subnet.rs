@@ -33,6 +33,8 @@ use multicast::wire::{self, Digest, Frame, Held, Standing};
 use repair::{Answer, PlanConfig, RepairPlan, Serving, Want};
 use scanner::{LocalNode, Presence, PresenceConfig};
 use somcast::election::{Election, ElectionConfig, ElectionEvent, Role as ElectionRole};
+use somcast::flow::{self, Next, SessionEnd};
+use somcast::topology::SiteKind;
 
 /// The control group's port (presence, claims, offers).
 pub const CONTROL: u16 = 7479;
@@ -166,6 +168,8 @@ pub struct Agent {
     pub done: Vec<bool>,
     /// Symbols of blocks a session left unfinished.
     leftovers: Vec<(u32, Box<Collector>)>,
+    /// The representative it follows and its session's start.
+    following: Option<(u64, Instant)>,
     pub origin_bytes: u64,
     pub peer_bytes: u64,
     pub multicast_blocks: u32,
@@ -281,6 +285,7 @@ impl Subnet {
                 joins_at,
                 done: vec![false; blocks],
                 leftovers: Vec::new(),
+                following: None,
                 origin_bytes: 0,
                 peer_bytes: 0,
                 multicast_blocks: 0,
@@ -522,10 +527,16 @@ impl Subnet {
                 // rest from the origin.
                 self.start_repair(i, AfterRepair::Represent { session, start });
             }
-            ElectionEvent::Follow { session, start, .. } => {
+            ElectionEvent::Follow {
+                representative,
+                session,
+                start,
+                ..
+            } => {
                 if matches!(a.phase, Phase::Done | Phase::Repair { .. }) {
                     return;
                 }
+                a.following = Some((representative, start));
                 if let Phase::Receive(rx) = &mut a.phase {
                     a.leftovers.extend(rx.take_collectors());
                 }
@@ -544,18 +555,16 @@ impl Subnet {
             ElectionEvent::RepresentativeLost { representative } => {
                 if let Phase::Receive(rx) = &mut a.phase {
                     a.leftovers.extend(rx.take_collectors());
-                    // Its offers came and its data never did, though it
-                    // holds the package: the multicast does not reach this
-                    // agent, which takes it from peers (as the agent does).
-                    let no_show = rx.session().is_none();
-                    if no_show && holds_some(&a.presence, &self.pkg.content, representative) {
-                        a.election = None;
-                        self.start_repair(i, AfterRepair::Origin);
+                    let since = a
+                        .following
+                        .map_or(Duration::ZERO, |(_, s)| now.saturating_duration_since(s));
+                    let end = flow::lost_representative_ends(rx.session().is_none(), since);
+                    if self.after_session(i, representative, end) {
                         return;
                     }
-                    a.phase = Phase::Electing;
                 }
                 // Stand on what is held now.
+                let a = &mut self.agents[i];
                 let mut standing = a.standing;
                 standing.held_permille = a.held_permille();
                 if let Some(e) = a.election.as_mut() {
@@ -566,6 +575,36 @@ impl Subnet {
                 if matches!(a.phase, Phase::Represent(_)) {
                     a.phase = Phase::Electing;
                 }
+            }
+        }
+    }
+
+    /// Agent `i`'s session from `representative` ended so: what the
+    /// agent's task flow does next ([`flow::after_session`]), done here.
+    /// Whether it left the election (for peers and the origin, or done).
+    pub(super) fn after_session(&mut self, i: usize, representative: u64, end: SessionEnd) -> bool {
+        let now = self.net.now;
+        let a = &mut self.agents[i];
+        let holds =
+            end == SessionEnd::NoShow && holds_some(&a.presence, &self.pkg.content, representative);
+        match flow::after_session(end, SiteKind::Wired, holds) {
+            Next::Done => {
+                self.finish(i);
+                true
+            }
+            // The simulated peers do not stall: what none holds comes from
+            // the origin either way.
+            Next::PeersThenOrigin | Next::PeersOnly { .. } => {
+                a.election = None;
+                self.start_repair(i, AfterRepair::Origin);
+                true
+            }
+            Next::Elect { abandon } => {
+                a.phase = Phase::Electing;
+                if abandon && let Some(e) = a.election.as_mut() {
+                    e.abandon(now, representative);
+                }
+                false
             }
         }
     }

@@ -3,6 +3,7 @@
 //! jobs run in place.
 
 use super::*;
+use multicast::ReceiveFailure;
 
 impl Subnet {
     pub(super) fn fetch_time(&self, b: u32) -> Instant {
@@ -132,18 +133,21 @@ impl Subnet {
                     // Every block matched its manifest hash, so the whole
                     // file matches the content id.
                     ReceiverEvent::AllBlocksWritten => rx.handle_file_verified(now, true),
-                    ReceiverEvent::Complete => over = Some(true),
-                    ReceiverEvent::Failed(_) => over = Some(false),
+                    ReceiverEvent::Complete => over = Some(SessionEnd::All),
+                    ReceiverEvent::Failed(f) => {
+                        over = Some(match f {
+                            ReceiveFailure::NoSender(_) => SessionEnd::NoShow,
+                            ReceiveFailure::LeftBehind { .. } => SessionEnd::LeftBehind,
+                            _ => SessionEnd::Incomplete,
+                        })
+                    }
                 }
             }
             while let Some(t) = rx.poll_transmit() {
                 out.push(t);
             }
-            if over == Some(false) {
+            if over.is_some_and(|end| end != SessionEnd::All) {
                 a.leftovers.extend(rx.take_collectors());
-                // The multicast is over for it: what is missing comes
-                // from peers, then the origin.
-                a.election = None;
             }
         }
         for b in verified {
@@ -154,10 +158,9 @@ impl Subnet {
             more = true;
             self.send(i, DATA, t);
         }
-        match over {
-            Some(true) => self.finish(i),
-            Some(false) => self.start_repair(i, AfterRepair::Origin),
-            None => {}
+        if let Some(end) = over {
+            let representative = self.agents[i].following.map_or(0, |f| f.0);
+            self.after_session(i, representative, end);
         }
         more
     }

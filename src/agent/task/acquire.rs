@@ -7,6 +7,7 @@ use super::receive::{Received, receive};
 use super::represent::represent;
 use super::upstream::origin_fetch;
 use super::*;
+use crate::flow;
 use crate::topology::SiteKind;
 
 /// The multicast session an election settled on: its id, data group and
@@ -21,9 +22,7 @@ pub(super) struct Session {
 /// Gets every block: election, then representing or receiving, then the
 /// origin for what is still missing.
 pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<()> {
-    let kind = r.agent.site_kind();
-    if kind == SiteKind::Vpn {
-        // A remote worker shares nothing with the hosts beside it.
+    if flow::start(r.agent.site_kind()) == flow::Start::OnItsOwn {
         r.note("vpn site: fetching on its own, from the nearest source".into());
         r.state(State::Fetching);
         return origin_fetch(r, partial).await;
@@ -157,8 +156,8 @@ enum Followed {
 }
 
 /// A receiver of `representative`'s session: the multicast (none on
-/// Wi-Fi), then peers and the origin for what it missed; or, when the
-/// session is interrupted or never shows, back to the election.
+/// Wi-Fi), then what [`flow::after_session`] says: peers and the origin
+/// for what it missed, or back to the election.
 async fn follow(
     r: &Run,
     partial: &Arc<Mutex<Partial>>,
@@ -169,63 +168,71 @@ async fn follow(
 ) -> anyhow::Result<Followed> {
     let kind = r.agent.site_kind();
     update(&r.agent, &r.id, |s| s.role = Some("receiver".into()));
-    let received = if kind == SiteKind::Wifi {
-        // Multicast over Wi-Fi goes at the lowest rate and is
-        // lost freely: the representative only fetches.
-        r.note(format!(
-            "wifi site: taking the package from peers over TCP as representative {representative:016x} fetches it"
-        ));
-        Received::NoShow(preload)
-    } else {
+    let received = if flow::receives_multicast(kind) {
         r.note(format!(
             "receiver of {representative:016x} on {}",
             joined.group
         ));
         let _listening = super::upstream::listen_for_members(r);
         receive(r, partial, joined, rx, preload).await?
+    } else {
+        r.note(format!(
+            "wifi site: taking the package from peers over TCP as representative {representative:016x} fetches it"
+        ));
+        Received::NoShow(preload)
     };
-    match received {
-        Received::All => Ok(Followed::Done),
-        Received::Incomplete(why, leftovers) => {
+    let end = received.end();
+    let holds = end == flow::SessionEnd::NoShow && holds_some(r, representative);
+    let next = flow::after_session(end, kind, holds);
+    let (event, left, why) = received.into_parts();
+    match next {
+        flow::Next::Done => Ok(Followed::Done),
+        flow::Next::PeersThenOrigin => {
             r.note(format!(
-                "multicast left blocks missing ({why}): repairing from peers"
+                "multicast left blocks missing ({}): repairing from peers",
+                why.unwrap_or_default()
             ));
-            repair_then_origin(r, partial, leftovers).await?;
+            repair_then_origin(r, partial, left).await?;
             Ok(Followed::Done)
         }
-        Received::Interrupted(next, left) => Ok(Followed::Next(next, left)),
-        Received::LeftBehind(left) => {
-            left_behind(r, partial, representative, left).await?;
-            Ok(Followed::Done)
-        }
-        Received::NoShow(left) if kind == SiteKind::Wifi || holds_some(r, representative) => {
-            // Offers and presence arrive, the data does not (a
-            // switch that prunes the data group, Wi-Fi client
-            // isolation): the representative fetches all the
-            // same, and every receiver takes it from peers.
-            if kind != SiteKind::Wifi {
-                r.note(format!(
-                "multicast from representative {representative:016x} does not arrive here, though it holds blocks: taking the package from peers over unicast"
-            ));
-            }
-            r.state(State::Repairing);
-            if from_peers_only(r, partial, left).await? {
-                return Ok(Followed::Done);
-            }
-            r.note(format!(
-                "no peer made progress for {PEER_STALL:?}: electing again without {representative:016x}"
-            ));
-            abandon(r, representative);
-            Ok(Followed::Next(None, Vec::new()))
-        }
-        Received::NoShow(left) => {
-            // Every receiver would otherwise go to the origin on
-            // its own: elect again without it instead.
+        flow::Next::Elect { abandon: false } => Ok(Followed::Next(event, left)),
+        flow::Next::Elect { abandon: true } => {
             r.note(format!(
                 "representative {representative:016x} offered the content but sent nothing: electing again without it"
             ));
             abandon(r, representative);
             Ok(Followed::Next(None, left))
+        }
+        flow::Next::PeersOnly { on_stall } => {
+            if end == flow::SessionEnd::LeftBehind {
+                r.note(format!(
+                    "left behind by representative {representative:016x} as far slower than the rest: taking the rest from peers"
+                ));
+            } else if kind != SiteKind::Wifi {
+                r.note(format!(
+                    "multicast from representative {representative:016x} does not arrive here, though it holds blocks: taking the package from peers over unicast"
+                ));
+            }
+            r.state(State::Repairing);
+            if from_peers_only(r, partial, left).await? {
+                return Ok(Followed::Done);
+            }
+            match on_stall {
+                flow::OnStall::Origin => {
+                    r.note(format!(
+                        "no peer made progress for {PEER_STALL:?}: fetching the rest from the origin"
+                    ));
+                    origin_fetch(r, partial).await?;
+                    Ok(Followed::Done)
+                }
+                flow::OnStall::ElectWithout => {
+                    r.note(format!(
+                        "no peer made progress for {PEER_STALL:?}: electing again without {representative:016x}"
+                    ));
+                    abandon(r, representative);
+                    Ok(Followed::Next(None, Vec::new()))
+                }
+            }
         }
     }
 }
@@ -246,29 +253,6 @@ async fn repair_then_origin(
     if missing > 0 {
         r.note(format!(
             "{missing} block(s) no peer delivered: fetching them from the origin"
-        ));
-        origin_fetch(r, partial).await?;
-    }
-    Ok(())
-}
-
-/// Left behind by the session as far slower than the rest: the others
-/// finish the pass with the package (the representative holds it
-/// already), so it is taken from them as they announce it, or from the
-/// origin if none makes progress.
-async fn left_behind(
-    r: &Run,
-    partial: &Arc<Mutex<Partial>>,
-    representative: u64,
-    left: Leftovers,
-) -> anyhow::Result<()> {
-    r.note(format!(
-        "left behind by representative {representative:016x} as far slower than the rest: taking the rest from peers"
-    ));
-    r.state(State::Repairing);
-    if !from_peers_only(r, partial, left).await? {
-        r.note(format!(
-            "no peer made progress for {PEER_STALL:?}: fetching the rest from the origin"
         ));
         origin_fetch(r, partial).await?;
     }

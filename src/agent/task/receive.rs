@@ -7,6 +7,31 @@ use super::*;
 /// not reach this agent: its sender announces every 100 ms.
 const NO_DATA_AFTER_START: Duration = Duration::from_secs(5);
 
+impl Received {
+    /// How the session ended, as the task flow sees it.
+    pub(super) fn end(&self) -> crate::flow::SessionEnd {
+        use crate::flow::SessionEnd;
+        match self {
+            Received::All => SessionEnd::All,
+            Received::Incomplete(..) => SessionEnd::Incomplete,
+            Received::Interrupted(..) => SessionEnd::Interrupted,
+            Received::NoShow(_) => SessionEnd::NoShow,
+            Received::LeftBehind(_) => SessionEnd::LeftBehind,
+        }
+    }
+
+    /// The election event that came meanwhile, the symbols collected of
+    /// unfinished blocks, and why the session ended incomplete.
+    pub(super) fn into_parts(self) -> (Option<ElectionEvent>, Leftovers, Option<String>) {
+        match self {
+            Received::All => (None, Vec::new(), None),
+            Received::Incomplete(why, left) => (None, left, Some(why)),
+            Received::Interrupted(ev, left) => (ev, left, None),
+            Received::NoShow(left) | Received::LeftBehind(left) => (None, left, None),
+        }
+    }
+}
+
 pub(super) enum Received {
     All,
     /// Why, and the symbols collected for blocks still missing.
@@ -108,9 +133,9 @@ async fn while_receiving(
 }
 
 /// A session interrupted by `ev`. A representative that finished its pass
-/// (and so stopped offering) without one symbol of it arriving here, 2 s
-/// and more after its start (20 announcements): its multicast does not
-/// reach this agent.
+/// (and so stopped offering) without one symbol of it arriving here, long
+/// enough after its start ([`crate::flow::lost_representative_ends`]): its
+/// multicast does not reach this agent.
 fn after_interrupt(
     ev: ElectionEvent,
     nothing_arrived: bool,
@@ -118,8 +143,10 @@ fn after_interrupt(
     leftovers: Leftovers,
 ) -> Received {
     if matches!(ev, ElectionEvent::RepresentativeLost { .. })
-        && nothing_arrived
-        && Instant::now() >= start + Duration::from_secs(2)
+        && crate::flow::lost_representative_ends(
+            nothing_arrived,
+            Instant::now().saturating_duration_since(start),
+        ) == crate::flow::SessionEnd::NoShow
     {
         return Received::NoShow(leftovers);
     }

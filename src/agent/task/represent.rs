@@ -5,7 +5,6 @@
 use super::peers::peer_repair;
 use super::upstream::{fetch_upstream, origin_fetch};
 use super::*;
-use crate::topology::SiteKind;
 
 /// The representative: fetch from the origin, multicast from `start`,
 /// pipelined. Returns the election event that interrupted it (a better
@@ -32,7 +31,7 @@ pub(super) async fn represent(
     // the multicast runs, read by its loop.
     let hold = Arc::new(AtomicBool::new(r.paused()));
     r.state(State::Fetching);
-    if r.agent.site_kind() == SiteKind::Wifi {
+    if !crate::flow::multicasts(r.agent.site_kind()) {
         // No multicast on Wi-Fi: the others take it from this agent, and
         // each other, over TCP as it arrives.
         origin_fetch(r, partial).await?;
