@@ -12,8 +12,10 @@
 //!
 //! - **Slow start**: from [`START_BPS`], the rate doubles every
 //!   [`DOUBLING`] until the queue passes the target, so an idle link
-//!   is found within a fraction of a second; then it halves (the queue
-//!   shows the doubling that filled it late).
+//!   is found within a fraction of a second; then it falls to a little
+//!   under what got through meanwhile, or to half where it got to when
+//!   nothing was measured (the queue shows the doubling that filled it
+//!   late).
 //! - **Steady**: each sample moves the rate by `gain * off_target * dt`,
 //!   where `off_target = (target - queue) / target` in [-1, 1]: up while
 //!   the queue is short, down in proportion while it is long, three times
@@ -72,6 +74,10 @@ const BASE_BUCKETS: usize = 10;
 const RECENT: usize = 3;
 /// How far above what got through the rate may be: room to find more.
 pub const HEADROOM: f64 = 2.0;
+/// Where slow start leaves the rate when it ends: this share of what got
+/// through (rather than half its overshoot, which on an idle gigabit link
+/// is 0.7 of the link and takes half a second to climb back).
+const EXIT_SHARE: f64 = 0.95;
 /// Longest gap between samples that still counts in full: after a longer
 /// silence the rate does not leap.
 const MAX_DT: Duration = Duration::from_millis(500);
@@ -93,6 +99,8 @@ pub struct Pace {
     queue: Option<Duration>,
     /// [`HEADROOM`] times what got through lately: no growth passes it.
     ceiling: Option<f64>,
+    /// What got through lately, bit/s.
+    delivered: Option<f64>,
 }
 
 impl Pace {
@@ -114,6 +122,7 @@ impl Pace {
             clear_since: None,
             queue: None,
             ceiling: None,
+            delivered: None,
         }
     }
 
@@ -171,6 +180,7 @@ impl Pace {
         // Held at every step after, not just now: growth between two
         // sparse delay samples would otherwise leap past it again.
         self.ceiling = Some(got * HEADROOM);
+        self.delivered = Some(got);
         let cap = self.cap_bps.unwrap_or(u64::MAX) as f64;
         self.rate = self
             .rate
@@ -197,9 +207,13 @@ impl Pace {
         if self.slow_start {
             if queue > TARGET {
                 // The queue shows the doubling that filled it late: the rate
-                // that fits is about half of where it got to.
+                // that fits is about half of where it got to, or, when it is
+                // known, a little under what got through meanwhile (the
+                // path's rate for this transfer; the little drains the queue
+                // the doubling built).
                 self.slow_start = false;
-                self.rate /= 2.0;
+                let through = self.delivered.map_or(0.0, |d| d * EXIT_SHARE);
+                self.rate = (self.rate / 2.0).max(through);
                 self.best = self.best.max(self.rate);
             } else {
                 self.rate *= 2f64.powf(secs / DOUBLING.as_secs_f64());
@@ -319,6 +333,41 @@ mod tests {
         let trace = run(&mut p, 100e6, 10.0, |_| None);
         let m = mean(&trace, 2.0, 10.0);
         assert!(m >= 80.0, "mean {m:.1} Mbit/s of 100");
+    }
+
+    /// Slow start overshoots an idle gigabit link (its delay samples lag
+    /// the queue it builds): told what got through, it goes on a little
+    /// under that, not at half where it got to. Told nothing, it halves.
+    #[test]
+    fn slow_start_ends_near_what_got_through() {
+        let t0 = Instant::now();
+        for told in [true, false] {
+            let mut p = Pace::new(Mode::Background, None, 1_000_000);
+            let mut i = 0u32;
+            // No queue seen yet while the rate doubles past the link.
+            while p.rate_bps().unwrap() < 1_200_000_000 {
+                p.on_delay(t0 + i * 10 * MS, 2 * MS);
+                if told {
+                    let got = p.rate_bps().unwrap().min(950_000_000);
+                    p.on_delivered(got / 8 / 100, 10 * MS);
+                }
+                i += 1;
+            }
+            // Then the queue it built shows (in two samples of three: one is
+            // noise).
+            p.on_delay(t0 + i * 10 * MS, 6 * MS);
+            let peak = p.rate_bps().unwrap();
+            p.on_delay(t0 + (i + 1) * 10 * MS, 6 * MS);
+            let after = p.rate_bps().unwrap();
+            if told {
+                assert!(
+                    (880_000_000..=950_000_000).contains(&after),
+                    "{after} bit/s after slow start, 950M got through"
+                );
+            } else {
+                assert!(after <= peak / 2 + 1, "{after} after {peak}");
+            }
+        }
     }
 
     #[test]
