@@ -106,9 +106,15 @@ pub struct Pace {
 impl Pace {
     /// A pace between `floor_bps` and `cap_bps` (`None`: no cap).
     pub fn new(mode: Mode, cap_bps: Option<u64>, floor_bps: u64) -> Self {
+        Self::starting_at(mode, cap_bps, floor_bps, START_BPS)
+    }
+
+    /// [`Pace::new`], its slow start from `start_bps` (what a recent
+    /// transfer on the same path got through: [`PathMemory`]).
+    pub fn starting_at(mode: Mode, cap_bps: Option<u64>, floor_bps: u64, start_bps: u64) -> Self {
         let cap_bps = cap_bps.filter(|&c| c > 0);
         let floor_bps = floor_bps.max(1).min(cap_bps.unwrap_or(u64::MAX));
-        let start = START_BPS.clamp(floor_bps, cap_bps.unwrap_or(u64::MAX));
+        let start = start_bps.clamp(floor_bps, cap_bps.unwrap_or(u64::MAX));
         Pace {
             mode,
             cap_bps,
@@ -241,6 +247,61 @@ impl Pace {
         }
         let cap = (self.cap_bps.unwrap_or(u64::MAX) as f64).min(self.ceiling.unwrap_or(f64::MAX));
         self.rate = self.rate.min(cap).max(self.floor_bps as f64);
+    }
+}
+
+/// What recent transfers to each address got through, so that the next
+/// one on the same path starts its slow start from half of that rather
+/// than from [`START_BPS`]: a peer serving one requester after another
+/// finds its link again within a doubling. Per address, since another path
+/// (a remote site's WAN link) may be far slower. At most [`PATHS`]
+/// addresses, each remembered for [`PATH_MEMORY`].
+#[derive(Debug)]
+pub struct PathMemory<A> {
+    paths: std::collections::HashMap<A, (Instant, u64)>,
+}
+
+/// Addresses a [`PathMemory`] holds; a new one replaces the oldest.
+pub const PATHS: usize = 256;
+/// How long what got through on a path stands for it.
+pub const PATH_MEMORY: Duration = Duration::from_secs(60);
+
+impl<A: std::hash::Hash + Eq + Copy> PathMemory<A> {
+    pub fn new() -> Self {
+        PathMemory {
+            paths: std::collections::HashMap::new(),
+        }
+    }
+
+    /// A transfer to `addr` got `delivered_bps` through, measured at `now`.
+    pub fn note(&mut self, now: Instant, addr: A, delivered_bps: u64) {
+        if self.paths.len() >= PATHS && !self.paths.contains_key(&addr) {
+            let oldest = self
+                .paths
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(a, _)| *a);
+            if let Some(a) = oldest {
+                self.paths.remove(&a);
+            }
+        }
+        self.paths.insert(addr, (now, delivered_bps));
+    }
+
+    /// Where a transfer to `addr` starting at `now` begins its slow start.
+    pub fn start_for(&self, now: Instant, addr: A) -> u64 {
+        match self.paths.get(&addr) {
+            Some(&(at, got)) if now.saturating_duration_since(at) < PATH_MEMORY => {
+                (got / 2).max(START_BPS)
+            }
+            _ => START_BPS,
+        }
+    }
+}
+
+impl<A: std::hash::Hash + Eq + Copy> Default for PathMemory<A> {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -430,6 +491,27 @@ mod tests {
             p.on_delay(t0 + i * 10 * MS, d);
         }
         assert!(p.rate_bps().unwrap() > START_BPS * 8, "{:?}", p.rate_bps());
+    }
+
+    #[test]
+    fn a_path_used_lately_starts_from_half_what_got_through() {
+        let t0 = Instant::now();
+        let mut m = PathMemory::new();
+        assert_eq!(m.start_for(t0, 1u32), START_BPS);
+        m.note(t0, 1u32, 900_000_000);
+        m.note(t0, 2u32, 50_000_000);
+        assert_eq!(m.start_for(t0 + Duration::from_secs(5), 1), 450_000_000);
+        // A slow path starts no lower than anyone; a stale one as new.
+        assert_eq!(m.start_for(t0, 2), START_BPS);
+        assert_eq!(m.start_for(t0 + PATH_MEMORY, 1), START_BPS);
+        // Bounded: the oldest goes.
+        for a in 3..(PATHS as u32 + 3) {
+            m.note(t0 + Duration::from_millis(u64::from(a)), a, 800_000_000);
+        }
+        assert_eq!(m.paths.len(), PATHS);
+        assert_eq!(m.start_for(t0, 1), START_BPS, "the oldest was replaced");
+        let p = Pace::starting_at(Mode::Background, Some(300_000_000), 1, 450_000_000);
+        assert_eq!(p.rate_bps(), Some(300_000_000), "never past the cap");
     }
 
     #[test]

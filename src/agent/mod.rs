@@ -70,6 +70,9 @@ pub struct Agent {
     pub site: Mutex<site::SiteState>,
     /// Who fetches each content through this agent as a rendezvous point.
     pub members: Mutex<::repair::members::Members>,
+    /// What recent repair uploads got through, by requester: the next
+    /// upload to one starts near it.
+    pub upload_paths: Mutex<::repair::pace::PathMemory<std::net::IpAddr>>,
 }
 
 impl Agent {
@@ -255,6 +258,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         reports_wake: tokio::sync::Notify::new(),
         site: Mutex::default(),
         members: Mutex::default(),
+        upload_paths: Mutex::default(),
         contents: Mutex::new(HashMap::new()),
         config,
         token,

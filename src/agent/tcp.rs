@@ -41,20 +41,34 @@ impl UploadPace {
     /// The pace of an upload on `stream` in `mode`, at least `floor_bps`;
     /// `None` when it is not paced: foreground, or no RTT to go by on this
     /// OS (a guess would only slow it).
-    pub fn new(mode: Mode, floor_bps: u64, stream: &TcpStream) -> Option<UploadPace> {
+    /// Its slow start begins at `start_bps` ([`repair::pace::PathMemory`]).
+    pub fn new(
+        mode: Mode,
+        floor_bps: u64,
+        start_bps: u64,
+        stream: &TcpStream,
+    ) -> Option<UploadPace> {
         let socket = handle(stream);
         if mode != Mode::Background || rtt_of(socket).is_none() {
             return None;
         }
+        let pace = Pace::starting_at(mode, None, floor_bps, start_bps);
+        let start = pace.rate_bps();
         Some(UploadPace {
             socket,
-            pace: Pace::new(mode, None, floor_bps),
+            pace,
             bucket: Bucket::new(),
-            kernel: pacing_of(socket, repair::pace::START_BPS),
-            applied: Some(repair::pace::START_BPS),
+            kernel: pacing_of(socket, start.unwrap_or(u64::MAX)),
+            applied: start,
             acked: None,
             delivered: VecDeque::new(),
         })
+    }
+
+    /// The most the path delivered in a recent window, bit/s.
+    pub fn delivered_bps(&self) -> Option<u64> {
+        let most = self.delivered.iter().copied().fold(0.0, f64::max);
+        (most > 0.0).then_some((most * 8.0) as u64)
     }
 
     /// Reads the RTT and moves the rate: every [`SAMPLE_EVERY`] while the

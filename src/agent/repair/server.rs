@@ -135,12 +135,26 @@ async fn admit(
     }
 }
 
+/// What recent uploads got through, by requester.
+fn paths(agent: &Agent) -> std::sync::MutexGuard<'_, repair::pace::PathMemory<IpAddr>> {
+    agent
+        .upload_paths
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The upload's pace: in background mode it yields to other traffic on
 /// the path (where there is no RTT to pace on, through the OS's own
 /// background transport, if any).
-fn upload_pace(agent: &Agent, wr: &FrameWriter) -> Option<crate::agent::tcp::UploadPace> {
+fn upload_pace(
+    agent: &Agent,
+    wr: &FrameWriter,
+    to: IpAddr,
+) -> Option<crate::agent::tcp::UploadPace> {
     let mode = crate::agent::task::unicast_mode(agent.config.rate_mode);
-    let pace = crate::agent::tcp::UploadPace::new(mode, agent.config.rate_min_bps, wr.wr.as_ref());
+    let start = paths(agent).start_for(std::time::Instant::now(), to);
+    let floor = agent.config.rate_min_bps;
+    let pace = crate::agent::tcp::UploadPace::new(mode, floor, start, wr.wr.as_ref());
     if pace.is_none() && mode == repair::pace::Mode::Background {
         let took = crate::agent::tcp::os_background(wr.wr.as_ref());
         tracing::debug!("repair: upload without a pace; OS background transport: {took}");
@@ -265,7 +279,7 @@ async fn connection(
     // tail) back until the requester's delayed ACK.
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = split(stream, ciphers, MAX_REQUEST);
-    let mut pace = upload_pace(&agent, &wr);
+    let mut pace = upload_pace(&agent, &wr, from.ip());
     // Requests read while an answer was being sent, oldest first; the
     // next one's block is read and planned ahead.
     let mut queued: std::collections::VecDeque<Frame> = Default::default();
@@ -324,6 +338,10 @@ async fn connection(
         crate::agent::metrics::Counters::add(&agent.counters.repair_blocks_served, 1);
         if let Some(p) = &pace {
             tracing::debug!("repair: block {block} served at {:?} bit/s", p.rate_bps());
+            if let Some(got) = p.delivered_bps() {
+                let now = std::time::Instant::now();
+                paths(&agent).note(now, from.ip(), got);
+            }
         }
     }
 }
