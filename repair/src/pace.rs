@@ -10,7 +10,9 @@
 //! fills the path's queue (a TCP download, a video call) raises it; a
 //! transfer paced below the path's capacity adds nothing to it.
 //!
-//! - **Slow start**: from [`START_BPS`], the rate doubles every
+//! - **Slow start**: from [`START_BPS`] (or half what a transfer on the
+//!   same path got through within the last minute, [`PathMemory`]), the
+//!   rate doubles every
 //!   [`DOUBLING`] until the queue passes the target, so an idle link
 //!   is found within a fraction of a second; then it falls to a little
 //!   under what got through meanwhile, or to half where it got to when
