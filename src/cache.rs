@@ -201,6 +201,7 @@ impl Cache {
             state,
             file,
             blocks: Arc::new(Blocks::from_held(&done)),
+            persisting: Mutex::new(()),
         };
         p.persist()?;
         Ok(p)
@@ -209,12 +210,11 @@ impl Cache {
     /// Moves a verified download into `objects/`; returns the object's
     /// path.
     pub fn commit(&self, v: Verified) -> io::Result<PathBuf> {
-        let Verified(p) = v;
+        let p = v;
         let m = &p.manifest;
         let id = m.id();
         let target = self.object_path(&id);
-        let mut perms = p.file.metadata()?.permissions();
-        drop(p.file);
+        let mut perms = fs::metadata(&p.data)?.permissions();
         // Rename, then make it read-only: a crash between the two leaves a
         // verified, writable object, never a read-only partial that a
         // resume could not write to.
@@ -378,17 +378,28 @@ fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
 /// A download in progress: its file, and the one map of which of its
 /// blocks are written and verified (shared read-only with whoever serves or
 /// announces them, set only here).
+///
+/// Its writers share it (`Arc<Partial>`) without a lock: a block is written
+/// only once its hash has been checked, and never again once it is done, so
+/// two writers of one block write the same bytes, and a writer that outlives
+/// [`Partial::verify`] cannot change what was verified.
 pub struct Partial {
     pub manifest: Checked,
     pub data: PathBuf,
     state: PathBuf,
     pub file: File,
     blocks: Arc<Blocks>,
+    /// Orders the writes of the state file.
+    persisting: Mutex<()>,
 }
 
 /// A download whose every block is written and whose whole file matches
 /// the content id: the only thing [`Cache::commit`] takes.
-pub struct Verified(Partial);
+pub struct Verified {
+    manifest: Checked,
+    data: PathBuf,
+    state: PathBuf,
+}
 
 impl Partial {
     pub fn layout(&self) -> Layout {
@@ -420,15 +431,17 @@ impl Partial {
     }
 
     /// Records a block as written and verified, durably.
-    pub fn mark_done(&mut self, block: u32) -> io::Result<()> {
-        self.blocks.set(block);
+    pub fn mark_done(&self, block: u32) -> io::Result<()> {
+        if !self.blocks.set(block) {
+            return Ok(());
+        }
         self.persist()
     }
 
     /// Checks the finished download: every block done, and the whole file
     /// (synced to disk) matching the content id. A file that does not is
     /// removed, state and all.
-    pub fn verify(self) -> io::Result<Verified> {
+    pub fn verify(&self) -> io::Result<Verified> {
         if !self.is_complete() {
             return Err(io::Error::other("download is not complete"));
         }
@@ -444,10 +457,18 @@ impl Partial {
                 "the whole file does not match the content id although every block matched: the manifest is inconsistent",
             ));
         }
-        Ok(Verified(self))
+        Ok(Verified {
+            manifest: self.manifest.clone(),
+            data: self.data.clone(),
+            state: self.state.clone(),
+        })
     }
 
     fn persist(&self) -> io::Result<()> {
+        let _order = self
+            .persisting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let state = PartialState {
             content_id: self.manifest.raw.content_id.clone(),
             done: (0..self.blocks.count())
@@ -458,11 +479,15 @@ impl Partial {
         scanner::node::replace_file(&self.state, &bytes, false)
     }
 
-    /// Writes block `b` (already hash-checked by the caller) and records it.
-    pub fn write_block(&mut self, block: u32, data: &[u8]) -> io::Result<()> {
+    /// Writes block `b` (already hash-checked by the caller) and records it;
+    /// a block already done is left as it is.
+    pub fn write_block(&self, block: u32, data: &[u8]) -> io::Result<()> {
         let layout = self.layout();
         if data.len() != layout.block_len(block) {
             return Err(io::Error::other("block of the wrong length"));
+        }
+        if self.blocks.has(block) {
+            return Ok(());
         }
         multicast::driver::write_all_at(&self.file, data, layout.offset(block))?;
         // So that `commit`'s sync finds one block to write, not the package.
@@ -517,7 +542,7 @@ mod tests {
         let mut perms = fs::metadata(&data).unwrap().permissions();
         perms.set_readonly(true);
         fs::set_permissions(&data, perms).unwrap();
-        let mut p = cache.partial(&m).unwrap();
+        let p = cache.partial(&m).unwrap();
         // Checked on the bits, not by writing: root writes read-only files.
         assert!(!fs::metadata(&data).unwrap().permissions().readonly());
         p.write_block(0, &bytes).unwrap();
@@ -565,6 +590,41 @@ mod tests {
     }
 
     #[test]
+    fn writers_share_a_download_and_one_that_outlives_verify_changes_nothing() {
+        let dir = temp();
+        let cache = Cache::open(&dir, CacheLimits::default()).unwrap();
+        let bytes: Vec<u8> = (0..3 * multicast::codec::DEFAULT_BLOCK_SIZE + 17)
+            .map(|i| (i % 241) as u8)
+            .collect();
+        let m = manifest_for(&dir, &bytes);
+        assert!(m.layout.block_count() >= 3, "several blocks");
+        let p = Arc::new(cache.partial(&m).unwrap());
+        // Four writers, each block written by two of them at once.
+        std::thread::scope(|s| {
+            for w in 0..4u32 {
+                let (p, m, bytes) = (&p, &m, &bytes);
+                s.spawn(move || {
+                    for b in (0..m.layout.block_count()).filter(|b| b % 2 == w % 2) {
+                        let at = m.layout.offset(b) as usize;
+                        p.write_block(b, &bytes[at..at + m.layout.block_len(b)])
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        let late = p.clone();
+        let object = cache.commit(p.verify().unwrap()).unwrap();
+        // A writer still holding the download: a done block is not written
+        // again, and no state file comes back for a download that is gone.
+        late.write_block(1, &vec![0xEE; m.layout.block_len(1)])
+            .unwrap();
+        late.mark_done(2).unwrap();
+        assert!(fs::read(&object).unwrap() == bytes, "the object changed");
+        assert!(!late.state.exists(), "the state file came back");
+        remove_tree(&dir).unwrap();
+    }
+
+    #[test]
     fn a_tree_with_read_only_objects_is_removed_and_links_are_not_followed() {
         let dir = temp();
         let outside = temp();
@@ -597,7 +657,7 @@ mod tests {
         let cache = Cache::open(&dir.join("c"), CacheLimits::default()).unwrap();
         let bytes: Vec<u8> = (0..9 * 1024 * 1024).map(|i| (i * 7 % 251) as u8).collect();
         let m = manifest_for(&dir, &bytes);
-        let mut p = cache.partial(&m).unwrap();
+        let p = cache.partial(&m).unwrap();
         assert_eq!(p.done_count(), 0);
         let l = m.layout;
         for b in [0u32, 2] {

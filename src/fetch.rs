@@ -3,8 +3,8 @@
 //! against its SHA-256 as it completes, retries with backoff, timeouts, and
 //! every byte counted as origin (WAN) traffic.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -119,22 +119,19 @@ impl Paced {
 /// says how it shares the path.
 pub async fn fetch_blocks(
     client: &reqwest::Client,
-    partial: &Arc<Mutex<Partial>>,
+    partial: &Arc<Partial>,
     only: Option<&[u32]>,
     origin: &AtomicU64,
     flow: &(dyn Fn() -> Flow + Sync),
     pacing: Pacing,
     on_block: &(dyn Fn(u32) + Sync),
 ) -> Result<(), FetchError> {
-    let (urls, wanted, layout, hashes) = {
-        let p = lock(partial);
-        let wanted: Vec<u32> = p
-            .missing()
-            .filter(|b| only.is_none_or(|o| o.contains(b)))
-            .collect();
-        let hashes = p.manifest.block_hashes.clone();
-        (p.manifest.urls.clone(), wanted, p.layout(), hashes)
-    };
+    let wanted: Vec<u32> = partial
+        .missing()
+        .filter(|b| only.is_none_or(|o| o.contains(b)))
+        .collect();
+    let (urls, layout) = (partial.manifest.urls.clone(), partial.layout());
+    let hashes = partial.manifest.block_hashes.clone();
     let mut paced = Paced {
         pace: Pace::new(pacing.mode, pacing.cap_bps, pacing.floor_bps),
         bucket: Bucket::new(),
@@ -170,8 +167,7 @@ pub async fn fetch_blocks(
                 }
             }
         }
-        let p = lock(partial);
-        if (first..=last).any(|b| !p.blocks().has(b)) {
+        if (first..=last).any(|b| !partial.blocks().has(b)) {
             return Err(FetchError::Exhausted(last_error));
         }
     }
@@ -181,7 +177,7 @@ pub async fn fetch_blocks(
 /// What a fetch reads into and reports to.
 struct Io<'a> {
     client: &'a reqwest::Client,
-    partial: &'a Arc<Mutex<Partial>>,
+    partial: &'a Arc<Partial>,
     layout: multicast::codec::Layout,
     hashes: Vec<multicast::wire::Digest>,
     origin: &'a AtomicU64,
@@ -340,7 +336,7 @@ fn take_bytes(
                     error: OriginFailure::Corrupt(block),
                 });
             }
-            lock(io.partial)
+            io.partial
                 .write_block(block, &asm.buf)
                 .map_err(RangeError::Write)?;
             (io.on_block)(block);
@@ -361,10 +357,6 @@ fn runs(blocks: &[u32]) -> Vec<(u32, u32)> {
         }
     }
     out
-}
-
-pub fn lock(p: &Mutex<Partial>) -> std::sync::MutexGuard<'_, Partial> {
-    p.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

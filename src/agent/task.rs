@@ -39,7 +39,7 @@ mod upstream;
 use crate::blocks::Blocks;
 use crate::cache::{Partial, now_unix};
 use crate::election::{Election, ElectionConfig, ElectionEvent};
-use crate::fetch::{fetch_blocks, lock};
+use crate::fetch::fetch_blocks;
 use crate::manifest::{Checked, Manifest};
 
 /// Default startup delay between election and multicast, as Ivanti's.
@@ -498,8 +498,8 @@ impl Run {
         });
     }
 
-    fn progress(&self, partial: &Mutex<Partial>) {
-        note_blocks(&self.agent, &self.id, &lock(partial));
+    fn progress(&self, partial: &Partial) {
+        note_blocks(&self.agent, &self.id, partial);
         let origin = self.origin.load(Ordering::Relaxed);
         update(&self.agent, &self.id, |s| s.bytes.origin = origin);
     }
@@ -671,20 +671,16 @@ async fn drive_in_turn(r: &Run) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || agent.cache.make_room(need))
         .await?
         .map_err(|why| anyhow!(why))?;
-    let partial = Arc::new(Mutex::new(partial));
+    let partial = Arc::new(partial);
     r.progress(&partial);
-    if !lock(&partial).is_complete() {
+    if !partial.is_complete() {
         acquire(r, &partial).await?;
     }
     if let Some(t) = r.agent.tasks().get_mut(&r.id) {
         t.holding = None; // moving into the cache
     }
     let cache_agent = r.agent.clone();
-    let p = Arc::try_unwrap(partial)
-        .map_err(|_| anyhow!("the download is still in use"))?
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let verified = tokio::task::spawn_blocking(move || p.verify())
+    let verified = tokio::task::spawn_blocking(move || partial.verify())
         .await?
         .context("checking the whole file")?;
     let path = tokio::task::spawn_blocking(move || cache_agent.cache.commit(verified))

@@ -21,7 +21,7 @@ pub(super) struct Session {
 
 /// Gets every block: election, then representing or receiving, then the
 /// origin for what is still missing.
-pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<()> {
+pub(super) async fn acquire(r: &Run, partial: &Arc<Partial>) -> anyhow::Result<()> {
     if flow::start(r.agent.site_kind()) == flow::Start::OnItsOwn {
         r.note("vpn site: fetching on its own, from the nearest source".into());
         r.state(State::Fetching);
@@ -100,13 +100,13 @@ pub(super) async fn acquire(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::R
 }
 
 /// Share of the package held, in thousandths: what the agent stands on.
-fn held_permille(partial: &Arc<Mutex<Partial>>) -> u16 {
-    let p = lock(partial);
-    (u64::from(p.done_count()) * 1000 / u64::from(p.layout().block_count().max(1))) as u16
+fn held_permille(partial: &Arc<Partial>) -> u16 {
+    let blocks = partial.blocks();
+    (u64::from(blocks.done()) * 1000 / u64::from(blocks.count().max(1))) as u16
 }
 
 /// Enters the task's election, standing on what is held: its events.
-fn stand(r: &Run, partial: &Arc<Mutex<Partial>>) -> mpsc::UnboundedReceiver<ElectionEvent> {
+fn stand(r: &Run, partial: &Arc<Partial>) -> mpsc::UnboundedReceiver<ElectionEvent> {
     let (tx, rx) = mpsc::unbounded_channel();
     let standing = r.agent.standing(held_permille(partial));
     let election = Election::new(
@@ -160,7 +160,7 @@ enum Followed {
 /// for what it missed, or back to the election.
 async fn follow(
     r: &Run,
-    partial: &Arc<Mutex<Partial>>,
+    partial: &Arc<Partial>,
     representative: u64,
     joined: Session,
     rx: &mut mpsc::UnboundedReceiver<ElectionEvent>,
@@ -241,15 +241,12 @@ async fn follow(
 /// for what none delivered.
 async fn repair_then_origin(
     r: &Run,
-    partial: &Arc<Mutex<Partial>>,
+    partial: &Arc<Partial>,
     leftovers: Leftovers,
 ) -> anyhow::Result<()> {
     r.state(State::Repairing);
     peer_repair(r, partial, leftovers).await?;
-    let missing = {
-        let p = lock(partial);
-        p.layout().block_count() - p.done_count()
-    };
+    let missing = partial.layout().block_count() - partial.done_count();
     if missing > 0 {
         r.note(format!(
             "{missing} block(s) no peer delivered: fetching them from the origin"

@@ -25,7 +25,7 @@ fn blocks_on_peers(r: &Run) -> u64 {
 /// without it.
 pub(super) async fn from_peers_only(
     r: &Run,
-    partial: &Arc<Mutex<Partial>>,
+    partial: &Arc<Partial>,
     leftovers: Leftovers,
 ) -> anyhow::Result<bool> {
     let mut leftovers = leftovers;
@@ -33,10 +33,7 @@ pub(super) async fn from_peers_only(
     let mut progress_at = Instant::now();
     loop {
         peer_repair(r, partial, std::mem::take(&mut leftovers)).await?;
-        let (done, count) = {
-            let p = lock(partial);
-            (p.done_count(), p.layout().block_count())
-        };
+        let (done, count) = (partial.done_count(), partial.layout().block_count());
         if done == count {
             return Ok(true);
         }
@@ -136,11 +133,11 @@ impl PeerLinks {
 /// could deliver is left for the origin.
 pub(super) async fn peer_repair(
     r: &Run,
-    partial: &Arc<Mutex<Partial>>,
+    partial: &Arc<Partial>,
     leftovers: Leftovers,
 ) -> anyhow::Result<()> {
     use crate::agent::repair::{PIPELINE_DEPTH, PeerError, PeerResult};
-    let missing: Vec<u32> = lock(partial).missing().collect();
+    let missing: Vec<u32> = partial.missing().collect();
     let mut plan = repair::RepairPlan::new(
         repair::PlanConfig {
             per_peer: PIPELINE_DEPTH as u32,
@@ -228,7 +225,7 @@ async fn when_idle(r: &Run, plan: &mut repair::RepairPlan<SocketAddr>) -> anyhow
 /// Writes a block a peer delivered (verified by its hash) and counts it.
 async fn delivered(
     r: &Run,
-    partial: &Arc<Mutex<Partial>>,
+    partial: &Arc<Partial>,
     node: u64,
     b: u32,
     data: Vec<u8>,
@@ -238,10 +235,10 @@ async fn delivered(
     // Off the runtime: a 4 MiB write must not stall the connections'
     // readers.
     let p = partial.clone();
-    tokio::task::spawn_blocking(move || lock(&p).write_block(b, &data))
+    tokio::task::spawn_blocking(move || p.write_block(b, &data))
         .await?
         .context("writing a repaired block")?;
-    note_blocks(&r.agent, &r.id, &lock(partial));
+    note_blocks(&r.agent, &r.id, partial);
     update(&r.agent, &r.id, |s| {
         s.bytes.peers += bytes;
         *s.bytes.by_peer.entry(format!("{node:016x}")).or_default() += bytes;

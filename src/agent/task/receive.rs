@@ -49,7 +49,7 @@ pub(super) enum Received {
 /// A receiver: joins the data group now, takes the session from `start`.
 pub(super) async fn receive(
     r: &Run,
-    partial: &Arc<Mutex<Partial>>,
+    partial: &Arc<Partial>,
     session: super::acquire::Session,
     rx: &mut mpsc::UnboundedReceiver<ElectionEvent>,
     preload: Leftovers,
@@ -70,7 +70,7 @@ pub(super) async fn receive(
     let wait = start.saturating_duration_since(Instant::now());
     // What was held before, to tell whether any data arrived at all.
     let symbols = |v: &Leftovers| v.iter().map(|(_, c)| u64::from(c.held())).sum::<u64>();
-    let held_before = (lock(partial).done_count(), symbols(&preload));
+    let held_before = (partial.done_count(), symbols(&preload));
     let recv = spawn_receive(r, partial, (socket, rcvbuf), session, wait, &stop, preload);
     let (result, interrupted) = while_receiving(r, recv, rx, &stop).await;
     if let Ok(Ok((Ok(report), _))) = &result {
@@ -81,12 +81,12 @@ pub(super) async fn receive(
     if r.cancelled() {
         bail!("cancelled");
     }
-    let complete = lock(partial).is_complete();
+    let complete = partial.is_complete();
     if complete {
         return Ok(Received::All);
     }
     let (res, leftovers) = result.context("receive thread")??;
-    let nothing_arrived = (lock(partial).done_count(), symbols(&leftovers)) == held_before;
+    let nothing_arrived = (partial.done_count(), symbols(&leftovers)) == held_before;
     if let Some(ev) = interrupted {
         return Ok(after_interrupt(ev, nothing_arrived, start, leftovers));
     }
@@ -171,7 +171,7 @@ type ReceiveResult = Result<
 /// partial download; each verified block is recorded as it lands.
 fn spawn_receive(
     r: &Run,
-    partial: &Arc<Mutex<Partial>>,
+    partial: &Arc<Partial>,
     (socket, rcvbuf): (std::net::UdpSocket, multicast::socket::BufferReport),
     session: u64,
     wait: Duration,
@@ -186,21 +186,16 @@ fn spawn_receive(
     let node = r.agent.node;
     let drop_rate = r.agent.config.lab_drop_rate;
     tokio::task::spawn_blocking(move || {
-        let (file, path, done) = {
-            let g = lock(&p);
-            (g.file.try_clone(), g.data.clone(), g.blocks().to_held())
-        };
+        let (file, path, done) = (p.file.try_clone(), p.data.clone(), p.blocks().to_held());
         let file = match file {
             Ok(f) => f,
             Err(e) => return Ok((Err(RecvError::Recv(e)), Vec::new())),
         };
         let mut on_block = |b: u32| {
-            let mut g = lock(&p);
-            if let Err(e) = g.mark_done(b) {
+            if let Err(e) = p.mark_done(b) {
                 tracing::warn!("task {id}: cannot record block {b}: {e}");
             }
-            note_blocks(&agent, &id, &g);
-            drop(g);
+            note_blocks(&agent, &id, &p);
             let len = m.layout.block_len(b) as u64;
             update(&agent, &id, |s| {
                 s.state = State::Receiving;

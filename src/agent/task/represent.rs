@@ -11,7 +11,7 @@ use super::*;
 /// representative), if any.
 pub(super) async fn represent(
     r: &Run,
-    partial: &Arc<Mutex<Partial>>,
+    partial: &Arc<Partial>,
     session: super::acquire::Session,
     rx: &mut mpsc::UnboundedReceiver<ElectionEvent>,
 ) -> anyhow::Result<Option<ElectionEvent>> {
@@ -25,7 +25,7 @@ pub(super) async fn represent(
     // crosses the WAN.
     r.state(State::Repairing);
     peer_repair(r, partial, Vec::new()).await?;
-    let available = Arc::new(AtomicU32::new(lock(partial).done_prefix()));
+    let available = Arc::new(AtomicU32::new(partial.done_prefix()));
     let stop = Arc::new(AtomicBool::new(false));
     // Paused by an order or held for a higher task: kept up to date while
     // the multicast runs, read by its loop.
@@ -85,14 +85,13 @@ pub(super) async fn represent(
 /// up to the first block not yet here, and the status counts it.
 fn available_from(
     r: &Run,
-    partial: &Arc<Mutex<Partial>>,
+    partial: &Arc<Partial>,
     available: Arc<AtomicU32>,
 ) -> impl Fn(u32) + Send + Sync + use<> {
     let (agent, id, p) = (r.agent.clone(), r.id.clone(), partial.clone());
     move |_b: u32| {
-        let g = lock(&p);
-        available.store(g.done_prefix(), Ordering::Release);
-        note_blocks(&agent, &id, &g);
+        available.store(p.done_prefix(), Ordering::Release);
+        note_blocks(&agent, &id, &p);
     }
 }
 
@@ -244,14 +243,13 @@ fn send_options(
 /// task's status.
 fn spawn_send(
     r: &Run,
-    partial: &Arc<Mutex<Partial>>,
+    partial: &Arc<Partial>,
     session: u64,
     group: SocketAddrV4,
     controls: SendControls,
 ) -> tokio::task::JoinHandle<Result<multicast::driver::SendReport, multicast::driver::SendError>> {
-    let p = lock(partial);
-    let opts = send_options(r, &p.layout(), session, controls);
-    let path = p.data.clone();
+    let opts = send_options(r, &partial.layout(), session, controls);
+    let path = partial.data.clone();
     let iface = r.agent.iface_addr;
     let (agent, id) = (r.agent.clone(), r.id.clone());
     tokio::task::spawn_blocking(move || {

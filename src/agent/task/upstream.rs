@@ -54,12 +54,12 @@ enum SourceLost {
 /// site, then the origin. `on_block` is called for each block written.
 pub(super) async fn fetch_upstream(
     r: &Run,
-    partial: &Arc<Mutex<Partial>>,
+    partial: &Arc<Partial>,
     on_block: &(dyn Fn(u32) + Sync),
 ) -> anyhow::Result<()> {
     let sources = r.agent.placement().map(|p| p.sources).unwrap_or_default();
     for addr in sources {
-        if lock(partial).is_complete() {
+        if partial.is_complete() {
             return Ok(());
         }
         match from_rendezvous(r, partial, addr, on_block).await? {
@@ -72,7 +72,7 @@ pub(super) async fn fetch_upstream(
     if !members.is_empty() && succession(r, partial, members, on_block).await? {
         return Ok(());
     }
-    if lock(partial).is_complete() {
+    if partial.is_complete() {
         return Ok(());
     }
     let flow = r.flow();
@@ -93,9 +93,9 @@ pub(super) async fn fetch_upstream(
 
 /// Fetches what is missing from the origin's side (rendezvous, then the
 /// origin), the status kept up to date.
-pub(super) async fn origin_fetch(r: &Run, partial: &Arc<Mutex<Partial>>) -> anyhow::Result<()> {
+pub(super) async fn origin_fetch(r: &Run, partial: &Arc<Partial>) -> anyhow::Result<()> {
     let (agent, id, p2) = (r.agent.clone(), r.id.clone(), partial.clone());
-    let on_block = move |_b: u32| note_blocks(&agent, &id, &lock(&p2));
+    let on_block = move |_b: u32| note_blocks(&agent, &id, &p2);
     fetch_upstream(r, partial, &on_block).await
 }
 
@@ -143,7 +143,7 @@ fn me(r: &Run) -> std::net::SocketAddrV4 {
 /// in turn. Whether every block is here.
 async fn succession(
     r: &Run,
-    partial: &Arc<Mutex<Partial>>,
+    partial: &Arc<Partial>,
     mut members: Vec<std::net::SocketAddrV4>,
     on_block: &(dyn Fn(u32) + Sync),
 ) -> anyhow::Result<bool> {
@@ -209,7 +209,7 @@ async fn keep_joined(
 /// why this rendezvous is left for the next source.
 async fn from_rendezvous(
     r: &Run,
-    partial: &Arc<Mutex<Partial>>,
+    partial: &Arc<Partial>,
     addr: SocketAddr,
     on_block: &(dyn Fn(u32) + Sync),
 ) -> anyhow::Result<Result<(), SourceLost>> {
@@ -252,13 +252,13 @@ async fn wait_for_more(
 /// off the runtime, and counts its bytes.
 async fn from_rendezvous_write(
     r: &Run,
-    partial: &Arc<Mutex<Partial>>,
+    partial: &Arc<Partial>,
     b: u32,
     data: Vec<u8>,
     bytes: u64,
 ) -> anyhow::Result<()> {
     let p = partial.clone();
-    tokio::task::spawn_blocking(move || lock(&p).write_block(b, &data))
+    tokio::task::spawn_blocking(move || p.write_block(b, &data))
         .await?
         .context("writing a block from the rendezvous")?;
     update(&r.agent, &r.id, |s| s.bytes.rendezvous += bytes);
@@ -268,11 +268,11 @@ async fn from_rendezvous_write(
 /// The blocks of [`from_rendezvous`], over one pipelined connection.
 async fn blocks_from(
     r: &Run,
-    partial: &Arc<Mutex<Partial>>,
+    partial: &Arc<Partial>,
     addr: SocketAddr,
     on_block: &(dyn Fn(u32) + Sync),
 ) -> anyhow::Result<Result<(), SourceLost>> {
-    let mut queue: VecDeque<u32> = lock(partial).missing().collect();
+    let mut queue: VecDeque<u32> = partial.missing().collect();
     let (jobs, jobs_rx) = tokio::sync::mpsc::channel(PIPELINE_DEPTH);
     let (results_tx, mut results) = tokio::sync::mpsc::unbounded_channel::<PeerResult>();
     let _worker = Abort(tokio::spawn(crate::agent::repair::fetch_from_peer(
