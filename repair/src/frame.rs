@@ -110,7 +110,7 @@ struct SymbolsBody<'a> {
     payload: &'a [u8],
 }
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum FrameError {
     #[error("not a somcast repair frame (bad magic)")]
     BadMagic,

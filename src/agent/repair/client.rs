@@ -2,6 +2,7 @@
 //! rendezvous point's members.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use multicast::auth::FleetKeys;
 use multicast::codec::{Collector, Layout};
@@ -12,7 +13,7 @@ use repair::pipeline::{Decoded, Step};
 use repair::{BlockFetch, Misbehavior};
 use tokio::net::TcpStream;
 
-use super::stream::{FrameWriter, prove_client, split};
+use super::stream::{FrameWriter, StreamError, prove_client, split};
 use super::{BLOCK_DEADLINE, CONNECT_TIMEOUT, PEER_TIMEOUT};
 
 /// A repair connection to `addr`, through the fleet-key handshake when
@@ -30,7 +31,7 @@ async fn connect(
         Some(keys) => Some(
             prove_client(&mut stream, keys)
                 .await
-                .map_err(|e| PeerFailure::Handshake(crate::error_text(e.as_ref())))?
+                .map_err(PeerFailure::stream)?
                 .ciphers(true),
         ),
         None => None,
@@ -86,11 +87,18 @@ pub enum PeerFailure {
     ConnectTimeout,
     /// Connecting, reading or writing (the OS's words).
     #[error("{0}")]
-    Io(String),
+    Io(Arc<std::io::Error>),
     #[error("fleet-key handshake: {0}")]
-    Handshake(String),
+    Handshake(multicast::handshake::HandshakeError),
+    #[error("no fleet-key handshake within {PEER_TIMEOUT:?}")]
+    HandshakeTimeout,
     #[error("no whole frame within {PEER_TIMEOUT:?}")]
     FrameTimeout,
+    #[error("a write not taken within {PEER_TIMEOUT:?}")]
+    WriteTimeout,
+    /// A frame that breaks the protocol.
+    #[error(transparent)]
+    Frame(repair::frame::FrameError),
     #[error("block {0} not complete within {BLOCK_DEADLINE:?}")]
     BlockDeadline(u32),
     #[error("closed the connection")]
@@ -103,12 +111,19 @@ pub enum PeerFailure {
 
 impl PeerFailure {
     fn io(e: std::io::Error) -> Self {
-        PeerFailure::Io(e.to_string())
+        PeerFailure::Io(Arc::new(e))
     }
 
     /// A frame stream's error: a malformed frame, or the connection's.
-    fn stream(e: anyhow::Error) -> Self {
-        PeerFailure::Io(crate::error_text(e.as_ref()))
+    fn stream(e: StreamError) -> Self {
+        match e {
+            StreamError::FrameTimeout => PeerFailure::FrameTimeout,
+            StreamError::WriteTimeout => PeerFailure::WriteTimeout,
+            StreamError::HandshakeTimeout => PeerFailure::HandshakeTimeout,
+            StreamError::Handshake(e) => PeerFailure::Handshake(e),
+            StreamError::Frame(e) => PeerFailure::Frame(e),
+            StreamError::Io(e) => PeerFailure::io(e),
+        }
     }
 }
 
@@ -241,7 +256,7 @@ const READ_AHEAD: usize = 16;
 /// is decoded and hashed.
 struct PeerLink {
     wr: FrameWriter,
-    frames: tokio::sync::mpsc::Receiver<anyhow::Result<Option<Frame>>>,
+    frames: tokio::sync::mpsc::Receiver<Result<Option<Frame>, StreamError>>,
     reader: tokio::task::JoinHandle<()>,
 }
 
@@ -313,5 +328,49 @@ fn off_the_runtime<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use repair::frame::FrameError;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A peer that answers whatever it is sent with `answer`.
+    async fn peer_answering(answer: &'static [u8]) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut ask = [0u8; 16];
+            let _ = s.read(&mut ask).await;
+            s.write_all(answer).await.unwrap();
+            // Held open: the requester must judge the bytes, not the close.
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_peer_breaking_the_frame_rules_fails_with_what_it_broke() {
+        let cases: [(&[u8], FrameError); 3] = [
+            (b"HTTP/1.1 400 Bad", FrameError::BadMagic),
+            (b"SR\x09\x01\0\0\0\0", FrameError::BadVersion(9)),
+            (
+                b"SR\x01\x01\xff\xff\xff\x7f",
+                FrameError::TooLong {
+                    len: 0x7fff_ffff,
+                    max: repair::frame::MAX_MEMBERS * 8 + 16,
+                },
+            ),
+        ];
+        for (answer, expected) in cases {
+            let addr = peer_answering(answer).await;
+            match join_site(None, addr, [7; 32], 4000, false).await {
+                Err(PeerFailure::Frame(e)) => assert_eq!(e, expected),
+                other => panic!("{answer:?}: {other:?}"),
+            }
+        }
     }
 }

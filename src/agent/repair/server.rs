@@ -13,7 +13,7 @@ use repair::{Serving, Want};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
-use super::stream::{FrameWriter, prove_server, split};
+use super::stream::{FrameWriter, StreamError, prove_server, split};
 use super::{super::Agent, MAX_REQUEST};
 use crate::lab::hex;
 
@@ -125,14 +125,28 @@ async fn admit(
     agent: &Agent,
     stream: &mut TcpStream,
     keys: &multicast::auth::FleetKeys,
-) -> anyhow::Result<(multicast::handshake::Cipher, multicast::handshake::Cipher)> {
+) -> Result<(multicast::handshake::Cipher, multicast::handshake::Cipher), ServeError> {
     match prove_server(stream, keys).await {
         Ok(session) => Ok(session.ciphers(false)),
         Err(e) => {
             agent.auth.repair_refused.fetch_add(1, Ordering::Relaxed);
-            Err(e.context("repair connection refused"))
+            Err(ServeError::Refused(e))
         }
     }
+}
+
+/// Why this agent ended a repair connection it was serving.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error("repair connection refused: {0}")]
+    Refused(StreamError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("more than {MAX_QUEUED_REQUESTS} requests queued")]
+    TooManyRequests,
+    /// The thread reading the block ended without an answer.
+    #[error("reading a block to serve: {0}")]
+    Read(#[from] tokio::task::JoinError),
 }
 
 /// What recent uploads got through, by requester.
@@ -270,7 +284,7 @@ async fn connection(
     mut stream: TcpStream,
     from: SocketAddr,
     limits: Arc<Limits>,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     let ciphers = match &agent.fleet {
         Some(keys) => Some(admit(&agent, &mut stream, keys).await?),
         None => None,
@@ -366,7 +380,7 @@ impl<'l> Link<'l> {
         block: u32,
         serving: &mut Serving,
         next: &mut Option<Answer<'a>>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), ServeError> {
         // One buffer for every frame of the block: each is encoded into it
         // straight from the block's bytes.
         let mut out = Vec::new();
@@ -401,7 +415,7 @@ impl<'l> Link<'l> {
     /// What the requester sent meanwhile: a STOP for `block` (true) ends
     /// it; requests queue. At most a few per gap: a requester streaming
     /// frames cannot keep this task from its answer.
-    fn take_requests(&mut self, block: u32) -> anyhow::Result<bool> {
+    fn take_requests(&mut self, block: u32) -> Result<bool, ServeError> {
         let mut stopped = false;
         for _ in 0..MAX_QUEUED_REQUESTS {
             let Some(f) = self.rd.try_frame()? else { break };
@@ -410,9 +424,7 @@ impl<'l> Link<'l> {
                 Frame::Need { .. } if self.queued.len() < MAX_QUEUED_REQUESTS => {
                     self.queued.push_back(f)
                 }
-                Frame::Need { .. } => {
-                    anyhow::bail!("more than {MAX_QUEUED_REQUESTS} requests queued")
-                }
+                Frame::Need { .. } => return Err(ServeError::TooManyRequests),
                 _ => {}
             }
         }
@@ -453,7 +465,7 @@ async fn write_paced(
     wr: &mut FrameWriter,
     out: &mut [u8],
     pace: Option<&mut crate::agent::tcp::UploadPace>,
-) -> anyhow::Result<()> {
+) -> Result<(), StreamError> {
     let Some(pace) = pace else {
         return wr.write_encoded(out).await;
     };

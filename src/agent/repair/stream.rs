@@ -10,6 +10,25 @@ use tokio::net::TcpStream;
 
 use super::{MAX_REQUEST, PEER_TIMEOUT};
 
+/// Why a repair connection's frames stopped, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("no whole frame within {PEER_TIMEOUT:?}")]
+    FrameTimeout,
+    #[error("a write not taken within {PEER_TIMEOUT:?}")]
+    WriteTimeout,
+    #[error("no fleet-key handshake within {PEER_TIMEOUT:?}")]
+    HandshakeTimeout,
+    #[error("fleet-key handshake: {0}")]
+    Handshake(#[from] handshake::HandshakeError),
+    /// A frame that breaks the protocol (bad magic, version, length, body).
+    #[error(transparent)]
+    Frame(#[from] frame::FrameError),
+    /// Reading or writing (the OS's words).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 /// The reading side of a repair connection, with the fleet key's cipher of
 /// that direction (every byte after the handshake is encrypted).
 pub(super) struct FrameReader {
@@ -53,14 +72,14 @@ pub(super) fn split(
 
 impl FrameReader {
     /// The next frame, which must arrive whole within [`PEER_TIMEOUT`].
-    pub(super) async fn read_frame(&mut self) -> anyhow::Result<Option<Frame>> {
+    pub(super) async fn read_frame(&mut self) -> Result<Option<Frame>, StreamError> {
         tokio::time::timeout(PEER_TIMEOUT, self.next_frame())
             .await
-            .map_err(|_| anyhow::anyhow!("no whole frame within {PEER_TIMEOUT:?}"))?
+            .map_err(|_| StreamError::FrameTimeout)?
     }
 
     /// The next frame, however long it takes.
-    pub(super) async fn next_frame(&mut self) -> anyhow::Result<Option<Frame>> {
+    pub(super) async fn next_frame(&mut self) -> Result<Option<Frame>, StreamError> {
         loop {
             if let Some(f) = self.buffered()? {
                 return Ok(Some(f));
@@ -78,7 +97,7 @@ impl FrameReader {
     }
 
     /// A whole frame if one has arrived, without waiting.
-    pub(super) fn try_frame(&mut self) -> anyhow::Result<Option<Frame>> {
+    pub(super) fn try_frame(&mut self) -> Result<Option<Frame>, StreamError> {
         loop {
             if let Some(f) = self.buffered()? {
                 return Ok(Some(f));
@@ -96,7 +115,7 @@ impl FrameReader {
 
     /// The first whole frame in the buffer. The header is checked (and the
     /// frame refused) before more of a frame declared too long is read.
-    fn buffered(&mut self) -> anyhow::Result<Option<Frame>> {
+    fn buffered(&mut self) -> Result<Option<Frame>, StreamError> {
         let rest = &self.buf[self.used..];
         frame::check_header(rest, self.max_frame)?;
         let Some((f, used)) = frame::decode(rest, self.max_frame)? else {
@@ -134,18 +153,20 @@ impl FrameReader {
 const READ_AT_ONCE: usize = 256 * 1024;
 
 impl FrameWriter {
-    pub(super) async fn write_frame(&mut self, f: &Frame) -> anyhow::Result<()> {
+    pub(super) async fn write_frame(&mut self, f: &Frame) -> Result<(), StreamError> {
         let mut out = Vec::new();
         frame::encode(f, &mut out);
         self.write_encoded(&mut out).await
     }
 
     /// Writes frames already encoded (enciphered here, in place).
-    pub(super) async fn write_encoded(&mut self, out: &mut [u8]) -> anyhow::Result<()> {
+    pub(super) async fn write_encoded(&mut self, out: &mut [u8]) -> Result<(), StreamError> {
         if let Some(tx) = &mut self.tx {
             tx.apply(out);
         }
-        tokio::time::timeout(PEER_TIMEOUT, self.wr.write_all(out)).await??;
+        tokio::time::timeout(PEER_TIMEOUT, self.wr.write_all(out))
+            .await
+            .map_err(|_| StreamError::WriteTimeout)??;
         Ok(())
     }
 }
@@ -155,7 +176,7 @@ impl FrameWriter {
 pub(super) async fn prove_server(
     stream: &mut TcpStream,
     keys: &FleetKeys,
-) -> anyhow::Result<handshake::Session> {
+) -> Result<handshake::Session, StreamError> {
     tokio::time::timeout(PEER_TIMEOUT, async {
         let mut hello = [0u8; handshake::HELLO_LEN];
         stream.read_exact(&mut hello).await?;
@@ -163,17 +184,17 @@ pub(super) async fn prove_server(
         stream.write_all(&answer).await?;
         let mut proof = [0u8; handshake::PROOF_LEN];
         stream.read_exact(&mut proof).await?;
-        anyhow::Ok(server.finish(&proof)?)
+        Ok::<_, StreamError>(server.finish(&proof)?)
     })
     .await
-    .map_err(|_| anyhow::anyhow!("no fleet-key handshake within {PEER_TIMEOUT:?}"))?
+    .map_err(|_| StreamError::HandshakeTimeout)?
 }
 
 /// The fleet-key handshake, client side.
 pub(super) async fn prove_client(
     stream: &mut TcpStream,
     keys: &FleetKeys,
-) -> anyhow::Result<handshake::Session> {
+) -> Result<handshake::Session, StreamError> {
     tokio::time::timeout(PEER_TIMEOUT, async {
         let (client, hello) = handshake::Client::start(keys);
         stream.write_all(&hello).await?;
@@ -181,8 +202,8 @@ pub(super) async fn prove_client(
         stream.read_exact(&mut answer).await?;
         let (proof, session) = client.finish(&answer)?;
         stream.write_all(&proof).await?;
-        anyhow::Ok(session)
+        Ok::<_, StreamError>(session)
     })
     .await
-    .map_err(|_| anyhow::anyhow!("no fleet-key handshake within {PEER_TIMEOUT:?}"))?
+    .map_err(|_| StreamError::HandshakeTimeout)?
 }
