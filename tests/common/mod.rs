@@ -224,12 +224,19 @@ pub fn finished(s: &serde_json::Value) -> bool {
 }
 
 pub fn wait_done(agent: &Proc, id: &str, limit: Duration) -> serde_json::Value {
-    let mut last = serde_json::Value::Null;
-    wait_for(&format!("task {id} on {}", agent.addr), limit, || {
-        last = task(agent, id);
-        finished(&last)
-    });
-    last
+    let t0 = Instant::now();
+    loop {
+        let last = task(agent, id);
+        if finished(&last) {
+            return last;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "task {id} on {}: not done within {limit:?}; last status: {last}",
+            agent.addr
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 pub fn origin_bytes(origin: &Proc) -> u64 {
