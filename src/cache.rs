@@ -210,18 +210,21 @@ impl Cache {
     /// Moves a verified download into `objects/`; returns the object's
     /// path.
     pub fn commit(&self, v: Verified) -> io::Result<PathBuf> {
-        let p = v;
-        let m = &p.manifest;
+        let Verified {
+            manifest: m,
+            data,
+            state,
+        } = v;
         let id = m.id();
         let target = self.object_path(&id);
-        let mut perms = fs::metadata(&p.data)?.permissions();
+        let mut perms = fs::metadata(&data)?.permissions();
         // Rename, then make it read-only: a crash between the two leaves a
         // verified, writable object, never a read-only partial that a
         // resume could not write to.
-        fs::rename(&p.data, &target)?;
+        fs::rename(&data, &target)?;
         perms.set_readonly(true);
         fs::set_permissions(&target, perms)?;
-        let _ = fs::remove_file(&p.state);
+        let _ = fs::remove_file(&state);
         let mut meta = self.meta(&id).unwrap_or_default();
         meta.size = m.layout.file_size();
         meta.name = m.name.clone();
