@@ -2,7 +2,7 @@
 # Peer repair throughput in the namespace lab, against plain HTTP of the
 # same bytes from one of the same peers.
 #
-#   scripts/bench-repair.sh [--size 256M] [--rate 1gbit] [--peers 1] [--peer-rate RATE] [--mode background] [--runs 1]
+#   scripts/bench-repair.sh [--size 256M] [--rate 1gbit] [--peers 1] [--peer-rate RATE] [--mode background] [--runs 1] [--fleet-key]
 #
 # Host 0 is the origin; agents on hosts 1..N (the peers) stage the package
 # (cache-only), one after another; then agent B (host N+1) gets the same
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 . scripts/lab.sh
 export LAB_PREFIX=scr
 
-size=256M rate=1gbit peers=1 peer_rate= mode=background runs=1
+size=256M rate=1gbit peers=1 peer_rate= mode=background runs=1 fleet=
 while [ $# -gt 0 ]; do
     case "$1" in
     --size) size=$2; shift 2 ;;
@@ -30,7 +30,8 @@ while [ $# -gt 0 ]; do
     --peer-rate) peer_rate=$2; shift 2 ;;
     --mode) mode=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
-    *) echo "usage: $0 [--size 256M] [--rate 1gbit] [--peers 1] [--peer-rate RATE] [--mode background|foreground] [--runs N]" >&2; exit 2 ;;
+    --fleet-key) fleet=1; shift ;;
+    *) echo "usage: $0 [--size 256M] [--rate 1gbit] [--peers 1] [--peer-rate RATE] [--mode background|foreground] [--runs N] [--fleet-key]" >&2; exit 2 ;;
     esac
 done
 lab_session bench-repair
@@ -47,9 +48,17 @@ bytes=$(numfmt --from=iec "$size")
 head -c "$bytes" /dev/urandom >"$WORK/origin/pkg.bin"
 lab_exec 0 "$BIN" serve "$WORK/origin" --listen "$LAB_NET.1:8080" 2>/dev/null &
 "$BIN" manifest create "$WORK/origin/pkg.bin" --url "http://$LAB_NET.1:8080/pkg.bin" -o "$WORK/pkg.json" --sign "$KEY" 2>/dev/null
+# With --fleet-key every agent holds one fleet key: repair connections
+# open with its handshake and every byte on them is enciphered, as on a
+# fleet that seals its LAN traffic.
+fleet_args=()
+if [ -n "$fleet" ]; then
+    "$BIN" key generate --fleet "$WORK/lan" 2>/dev/null
+    fleet_args=(--fleet-key "$WORK/lan.fleet")
+fi
 agent() { # agent I CACHE LOG
     lab_exec "$1" "$BIN" agent --iface eth0 --cache "$2" --api "$LAB_NET.$(($1 + 1)):7480" \
-        --token "$TOKEN" --trust "$PUB" --rate-mode "$mode" --presence-interval 1s >"$3" 2>&1 &
+        --token "$TOKEN" --trust "$PUB" --rate-mode "$mode" --presence-interval 1s "${fleet_args[@]}" >"$3" 2>&1 &
 }
 for ((i = 1; i <= peers; i++)); do
     agent "$i" "$WORK/cache$i" "$WORK/agent$i.log"
@@ -124,7 +133,7 @@ for ((k = 1; k <= runs; k++)); do
     http_s=$(http_run "$k")
     echo "$got $secs $http_s" >>"$WORK/runs"
 done
-python3 - "$WORK/runs" "$bytes" "$size" "$rate" "$peers" "${peer_rate:-$rate}" "$mode" <<'PY'
+python3 - "$WORK/runs" "$bytes" "$size" "$rate" "$peers" "${peer_rate:-$rate}" "$mode" "${fleet:+, fleet key}" <<'PY'
 import statistics, sys
 runs = [tuple(map(float, l.split())) for l in open(sys.argv[1])]
 size = int(sys.argv[2])
@@ -135,7 +144,7 @@ for i, (got, secs, http_s) in enumerate(runs, 1):
     ratios.append(r / h)
     print(f"run {i}: peer repair {int(got)} bytes in {secs:.2f} s = {r:.0f} Mbit/s; "
           f"plain HTTP from one peer {size} bytes in {http_s:.2f} s = {h:.0f} Mbit/s; {r / h:.2f}x")
-print(f"{sys.argv[3]}, links {sys.argv[4]}, {sys.argv[5]} peer(s) uploading at {sys.argv[6]}, {sys.argv[7]} mode: "
+print(f"{sys.argv[3]}, links {sys.argv[4]}, {sys.argv[5]} peer(s) uploading at {sys.argv[6]}, {sys.argv[7]} mode{sys.argv[8]}: "
       f"repair/HTTP throughput median {statistics.median(ratios):.2f}x over {len(ratios)} run(s) "
       f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
 PY
