@@ -143,8 +143,8 @@ for i, (got, secs, http_s) in enumerate(runs, 1):
     h = size * 8 / http_s / 1e6
     ratios.append(r / h)
     print(f"run {i}: peer repair {int(got)} bytes in {secs:.2f} s = {r:.0f} Mbit/s; "
-          f"plain HTTP from one peer {size} bytes in {http_s:.2f} s = {h:.0f} Mbit/s; {r / h:.2f}x")
+          f"plain HTTP from one peer {size} bytes in {http_s:.2f} s = {h:.0f} Mbit/s; {r / h:.3f}x")
 print(f"{sys.argv[3]}, links {sys.argv[4]}, {sys.argv[5]} peer(s) uploading at {sys.argv[6]}, {sys.argv[7]} mode{sys.argv[8]}: "
-      f"repair/HTTP throughput median {statistics.median(ratios):.2f}x over {len(ratios)} run(s) "
-      f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
+      f"repair/HTTP throughput median {statistics.median(ratios):.3f}x over {len(ratios)} run(s) "
+      f"(min {min(ratios):.3f}x, max {max(ratios):.3f}x)")
 PY

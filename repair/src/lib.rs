@@ -16,11 +16,14 @@
 //! - [`plan`]: which missing block to ask of which peer, and what each
 //!   answer changes (busy, not held, failed peers), sans-IO.
 //! - [`choose`]: which peer to ask, spread by load, with a per-peer limit.
+//! - [`checked`]: which blocks of which file version a serving peer has
+//!   hash-checked already, bounded and for a while.
 //! - [`members`]: who fetches a content through a rendezvous point, and
 //!   who fetches for the others once it is gone.
 //! - [`pace`]: the rate of a unicast transfer (a repair upload, an origin
 //!   fetch) that yields to other traffic on measured delay, sans-IO.
 
+pub mod checked;
 pub mod choose;
 pub mod fetch;
 pub mod frame;

@@ -73,6 +73,9 @@ pub struct Agent {
     /// What recent repair uploads got through, by requester: the next
     /// upload to one starts near it.
     pub upload_paths: Mutex<::repair::pace::PathMemory<std::net::IpAddr>>,
+    /// The blocks of the files it serves that repair has hash-checked
+    /// already (and the files verified whole on their way into the cache).
+    pub checked_blocks: Mutex<repair::CheckedFiles>,
 }
 
 impl Agent {
@@ -259,6 +262,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         site: Mutex::default(),
         members: Mutex::default(),
         upload_paths: Mutex::default(),
+        checked_blocks: Mutex::default(),
         contents: Mutex::new(HashMap::new()),
         config,
         token,

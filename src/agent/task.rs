@@ -680,12 +680,17 @@ async fn drive_in_turn(r: &Run) -> anyhow::Result<()> {
         t.holding = None; // moving into the cache
     }
     let cache_agent = r.agent.clone();
+    let blocks = partial.layout().block_count();
     let verified = tokio::task::spawn_blocking(move || partial.verify())
         .await?
         .context("checking the whole file")?;
-    let path = tokio::task::spawn_blocking(move || cache_agent.cache.commit(verified))
-        .await?
-        .context("moving the verified file into the cache")?;
+    let path = tokio::task::spawn_blocking(move || {
+        let path = cache_agent.cache.commit(verified)?;
+        crate::agent::repair::note_verified(&cache_agent, &path, blocks);
+        Ok::<_, std::io::Error>(path)
+    })
+    .await?
+    .context("moving the verified file into the cache")?;
     finish(r, &path).await
 }
 

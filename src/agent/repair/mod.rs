@@ -18,7 +18,7 @@ mod stream;
 pub use client::{
     PIPELINE_DEPTH, PeerError, PeerFailure, PeerJob, PeerResult, fetch_from_peer, join_site,
 };
-pub use server::serve;
+pub use server::{CheckedFiles, note_verified, serve};
 
 /// A peer that does not complete a frame (or a handshake) within this long
 /// is given up: one that trickles a byte at a time gains nothing.

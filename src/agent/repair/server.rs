@@ -251,14 +251,9 @@ fn start_answer<'a>(agent: &Arc<Agent>, limits: &'a Limits, f: Frame) -> Option<
         need,
         highest_esi,
     };
+    let agent = agent.clone();
     let plan = tokio::task::spawn_blocking(move || -> Option<Serving> {
-        let f = std::fs::File::open(&path).ok()?;
-        let mut data = vec![0u8; layout.block_len(block)];
-        multicast::driver::read_exact_at(&f, &mut data, layout.offset(block)).ok()?;
-        if multicast::codec::sha256(&data) != hash {
-            tracing::warn!("repair: block {block} on disk fails its hash; not serving it");
-            return None;
-        }
+        let data = read_checked(&agent, &path, &layout, block, &hash)?;
         let plan = Serving::needs_plan(&want).then(|| Plan::new(layout));
         Some(Serving::new(
             &layout,
@@ -273,6 +268,82 @@ fn start_answer<'a>(agent: &Arc<Agent>, limits: &'a Limits, f: Frame) -> Option<
         _upload: upload,
         plan,
     })
+}
+
+/// One version of a file: a file rewritten or replaced is another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileVersion {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    inode: u64,
+}
+
+impl FileVersion {
+    fn of(f: &std::fs::File) -> Option<FileVersion> {
+        let m = f.metadata().ok()?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&m);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Some(FileVersion {
+            len: m.len(),
+            modified: m.modified().ok(),
+            inode,
+        })
+    }
+}
+
+/// Blocks hash-checked by file and version ([`repair::checked`]).
+pub type CheckedFiles = repair::checked::CheckedBlocks<std::path::PathBuf, FileVersion>;
+
+/// Block `block` of the file at `path`, when it matches `hash`: hashed
+/// unless this version of the file had the block checked lately (the
+/// file unchanged while it was read). A block that fails is not served.
+fn read_checked(
+    agent: &Agent,
+    path: &std::path::Path,
+    layout: &Layout,
+    block: u32,
+    hash: &Digest,
+) -> Option<Vec<u8>> {
+    let f = std::fs::File::open(path).ok()?;
+    let before = FileVersion::of(&f)?;
+    let mut data = vec![0u8; layout.block_len(block)];
+    multicast::driver::read_exact_at(&f, &mut data, layout.offset(block)).ok()?;
+    let unchanged = FileVersion::of(&f) == Some(before);
+    let path = path.to_path_buf();
+    let now = std::time::Instant::now();
+    if unchanged && checked(agent).is_checked(&path, before, block, now) {
+        return Some(data);
+    }
+    if multicast::codec::sha256(&data) != *hash {
+        tracing::warn!("repair: block {block} on disk fails its hash; not serving it");
+        return None;
+    }
+    if unchanged {
+        checked(agent).note(&path, before, block, now);
+    }
+    Some(data)
+}
+
+fn checked(agent: &Agent) -> std::sync::MutexGuard<'_, CheckedFiles> {
+    agent
+        .checked_blocks
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The file at `path` was verified whole (every one of its `blocks`)
+/// just now: repair serves them without hashing each again.
+pub fn note_verified(agent: &Agent, path: &std::path::Path, blocks: u32) {
+    let Some(version) = std::fs::File::open(path)
+        .ok()
+        .and_then(|f| FileVersion::of(&f))
+    else {
+        return;
+    };
+    let now = std::time::Instant::now();
+    checked(agent).note_all(&path.to_path_buf(), version, blocks, now);
 }
 
 /// Requests a requester may queue on one connection before it is
