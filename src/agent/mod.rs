@@ -226,18 +226,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
     let (iface_name, prefix) = describe_iface(iface_addr);
     let subnet = prefix.map(|p| Subnet::of(iface_addr, p));
     let (listener, api_addr, repair_listener) = bind(&config, iface_addr).await?;
-    let me = LocalNode {
-        node,
-        version: env!("CARGO_PKG_VERSION").into(),
-        addrs: vec![AddrV4 {
-            addr: iface_addr.octets(),
-            prefix: prefix.unwrap_or(32),
-        }],
-        api_port: api_addr.port(),
-        repair_port: repair_listener.local_addr()?.port(),
-        rank: Default::default(),
-        held: Vec::new(),
-    };
+    let me = local_node(node, iface_addr, prefix, api_addr, &repair_listener)?;
     let presence = presence_of(&config, me, subnet);
     let agent = Arc::new(Agent {
         node,
@@ -284,6 +273,29 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Running> {
         api: api_addr,
         stop: stop_tx,
         tasks,
+    })
+}
+
+/// What this agent announces of itself: its address on the interface and
+/// the ports of its API and its repair server.
+fn local_node(
+    node: u64,
+    iface_addr: Ipv4Addr,
+    prefix: Option<u8>,
+    api_addr: SocketAddr,
+    repair_listener: &tokio::net::TcpListener,
+) -> anyhow::Result<LocalNode> {
+    Ok(LocalNode {
+        node,
+        version: env!("CARGO_PKG_VERSION").into(),
+        addrs: vec![AddrV4 {
+            addr: iface_addr.octets(),
+            prefix: prefix.unwrap_or(32),
+        }],
+        api_port: api_addr.port(),
+        repair_port: repair_listener.local_addr()?.port(),
+        rank: Default::default(),
+        held: Vec::new(),
     })
 }
 
