@@ -255,21 +255,9 @@ impl BlockFetch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_file::{block_of, setup};
 
-    const T: usize = 64;
-
-    fn setup() -> (Layout, Vec<u8>) {
-        let layout = Layout::for_file(10 * 640 + 100, 640, T as u16).unwrap();
-        let file = (0..layout.file_size())
-            .map(|i| (i * 7 % 251) as u8)
-            .collect();
-        (layout, file)
-    }
-
-    fn block_of(layout: &Layout, file: &[u8], b: u32) -> Vec<u8> {
-        let at = layout.offset(b) as usize;
-        file[at..at + layout.block_len(b)].to_vec()
-    }
+    const T: usize = crate::test_file::T as usize;
 
     /// Source symbol `esi` of block `b`, zero-padded to T.
     fn symbol(layout: &Layout, file: &[u8], b: u32, esi: u32) -> Vec<u8> {

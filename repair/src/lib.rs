@@ -32,6 +32,8 @@ pub mod pace;
 pub mod pipeline;
 pub mod plan;
 pub mod serve;
+#[cfg(test)]
+mod test_file;
 
 pub use choose::Chooser;
 pub use fetch::{BlockFetch, FetchStep, Misbehavior};

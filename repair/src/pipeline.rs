@@ -191,20 +191,7 @@ mod tests {
     use crate::serve::{Serving, Want};
     use multicast::codec::{Layout, Plan, sha256};
 
-    const T: u16 = 64;
-
-    fn setup() -> (Layout, Vec<u8>) {
-        let layout = Layout::for_file(10 * 640 + 100, 640, T).unwrap();
-        let file: Vec<u8> = (0..layout.file_size())
-            .map(|i| (i * 7 % 251) as u8)
-            .collect();
-        (layout, file)
-    }
-
-    fn block_of(layout: &Layout, file: &[u8], b: u32) -> Vec<u8> {
-        let at = layout.offset(b) as usize;
-        file[at..at + layout.block_len(b)].to_vec()
-    }
+    use crate::test_file::{T, block_of, setup};
 
     fn fetch(layout: &Layout, file: &[u8], b: u32) -> BlockFetch {
         BlockFetch::new(*layout, b, sha256(&block_of(layout, file, b)), None)
