@@ -299,7 +299,13 @@ mod tests {
             let syms: Vec<Vec<u8>> = (0..n).map(|e| symbol(&layout, &file, b, e)).collect();
             let frames = vec![frame(b, 0, &syms[..1]), frame(b, 1, &syms[1..])];
             let mut f = BlockFetch::new(layout, b, sha256(&want), None);
-            assert_eq!(run(&mut f, frames.clone()), Ok(want.clone()), "block {b}");
+            assert!(matches!(f.handle(frames[0].clone()), FetchStep::More));
+            assert!(matches!(f.handle(frames[1].clone()), FetchStep::Decode));
+            assert!(
+                matches!(f.in_order, Some((_, hashed)) if hashed == n),
+                "block {b}: every source symbol hashed on arrival"
+            );
+            assert_eq!(f.decode(), Ok(want.clone()), "block {b}");
             assert!(
                 f.in_order.is_none(),
                 "block {b} was checked by its in-order hash"
