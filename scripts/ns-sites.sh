@@ -15,7 +15,7 @@
 # 2. Another package, A's (first) rendezvous killed mid-transfer: every
 #    other agent of A completes, the payload into A at most 2x. The
 #    subnets' representatives learned each other from it (JOIN): the
-#    first by address fetches the rest for the office, the others from it.
+#    first to join fetches the rest for the office, the others from it.
 #
 #   scripts/ns-sites.sh [--per-subnet 3] [--size 48M] [--wan 100mbit]
 #

@@ -1,8 +1,15 @@
 //! Who fetches a content through one rendezvous point, sans-IO: the
 //! subnets' representatives of a site, each by its repair address. When the
-//! rendezvous dies they know each other, so one of them (the first by
-//! address, see [`successor`]) fetches for the site and the others take the
+//! rendezvous dies they know each other, so one of them (the first to
+//! join, see [`successor`]) fetches for the site and the others take the
 //! package from it, instead of each going to the origin.
+//!
+//! The list is kept in the order the members first joined, and that order
+//! (not their addresses) says who fetches: a member's first JOIN answers
+//! with everyone who joined before it, so each one knows all those ahead
+//! of it however late it asks again, and the first knows it is first. By
+//! address, two that joined a moment apart could each see only itself
+//! first and both go to the origin.
 
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
@@ -31,7 +38,7 @@ impl Members {
 
     /// Records `member` as fetching `content` at `now` (unless it only
     /// listens); every member of it (the newcomer too), at most
-    /// [`MAX_MEMBERS`], sorted.
+    /// [`MAX_MEMBERS`], in the order they first joined.
     pub fn join(
         &mut self,
         now: Instant,
@@ -66,34 +73,39 @@ impl Members {
             None if !fetching => {}
             None => {
                 if list.len() >= MAX_MEMBERS {
-                    // The one heard least recently makes room.
+                    // The one heard least recently makes room; the
+                    // others keep their places.
                     let i = (0..list.len()).min_by_key(|&i| list[i].1).expect("full");
-                    list.swap_remove(i);
+                    list.remove(i);
                 }
                 list.push((member, now));
             }
         }
-        let mut out: Vec<SocketAddrV4> = list.iter().map(|m| m.0).collect();
-        out.sort();
-        out
+        list.iter().map(|m| m.0).collect()
     }
 }
 
-/// Whom `me` fetches from once the listed rendezvous points are gone: the
-/// members before it by address (each a candidate in turn, should one fail
-/// too), at most `max`; none means `me` is first and fetches for the others.
-/// One that is no member (it only listened) follows them all: the members
-/// agree on the first among themselves.
+/// Whom `me` fetches from once the listed rendezvous points are gone, from
+/// `members` as the rendezvous listed them (in join order): the members
+/// that joined before it, the first first (each a candidate in turn, should
+/// one fail too), at most `max`; none means `me` is first and fetches for
+/// the others. One that is no member (it only listened) follows them all
+/// in that order.
 pub fn successor(me: SocketAddrV4, members: &[SocketAddrV4], max: usize) -> Vec<SocketAddrV4> {
-    let member = members.contains(&me);
-    let mut before: Vec<SocketAddrV4> = members
+    let ahead = members
         .iter()
-        .copied()
-        .filter(|m| !member || *m < me)
-        .collect();
-    before.sort();
-    before.dedup();
-    before.truncate(max);
+        .position(|m| *m == me)
+        .unwrap_or(members.len());
+    let mut before: Vec<SocketAddrV4> = Vec::with_capacity(max.min(ahead));
+    for m in &members[..ahead] {
+        if before.len() == max {
+            break;
+        }
+        // A hostile list may name one twice.
+        if !before.contains(m) {
+            before.push(*m);
+        }
+    }
     before
 }
 
@@ -106,7 +118,7 @@ mod tests {
     }
 
     #[test]
-    fn members_are_listed_sorted_bounded_and_forgotten_when_silent() {
+    fn members_are_listed_bounded_and_forgotten_when_silent() {
         let t0 = Instant::now();
         let mut m = Members::new();
         let c = [1u8; 32];
@@ -161,22 +173,55 @@ mod tests {
     }
 
     #[test]
-    fn the_first_member_by_address_fetches_and_the_rest_follow_it() {
-        let all = [a("10.0.3.12:7481"), a("10.0.2.11:7481"), a("10.0.5.1:7481")];
-        assert!(successor(a("10.0.2.11:7481"), &all, 4).is_empty());
-        assert_eq!(
-            successor(a("10.0.3.12:7481"), &all, 4),
-            [a("10.0.2.11:7481")]
-        );
-        assert_eq!(
-            successor(a("10.0.5.1:7481"), &all, 4),
-            [a("10.0.2.11:7481"), a("10.0.3.12:7481")]
-        );
-        assert_eq!(successor(a("10.0.5.1:7481"), &all, 1).len(), 1);
+    fn the_first_to_join_fetches_and_the_rest_follow_it_in_join_order() {
+        let t0 = Instant::now();
+        let mut m = Members::new();
+        let c = [1u8; 32];
+        let (late_low, early_high) = (a("10.0.2.12:7481"), a("10.0.3.12:7481"));
+        // The higher address joins first and hears only itself; it never
+        // asks again before the rendezvous dies.
+        let early_list = m.join(t0, c, early_high, true);
+        let late_list = m.join(t0 + Duration::from_millis(50), c, late_low, true);
+        assert_eq!(late_list, [early_high, late_low]);
+        // Exactly one of the two goes to the origin, and the other takes
+        // the package from it.
+        assert!(successor(early_high, &early_list, 3).is_empty());
+        assert_eq!(successor(late_low, &late_list, 3), [early_high]);
+        // Places hold: a rejoin (a new port too) keeps the first first.
+        let third = a("10.0.1.5:7481");
+        m.join(t0 + Duration::from_secs(1), c, third, true);
+        m.join(t0 + Duration::from_secs(2), c, a("10.0.3.12:7999"), true);
+        let all = m.join(t0 + Duration::from_secs(2), c, late_low, true);
+        assert_eq!(all, [a("10.0.3.12:7999"), late_low, third]);
+        assert_eq!(successor(third, &all, 4), all[..2]);
+        assert_eq!(successor(third, &all, 1), all[..1]);
         // A listener (not on the list) follows the first, then the next.
+        assert_eq!(successor(a("10.0.1.1:7481"), &all, 2), all[..2]);
+        // A hostile list that names one twice yields it once.
+        let dup = [early_high, early_high, late_low, third];
+        assert_eq!(successor(third, &dup, 4), [early_high, late_low]);
+    }
+
+    #[test]
+    fn a_full_list_drops_the_least_recently_heard_and_keeps_the_order() {
+        let t0 = Instant::now();
+        let mut m = Members::new();
+        let c = [3u8; 32];
+        let addr =
+            |i: usize| SocketAddrV4::new([10, 4, (i / 200) as u8, (i % 200) as u8].into(), 1);
+        for i in 0..MAX_MEMBERS {
+            m.join(t0 + Duration::from_millis(i as u64), c, addr(i), true);
+        }
+        // The first is heard again; the second is now the stalest.
+        m.join(t0 + Duration::from_secs(1), c, addr(0), true);
+        let got = m.join(t0 + Duration::from_secs(1), c, addr(MAX_MEMBERS), true);
+        assert_eq!(got.len(), MAX_MEMBERS);
+        assert_eq!(got[0], addr(0));
+        assert!(!got.contains(&addr(1)));
         assert_eq!(
-            successor(a("10.0.1.1:7481"), &all, 2),
-            [a("10.0.2.11:7481"), a("10.0.3.12:7481")]
+            got[1..MAX_MEMBERS - 1],
+            (2..MAX_MEMBERS).map(addr).collect::<Vec<_>>()[..]
         );
+        assert_eq!(got[MAX_MEMBERS - 1], addr(MAX_MEMBERS));
     }
 }

@@ -11,7 +11,7 @@
 //! While it fetches from a rendezvous point, an agent joins it every few
 //! seconds (JOIN, on a connection of its own) and learns the other
 //! agents that fetch through it: the other subnets' representatives. When
-//! every listed source is gone, the first of them by address fetches from
+//! every listed source is gone, the first of them to join fetches from
 //! the origin for the site and the others from it, so the office still
 //! downloads once.
 
@@ -138,7 +138,7 @@ fn me(r: &Run) -> std::net::SocketAddrV4 {
 }
 
 /// The rendezvous points are gone: the members of this agent's site (those
-/// it learned from them) stand in. The first by address fetches from the
+/// it learned from them) stand in. The first to join fetches from the
 /// origin for the others; each other fetches from the members before it,
 /// in turn. Whether every block is here.
 async fn succession(
