@@ -482,6 +482,15 @@ impl Partial {
         scanner::node::replace_file(&self.state, &bytes, false)
     }
 
+    /// [`Partial::write_block`] of a decoded block's own buffer, which then
+    /// goes back for reuse (`multicast::codec::recycle`): the next block's
+    /// symbols land in memory already touched, not 4 MiB to fault in again.
+    pub fn write_block_buffer(&self, block: u32, data: Vec<u8>) -> io::Result<()> {
+        let written = self.write_block(block, &data);
+        multicast::codec::recycle(data);
+        written
+    }
+
     /// Writes block `b` (already hash-checked by the caller) and records it;
     /// a block already done is left as it is.
     pub fn write_block(&self, block: u32, data: &[u8]) -> io::Result<()> {

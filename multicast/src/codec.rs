@@ -401,8 +401,16 @@ impl Collector {
 
     /// Decodes the padded block (K*T bytes), or gives the collector back
     /// when the symbols held do not yet determine it.
-    pub fn decode(self: Box<Self>, layout: &Layout) -> Result<Vec<u8>, Box<Self>> {
+    pub fn decode(mut self: Box<Self>, layout: &Layout) -> Result<Vec<u8>, Box<Self>> {
         let t = self.t;
+        let k = self.k as usize;
+        if self.has_all_source() && self.esis.iter().take(k).copied().eq(0..self.k) {
+            // Every source symbol, and the first K in ESI order (one peer
+            // sending a whole block): the payloads are the block already.
+            let mut block = std::mem::take(&mut self.payloads);
+            block.truncate(k * t);
+            return Ok(block);
+        }
         if self.has_all_source() {
             // Systematic code: the source symbols are the block itself.
             // A collector's capacity, so the buffer can serve one later.
@@ -455,6 +463,14 @@ mod tests {
             .collect()
     }
 
+    /// A 200 kB file's layout (T = 1000) and its first block, padded,
+    /// from `seed`.
+    fn first_block(seed: u64) -> (Layout, Vec<u8>) {
+        let l = layout(200_000);
+        let padded = pad_block(&l, 0, &pseudo_random(l.block_len(0), seed));
+        (l, padded)
+    }
+
     #[test]
     fn block_size_rounds_up_to_whole_symbols() {
         let l = Layout::for_file(10, 4 << 20, 1400).unwrap();
@@ -498,11 +514,8 @@ mod tests {
 
     #[test]
     fn decodes_from_repair_symbols_only_and_matches_the_source() {
-        let l = layout(200_000);
-        let plan = Plan::new(l);
-        let data = pseudo_random(l.block_len(0), 1);
-        let padded = pad_block(&l, 0, &data);
-        let enc = plan.encoder(&padded);
+        let (l, padded) = first_block(1);
+        let enc = Plan::new(l).encoder(&padded);
         let k = l.k();
         let repair = enc.repair(k, k + MIN_DECODE_MARGIN);
         let mut c = Collector::new(&l);
@@ -514,14 +527,36 @@ mod tests {
         assert_eq!(block, padded);
     }
 
+    #[test]
+    fn source_symbols_in_any_order_decode_to_the_block() {
+        let (l, padded) = first_block(3);
+        let k = l.k();
+        let sym = |esi: u32| &padded[esi as usize * 1000..(esi as usize + 1) * 1000];
+        // In ESI order (one peer sending a whole block): its own buffer.
+        let mut c = Collector::new(&l);
+        (0..k).for_each(|e| c.insert(e, sym(e)).unwrap());
+        assert_eq!(Box::new(c).decode(&l).unwrap(), padded);
+        // Reversed, and with a repair symbol first: placed by ESI.
+        let enc = Plan::new(l).encoder(&padded);
+        let mut c = Collector::new(&l);
+        c.insert(k, &enc.repair(k, 1)).unwrap();
+        (0..k).rev().for_each(|e| c.insert(e, sym(e)).unwrap());
+        assert_eq!(Box::new(c).decode(&l).unwrap(), padded);
+        // One gap, filled last.
+        let mut c = Collector::new(&l);
+        (0..k)
+            .filter(|&e| e != 1)
+            .for_each(|e| c.insert(e, sym(e)).unwrap());
+        c.insert(1, sym(1)).unwrap();
+        assert_eq!(Box::new(c).decode(&l).unwrap(), padded);
+    }
+
     /// Failover and peer repair rest on this: a symbol depends only on the
     /// block and its ESI, not on which sender (or peer) minted it, so
     /// symbols from one session count in the next.
     #[test]
     fn symbols_from_different_senders_are_interchangeable() {
-        let l = layout(200_000);
-        let data = pseudo_random(l.block_len(0), 9);
-        let padded = pad_block(&l, 0, &data);
+        let (l, padded) = first_block(9);
         let k = l.k();
         let (a, b) = (Plan::new(l).encoder(&padded), Plan::new(l).encoder(&padded));
         assert_eq!(a.repair(k + 5, 20), b.repair(k + 5, 20));
@@ -595,9 +630,8 @@ mod tests {
 
     #[test]
     fn a_corrupted_symbol_decodes_to_a_block_that_fails_its_hash() {
-        let l = layout(200_000);
+        let (l, padded) = first_block(3);
         let plan = Plan::new(l);
-        let padded = pad_block(&l, 0, &pseudo_random(l.block_len(0), 3));
         let k = l.k();
         let repair = plan.encoder(&padded).repair(k, k + MIN_DECODE_MARGIN);
         let mut c = Collector::new(&l);

@@ -235,7 +235,7 @@ async fn delivered(
     // Off the runtime: a 4 MiB write must not stall the connections'
     // readers.
     let p = partial.clone();
-    tokio::task::spawn_blocking(move || p.write_block(b, &data))
+    tokio::task::spawn_blocking(move || p.write_block_buffer(b, data))
         .await?
         .context("writing a repaired block")?;
     note_blocks(&r.agent, &r.id, partial);

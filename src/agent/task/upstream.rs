@@ -258,7 +258,7 @@ async fn from_rendezvous_write(
     bytes: u64,
 ) -> anyhow::Result<()> {
     let p = partial.clone();
-    tokio::task::spawn_blocking(move || p.write_block(b, &data))
+    tokio::task::spawn_blocking(move || p.write_block_buffer(b, data))
         .await?
         .context("writing a block from the rendezvous")?;
     update(&r.agent, &r.id, |s| s.bytes.rendezvous += bytes);
