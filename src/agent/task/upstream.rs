@@ -35,7 +35,8 @@ const JOIN_EVERY: Duration = Duration::from_secs(2);
 /// members: should the rendezvous die, one of them becomes the subnet's
 /// representative and must know whom to follow.
 const LISTEN_EVERY: Duration = Duration::from_secs(5);
-/// The second join comes this soon after the first.
+/// The second join comes this soon after the first; the waits after it
+/// double up to the interval ([`join_waits`]).
 const EARLY_REJOIN: Duration = Duration::from_millis(500);
 /// Members asked in turn, once the rendezvous points are gone, before the
 /// origin.
@@ -179,7 +180,7 @@ async fn keep_joined(
     into: Arc<Mutex<Vec<std::net::SocketAddrV4>>>,
     every: Duration,
 ) {
-    let mut first = true;
+    let mut waits = join_waits(every);
     loop {
         let joined =
             crate::agent::repair::join_site(fleet.as_ref(), addr, content, me.port(), fetching);
@@ -191,16 +192,19 @@ async fn keep_joined(
                 return;
             }
         }
-        // Soon once more: members that joined just after this one are
-        // known to it before the rendezvous can fail them all.
-        tokio::time::sleep(if first {
-            every.min(EARLY_REJOIN)
-        } else {
-            every
-        })
-        .await;
-        first = false;
+        tokio::time::sleep(waits.next().unwrap_or(every)).await;
     }
+}
+
+/// The waits between one agent's JOINs: [`EARLY_REJOIN`], doubling up to
+/// `every`. Soon at first, so that the members who joined just after it
+/// (the subnets elect at about the same moment) are known to it before
+/// the rendezvous can fail them all: a listener that knows none goes to
+/// the origin.
+fn join_waits(every: Duration) -> impl Iterator<Item = Duration> {
+    std::iter::successors(Some(every.min(EARLY_REJOIN)), move |w| {
+        Some((*w * 2).min(every))
+    })
 }
 
 /// Every missing block from the rendezvous at `addr`, joining its members
@@ -339,5 +343,22 @@ async fn blocks_from(
             Err(PeerError::Declined | PeerError::Busy) => not_yet.push(b),
             Err(PeerError::Failed(why)) => return Ok(Err(why.into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_come_soon_at_first_then_at_the_interval() {
+        let ms = |w: Vec<Duration>| w.iter().map(|d| d.as_millis()).collect::<Vec<_>>();
+        let listen: Vec<Duration> = join_waits(LISTEN_EVERY).take(7).collect();
+        assert_eq!(ms(listen), [500, 1000, 2000, 4000, 5000, 5000, 5000]);
+        let member: Vec<Duration> = join_waits(JOIN_EVERY).take(4).collect();
+        assert_eq!(ms(member), [500, 1000, 2000, 2000]);
+        // An interval under the early wait is never stretched.
+        let short = Duration::from_millis(100);
+        assert!(join_waits(short).take(3).all(|w| w == short));
     }
 }
