@@ -82,6 +82,7 @@ repair_run() {
     agent "$b" "$WORK/cache-b$k" "$WORK/agent-b$k.log"
     local pid=$!
     sleep 4 # presence carries the peers' HAVE to B (confirmed by a second announcement)
+    grep -q "control API on" "$WORK/agent-b$k.log" || { cat "$WORK/agent-b$k.log" >&2; echo "FAIL: agent B of run $k did not start" >&2; return 1; }
     id=$(lab_exec 0 "$BIN" task start --agent "$b_api" --token "$TOKEN" --manifest "$WORK/pkg.json" --sign "$KEY" \
         --cache-only --delay 0s 2>"$WORK/b$k.err") || { cat "$WORK/b$k.err" >&2; return 1; }
     # One poller for the whole wait: a shell, curl and python3 started
@@ -106,7 +107,15 @@ PY
 )
     echo "$status" >"$WORK/status$k.json"
     lab_exec 0 "$BIN" task cancel --agent "$b_api" --token "$TOKEN" --sign "$KEY" "$id" >/dev/null 2>&1 || true
-    kill "$pid" 2>/dev/null || true
+    # The agent is a child of the shell that ran `agent`, so killing $pid
+    # alone would leave it running, and the next run's agent B would fail
+    # to bind and leave its task to this one: stop whatever runs in B's
+    # namespace, and wait until it has gone.
+    ip netns pids "${LAB_PREFIX}-h$b" | xargs -r kill 2>/dev/null || true
+    for _ in $(seq 50); do
+        [ -z "$(ip netns pids "${LAB_PREFIX}-h$b")" ] && break
+        sleep 0.1
+    done
     wait "$pid" 2>/dev/null || true
     python3 -c 'import json,sys; s=json.loads(sys.argv[1]); b=s["bytes"]; print(b["peers"], s["repair_seconds"], b["origin"], len(b["by_peer"]))' "$status"
 }
