@@ -469,14 +469,8 @@ impl Partial {
 
     /// Writes the state file whole: a new file renamed over the old.
     fn persist(&self) -> io::Result<()> {
-        let _order = self.persisting();
+        let _order = self.persisting.lock().unwrap_or_else(|e| e.into_inner());
         self.persist_whole()
-    }
-
-    fn persisting(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.persisting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn persist_whole(&self) -> io::Result<()> {
@@ -486,41 +480,30 @@ impl Partial {
 
     /// The state file's text, block `b` done where `done(b)`.
     fn state_bytes(&self, done: impl Fn(u32) -> bool) -> Vec<u8> {
+        let done = (0..self.blocks.count()).map(|b| if done(b) { '1' } else { '0' });
         let state = PartialState {
             content_id: self.manifest.raw.content_id.clone(),
-            done: (0..self.blocks.count())
-                .map(|b| if done(b) { '1' } else { '0' })
-                .collect(),
+            done: done.collect(),
         };
         serde_json::to_vec(&state).expect("a string and ASCII digits serialize")
     }
 
     /// Records block `block` done in the state file: its one character
-    /// changed in place, where the file is as [`Partial::persist`] left it
-    /// (its length says so); else the file is written whole. A new file
-    /// renamed over the old took 1.9-2.9 ms a block (medians of three
-    /// 256 MiB repairs; ext4 flushes the new file on the rename), in place
-    /// 0.03-0.04 ms; the last block's is on every download's tail. The state is only a
-    /// hint: a resume hashes every block it says is done, and a file a
-    /// crash left torn parses as nothing, so every block is hashed.
+    /// written in place where the file has the length [`Partial::persist`]
+    /// gave it, else the file written whole. Renaming a new file over the
+    /// old took 1.9-2.9 ms a block (medians of three 256 MiB repairs; ext4
+    /// flushes the new file), in place 0.03-0.04 ms. The state is a hint: a
+    /// resume hashes every block it says is done, and a torn file parses
+    /// as nothing, so every block is hashed.
     fn persist_done(&self, block: u32) -> io::Result<()> {
-        let _order = self.persisting();
-        let blocks = self.blocks.count() as usize;
+        let _order = self.persisting.lock().unwrap_or_else(|e| e.into_inner());
         let len = self.state_bytes(|_| false).len();
-        // The characters are the end of the text, before `"}`.
-        let at = (len - 2 - blocks) as u64 + u64::from(block);
-        let in_place = fs::OpenOptions::new()
-            .write(true)
-            .open(&self.state)
-            .and_then(|f| {
-                if f.metadata()?.len() != len as u64 {
-                    return Err(io::Error::other("the state file is not as written"));
-                }
-                multicast::driver::write_all_at(&f, b"1", at)
-            });
-        match in_place {
-            Ok(()) => Ok(()),
-            Err(_) => self.persist_whole(),
+        // The characters end the text, before `"}`.
+        let at = (len - 2 - self.blocks.count() as usize) as u64 + u64::from(block);
+        let f = fs::OpenOptions::new().write(true).open(&self.state);
+        match f.and_then(|f| Ok((f.metadata()?.len() == len as u64).then_some(f))) {
+            Ok(Some(f)) => multicast::driver::write_all_at(&f, b"1", at),
+            _ => self.persist_whole(),
         }
     }
 
@@ -753,13 +736,12 @@ mod tests {
             p.write_block(b, &bytes[o..o + l.block_len(b)]).unwrap();
         };
         let p = cache.partial(&m).unwrap();
-        let whole =
-            |done: [bool; 3]| String::from_utf8(p.state_bytes(|b| done[b as usize])).unwrap();
+        let whole = |d: [bool; 3]| String::from_utf8(p.state_bytes(|b| d[b as usize])).unwrap();
         let text = || fs::read_to_string(&p.state).unwrap();
         assert_eq!(text(), whole([false; 3]));
         write(&p, 2);
         assert_eq!(text(), whole([false, false, true]), "changed in place");
-        // Another writer's file, or one a crash cut short: written whole.
+        // Another writer's file, or one a crash cut short, or none: whole.
         fs::write(&p.state, b"{\"content_id\":").unwrap();
         write(&p, 0);
         assert_eq!(text(), whole([true, false, true]));
