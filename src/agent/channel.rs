@@ -115,8 +115,7 @@ impl From<anyhow::Error> for PollError {
 
 /// `poll` scaled by a random factor in [0.9, 1.1).
 fn jittered(poll: Duration) -> Duration {
-    let r = multicast::driver::random_id() % 1000;
-    poll.mul_f64(0.9 + r as f64 / 5000.0)
+    super::jittered(poll, 0.1)
 }
 
 /// Polls the channel until `stop`; returns at once without one.

@@ -551,3 +551,10 @@ async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
+
+/// `d` scaled by a random factor in [1 - `spread`, 1 + `spread`): agents
+/// that started together do not all ask at one moment.
+pub(crate) fn jittered(d: std::time::Duration, spread: f64) -> std::time::Duration {
+    let r = (multicast::driver::random_id() % 1_000_000) as f64 / 1_000_000.0;
+    d.mul_f64(1.0 - spread + 2.0 * spread * r)
+}

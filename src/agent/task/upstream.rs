@@ -170,8 +170,13 @@ async fn succession(
 }
 
 /// Joins the members at `addr` (`me` and whether it fetches) every
-/// `every` until dropped, keeping the latest list in `into`. A source
-/// that does not answer JOIN (an older version) is only not asked again.
+/// `every` (jittered by a quarter) until dropped, keeping the latest list
+/// in `into`. A listener's first JOIN waits a random part of
+/// [`EARLY_REJOIN`]: the receivers of a large subnet start a task together,
+/// and a rendezvous serves 64 repair connections at once and closes the
+/// rest at once. A JOIN that fails (a rendezvous at that limit,
+/// down, or of an older version that does not know JOIN) is tried again,
+/// the waits doubling up to [`JOIN_BACKOFF_MAX`].
 async fn keep_joined(
     fleet: Option<multicast::auth::FleetKeys>,
     addr: SocketAddr,
@@ -180,21 +185,34 @@ async fn keep_joined(
     into: Arc<Mutex<Vec<std::net::SocketAddrV4>>>,
     every: Duration,
 ) {
+    if !fetching {
+        tokio::time::sleep(crate::agent::jittered(EARLY_REJOIN / 2, 1.0)).await;
+    }
     let mut waits = join_waits(every);
+    let mut failed = Duration::ZERO;
     loop {
         let joined =
             crate::agent::repair::join_site(fleet.as_ref(), addr, content, me.port(), fetching);
-        match joined.await {
-            Ok(list) if !list.is_empty() => *into.lock().unwrap_or_else(|p| p.into_inner()) = list,
-            Ok(_) => {}
+        let wait = match joined.await {
+            Ok(list) => {
+                if !list.is_empty() {
+                    *into.lock().unwrap_or_else(|p| p.into_inner()) = list;
+                }
+                failed = Duration::ZERO;
+                waits.next().unwrap_or(every)
+            }
             Err(why) => {
                 tracing::debug!("rendezvous {addr}: no member list ({why})");
-                return;
+                failed = (failed * 2).max(every).min(JOIN_BACKOFF_MAX);
+                failed
             }
-        }
-        tokio::time::sleep(waits.next().unwrap_or(every)).await;
+        };
+        tokio::time::sleep(crate::agent::jittered(wait, 0.25)).await;
     }
 }
+
+/// The longest wait after JOINs that failed.
+const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// The waits between one agent's JOINs: [`EARLY_REJOIN`], doubling up to
 /// `every`. Soon at first, so that the members who joined just after it
@@ -360,5 +378,47 @@ mod tests {
         // An interval under the early wait is never stretched.
         let short = Duration::from_millis(100);
         assert!(join_waits(short).take(3).all(|w| w == short));
+    }
+
+    /// A rendezvous at its connection limit closes a JOIN at once: the
+    /// joiner comes back, and has the list once it is answered.
+    #[tokio::test]
+    async fn a_join_the_rendezvous_closed_is_made_again() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let member = std::net::SocketAddrV4::new([10, 0, 0, 7].into(), 4000);
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                drop(listener.accept().await.unwrap());
+            }
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut out = Vec::new();
+            let members = vec![(member.ip().octets(), member.port())];
+            repair::frame::encode(&repair::frame::Frame::Members { members }, &mut out);
+            s.write_all(&out).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+        let into = Arc::new(Mutex::new(Vec::new()));
+        let me = std::net::SocketAddrV4::new([10, 0, 0, 9].into(), 4001);
+        let every = Duration::from_millis(20);
+        let joiner = tokio::spawn(keep_joined(
+            None,
+            addr,
+            [1; 32],
+            (me, true),
+            into.clone(),
+            every,
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while into.lock().unwrap().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        joiner.abort();
+        assert_eq!(
+            *into.lock().unwrap(),
+            [member],
+            "no list after two refusals"
+        );
     }
 }
