@@ -558,6 +558,12 @@ mod tests {
         cache.write_meta(id, &meta).unwrap();
     }
 
+    /// Writes block `b` of the package `bytes` into `p`.
+    fn write_from(p: &Partial, bytes: &[u8], b: u32) {
+        let (l, at) = (p.layout(), p.layout().offset(b) as usize);
+        p.write_block(b, &bytes[at..at + l.block_len(b)]).unwrap();
+    }
+
     fn manifest_for(dir: &Path, bytes: &[u8]) -> Checked {
         let f = dir.join("pkg.bin");
         fs::write(&f, bytes).unwrap();
@@ -617,9 +623,7 @@ mod tests {
         p = cache.partial(&m).unwrap();
         assert!(p.blocks().has(0), "resumed with block 0 done");
         for b in 1..3 {
-            let at = m.layout.offset(b) as usize;
-            p.write_block(b, &bytes[at..at + m.layout.block_len(b)])
-                .unwrap();
+            write_from(&p, &bytes, b);
         }
         let object = cache.commit(p.verify().unwrap()).unwrap();
         assert_eq!(fs::read(&object).unwrap(), bytes);
@@ -642,9 +646,7 @@ mod tests {
                 let (p, m, bytes) = (&p, &m, &bytes);
                 s.spawn(move || {
                     for b in (0..m.layout.block_count()).filter(|b| b % 2 == w % 2) {
-                        let at = m.layout.offset(b) as usize;
-                        p.write_block(b, &bytes[at..at + m.layout.block_len(b)])
-                            .unwrap();
+                        write_from(p, bytes, b);
                     }
                 });
             }
@@ -698,8 +700,7 @@ mod tests {
         assert_eq!(p.done_count(), 0);
         let l = m.layout;
         for b in [0u32, 2] {
-            let o = l.offset(b) as usize;
-            p.write_block(b, &bytes[o..o + l.block_len(b)]).unwrap();
+            write_from(&p, &bytes, b);
         }
         drop(p);
         // A spoiled block 2 on disk: the state says done, the hash says no.
@@ -730,11 +731,7 @@ mod tests {
         let cache = Cache::open(&dir.join("c"), CacheLimits::default()).unwrap();
         let bytes: Vec<u8> = (0..9 * 1024 * 1024).map(|i| (i * 3 % 251) as u8).collect();
         let m = manifest_for(&dir, &bytes);
-        let l = m.layout;
-        let write = |p: &Partial, b: u32| {
-            let o = l.offset(b) as usize;
-            p.write_block(b, &bytes[o..o + l.block_len(b)]).unwrap();
-        };
+        let write = |p: &Partial, b: u32| write_from(p, &bytes, b);
         let p = cache.partial(&m).unwrap();
         let whole = |d: [bool; 3]| String::from_utf8(p.state_bytes(|b| d[b as usize])).unwrap();
         let text = || fs::read_to_string(&p.state).unwrap();
