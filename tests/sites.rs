@@ -314,3 +314,104 @@ fn a_channel_topology_replaces_the_agents_only_when_signed_and_newer() {
     let a = start_agent(&cache.0, private_group(), &args[..2]);
     assert_eq!(site(&a), "second");
 }
+
+/// One JOIN from source address `from`: the members the rendezvous at
+/// `to` lists, or why none.
+fn join_from(
+    from: std::net::Ipv4Addr,
+    to: std::net::SocketAddr,
+    fetching: bool,
+) -> Result<Vec<(std::net::Ipv4Addr, u16)>, String> {
+    use repair::frame::{self, Frame};
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).map_err(|e| e.to_string())?;
+    s.bind(&std::net::SocketAddr::from((from, 0)).into())
+        .map_err(|e| e.to_string())?;
+    s.connect_timeout(&to.into(), Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut s: std::net::TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let join = Frame::Join {
+        content: [9; 32],
+        repair_port: 4000,
+        fetching,
+    };
+    let mut out = Vec::new();
+    frame::encode(&join, &mut out);
+    s.write_all(&out).map_err(|e| format!("write: {e}"))?;
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("closed".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match frame::decode(&buf, 1 << 16).map_err(|e| e.to_string())? {
+            Some((Frame::Members { members }, _)) => {
+                return Ok(members.into_iter().map(|(ip, p)| (ip.into(), p)).collect());
+            }
+            Some((f, _)) => return Err(format!("answered {}", f.name())),
+            None => {}
+        }
+    }
+}
+
+/// The listeners of a large subnet start a task together, each sending
+/// its first JOIN at a random moment of its first half second (as the
+/// agents do). Five hundred of them, each from a host of its own, are all
+/// answered with the member list at the first try: the rendezvous closes
+/// what comes past its 64 repair connections at once, and a JOIN is
+/// answered long before that many pile up.
+#[test]
+#[cfg_attr(
+    not(target_os = "linux"),
+    ignore = "JOINs from 127.0.x.y: only Linux routes all of 127/8 to loopback"
+)]
+fn hundreds_of_listeners_joining_together_are_each_answered_at_once() {
+    const LISTENERS: u32 = 500;
+    let dir = TempDir::new("sites-join");
+    let api = free_pair();
+    let _rvp = start_agent(
+        &dir.0.join("rvp"),
+        private_group(),
+        &["--api", &format!("127.0.0.1:{api}")],
+    );
+    let rvp: std::net::SocketAddr = ([127, 0, 0, 1], api + 1).into();
+    let member = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    assert_eq!(join_from(member, rvp, true), Ok(vec![(member, 4000)]));
+
+    // A random moment of the first 500 ms for each (an LCG from the clock).
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
+        | 1;
+    let start = std::time::Instant::now();
+    let joiners: Vec<_> = (0..LISTENERS)
+        .map(|i| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let at = start + Duration::from_millis((seed >> 33) % 500);
+            let from = std::net::Ipv4Addr::new(127, 0, 1 + (i / 200) as u8, 1 + (i % 200) as u8);
+            std::thread::spawn(move || {
+                std::thread::sleep(at.saturating_duration_since(std::time::Instant::now()));
+                (from, join_from(from, rvp, false))
+            })
+        })
+        .collect();
+    let mut refused = Vec::new();
+    for j in joiners {
+        let (from, got) = j.join().unwrap();
+        if got != Ok(vec![(member, 4000)]) {
+            refused.push((from, got));
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "{} of {LISTENERS} listeners not answered at the first JOIN, e.g. {:?}",
+        refused.len(),
+        &refused[..refused.len().min(3)]
+    );
+}
