@@ -359,7 +359,7 @@ fn join_from(
 
 /// The listeners of a large subnet start a task together, each sending
 /// its first JOIN at a random moment of its first half second (as the
-/// agents do). Five hundred of them, each from a host of its own, are all
+/// agents do). Five hundred of them, each from an address of its own, are all
 /// answered with the member list at the first try: the rendezvous closes
 /// what comes past its 64 repair connections at once, and a JOIN is
 /// answered long before that many pile up.
