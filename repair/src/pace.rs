@@ -11,13 +11,15 @@
 //! transfer paced below the path's capacity adds nothing to it.
 //!
 //! - **Slow start**: from [`START_BPS`] (or half what a transfer on the
-//!   same path got through within the last minute, [`PathMemory`]), the
-//!   rate doubles every
+//!   same path got through within the last minute, [`PathMemory`], or
+//!   what a new TCP connection's first flight carries at the path's RTT,
+//!   [`first_flight_bps`], whichever is most), the rate doubles every
 //!   [`DOUBLING`] until the queue passes the target, so an idle link
 //!   is found within a fraction of a second; then it falls to a little
-//!   under what got through meanwhile, or to half where it got to when
-//!   nothing was measured (the queue shows the doubling that filled it
-//!   late).
+//!   under what got through meanwhile (or what the sender's TCP stack
+//!   last measured the path to deliver, if more), or to half where it got
+//!   to when nothing was measured (the queue shows the doubling that
+//!   filled it late).
 //! - **Steady**: each sample moves the rate by `gain * off_target * dt`,
 //!   where `off_target = (target - queue) / target` in [-1, 1]: up while
 //!   the queue is short, down in proportion while it is long, three times
@@ -83,6 +85,11 @@ pub const HEADROOM: f64 = 2.0;
 /// through (rather than half its overshoot, which on an idle gigabit link
 /// is 0.7 of the link and takes half a second to climb back).
 const EXIT_SHARE: f64 = 0.95;
+/// Delivery-rate samples of the sender's TCP stack kept for the end of
+/// slow start: the most of them is the path's rate (a sample runs low when
+/// the sender paused, never much high), as BBR takes its bottleneck
+/// bandwidth. At one sample every 5 ms, the last 40 ms.
+const RATE_SAMPLES: usize = 8;
 /// Longest gap between samples that still counts in full: after a longer
 /// silence the rate does not leap.
 const MAX_DT: Duration = Duration::from_millis(500);
@@ -106,6 +113,8 @@ pub struct Pace {
     ceiling: Option<f64>,
     /// What got through lately, bit/s.
     delivered: Option<f64>,
+    /// The TCP stack's latest delivery-rate samples, bit/s.
+    rate_samples: VecDeque<f64>,
 }
 
 impl Pace {
@@ -134,6 +143,7 @@ impl Pace {
             queue: None,
             ceiling: None,
             delivered: None,
+            rate_samples: VecDeque::new(),
         }
     }
 
@@ -199,6 +209,21 @@ impl Pace {
             .clamp(self.floor_bps as f64, cap);
     }
 
+    /// Takes the path's delivery rate as the sender's TCP stack measured it
+    /// last, bit/s (Linux's `tcpi_delivery_rate`). It moves nothing now;
+    /// where slow start ends, it does: the doubling's 100 ms windows of
+    /// what got through ([`Pace::on_delivered`]) lag a climb that ends
+    /// within one, and the stack's samples do not.
+    pub fn on_delivery_rate(&mut self, bps: u64) {
+        if !self.adapts() || bps == 0 {
+            return;
+        }
+        self.rate_samples.push_back(bps as f64);
+        if self.rate_samples.len() > RATE_SAMPLES {
+            self.rate_samples.pop_front();
+        }
+    }
+
     fn note_base(&mut self, now: Instant, delay: Duration) {
         match self.base.back_mut() {
             Some((start, least)) if now.saturating_duration_since(*start) < BASE_BUCKET => {
@@ -223,7 +248,8 @@ impl Pace {
                 // path's rate for this transfer; the little drains the queue
                 // the doubling built).
                 self.slow_start = false;
-                let through = self.delivered.map_or(0.0, |d| d * EXIT_SHARE);
+                let sampled = self.rate_samples.iter().copied().fold(0.0, f64::max);
+                let through = self.delivered.unwrap_or(0.0).max(sampled) * EXIT_SHARE;
                 self.rate = (self.rate / 2.0).max(through);
                 self.best = self.best.max(self.rate);
             } else {
@@ -253,6 +279,20 @@ impl Pace {
         let cap = (self.cap_bps.unwrap_or(u64::MAX) as f64).min(self.ceiling.unwrap_or(f64::MAX));
         self.rate = self.rate.min(cap).max(self.floor_bps as f64);
     }
+}
+
+/// What a new TCP connection sends in its first round trip, as a rate:
+/// `segments` (its initial congestion window) of `mss` bytes each per
+/// `rtt`. A background transfer that starts at this rate is no quicker off
+/// the mark than any TCP flow on the path, whose slow start only sends
+/// more from the second round trip on; on a LAN's short RTT it is near
+/// the link, on a WAN's long one far under [`START_BPS`].
+pub fn first_flight_bps(segments: u32, mss: u32, rtt: Duration) -> u64 {
+    if rtt.is_zero() {
+        return 0;
+    }
+    let bits = f64::from(segments) * f64::from(mss) * 8.0;
+    (bits / rtt.as_secs_f64()).min(u64::MAX as f64) as u64
 }
 
 /// What recent transfers to each address got through, so that the next
@@ -402,38 +442,63 @@ mod tests {
     }
 
     /// Slow start overshoots an idle gigabit link (its delay samples lag
-    /// the queue it builds): told what got through, it goes on a little
-    /// under that, not at half where it got to. Told nothing, it halves.
+    /// the queue it builds): told what got through, by its own windows or
+    /// by the TCP stack's delivery-rate samples, it goes on a little under
+    /// that, not at half where it got to. Told nothing, it halves.
     #[test]
     fn slow_start_ends_near_what_got_through() {
         let t0 = Instant::now();
-        for told in [true, false] {
+        for told in ["windows", "stack", "nothing"] {
             let mut p = Pace::new(Mode::Background, None, 1_000_000);
             let mut i = 0u32;
             // No queue seen yet while the rate doubles past the link.
             while p.rate_bps().unwrap() < 1_200_000_000 {
                 p.on_delay(t0 + i * 10 * MS, 2 * MS);
-                if told {
-                    let got = p.rate_bps().unwrap().min(950_000_000);
-                    p.on_delivered(got / 8 / 100, 10 * MS);
+                let got = p.rate_bps().unwrap().min(950_000_000);
+                match told {
+                    "windows" => p.on_delivered(got / 8 / 100, 10 * MS),
+                    // One sample in three low (the sender paused): the
+                    // most of them counts.
+                    "stack" => p.on_delivery_rate(if i.is_multiple_of(3) { got / 3 } else { got }),
+                    _ => {}
                 }
                 i += 1;
             }
             // Then the queue it built shows (in two samples of three: one is
-            // noise).
+            // noise); the stack's samples go on meanwhile.
+            let stack = told == "stack";
+            if stack {
+                p.on_delivery_rate(950_000_000);
+            }
             p.on_delay(t0 + i * 10 * MS, 6 * MS);
             let peak = p.rate_bps().unwrap();
+            if stack {
+                p.on_delivery_rate(950_000_000 / 3);
+            }
             p.on_delay(t0 + (i + 1) * 10 * MS, 6 * MS);
             let after = p.rate_bps().unwrap();
-            if told {
+            if told == "nothing" {
+                assert!(after <= peak / 2 + 1, "{after} after {peak}");
+            } else {
                 assert!(
                     (880_000_000..=950_000_000).contains(&after),
-                    "{after} bit/s after slow start, 950M got through"
+                    "{after} bit/s after slow start, 950M got through ({told})"
                 );
-            } else {
-                assert!(after <= peak / 2 + 1, "{after} after {peak}");
             }
         }
+    }
+
+    #[test]
+    fn the_first_flight_is_near_a_lan_link_and_far_under_a_wan_one() {
+        // Ten segments of 1448 bytes: 0.1 ms on a LAN, 20 ms across a WAN.
+        let lan = first_flight_bps(10, 1448, Duration::from_micros(100));
+        assert_eq!(lan, 1_158_400_000);
+        let wan = first_flight_bps(10, 1448, 20 * MS);
+        assert!(wan < START_BPS / 10, "{wan}");
+        assert_eq!(first_flight_bps(10, 1448, Duration::ZERO), 0);
+        // As a start it never passes the cap.
+        let p = Pace::starting_at(Mode::Background, Some(300_000_000), 1, lan);
+        assert_eq!(p.rate_bps(), Some(300_000_000));
     }
 
     #[test]

@@ -49,11 +49,18 @@ impl UploadPace {
         stream: &TcpStream,
     ) -> Option<UploadPace> {
         let socket = handle(stream);
-        if mode != Mode::Background || rtt_of(socket).is_none() {
+        if mode != Mode::Background {
             return None;
         }
-        let pace = Pace::starting_at(mode, None, floor_bps, start_bps);
+        let path = path_of(socket)?;
+        let start = start_bps.max(path.first_flight_bps);
+        let pace = Pace::starting_at(mode, None, floor_bps, start);
         let start = pace.rate_bps();
+        tracing::debug!(
+            "upload: rtt {:?}, first flight {} bit/s: slow start from {start:?} bit/s",
+            path.rtt,
+            path.first_flight_bps
+        );
         Some(UploadPace {
             socket,
             pace,
@@ -75,14 +82,17 @@ impl UploadPace {
     /// upload runs, also while a write waits (at a low rate one frame takes
     /// a while to leave).
     pub fn sample(&mut self) {
-        let Some((r, acked)) = path_of(self.socket) else {
+        let Some(path) = path_of(self.socket) else {
             return;
         };
         let now = Instant::now();
-        self.pace.on_delay(now, r);
-        self.note_acked(now, acked);
+        self.pace.on_delivery_rate(path.delivery_bps);
+        self.pace.on_delay(now, path.rtt);
+        self.note_acked(now, path.acked);
         tracing::trace!(
-            "upload: rtt {r:?}, queue {:?}, rate {:?}",
+            "upload: rtt {:?}, delivery {} bit/s, queue {:?}, rate {:?}",
+            path.rtt,
+            path.delivery_bps,
             self.pace.queue(),
             self.pace.rate_bps()
         );
@@ -191,14 +201,22 @@ fn handle(_stream: &TcpStream) -> Handle {
     Handle
 }
 
-#[cfg(target_os = "linux")]
-fn rtt_of(fd: Handle) -> Option<Duration> {
-    path_of(fd).map(|(rtt, _)| rtt)
+/// What the TCP stack knows of a connection's path.
+struct PathInfo {
+    /// The smoothed RTT.
+    rtt: Duration,
+    /// Bytes the peer has acknowledged.
+    acked: u64,
+    /// The stack's latest delivery-rate sample, bit/s (0: none).
+    delivery_bps: u64,
+    /// What the congestion window carries in one RTT, bit/s: at the
+    /// connection's start, its first flight.
+    first_flight_bps: u64,
 }
 
-/// The connection's smoothed RTT and the bytes the peer has acknowledged.
+/// The path as the stack knows it, once it has an RTT.
 #[cfg(target_os = "linux")]
-fn path_of(fd: Handle) -> Option<(Duration, u64)> {
+fn path_of(fd: Handle) -> Option<PathInfo> {
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: `info` is a writable tcp_info of `len` bytes; the fd is a
@@ -213,21 +231,24 @@ fn path_of(fd: Handle) -> Option<(Duration, u64)> {
         )
     };
     // Before the first ACK of data the estimate is the handshake's, or 0.
+    // A kernel older than a field leaves it 0 (`info` starts zeroed).
     (r == 0 && info.tcpi_rtt > 0).then(|| {
-        (
-            Duration::from_micros(u64::from(info.tcpi_rtt)),
-            info.tcpi_bytes_acked,
-        )
+        let rtt = Duration::from_micros(u64::from(info.tcpi_rtt));
+        PathInfo {
+            rtt,
+            acked: info.tcpi_bytes_acked,
+            delivery_bps: info.tcpi_delivery_rate.saturating_mul(8),
+            first_flight_bps: repair::pace::first_flight_bps(
+                info.tcpi_snd_cwnd,
+                info.tcpi_snd_mss,
+                rtt,
+            ),
+        }
     })
 }
 
 #[cfg(not(target_os = "linux"))]
-fn rtt_of(_socket: Handle) -> Option<Duration> {
-    None
-}
-
-#[cfg(not(target_os = "linux"))]
-fn path_of(_socket: Handle) -> Option<(Duration, u64)> {
+fn path_of(_socket: Handle) -> Option<PathInfo> {
     None
 }
 
@@ -324,25 +345,36 @@ pub fn quickack(_stream: &TcpStream) {}
 mod tests {
     use super::*;
 
-    fn rtt(stream: &TcpStream) -> Option<Duration> {
-        rtt_of(handle(stream))
-    }
-
     fn set_pacing(stream: &TcpStream, bps: u64) -> bool {
         pacing_of(handle(stream), bps)
     }
 
     #[tokio::test]
-    async fn a_loopback_connection_has_an_rtt_and_takes_a_pacing_rate() {
+    async fn a_loopback_connection_tells_its_path_and_takes_a_pacing_rate() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let (client, (server, _)) = (client.unwrap(), server.unwrap());
-        if cfg!(target_os = "linux") {
-            assert!(rtt(&client).is_some_and(|d| d < Duration::from_secs(1)));
-            assert!(set_pacing(&server, 10_000_000));
-        } else {
-            assert_eq!(rtt(&client), None);
+        let (mut client, (mut server, _)) = (client.unwrap(), server.unwrap());
+        if !cfg!(target_os = "linux") {
+            assert!(path_of(handle(&server)).is_none());
+            return;
         }
+        // The accepting side knows the RTT from the handshake: an upload's
+        // pace starts from its first flight.
+        let start = path_of(handle(&server)).expect("an RTT after the handshake");
+        assert!(start.rtt < Duration::from_secs(1));
+        assert!(start.first_flight_bps > 0);
+        assert!(set_pacing(&server, 10_000_000_000));
+        let data = vec![7u8; 1 << 20];
+        let (sent, got) = tokio::join!(server.write_all(&data), async {
+            let mut got = vec![0u8; data.len()];
+            client.read_exact(&mut got).await.map(|_| got)
+        });
+        sent.unwrap();
+        assert_eq!(got.unwrap(), data);
+        let after = path_of(handle(&server)).unwrap();
+        assert!(after.acked > 0, "nothing acknowledged");
+        assert!(after.delivery_bps > 0, "no delivery-rate sample");
     }
 }
