@@ -16,10 +16,10 @@
 //!   [`first_flight_bps`], whichever is most), the rate doubles every
 //!   [`DOUBLING`] until the queue passes the target, so an idle link
 //!   is found within a fraction of a second; then it falls to a little
-//!   under what got through meanwhile (or what the sender's TCP stack
-//!   last measured the path to deliver, if more), or to half where it got
-//!   to when nothing was measured (the queue shows the doubling that
-//!   filled it late).
+//!   under what the sender's TCP stack measured the path to deliver
+//!   ([`Pace::on_delivery_rate`]), or else under what got through
+//!   meanwhile or to half where it got to, whichever is more (the queue
+//!   shows the doubling that filled it late).
 //! - **Steady**: each sample moves the rate by `gain * off_target * dt`,
 //!   where `off_target = (target - queue) / target` in [-1, 1]: up while
 //!   the queue is short, down in proportion while it is long, three times
@@ -250,7 +250,14 @@ impl Pace {
                 self.slow_start = false;
                 let sampled = self.rate_samples.iter().copied().fold(0.0, f64::max);
                 let through = self.delivered.unwrap_or(0.0).max(sampled) * EXIT_SHARE;
-                self.rate = (self.rate / 2.0).max(through);
+                self.rate = if sampled > 0.0 {
+                    // The stack measured the path as the doubling filled it:
+                    // its rate stands, however far past it the doubling got
+                    // (from a first flight at a LAN's RTT, many times over).
+                    through
+                } else {
+                    (self.rate / 2.0).max(through)
+                };
                 self.best = self.best.max(self.rate);
             } else {
                 self.rate *= 2f64.powf(secs / DOUBLING.as_secs_f64());
@@ -486,6 +493,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// From a first flight far past the path (a LAN's RTT, a 250 Mbit/s
+    /// uplink), slow start ends a little under what the stack measured,
+    /// not at half where it got to (still ten times the path).
+    #[test]
+    fn slow_start_from_a_first_flight_ends_at_the_stacks_measure() {
+        let t0 = Instant::now();
+        let mut p = Pace::starting_at(Mode::Background, None, 1, 6_000_000_000);
+        for (i, delay) in [2, 2, 2, 8, 8].into_iter().enumerate() {
+            p.on_delivery_rate(250_000_000);
+            p.on_delay(t0 + i as u32 * 5 * MS, delay * MS);
+        }
+        let after = p.rate_bps().unwrap();
+        assert!(
+            (225_000_000..=240_000_000).contains(&after),
+            "{after} bit/s after slow start on a 250 Mbit/s path"
+        );
     }
 
     #[test]
