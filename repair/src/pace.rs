@@ -86,9 +86,12 @@ pub const HEADROOM: f64 = 2.0;
 /// is 0.7 of the link and takes half a second to climb back).
 const EXIT_SHARE: f64 = 0.95;
 /// Delivery-rate samples of the sender's TCP stack kept for the end of
-/// slow start: the most of them is the path's rate (a sample runs low when
-/// the sender paused, never much high), as BBR takes its bottleneck
-/// bandwidth. At one sample every 5 ms, the last 40 ms.
+/// slow start: the most of them is taken for the path's rate, as BBR takes
+/// its bottleneck bandwidth (a sample runs low when the sender paused).
+/// Now and then one runs high (ACKs that came bunched: up to 3.8 Gbit/s
+/// on the lab's gigabit link); that only leaves the rate over the path
+/// for the steady state to bring down, as half where it got to did. At
+/// one sample every 5 ms, the last 40 ms.
 const RATE_SAMPLES: usize = 8;
 /// Longest gap between samples that still counts in full: after a longer
 /// silence the rate does not leap.
