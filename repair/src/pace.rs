@@ -261,7 +261,10 @@ impl Pace {
                 } else {
                     (self.rate / 2.0).max(through)
                 };
-                self.best = self.best.max(self.rate);
+                // The start was a guess (a first flight at a LAN's RTT may
+                // be many times the path), not a rate held: the best counts
+                // from here, once capped, below.
+                self.best = 0.0;
             } else {
                 self.rate *= 2f64.powf(secs / DOUBLING.as_secs_f64());
             }
@@ -271,9 +274,6 @@ impl Pace {
             let off = ((target - queue.as_secs_f64()) / target).clamp(-1.0, 1.0);
             let gain = if off > 0.0 { GAIN_UP } else { GAIN_DOWN };
             self.rate *= (1.0 + gain * off * secs).max(0.5);
-            if off > 0.0 {
-                self.best = self.best.max(self.rate);
-            }
             if queue * 2 < TARGET {
                 let since = *self.clear_since.get_or_insert(now);
                 if now.saturating_duration_since(since) >= CLEAR && self.rate * 2.0 < self.best {
@@ -288,6 +288,10 @@ impl Pace {
         }
         let cap = (self.cap_bps.unwrap_or(u64::MAX) as f64).min(self.ceiling.unwrap_or(f64::MAX));
         self.rate = self.rate.min(cap).max(self.floor_bps as f64);
+        if !self.slow_start {
+            // Only a rate held counts: the steady state's, once capped.
+            self.best = self.best.max(self.rate);
+        }
     }
 }
 
@@ -513,6 +517,29 @@ mod tests {
         assert!(
             (225_000_000..=240_000_000).contains(&after),
             "{after} bit/s after slow start on a 250 Mbit/s path"
+        );
+    }
+
+    /// After a first flight many times the path, a queue that stays clear
+    /// is this transfer alone on the path, not others gone: no new slow
+    /// start from a quarter of the first flight.
+    #[test]
+    fn a_clear_queue_after_a_first_flight_start_is_no_restart() {
+        let t0 = Instant::now();
+        let mut p = Pace::starting_at(Mode::Background, None, 1, 6_000_000_000);
+        for (i, delay) in [2, 2, 2, 8, 8].into_iter().enumerate() {
+            p.on_delivery_rate(250_000_000);
+            p.on_delay(t0 + i as u32 * 5 * MS, delay * MS);
+        }
+        let exit = p.rate_bps().unwrap();
+        // 400 ms of no queue, well past CLEAR.
+        for i in 5..85u32 {
+            p.on_delay(t0 + i * 5 * MS, 2 * MS);
+        }
+        let after = p.rate_bps().unwrap();
+        assert!(
+            after > exit && after < 2 * exit,
+            "{after} bit/s after 400 ms of clear queue from {exit} bit/s"
         );
     }
 
